@@ -1,0 +1,49 @@
+# Everything a new user types. `make test` and `make demo` set up the environments themselves.
+PYTHON ?= python3
+VENV := .venv
+ORACLE := .venv-oracle
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help venv oracle test test-all demo bench lint clean
+
+help:
+	@echo "make demo   - set up, then run the bundled model in all three backends"
+	@echo "make test   - set up, then run the whole default suite (all but 'slow')"
+	@echo "make bench  - benchmarks against the peers (writes BENCHMARKS.md)"
+	@echo "make lint   - ruff on everything, mypy on opt_core"
+
+venv: $(VENV)/.installed
+oracle: $(ORACLE)/.installed
+
+$(VENV)/.installed: requirements/main.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements/main.txt
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(ORACLE)/.installed: requirements/oracle.txt
+	test -x $(ORACLE)/bin/python || $(PYTHON) -m venv $(ORACLE)
+	$(ORACLE)/bin/pip install -q --upgrade pip
+	$(ORACLE)/bin/pip install -q -r requirements/oracle.txt
+	touch $@
+
+test: venv oracle
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: venv oracle
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/opt demo
+
+bench: venv oracle
+	$(PY) benchmarks/run_all.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy opt_core
+
+clean:
+	rm -rf $(VENV) $(ORACLE) .pytest_cache .cache

@@ -1,0 +1,254 @@
+"""`OPTConfig`: every field of a Hugging Face OPT `config.json`, validated, frozen.
+
+The JSON names are Hugging Face's, with one exception made for Python: the file's
+`_remove_final_layer_norm` is the attribute `remove_final_layer_norm`. Keys this class does not
+model (`architectures`, `_name_or_path`, `transformers_version`, anything new) are kept in `extra`
+and written back unchanged, so a load/save round trip loses nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opt_core.activations import ACTIVATIONS
+from opt_core.presets import ALIASES, PRESETS
+
+CONFIG_NAME = "config.json"
+
+# JSON key -> attribute name, where they differ.
+_JSON_TO_ATTR = {"_remove_final_layer_norm": "remove_final_layer_norm"}
+_ATTR_TO_JSON = {v: k for k, v in _JSON_TO_ATTR.items()}
+_PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
+@dataclass(frozen=True)
+class OPTConfig:
+    """Hyper-parameters of an OPT model (defaults are opt-125m's, as in Hugging Face).
+
+    Raises:
+        ValueError: on construction, when a field is out of range or inconsistent with another.
+    """
+
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    remove_final_layer_norm: bool = False
+    word_embed_proj_dim: int | None = None  # None means hidden_size; resolved in __post_init__
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    activation_function: str = "relu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0  # present in real files, unused by OPT
+    layerdrop: float = 0.0
+    init_std: float = 0.02
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 2
+    use_cache: bool = True
+    torch_dtype: str | None = None
+    prefix: str | None = "</s>"
+    num_labels: int = 2
+    problem_type: str | None = None
+    tie_word_embeddings: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.word_embed_proj_dim is None:
+            object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
+        self._validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embedding and of `lm_head` (word_embed_proj_dim, resolved)."""
+        assert self.word_embed_proj_dim is not None
+        return self.word_embed_proj_dim
+
+    @property
+    def has_projections(self) -> bool:
+        """True when `project_in`/`project_out` exist (token width != decoder width)."""
+        return self.embed_dim != self.hidden_size
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "ffn_dim",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "word_embed_proj_dim",
+            "num_labels",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"OPTConfig.{name} must be an integer, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"OPTConfig.{name} must be positive, got {value}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"OPTConfig.hidden_size ({self.hidden_size}) is not divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"OPTConfig.activation_function {self.activation_function!r} is unknown; "
+                f"expected one of {sorted(ACTIVATIONS)}"
+            )
+        for name in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"OPTConfig.{name} must be a probability in [0, 1], got {value!r}")
+        if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
+            raise ValueError(f"OPTConfig.init_std must be >= 0, got {self.init_std!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"OPTConfig.{name} must be an integer or null, got {value!r}")
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"OPTConfig.{name} = {value} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        for name in (
+            "do_layer_norm_before",
+            "remove_final_layer_norm",
+            "enable_bias",
+            "layer_norm_elementwise_affine",
+            "use_cache",
+            "tie_word_embeddings",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"OPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.problem_type not in _PROBLEM_TYPES:
+            raise ValueError(
+                f"OPTConfig.problem_type {self.problem_type!r} is unknown; expected one of "
+                f"{list(_PROBLEM_TYPES)}"
+            )
+
+    # ------------------------------------------------------------------ dict / JSON
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OPTConfig:
+        """Build a config from a `config.json`-style dict; unknown keys go to `extra`.
+
+        Raises:
+            ValueError: when `model_type` is present and is not "opt", or a value is invalid.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"an OPT config must be a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type", "opt")
+        if model_type != "opt":
+            raise ValueError(f"config has model_type {model_type!r}; this library reads 'opt' models")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in d.items():
+            attr = _JSON_TO_ATTR.get(key, key)
+            if attr in names:
+                kwargs[attr] = value
+            elif key == "extra" and isinstance(value, dict):
+                extra.update(value)
+            else:
+                extra[key] = value
+        # Hugging Face stores the label count implicitly, as the size of id2label.
+        if "num_labels" not in kwargs and isinstance(extra.get("id2label"), dict):
+            kwargs["num_labels"] = len(extra["id2label"])
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `config.json` dict: every modelled field under its Hugging Face name, then `extra`."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "num_labels"):
+                continue
+            out[_ATTR_TO_JSON.get(f.name, f.name)] = getattr(self, f.name)
+        extra = dict(self.extra)
+        id2label = extra.get("id2label")
+        if not (isinstance(id2label, dict) and len(id2label) == self.num_labels):
+            if self.num_labels != 2 or "id2label" in extra:
+                extra["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+                extra["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        out.update(extra)
+        out["model_type"] = "opt"
+        return out
+
+    def replace(self, **changes: Any) -> OPTConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> OPTConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no OPT config at {path}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "ffn_dim")
+        missing = [k for k in required if not isinstance(data, dict) or k not in data]
+        if missing:
+            raise ValueError(f"{path} is missing required OPT config fields: {', '.join(missing)}")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> OPTConfig:
+        """Read a model folder's `config.json`, or a path to a `config.json` file itself."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        return cls.from_json_file(path)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        """Write `folder/config.json` (created if needed); returns its path."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / CONFIG_NAME
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> OPTConfig:
+        """One of the nine released sizes ("opt-125m" .. "opt-175b"), with optional overrides."""
+        if name not in ALIASES:
+            raise ValueError(f"unknown OPT preset {name!r}; expected one of {list(PRESETS)}")
+        p = PRESETS[ALIASES[name]]
+        fields: dict[str, Any] = dict(
+            hidden_size=p.d_model,
+            num_hidden_layers=p.layers,
+            num_attention_heads=p.heads,
+            ffn_dim=4 * p.d_model,
+            do_layer_norm_before=p.do_layer_norm_before,
+            word_embed_proj_dim=p.word_embed_proj_dim,
+        )
+        fields.update(overrides)
+        return cls(**fields)

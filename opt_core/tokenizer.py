@@ -1,0 +1,204 @@
+"""`OPTTokenizer`: OPT's GPT-2 byte-level BPE with fairseq ids, on the `tokenizers` library.
+
+Like Hugging Face's `GPT2Tokenizer` for OPT: `</s>` (id 2) is prepended to every prompt, special
+tokens written in the text are kept whole, and padding is `<pad>` (id 1) on the side asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+
+
+class OPTTokenizer:
+    """Byte-level BPE tokenizer with OPT's conventions.
+
+    Attributes:
+        bos_token / eos_token / pad_token / unk_token: the special strings (OPT: `</s>`, `</s>`,
+            `<pad>`, `</s>`) and their ids as `*_token_id`.
+    """
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        *,
+        bos_token: str = "</s>",
+        eos_token: str = "</s>",
+        pad_token: str = "<pad>",
+        unk_token: str = "</s>",
+        add_bos_token: bool = True,
+        padding_side: str = "right",
+    ):
+        for name, tok in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token), ("unk", unk_token)):
+            if tok not in vocab:
+                raise ValueError(f"{name} token {tok!r} is not in the vocabulary")
+        self._tok = Tokenizer(models.BPE(vocab, merges, unk_token=None, fuse_unk=False))
+        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tok.decoder = decoders.ByteLevel()
+        specials = [t for t in ("<s>", "<pad>", "</s>", "<unk>") if t in vocab]
+        specials += [t for t in (bos_token, eos_token, pad_token, unk_token) if t not in specials]
+        self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self.bos_token_id, self.eos_token_id = vocab[bos_token], vocab[eos_token]
+        self.pad_token_id, self.unk_token_id = vocab[pad_token], vocab[unk_token]
+        self.add_bos_token = add_bos_token
+        self.padding_side = padding_side
+        self.special_ids = {vocab[t] for t in specials}
+        self.vocab_size = len(vocab)
+
+    # ------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str], **overrides: Any) -> OPTTokenizer:
+        """Load `vocab.json` + `merges.txt` (and `tokenizer_config.json` when present) from a folder.
+
+        Raises:
+            FileNotFoundError: a tokenizer file is missing (the message names it).
+            ValueError: a file is malformed.
+        """
+        folder = Path(folder)
+        vocab_path, merges_path = folder / VOCAB_FILE, folder / MERGES_FILE
+        for path in (vocab_path, merges_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"tokenizer file {path} is missing (need {VOCAB_FILE} and {MERGES_FILE})")
+        try:
+            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{vocab_path} is not valid JSON ({e.msg})") from None
+        merges = []
+        for n, line in enumerate(merges_path.read_text(encoding="utf-8").splitlines()):
+            if not line or line.startswith("#version"):
+                continue
+            pair = line.split(" ")
+            if len(pair) != 2:
+                raise ValueError(f"{merges_path} line {n + 1} is not a merge pair: {line!r}")
+            merges.append((pair[0], pair[1]))
+        kwargs: dict[str, Any] = {}
+        cfg_path = folder / TOKENIZER_CONFIG
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                value = cfg.get(key)
+                if isinstance(value, dict):  # Hugging Face's AddedToken serialisation
+                    value = value.get("content")
+                if isinstance(value, str):
+                    kwargs[key] = value
+            if isinstance(cfg.get("add_bos_token"), bool):
+                kwargs["add_bos_token"] = cfg["add_bos_token"]
+            if cfg.get("padding_side") in ("left", "right"):
+                kwargs["padding_side"] = cfg["padding_side"]
+        kwargs.update(overrides)
+        return cls(vocab, merges, **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        """Write `vocab.json`, `merges.txt` and a Hugging Face-compatible `tokenizer_config.json`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        model = json.loads(self._tok.to_str())["model"]
+        (folder / VOCAB_FILE).write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (folder / MERGES_FILE).write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "add_bos_token": self.add_bos_token,
+            "add_prefix_space": False,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "errors": "replace",
+            "model_max_length": 1000000000000000019884624838656,
+            "padding_side": self.padding_side,
+        }
+        (folder / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        specials = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        (folder / SPECIAL_TOKENS_MAP).write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
+
+    # ------------------------------------------------------------ encoding
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of one text, `</s>` first when `add_special_tokens` (and add_bos_token)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_token_id, *ids] if add_special_tokens and self.add_bos_token else ids
+
+    def __call__(
+        self,
+        texts: str | list[str],
+        *,
+        padding: bool | str = False,
+        padding_side: str | None = None,
+        truncation: bool = False,
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+    ) -> dict[str, Any]:
+        """Encode one text or a batch.
+
+        Args:
+            padding: True / "longest" pads to the longest row; "max_length" pads to `max_length`;
+                False leaves rows ragged (lists), which only works for a single text or equal lengths.
+            padding_side: "left" (for generation) or "right"; default the tokenizer's.
+            truncation: cut rows to `max_length` (from the right, keeping the prompt start).
+        Returns:
+            {"input_ids", "attention_mask"}: int64 NumPy arrays [batch, seq] ([1, seq] for one str).
+        """
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        if truncation and max_length is None:
+            raise ValueError("truncation=True needs max_length")
+        rows = [self.encode(t, add_special_tokens) for t in batch]
+        if truncation:
+            rows = [r[:max_length] for r in rows]
+        if padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            width = max_length
+        elif padding in (True, "longest"):
+            width = max((len(r) for r in rows), default=0)
+        elif padding is False or padding == "do_not_pad":
+            lengths = {len(r) for r in rows}
+            if len(lengths) > 1:
+                raise ValueError("rows have different lengths; pass padding=True to pad them")
+            width = lengths.pop() if lengths else 0
+        else:
+            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            if len(r) > width:
+                raise ValueError(f"row {i} has {len(r)} tokens, more than max_length={width}")
+            sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[i, sl] = r
+            mask[i, sl] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # ------------------------------------------------------------ decoding
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        """Text of a sequence of ids (NumPy, list or framework tensor with `.tolist()`)."""
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def batch_decode(self, batch: Any, skip_special_tokens: bool = False) -> list[str]:
+        rows = batch.tolist() if hasattr(batch, "tolist") else batch
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        return [self._tok.id_to_token(int(i)) for i in ids]
+
+    def __len__(self) -> int:
+        return self.vocab_size
