@@ -303,3 +303,37 @@ def parse_size(size: int | str) -> int:
         return int(s)
     except ValueError:
         raise ValueError(f"cannot parse size {size!r}; use bytes or a value like '2GB', '500MB'") from None
+
+
+def save_numpy_safetensors(
+    folder: str | os.PathLike[str],
+    tensors: Mapping[str, np.ndarray],
+    max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
+    base_name: str = SAFETENSORS,
+) -> list[Path]:
+    """Write NumPy tensors (Hugging Face keys, canonical layout) as Hugging Face safetensors:
+    one file, or shards plus `model.safetensors.index.json` above `max_shard_bytes`.
+
+    Each file is written under a temporary name and renamed, so a crash never leaves a
+    half-written checkpoint under the final name. Returns the written paths.
+    """
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {k: int(v.nbytes) for k, v in tensors.items()}
+    shards = plan_shards(sizes, parse_size(max_shard_bytes))
+    names = shard_file_names(base_name, len(shards))
+    written = []
+    for shard, name in zip(shards, names):
+        tmp = folder / f".{name}.tmp"
+        save_file({k: np.ascontiguousarray(tensors[k]) for k in shard}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / name)
+        written.append(folder / name)
+    index = folder / (base_name + ".index.json")
+    if len(shards) > 1:
+        write_index(index, {k: n for shard, n in zip(shards, names) for k in shard}, sum(sizes.values()))
+        written.append(index)
+    elif index.exists():
+        index.unlink()  # a stale index would point at shards that no longer match
+    return written
