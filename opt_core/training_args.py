@@ -69,7 +69,9 @@ class TrainingArguments:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainingArguments.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"TrainingArguments.lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+            raise ValueError(
+                f"TrainingArguments.lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}"
+            )
         if self.weight_decay < 0:
             raise ValueError(f"TrainingArguments.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -78,13 +80,17 @@ class TrainingArguments:
         if not self.adam_epsilon > 0:
             raise ValueError(f"TrainingArguments.adam_epsilon must be positive, got {self.adam_epsilon}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"TrainingArguments.max_grad_norm must be positive or None, got {self.max_grad_norm}")
+            raise ValueError(
+                f"TrainingArguments.max_grad_norm must be positive or None, got {self.max_grad_norm}"
+            )
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(
                 f"TrainingArguments.validation_fraction must be in [0, 1), got {self.validation_fraction}"
             )
         if self.eval_batches is not None and self.eval_batches < 1:
-            raise ValueError(f"TrainingArguments.eval_batches must be positive or None, got {self.eval_batches}")
+            raise ValueError(
+                f"TrainingArguments.eval_batches must be positive or None, got {self.eval_batches}"
+            )
 
     # ------------------------------------------------------------ schedule
     def learning_rate_at(self, step: int) -> float:

@@ -17,8 +17,8 @@ from opt_core.data import (
     tokenize_text,
     train_tokenizer,
 )
-from opt_core.training_args import TrainingArguments, decays, perplexity
 from opt_core.tokenizer import OPTTokenizer
+from opt_core.training_args import TrainingArguments, decays, perplexity
 
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(200))
 
