@@ -1,0 +1,1 @@
+"""Foreign checkpoint formats, framework-free (h5py / msgpack + NumPy)."""
