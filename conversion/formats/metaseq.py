@@ -1,0 +1,265 @@
+"""metaseq (and fairseq) OPT checkpoints: read only.
+
+Layout on disk: one file per model-parallel part, `reshard-model_part-{i}.pt` (or a single
+`consolidated.pt`), each a pickle `{"model": state_dict, "cfg": {...}}` loaded with
+`torch.load(weights_only=True, mmap=True)`. Per part, attention q/k/v are fused into
+`self_attn.qkv_proj` in **K, V, Q** order; across parts (Megatron tensor parallelism) the token
+embedding, qkv and fc1 are split on dim 0, out_proj/fc2 weights on dim 1, and LayerNorms,
+positions, out_proj/fc2 biases are replicated. Old files (350m) say `project_in_dim`,
+`project_out_dim` and `decoder.layer_norm`. `decoder.version` is bookkeeping and
+`decoder.output_projection.weight` is the tied embedding again; both are dropped (the latter after
+checking that it equals the embedding).
+
+This module is the one place metaseq names appear. Each part's tensors stay memory-mapped; a merged
+tensor is assembled from the parts' slices on request, one at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from conversion.formats.base import Reader
+from conversion.formats.torch_bin import load_torch_file, release_pages
+from opt_core.checkpoint import CheckpointError
+from opt_core.config import OPTConfig
+from opt_core.layout import merge_model_parallel, split_qkv
+
+PART_PATTERN = re.compile(r"model_part-(\d+)\.pt$")
+CONSOLIDATED = "consolidated.pt"
+
+# metaseq name -> canonical name (whole-key renames of the old 350m files).
+RENAMES = {
+    "decoder.project_in_dim.weight": "decoder.project_in.weight",
+    "decoder.project_out_dim.weight": "decoder.project_out.weight",
+    "decoder.layer_norm.weight": "decoder.final_layer_norm.weight",
+    "decoder.layer_norm.bias": "decoder.final_layer_norm.bias",
+}
+DROPPED = ("decoder.version", "version")
+TIED_OUTPUT = "decoder.output_projection.weight"
+_QKV = re.compile(r"^(decoder\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)$")
+
+# How a canonical tensor is split across model-parallel parts: the axis, or None when replicated.
+_SPLIT_DIM0 = re.compile(r"(embed_tokens\.weight|\.fc1\.(weight|bias)|\.(q|k|v)_proj\.(weight|bias))$")
+_SPLIT_DIM1 = re.compile(r"\.(out_proj|fc2)\.weight$")
+
+
+def split_axis(name: str) -> int | None:
+    """The axis metaseq splits canonical tensor `name` along across model-parallel parts (None: replicated)."""
+    if _SPLIT_DIM0.search(name):
+        return 0
+    if _SPLIT_DIM1.search(name):
+        return 1
+    return None
+
+
+def find_parts(path: Path) -> list[Path]:
+    """The model-parallel part files of a metaseq checkpoint folder (or the file itself).
+
+    Raises:
+        FileNotFoundError: no part files; CheckpointError: part numbers with gaps.
+    """
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist")
+    parts = {}
+    for f in path.iterdir():
+        m = PART_PATTERN.search(f.name)
+        if m and f.is_file():
+            parts.setdefault(int(m.group(1)), []).append(f)
+    if parts:
+        dup = {i: [f.name for f in fs] for i, fs in parts.items() if len(fs) > 1}
+        if dup:
+            raise CheckpointError(f"{path} holds several files for the same model-parallel part: {dup}")
+        numbers = sorted(parts)
+        if numbers != list(range(len(numbers))):
+            raise CheckpointError(f"{path}: model-parallel parts {numbers} are not numbered 0..{len(numbers) - 1}")
+        return [parts[i][0] for i in numbers]
+    if (path / CONSOLIDATED).is_file():
+        return [path / CONSOLIDATED]
+    raise FileNotFoundError(f"{path} holds no metaseq checkpoint (looked for *model_part-N.pt and {CONSOLIDATED})")
+
+
+def is_metaseq(path: Path) -> bool:
+    """Whether `path` looks like a metaseq checkpoint (a .pt file or a folder of part files)."""
+    if path.is_file():
+        return path.suffix == ".pt"
+    try:
+        find_parts(path)
+        return True
+    except (FileNotFoundError, CheckpointError):
+        return False
+
+
+def _numpy_view(t) -> np.ndarray:
+    """A NumPy view of a CPU torch tensor (no copy; bfloat16 through ml_dtypes)."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def config_from_metaseq(cfg: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]]) -> OPTConfig:
+    """An OPTConfig from a metaseq/fairseq `cfg` and the (merged, canonical) tensor shapes.
+
+    Sizes come from the tensors; the head count and the LayerNorm placement from `cfg`.
+
+    Raises:
+        CheckpointError: `cfg` lacks what the tensors cannot tell, or disagrees with them.
+    """
+    model = dict(cfg.get("model") or {}) if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else dict(cfg or {})
+    src = "the checkpoint's cfg"
+    if "decoder.embed_tokens.weight" not in shapes or "decoder.embed_positions.weight" not in shapes:
+        raise CheckpointError("metaseq checkpoint lacks decoder.embed_tokens.weight or decoder.embed_positions.weight")
+    vocab, embed = shapes["decoder.embed_tokens.weight"]
+    positions, hidden = shapes["decoder.embed_positions.weight"]
+    layers = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"decoder\.layers\.(\d+)\.", k))})
+    ffn = shapes.get("decoder.layers.0.fc1.weight", (None,))[0]
+    heads = model.get("decoder_attention_heads")
+    if heads is None:
+        raise CheckpointError(
+            "the metaseq checkpoint has no cfg with decoder_attention_heads, and the head count cannot be "
+            "read from tensor shapes; pass a config (--config config.json)"
+        )
+    checks = {"decoder_embed_dim": hidden, "decoder_layers": len(layers), "decoder_ffn_embed_dim": ffn}
+    wrong = [f"{k}={model[k]} but the tensors say {v}" for k, v in checks.items()
+             if model.get(k) is not None and v is not None and int(model[k]) != int(v)]
+    if wrong:
+        raise CheckpointError(f"{src} disagrees with the tensors: {'; '.join(wrong)}")
+    pre_ln = bool(model.get("decoder_normalize_before", "decoder.final_layer_norm.weight" in shapes
+                            or "decoder.final_layer_norm.bias" in shapes))
+    has_final = any(k.startswith("decoder.final_layer_norm.") for k in shapes)
+    has_layer_ln = any(".self_attn_layer_norm." in k for k in shapes)
+    return OPTConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=len(layers),
+        ffn_dim=ffn if ffn is not None else 4 * hidden,
+        num_attention_heads=int(heads),
+        max_position_embeddings=positions - 2,
+        do_layer_norm_before=pre_ln,
+        remove_final_layer_norm=pre_ln and not has_final,
+        word_embed_proj_dim=embed,
+        enable_bias="decoder.layers.0.fc1.bias" in shapes,
+        layer_norm_elementwise_affine=has_layer_ln or has_final,
+        activation_function=str(model.get("activation_fn", "relu")),
+        dropout=float(model.get("dropout", 0.1)),
+        attention_dropout=float(model.get("attention_dropout", 0.0)),
+        torch_dtype=None,
+        extra={"architectures": ["OPTForCausalLM"]},
+    )
+
+
+class MetaseqReader(Reader):
+    """A metaseq checkpoint: one or several model-parallel part files, merged on the fly."""
+
+    fmt = "metaseq"
+
+    def __init__(self, path: str | os.PathLike[str]):
+        path = Path(path)
+        files = find_parts(path)
+        super().__init__(path, files)
+        self._parts: list[dict] = []
+        cfgs = []
+        for f in files:
+            obj, _ = load_torch_file(f)
+            if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
+                raise CheckpointError(f"{f} is not a metaseq checkpoint: expected a dict with a 'model' state dict")
+            self._parts.append(obj["model"])
+            cfgs.append(obj.get("cfg"))
+        self.cfg = cfgs[0] if isinstance(cfgs[0], dict) else None
+        self.n_parts = len(files)
+        # canonical name -> (how to build it): ("qkv", fused key, index in (q, k, v)) or ("plain", key)
+        self._recipe: dict[str, tuple] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        keys0 = list(self._parts[0])
+        for i, part in enumerate(self._parts[1:], start=1):
+            if set(part) != set(keys0):
+                only0 = sorted(set(keys0) - set(part))
+                onlyi = sorted(set(part) - set(keys0))
+                raise CheckpointError(
+                    f"model-parallel parts {files[0].name} and {files[i].name} hold different keys: "
+                    f"only in the first {only0}, only in the second {onlyi}"
+                )
+        self._has_tied_output = TIED_OUTPUT in keys0
+        for key in keys0:
+            if key in DROPPED or key == TIED_OUTPUT:
+                continue
+            m = _QKV.match(key)
+            if m:
+                for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                    name = f"{m.group(1)}{proj}.{m.group(2)}"
+                    self._recipe[name] = ("qkv", key, j)
+                    self._shapes[name] = self._merged_shape(name, key, qkv=True)
+            else:
+                name = RENAMES.get(key, key)
+                self._recipe[name] = ("plain", key)
+                self._shapes[name] = self._merged_shape(name, key, qkv=False)
+        self.config = config_from_metaseq(self.cfg, self._shapes) if self.cfg is not None else None
+
+    def _merged_shape(self, name: str, key: str, qkv: bool) -> tuple[int, ...]:
+        shapes = [tuple(p[key].shape) for p in self._parts]
+        shape = list(shapes[0])
+        if qkv:
+            if shape[0] % 3:
+                raise CheckpointError(f"{key} has dim 0 = {shape[0]}, not divisible by 3 (fused K, V, Q)")
+            shape[0] //= 3
+        axis = split_axis(name)
+        if any(s != shapes[0] for s in shapes):
+            raise CheckpointError(f"{key} has different shapes across model-parallel parts: {shapes}")
+        if axis is not None and self.n_parts > 1:
+            if axis >= len(shape):
+                raise CheckpointError(f"{key} has shape {shapes[0]}, cannot merge parts along axis {axis}")
+            shape[axis] *= self.n_parts
+        return tuple(shape)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def dtype(self, key: str) -> np.dtype:
+        return _numpy_view(self._parts[0][self._recipe[key][1]].reshape(-1)[:0]).dtype
+
+    def source_key(self, name: str) -> str:
+        """The metaseq key a canonical name is read from."""
+        return self._recipe[name][1]
+
+    def read(self, key: str) -> np.ndarray:
+        recipe = self._recipe[key]
+        tensors = [p[recipe[1]] for p in self._parts]
+        views = [_numpy_view(t) for t in tensors]
+        if recipe[0] == "qkv":
+            views = [split_qkv(v)[recipe[2]] for v in views]  # (q, k, v) of each part, views
+        axis = split_axis(key)
+        if axis is None or self.n_parts == 1:
+            out = np.array(views[0], copy=True)
+            for i, v in enumerate(views[1:], start=1):
+                if not np.array_equal(out.view(np.uint8), np.ascontiguousarray(v).view(np.uint8)):
+                    raise CheckpointError(
+                        f"{recipe[1]} should be replicated across model-parallel parts but part {i} differs from part 0"
+                    )
+        else:
+            out = merge_model_parallel(views, axis)
+        if key == "decoder.embed_tokens.weight" and self._has_tied_output:
+            tied = merge_model_parallel([_numpy_view(p[TIED_OUTPUT]) for p in self._parts], 0) \
+                if self.n_parts > 1 else np.array(_numpy_view(self._parts[0][TIED_OUTPUT]))
+            if not np.array_equal(tied.view(np.uint8), out.view(np.uint8)):
+                raise CheckpointError(
+                    f"{TIED_OUTPUT} differs from decoder.embed_tokens.weight: this converter handles OPT's tied "
+                    "output projection only"
+                )
+            del tied
+            for p in self._parts:
+                release_pages(p[TIED_OUTPUT])
+        for t in tensors:
+            release_pages(t)
+        return out
+
+    def close(self) -> None:
+        self._parts = []
