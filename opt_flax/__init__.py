@@ -1,0 +1,27 @@
+"""JAX/Flax (NNX) backend of the OPT reference implementation (Hugging Face-compatible names and checkpoints)."""
+
+from opt_flax.cache import KVCache
+from opt_flax.modeling import (
+    OPTAttention,
+    OPTDecoder,
+    OPTDecoderLayer,
+    OPTForCausalLM,
+    OPTForQuestionAnswering,
+    OPTForSequenceClassification,
+    OPTModel,
+    OPTOutput,
+    OPTPreTrainedModel,
+)
+
+__all__ = [
+    "KVCache",
+    "OPTAttention",
+    "OPTDecoder",
+    "OPTDecoderLayer",
+    "OPTForCausalLM",
+    "OPTForQuestionAnswering",
+    "OPTForSequenceClassification",
+    "OPTModel",
+    "OPTOutput",
+    "OPTPreTrainedModel",
+]

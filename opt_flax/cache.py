@@ -1,0 +1,56 @@
+"""The static KV cache: preallocated buffers passed into each call and returned updated.
+
+Explicit data, not module state: `KVCache` is a JAX pytree, so jitted prefill/decode functions take
+it as an argument and return the new one, and it can carry a `NamedSharding` like any array.
+All rows share one write slot (`length`); left padding lives inside the cache, hidden by the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from opt_core.config import OPTConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVCache:
+    """Per-layer keys and values [B, S, N, H] (S = slots) and the number of slots written.
+
+    Attributes:
+        keys / values: one array per layer, [batch, max_length, heads, head_dim].
+        length: int32 scalar, tokens written so far (the next write slot).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    length: jax.Array
+
+    @classmethod
+    def init(cls, config: OPTConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
+        """Zeroed buffers for `batch_size` rows of up to `max_length` tokens."""
+        if max_length > config.max_position_embeddings:
+            raise ValueError(
+                f"cache of {max_length} tokens is longer than max_position_embeddings "
+                f"({config.max_position_embeddings})"
+            )
+        shape = (batch_size, max_length, config.num_attention_heads, config.head_dim)  # [B, S, N, H]
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+        return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+                   jnp.zeros((), jnp.int32))
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def reorder(self, rows: jax.Array) -> KVCache:
+        """Gather rows (beam search: each beam continues from its parent's cache)."""
+        return KVCache(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.length)
