@@ -48,3 +48,5 @@ def _shared_tokenizer():
         if (cand / "vocab.json").is_file():
             return cand
     return None
+import opt_cli.commands_verify  # noqa: F401
+import opt_cli.commands_convert  # noqa: F401
