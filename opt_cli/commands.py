@@ -49,3 +49,4 @@ def _shared_tokenizer():
             return cand
     return None
 import opt_cli.commands_verify  # noqa: F401
+import opt_cli.commands_convert  # noqa: F401
