@@ -1,0 +1,31 @@
+"""PyTorch backend of the OPT reference implementation (Hugging Face-compatible names and checkpoints)."""
+
+from opt_torch.cache import Cache, DynamicCache, StaticCache
+from opt_torch.modeling import (
+    ATTN_IMPLEMENTATIONS,
+    OPTAttention,
+    OPTDecoder,
+    OPTDecoderLayer,
+    OPTForCausalLM,
+    OPTForQuestionAnswering,
+    OPTForSequenceClassification,
+    OPTModel,
+    OPTOutput,
+    OPTPreTrainedModel,
+)
+
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "Cache",
+    "DynamicCache",
+    "OPTAttention",
+    "OPTDecoder",
+    "OPTDecoderLayer",
+    "OPTForCausalLM",
+    "OPTForQuestionAnswering",
+    "OPTForSequenceClassification",
+    "OPTModel",
+    "OPTOutput",
+    "OPTPreTrainedModel",
+    "StaticCache",
+]

@@ -1,0 +1,747 @@
+"""OPT in PyTorch: the decoder and the four Hugging Face model classes.
+
+`state_dict()` keys are exactly Hugging Face's (`model.decoder.*`, `lm_head.weight`, `score.weight`,
+`qa_outputs.*`; `decoder.*` for `OPTModel`), i.e. `opt_core.params.hf_name` of the canonical table,
+so checkpoints load and save without renaming.
+
+Letters in shape comments: B batch, T new tokens, S keys (cached + new), H heads, D head_dim,
+C hidden_size, E word_embed_proj_dim, V vocab, L labels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from opt_core import POSITION_OFFSET, Head, OPTConfig
+from opt_core.inputs import validate_inputs
+from opt_torch.cache import Cache, DynamicCache
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+# Same names and formulas as opt_core.activations (and Hugging Face's ACT2FN).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": _gelu_fast,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+    "swish": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+
+
+@dataclass
+class OPTOutput:
+    """What every model call returns; fields a model does not produce stay None.
+
+    Attributes:
+        loss: scalar, when labels (or QA start/end positions) are given.
+        logits: [B, T, V] (causal LM) or [B, L] (sequence classification).
+        last_hidden_state: [B, T, E], after the final LayerNorm and `project_out`.
+        start_logits / end_logits: [B, T] (question answering).
+        past_key_values: the cache, extended by this call (when caching).
+        hidden_states: as Hugging Face returns them: the input of each layer ([B, T, C]; the first is
+            the embeddings), then the final output (after final LayerNorm and project_out).
+        attentions: per layer [B, H, T, S] (eager attention only).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
+# ---------------------------------------------------------------- masks and positions
+def positions_from_mask(attention_mask: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+    """Position ids [B, T] of the last T tokens of `attention_mask` [B, past + T] (torch twin of
+    `opt_core.masks.positions_from_mask`): 0 at the first real token of a row, -1 at padding."""
+    mask = attention_mask.long()
+    return (torch.cumsum(mask, dim=-1) * mask - 1)[:, past_length:]
+
+
+def causal_padding_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """bool [B, 1, T, S]: query t may see key s (torch twin of `opt_core.masks.causal_padding_mask`)."""
+    mask = attention_mask.bool()
+    key_length = mask.shape[1]
+    past = key_length - query_length
+    q_pos = torch.arange(query_length, device=mask.device)[:, None] + past
+    k_pos = torch.arange(key_length, device=mask.device)[None, :]
+    return (k_pos <= q_pos)[None, None] & mask[:, None, None, :]
+
+
+@dataclass
+class AttentionMask:
+    """How the layers mask attention, built once per call.
+
+    allowed: bool [B, 1, T, S] or None (no padding: plain causal, or nothing at all for T == 1).
+    is_causal: with allowed None, whether the causal triangle still applies (T > 1, no cache).
+    padding: bool [B, S] (1 = real key) for flash attention's unpadding, or None without padding.
+    """
+
+    allowed: torch.Tensor | None
+    is_causal: bool
+    padding: torch.Tensor | None
+
+    def dense(self, query_length: int, key_length: int, device: torch.device) -> torch.Tensor | None:
+        """The bool [B or 1, 1, T, S] mask, materialised (eager attention and the non-trivial cases)."""
+        if self.allowed is not None:
+            return self.allowed
+        if not self.is_causal and query_length == 1:
+            return None
+        past = key_length - query_length
+        q_pos = torch.arange(query_length, device=device)[:, None] + past
+        k_pos = torch.arange(key_length, device=device)[None, :]
+        return (k_pos <= q_pos)[None, None]
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int
+) -> AttentionMask:
+    """Turn a [B, past + T] 0/1 mask (or None) into what the attention layers need."""
+    if attention_mask is None or bool(attention_mask.all()):
+        # No padding: plain causal. One new query over a cache needs no mask at all.
+        return AttentionMask(None, is_causal=query_length > 1, padding=None)
+    padding = attention_mask.bool()
+    if query_length == 1:
+        return AttentionMask(padding[:, None, None, :], is_causal=False, padding=padding)  # [B, 1, 1, S]
+    allowed = causal_padding_mask(padding, query_length)  # [B, 1, T, S]
+    # A padding query with no real key before it (left padding) would softmax over nothing: let it
+    # see every key instead. Its output is ignored; this only keeps it finite (no NaN in fp16).
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return AttentionMask(allowed, is_causal=False, padding=padding)
+
+
+def _flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def check_attn_implementation(name: str) -> None:
+    """Raise ValueError when `name` is unknown, or when flash attention cannot run here."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation {name!r} is unknown; expected one of {list(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise ValueError("attn_implementation='flash_attention_2' needs a CUDA GPU; none is available here")
+        if not _flash_attn_available():
+            raise ValueError(
+                "attn_implementation='flash_attention_2' needs the flash_attn package (pip install flash-attn)"
+            )
+
+
+# ---------------------------------------------------------------- layers
+class OPTAttention(nn.Module):
+    """Multi-head self-attention; q is scaled by head_dim**-0.5 after its projection (bias included)."""
+
+    def __init__(self, config: OPTConfig, layer_idx: int, attn_implementation: str = "sdpa"):
+        super().__init__()
+        c, bias = config.hidden_size, config.enable_bias
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.layer_idx = layer_idx
+        self.attn_implementation = attn_implementation
+        # Registered in Hugging Face's order so state_dict() lists keys the same way.
+        self.k_proj = nn.Linear(c, c, bias=bias)
+        self.v_proj = nn.Linear(c, c, bias=bias)
+        self.q_proj = nn.Linear(c, c, bias=bias)
+        self.out_proj = nn.Linear(c, c, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t, c = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = (self.q_proj(x) * self.scaling).view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
+        v = self.v_proj(x).view(b, t, h, d).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, H, S, D]
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        impl = "eager" if output_attentions else self.attn_implementation
+        if impl == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.allowed, dropout_p=dropout, is_causal=mask.is_causal, scale=1.0
+            )  # [B, H, T, D]
+            out = out.transpose(1, 2).reshape(b, t, c)  # [B, T, C]
+        elif impl == "eager":
+            out, weights = eager_attention(q, k, v, mask.dense(t, k.shape[2], x.device), dropout, self.training)
+            out = out.transpose(1, 2).reshape(b, t, c)
+        else:
+            out = flash_attention(q, k, v, mask, dropout).reshape(b, t, c)
+        return self.out_proj(out), weights
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, dropout: float, training: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T) v with the scores in float32 (fp16/bf16 safe); q is already scaled.
+
+    Returns the output [B, H, T, D] and the attention weights [B, H, T, S] in q's dtype.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float()  # [B, H, T, S]
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    weights = torch.softmax(scores, dim=-1).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=training)
+    return torch.matmul(weights, v), weights
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout: float
+) -> torch.Tensor:
+    """flash_attn kernels (CUDA, fp16/bf16). q/k/v [B, H, T|S, D] -> output [B, T, H, D].
+
+    Without padding the dense kernel runs with its bottom-right causal alignment (right for a
+    cache); with padding the real tokens are packed and the varlen kernel runs.
+    """
+    if q.device.type != "cuda":
+        raise ValueError(f"flash_attention_2 needs tensors on a CUDA device, got {q.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"flash_attention_2 needs float16 or bfloat16 activations, got {q.dtype}")
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    t = q.shape[2]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, T|S, H, D]
+    causal = t > 1
+    if mask.padding is None:
+        return flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=1.0, causal=causal)
+    b, s = mask.padding.shape
+    key_real = mask.padding  # [B, S]
+    query_real = key_real[:, s - t :]  # [B, T]
+    idx_k = key_real.flatten().nonzero().squeeze(-1)
+    idx_q = query_real.flatten().nonzero().squeeze(-1)
+    len_k, len_q = key_real.sum(-1, dtype=torch.int32), query_real.sum(-1, dtype=torch.int32)
+    cu_k = F.pad(torch.cumsum(len_k, 0, dtype=torch.int32), (1, 0))
+    cu_q = F.pad(torch.cumsum(len_q, 0, dtype=torch.int32), (1, 0))
+    h, d = q.shape[2], q.shape[3]
+    out_packed = flash_attn_varlen_func(
+        q.reshape(b * t, h, d)[idx_q], k.reshape(b * s, h, d)[idx_k], v.reshape(b * s, h, d)[idx_k],
+        cu_q, cu_k, int(len_q.max()), int(len_k.max()),
+        dropout_p=dropout, softmax_scale=1.0, causal=causal,
+    )  # [real queries, H, D]
+    out = q.new_zeros(b * t, h, d)
+    out[idx_q] = out_packed
+    return out.view(b, t, h, d)
+
+
+class OPTDecoderLayer(nn.Module):
+    """One decoder layer, pre-LN (most sizes) or post-LN (opt-350m) as the config says."""
+
+    def __init__(self, config: OPTConfig, layer_idx: int, attn_implementation: str = "sdpa"):
+        super().__init__()
+        c, affine = config.hidden_size, config.layer_norm_elementwise_affine
+        self.do_layer_norm_before = config.do_layer_norm_before
+        self.dropout = config.dropout
+        self.activation = ACTIVATIONS[config.activation_function]
+        self.self_attn = OPTAttention(config, layer_idx, attn_implementation)
+        self.self_attn_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
+        self.fc1 = nn.Linear(c, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, c, bias=config.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
+
+    def forward(
+        self, x: torch.Tensor, mask: AttentionMask, cache: Cache | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pre = self.do_layer_norm_before
+        h = self.self_attn_layer_norm(x) if pre else x
+        h, weights = self.self_attn(h, mask, cache, output_attentions)
+        x = x + F.dropout(h, p=self.dropout, training=self.training)
+        if not pre:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if pre else x
+        h = self.fc2(self.activation(self.fc1(h)))
+        x = x + F.dropout(h, p=self.dropout, training=self.training)
+        if not pre:
+            x = self.final_layer_norm(x)
+        return x, weights
+
+
+class OPTDecoder(nn.Module):
+    """Embeddings, the decoder layers, the final LayerNorm and the projections."""
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        c, e = config.hidden_size, config.embed_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, e, padding_idx=config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, c)
+        self.project_out = nn.Linear(c, e, bias=False) if config.has_projections else None
+        self.project_in = nn.Linear(e, c, bias=False) if config.has_projections else None
+        self.final_layer_norm = (
+            nn.LayerNorm(c, elementwise_affine=config.layer_norm_elementwise_affine)
+            if config.has_final_layer_norm
+            else None
+        )
+        self.layers = nn.ModuleList(
+            OPTDecoderLayer(config, i, attn_implementation) for i in range(config.num_hidden_layers)
+        )
+        self.layerdrop = config.layerdrop
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> OPTOutput:
+        """Run the new tokens `input_ids` [B, T] (inputs already validated)."""
+        b, t = input_ids.shape
+        cache = past_key_values
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
+            else:
+                position_ids = positions_from_mask(attention_mask, past)  # [B, T]
+        mask = build_attention_mask(attention_mask, t, past)
+
+        x = self.embed_tokens(input_ids)  # [B, T, E]
+        if self.project_in is not None:
+            x = self.project_in(x)  # [B, T, C]
+        x = x + self.embed_positions(position_ids + POSITION_OFFSET)
+
+        hidden: list[torch.Tensor] = []
+        attentions: list[torch.Tensor] = []
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden.append(x)
+            if self.training and self.layerdrop > 0 and float(torch.rand([])) < self.layerdrop:
+                continue
+            if checkpointing:
+                x, weights = checkpoint(layer, x, mask, None, output_attentions, use_reentrant=False)
+            else:
+                x, weights = layer(x, mask, cache, output_attentions)
+            if output_attentions:
+                attentions.append(weights)
+
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)  # [B, T, E]
+        if output_hidden_states:
+            hidden.append(x)
+        return OPTOutput(
+            last_hidden_state=x,
+            past_key_values=cache,
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+
+# ---------------------------------------------------------------- the public models
+def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype) if dtype is not None else x.to(device)
+    return torch.as_tensor(np.asarray(x), device=device, dtype=dtype)
+
+
+def _to_numpy(x: Any) -> np.ndarray | None:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class OPTPreTrainedModel(nn.Module):
+    """What the four models share: config, input checks, weight init, loading, saving, generating."""
+
+    head: Head = Head.BASE
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        if not isinstance(config, OPTConfig):
+            raise TypeError(f"config must be an opt_core.OPTConfig, got {type(config).__name__}")
+        check_attn_implementation(attn_implementation)
+        self.config = config
+        self.attn_implementation = attn_implementation
+
+    # ------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def get_decoder(self) -> OPTDecoder:
+        """The `OPTDecoder` inside this model."""
+        raise NotImplementedError
+
+    def set_attn_implementation(self, name: str) -> None:
+        """Switch every layer to "eager", "sdpa" or "flash_attention_2"."""
+        check_attn_implementation(name)
+        self.attn_implementation = name
+        for layer in self.get_decoder().layers:
+            layer.self_attn.attn_implementation = name
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer in the backward pass instead of storing its activations (training)."""
+        self.get_decoder().gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.get_decoder().gradient_checkpointing = False
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied tensor counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, module: nn.Module | None = None) -> None:
+        """Hugging Face's init: Linear/Embedding weights N(0, init_std), biases 0, LayerNorm 1/0,
+        the padding row of the token table 0. Applies to `module` or to the whole model."""
+        std = self.config.init_std
+        for m in (module or self).modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, std)
+                if m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+
+    def tie_weights(self) -> None:
+        """Share `lm_head.weight` with the token embedding (causal LM with tied embeddings)."""
+
+    # ------------------------------------------------------------ inputs
+    def _prepare_inputs(
+        self, input_ids: Any, attention_mask: Any, position_ids: Any, past_key_values: Cache | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Numpy or torch -> tensors on the model's device, after `validate_inputs` (clear errors)."""
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise ValueError(
+                f"past_key_values must be an opt_torch cache (DynamicCache or StaticCache), got "
+                f"{type(past_key_values).__name__}; wrap legacy tuples with DynamicCache.from_legacy"
+            )
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        ids_np = _to_numpy(input_ids)
+        mask_np = _to_numpy(attention_mask)
+        validate_inputs(ids_np, mask_np, self.config, past)
+        device = self.device
+        ids = _as_tensor(input_ids, device, torch.long)
+        mask = _as_tensor(attention_mask, device, torch.long)
+        pos = _as_tensor(position_ids, device, torch.long)
+        if pos is not None and tuple(pos.shape) != tuple(ids.shape):
+            raise ValueError(f"position_ids has shape {tuple(pos.shape)}; expected {tuple(ids.shape)} like input_ids")
+        if past_key_values is not None and past_key_values.max_length is not None:
+            if past + ids.shape[1] > past_key_values.max_length:
+                raise ValueError(
+                    f"{past} cached + {ids.shape[1]} new tokens do not fit the StaticCache "
+                    f"(max_length {past_key_values.max_length})"
+                )
+        return ids, mask, pos
+
+    def _run_decoder(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        validate: bool = True,
+    ) -> tuple[OPTOutput, torch.Tensor]:
+        if validate:
+            input_ids, attention_mask, position_ids = self._prepare_inputs(
+                input_ids, attention_mask, position_ids, past_key_values
+            )
+        use_cache = self.config.use_cache and not self.training if use_cache is None else use_cache
+        if self.get_decoder().gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        out = self.get_decoder()(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values if use_cache else None,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        return out, input_ids
+
+    # ------------------------------------------------------------ IO and generation
+    @classmethod
+    def from_pretrained(cls, folder: Any, **kwargs: Any) -> OPTPreTrainedModel:
+        """Load a Hugging Face OPT folder; see `opt_torch.io.from_pretrained` for the arguments."""
+        from opt_torch.io import from_pretrained
+
+        return from_pretrained(cls, folder, **kwargs)
+
+    def save_pretrained(self, folder: Any, **kwargs: Any) -> None:
+        """Write config.json and safetensors weights; see `opt_torch.io.save_pretrained`."""
+        from opt_torch.io import save_pretrained
+
+        save_pretrained(self, folder, **kwargs)
+
+
+class OPTModel(OPTPreTrainedModel):
+    """The bare decoder; returns `.last_hidden_state` [B, T, E]."""
+
+    head = Head.BASE
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, attn_implementation)
+        self.decoder = OPTDecoder(config, attn_implementation)
+        self.init_weights()
+
+    def get_decoder(self) -> OPTDecoder:
+        return self.decoder
+
+    def forward(
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> OPTOutput:
+        out, _ = self._run_decoder(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states,
+            output_attentions,
+        )
+        return out
+
+
+class _WithDecoder(OPTPreTrainedModel):
+    """A task head on top of `self.model` (an `OPTModel`), as Hugging Face nests them."""
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, attn_implementation)
+        self.model = OPTModel(config, attn_implementation)
+
+    def get_decoder(self) -> OPTDecoder:
+        return self.model.decoder
+
+
+class OPTForCausalLM(_WithDecoder):
+    """Decoder + `lm_head` (no bias, tied to the token embedding unless the config unties it)."""
+
+    head = Head.CAUSAL_LM
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, attn_implementation)
+        self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        self.init_weights(self.lm_head)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        past_key_values: Cache | None = None,
+        labels: Any = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        logits_to_keep: int = 0,
+        validate: bool = True,
+    ) -> OPTOutput:
+        """Logits [B, T, V] (the last `logits_to_keep` positions only when > 0).
+
+        `labels` [B, T] (-100 = ignore) gives `.loss`: mean cross-entropy of token t+1 given 0..t.
+        `validate=False` skips the input checks (generation loops, whose inputs are already checked).
+        """
+        out, _ = self._run_decoder(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states,
+            output_attentions, validate,
+        )
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        out.logits = self.lm_head(h)  # [B, T, V]
+        if labels is not None:
+            labels = _as_tensor(labels, out.logits.device, torch.long)
+            out.loss = causal_lm_loss(out.logits, labels)
+        return out
+
+    def generate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> torch.Tensor:
+        """Continue `input_ids`; see `opt_torch.generation.generate` for the arguments."""
+        from opt_torch.generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[:, t + 1] from logits[:, t] (float32)."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B * (T - 1), V]
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+
+
+class OPTForSequenceClassification(_WithDecoder):
+    """Decoder + `score`, read at the right-most non-pad token of each row (left or right padding)."""
+
+    head = Head.SEQUENCE_CLASSIFICATION
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, attn_implementation)
+        self.score = nn.Linear(config.embed_dim, config.num_labels, bias=False)
+        self.init_weights(self.score)
+
+    def forward(
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        past_key_values: Cache | None = None,
+        labels: Any = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> OPTOutput:
+        """Logits [B, L]; `labels` gives `.loss` by `config.problem_type` (inferred like Hugging
+        Face when None: one label -> regression, integer labels -> single-label, else multi-label)."""
+        out, ids = self._run_decoder(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states,
+            output_attentions,
+        )
+        scores = self.score(out.last_hidden_state)  # [B, T, L]
+        pad = self.config.pad_token_id
+        b, t = ids.shape
+        if pad is None:
+            if b != 1:
+                raise ValueError("sequence classification of a batch needs config.pad_token_id to find each row's end")
+            last = torch.full((b,), t - 1, dtype=torch.long, device=ids.device)
+        else:
+            # Right-most non-pad token (opt_core.masks.last_non_pad_indices, in torch).
+            last = (torch.arange(t, device=ids.device) * (ids != pad)).argmax(-1)
+        out.logits = scores[torch.arange(b, device=ids.device), last]  # [B, L]
+        if labels is not None:
+            out.loss = classification_loss(out.logits, _as_tensor(labels, out.logits.device), self.config)
+        return out
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: OPTConfig) -> torch.Tensor:
+    """MSE (regression), cross-entropy (single label) or BCE-with-logits (multi label)."""
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    logits = logits.float()
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.float().squeeze())
+        return F.mse_loss(logits, labels.float())
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, config.num_labels), labels.long().view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+class OPTForQuestionAnswering(_WithDecoder):
+    """Decoder + `qa_outputs` (with bias) -> start and end logits [B, T]."""
+
+    head = Head.QUESTION_ANSWERING
+
+    def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, attn_implementation)
+        self.qa_outputs = nn.Linear(config.embed_dim, 2)
+        self.init_weights(self.qa_outputs)
+
+    def forward(
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        past_key_values: Cache | None = None,
+        start_positions: Any = None,
+        end_positions: Any = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> OPTOutput:
+        """`start_positions`/`end_positions` [B] give `.loss`: the mean of the start and end
+        cross-entropies, positions clamped to [0, T] and T ignored (as Hugging Face)."""
+        out, _ = self._run_decoder(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states,
+            output_attentions,
+        )
+        both = self.qa_outputs(out.last_hidden_state)  # [B, T, 2]
+        out.start_logits = both[..., 0].contiguous()
+        out.end_logits = both[..., 1].contiguous()
+        if start_positions is not None and end_positions is not None:
+            out.loss = qa_loss(
+                out.start_logits, out.end_logits,
+                _as_tensor(start_positions, both.device, torch.long),
+                _as_tensor(end_positions, both.device, torch.long),
+            )
+        return out
+
+
+def qa_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """(CE(start) + CE(end)) / 2 with positions clamped to [0, T]; position T is ignored."""
+    ignored = start_logits.shape[1]
+    start = start.reshape(-1).clamp(0, ignored)
+    end = end.reshape(-1).clamp(0, ignored)
+    start_loss = F.cross_entropy(start_logits.float(), start, ignore_index=ignored)
+    end_loss = F.cross_entropy(end_logits.float(), end, ignore_index=ignored)
+    return (start_loss + end_loss) / 2
+
+
+MODEL_CLASSES: dict[Head, type[OPTPreTrainedModel]] = {
+    Head.BASE: OPTModel,
+    Head.CAUSAL_LM: OPTForCausalLM,
+    Head.SEQUENCE_CLASSIFICATION: OPTForSequenceClassification,
+    Head.QUESTION_ANSWERING: OPTForQuestionAnswering,
+}
+
