@@ -10,11 +10,18 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from conversion.formats.base import LazyTensors, Reader, Writer
 from opt_core.checkpoint import TF_H5
 from opt_core.formats.tf_h5 import read_tf_h5, tf_h5_shapes, write_tf_h5
+
+
+def _bf16(dtype: np.dtype) -> np.dtype:
+    """h5py has no bfloat16: it stores ml_dtypes/TF bfloat16 as 2-byte opaque (`|V2`); read it back
+    as bfloat16, the only 2-byte opaque float Keras writes."""
+    return np.dtype(ml_dtypes.bfloat16) if dtype.kind == "V" and dtype.itemsize == 2 else dtype
 
 
 class TfH5Reader(Reader):
@@ -41,12 +48,12 @@ class TfH5Reader(Reader):
             from opt_core.formats.tf_h5 import _entries, _open
 
             with _open(self._file) as f:
-                self._dtypes = {k: np.dtype(f[ds].dtype) for k, ds in _entries(f, self._file)}
+                self._dtypes = {k: _bf16(np.dtype(f[ds].dtype)) for k, ds in _entries(f, self._file)}
         return self._dtypes[key]
 
     def read(self, key: str) -> np.ndarray:
         for _, arr in read_tf_h5(self._file, {key}):
-            return arr
+            return arr.view(_bf16(arr.dtype))
         raise KeyError(f"{self._file} holds no {key}")
 
 
