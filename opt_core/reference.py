@@ -164,9 +164,9 @@ class ReferenceOPTModel:
         cfg = self.config
         input_ids = np.asarray(input_ids)
         past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        validate_inputs(input_ids, attention_mask, cfg, past_length)
         if attention_mask is None:
             attention_mask = np.ones((input_ids.shape[0], past_length + input_ids.shape[1]), np.int64)
-        validate_inputs(input_ids, attention_mask, cfg, past_length)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_length)  # [B, T]
 

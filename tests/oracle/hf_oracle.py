@@ -51,10 +51,28 @@ def _class(framework: str, head: str):
     return getattr(transformers, table[head])
 
 
+def _patch_init_for_affine_free_layer_norm() -> None:
+    """HF 4.57.6 cannot build a model with `layer_norm_elementwise_affine=False`: its
+    `_init_weights` fills `LayerNorm.weight`, which is None then. Skip such LayerNorms (they have
+    nothing to initialise); every other module keeps HF's own init."""
+    from torch import nn
+    from transformers.models.opt import modeling_opt
+
+    original = modeling_opt.OPTPreTrainedModel._init_weights
+
+    def init_weights(self, module):
+        if isinstance(module, nn.LayerNorm) and module.weight is None:
+            return
+        original(self, module)
+
+    modeling_opt.OPTPreTrainedModel._init_weights = init_weights
+
+
 def checkpoint(req: dict) -> None:
     import torch
     import transformers
 
+    _patch_init_for_affine_free_layer_norm()
     torch.manual_seed(req["seed"])
     config = transformers.OPTConfig(**req["config"])
     model = _class("torch", req["head"])(config).eval()
