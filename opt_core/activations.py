@@ -7,7 +7,7 @@ same math. Each backend maps the same names to its own ops (and is tested agains
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

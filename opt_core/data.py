@@ -204,3 +204,42 @@ def load_text_datasets(
     train = TextDataset.from_text(train_text, tokenizer, block_size, bos_each_block)
     val = TextDataset.from_text(val_text, tokenizer, block_size, bos_each_block)
     return train, val
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Rows of named arrays that share their first dimension (fine-tuning data: `input_ids`,
+    `attention_mask`, `labels`, `start_positions`...), batched like `TextDataset`."""
+
+    arrays: dict[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        sizes = {name: len(a) for name, a in self.arrays.items()}
+        if not sizes:
+            raise ValueError("ArrayDataset needs at least one array")
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"ArrayDataset arrays have different numbers of rows: {sizes}")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def batches(
+        self, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_last: bool = True
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """One pass: dicts of arrays with `batch_size` rows each."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        order = shuffled_order(len(self), seed, epoch) if shuffle else np.arange(len(self))
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        for start in range(0, stop, batch_size):
+            rows = order[start : start + batch_size]
+            yield {name: a[rows] for name, a in self.arrays.items()}
+
+    def stream(self, batch_size: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Endless batches, reshuffled every epoch by (seed, epoch)."""
+        if len(self) < batch_size:
+            raise ValueError(f"the dataset has {len(self)} rows, fewer than one batch of {batch_size}")
+        epoch = 0
+        while True:
+            yield from self.batches(batch_size, seed=seed, epoch=epoch)
+            epoch += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from opt_core.config import OPTConfig
 
 
-class Head(str, enum.Enum):
+class Head(enum.StrEnum):
     """Which model the table describes: the bare decoder or one of the task heads."""
 
     BASE = "base"  # OPTModel
@@ -25,7 +25,7 @@ class Head(str, enum.Enum):
     QUESTION_ANSWERING = "question_answering"
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     """What a tensor is; decides its layout per framework and its dtype under mixed precision."""
 
     TOKEN_EMBEDDING = "token_embedding"  # [vocab, embed_dim]
@@ -36,7 +36,7 @@ class Role(str, enum.Enum):
     NORM_BIAS = "norm_bias"  # [hidden]
 
 
-class Layout(str, enum.Enum):
+class Layout(enum.StrEnum):
     """How a framework stores a canonical tensor (see `opt_core.layout` for the functions)."""
 
     IDENTITY = "identity"

@@ -29,7 +29,7 @@ KVCache = list[tuple[np.ndarray, np.ndarray]]  # per layer: keys, values [B, H, 
 class ReferenceOutput:
     """What a reference call returns; fields not produced by a head are None."""
 
-    last_hidden_state: np.ndarray | None = None  # [B, T, E] (after project_out)
+    last_hidden_state: np.ndarray  # [B, T, E] (after project_out)
     logits: np.ndarray | None = None  # [B, T, V] LM, [B, num_labels] classification
     start_logits: np.ndarray | None = None  # [B, T] QA
     end_logits: np.ndarray | None = None  # [B, T] QA
@@ -204,13 +204,16 @@ class ReferenceOPTForCausalLM(ReferenceOPTModel):
         out.logits = out.last_hidden_state @ self.params["lm_head.weight"].T  # [B, T, V]
         return out
 
-    def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, max_new_tokens: int = 8) -> np.ndarray:
+    def greedy(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, max_new_tokens: int = 8
+    ) -> np.ndarray:
         """Greedy continuation with the cache (no eos stop): [B, T + max_new_tokens]."""
         ids = np.asarray(input_ids)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         out = self(ids, mask)
         tokens = [ids]
         for _ in range(max_new_tokens):
+            assert out.logits is not None
             nxt = out.logits[:, -1].argmax(-1)[:, None]  # [B, 1]
             tokens.append(nxt)
             mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)

@@ -46,7 +46,7 @@ class OPTTokenizer:
         self._tok = Tokenizer(models.BPE(vocab, merges, unk_token=None, fuse_unk=False))
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self._tok.decoder = decoders.ByteLevel()
-        specials = [t for t in ("<s>", "<pad>", "</s>", "<unk>") if t in vocab]
+        specials: list[str] = [t for t in ("<s>", "<pad>", "</s>", "<unk>") if t in vocab]
         specials += [t for t in (bos_token, eos_token, pad_token, unk_token) if t not in specials]
         self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
@@ -152,8 +152,7 @@ class OPTTokenizer:
         Returns:
             {"input_ids", "attention_mask"}: int64 NumPy arrays [batch, seq] ([1, seq] for one str).
         """
-        single = isinstance(texts, str)
-        batch = [texts] if single else list(texts)
+        batch: list[str] = [texts] if isinstance(texts, str) else list(texts)
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
