@@ -32,7 +32,7 @@ NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
 class GenerationSettings:
     """Everything that decides the compiled graph (shapes aside): one compiled function each."""
 
-    max_new_tokens: int
+    total_length: int  # S: slots of the static cache (prompt + new tokens)
     do_sample: bool = False
     top_k: int = 50
     num_beams: int = 1
@@ -55,12 +55,18 @@ def _set_column(x: tf.Tensor, column: tf.Tensor, values: tf.Tensor) -> tf.Tensor
     return dynamic_update_slice(x, tf.cast(values[:, None], x.dtype), [0, column])
 
 
-def _prefill(model: Any, ids: tf.Tensor, mask: tf.Tensor, new: int) -> tuple[tf.Tensor, StaticCache, tf.Tensor, tf.Tensor]:
-    """Run the prompt into a fresh cache of T + new slots -> (last logits, cache, key mask [B, S],
+def _dims(ids: tf.Tensor) -> tuple[Any, Any]:
+    """(B, T): Python ints when the trace knows them, else tensors (a shape-polymorphic export)."""
+    dyn = tf.shape(ids)
+    return (ids.shape[0] if ids.shape[0] is not None else dyn[0], ids.shape[1] if ids.shape[1] is not None else dyn[1])
+
+
+def _prefill(model: Any, ids: tf.Tensor, mask: tf.Tensor, total: int) -> tuple[tf.Tensor, StaticCache, tf.Tensor, tf.Tensor]:
+    """Run the prompt into a fresh cache of `total` slots -> (last logits, cache, key mask [B, S],
     next position [B])."""
-    b, t = ids.shape
-    cache = init_cache(model.config, b, t + new, model.get_decoder().embed_tokens.dtype)
-    key_mask = tf.pad(mask, [[0, 0], [0, new]])  # [B, S]; new slots are switched on as they fill
+    b, t = _dims(ids)
+    cache = init_cache(model.config, b, total, model.get_decoder().embed_tokens.dtype)
+    key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; new slots are switched on as they fill
     logits, cache = _run(model, ids, positions_from_mask(mask, 0, t), key_mask, cache)
     return logits, cache, key_mask, tf.reduce_sum(mask, axis=1)
 
@@ -90,14 +96,14 @@ def warp_logits(logits: tf.Tensor, temperature: tf.Tensor, top_k: int, top_p: tf
 
 # ---------------------------------------------------------------- greedy and sampling
 def _sample_loop(
-    model: Any, ids: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, temperature: tf.Tensor, top_p: tf.Tensor,
-    s: GenerationSettings,
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, seed: tf.Tensor, temperature: tf.Tensor,
+    top_p: tf.Tensor, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """-> (tokens [B, S] padded with the pad id, number of new columns produced)."""
-    b, t = ids.shape
-    n = s.max_new_tokens
-    logits, cache, key_mask, next_pos = _prefill(model, ids, mask, n)
-    tokens = tf.pad(ids, [[0, 0], [0, n]], constant_values=s.pad_token_id)  # [B, S]
+    """-> (tokens [B, S] padded with the pad id, number of new columns produced (<= limit))."""
+    b, t = _dims(ids)
+    n = tf.minimum(limit, s.total_length - t)
+    logits, cache, key_mask, next_pos = _prefill(model, ids, mask, s.total_length)
+    tokens = tf.pad(ids, [[0, 0], [0, s.total_length - t]], constant_values=s.pad_token_id)  # [B, S]
     unfinished = tf.ones([b], tf.bool)
 
     def pick(logits: tf.Tensor, i: tf.Tensor) -> tf.Tensor:
@@ -122,7 +128,6 @@ def _sample_loop(
 
     i, tokens, *_ = tf.while_loop(
         cond, body, (tf.constant(0), tokens, key_mask, cache, logits, next_pos, unfinished),
-        maximum_iterations=n,
     )
     return tokens, i
 
@@ -133,10 +138,11 @@ def _gather_beams(x: tf.Tensor, idx: tf.Tensor) -> tf.Tensor:
     return tf.gather(x, idx, axis=1, batch_dims=1)
 
 
-def _beam_loop(model: Any, ids: tf.Tensor, mask: tf.Tensor, s: GenerationSettings) -> tuple[tf.Tensor, tf.Tensor]:
+def _beam_loop(model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, s: GenerationSettings) -> tuple[tf.Tensor, tf.Tensor]:
     """Hugging Face's vectorised beam search -> (best sequence per row [B, S], new columns)."""
-    b, t = ids.shape
-    k, n = s.num_beams, s.max_new_tokens
+    b, t = _dims(ids)
+    k, cap = s.num_beams, s.total_length - t  # cap: new-token slots of the buffers
+    n = tf.minimum(limit, cap)
     max_length = t + n
     vocab = model.config.vocab_size
     keep = max(2, 1 + (1 if s.eos_token_id is not None else 0)) * k  # candidates per step
@@ -145,20 +151,20 @@ def _beam_loop(model: Any, ids: tf.Tensor, mask: tf.Tensor, s: GenerationSetting
 
     flat_ids = tf.repeat(ids, k, axis=0)  # [B*K, T]
     flat_mask = tf.repeat(mask, k, axis=0)
-    logits, cache, key_mask, next_pos = _prefill(model, flat_ids, flat_mask, n)
+    logits, cache, key_mask, next_pos = _prefill(model, flat_ids, flat_mask, s.total_length)
 
-    running_sequences = tf.pad(tf.reshape(flat_ids, [b, k, t]), [[0, 0], [0, 0], [0, n]],
+    running_sequences = tf.pad(tf.reshape(flat_ids, [b, k, t]), [[0, 0], [0, 0], [0, cap]],
                                constant_values=s.pad_token_id)  # [B, K, S]
     sequences = running_sequences
     running_scores = tf.tile(tf.constant([[0.0] + [NEG] * (k - 1)]), [b, 1])  # [B, K]
     beam_scores = tf.fill([b, k], NEG)
     is_sent_finished = tf.zeros([b, k], tf.bool)
     early_unsat = tf.ones([b, 1], tf.bool)
-    running_beam_indices = tf.fill([b, k, n], -1)  # [B, K, N]
+    running_beam_indices = tf.fill([b, k, cap], -1)  # [B, K, N]
     beam_indices = running_beam_indices
     batch_offset = tf.range(b)[:, None] * k  # [B, 1]
-    cols_s = tf.range(max_length)[None, None, :]
-    cols_n = tf.range(n)[None, None, :]
+    cols_s = tf.range(s.total_length)[None, None, :]
+    cols_n = tf.range(cap)[None, None, :]
 
     def body(i, running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
              running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, go_on):
@@ -227,7 +233,6 @@ def _beam_loop(model: Any, ids: tf.Tensor, mask: tf.Tensor, s: GenerationSetting
         cond, body,
         (tf.constant(0), running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
          running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, tf.constant(True)),
-        maximum_iterations=n,
     )
     sequences, beam_indices = state[2], state[8]
     best = sequences[:, 0]  # [B, S]
@@ -239,15 +244,16 @@ def _beam_loop(model: Any, ids: tf.Tensor, mask: tf.Tensor, s: GenerationSetting
 def compiled_generate_fn(model: Any, settings: GenerationSettings) -> tf.types.experimental.GenericFunction:
     """The XLA-compiled generation function of `model` for `settings` (built once, then reused).
 
-    It takes (input_ids [B, T] int32, attention_mask [B, T] int32, seed int32 scalar, temperature
-    float32, top_p float32) and returns (tokens [B, T + N], new columns produced).
+    It takes (input_ids [B, T] int32, attention_mask [B, T] int32, max_new_tokens int32, seed int32,
+    temperature float32, top_p float32) and returns (tokens [B, S], new columns produced). Shapes may
+    be unknown when traced (an exported signature): XLA then compiles once per concrete shape.
     """
     fns = model.__dict__.setdefault("_opt_generate_fns", {})
     if settings not in fns:
-        def generate_fn(input_ids, attention_mask, seed, temperature, top_p):
+        def generate_fn(input_ids, attention_mask, max_new_tokens, seed, temperature, top_p):
             if settings.num_beams > 1:
-                return _beam_loop(model, input_ids, attention_mask, settings)
-            return _sample_loop(model, input_ids, attention_mask, seed, temperature, top_p, settings)
+                return _beam_loop(model, input_ids, attention_mask, max_new_tokens, settings)
+            return _sample_loop(model, input_ids, attention_mask, max_new_tokens, seed, temperature, top_p, settings)
 
         fns[settings] = tf.function(generate_fn, jit_compile=True, reduce_retracing=False)
     return fns[settings]
@@ -307,13 +313,14 @@ def generate(
     if pad is None:
         pad = eos if eos is not None else 0  # Hugging Face pads with eos when there is no pad id
     settings = GenerationSettings(
-        max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), top_k=int(top_k) if do_sample else 0,
+        total_length=int(ids.shape[1] + max_new_tokens), do_sample=bool(do_sample), top_k=int(top_k) if do_sample else 0,
         num_beams=int(num_beams), eos_token_id=eos, pad_token_id=int(pad), length_penalty=float(length_penalty),
         early_stopping=early_stopping,
     )
     fn = compiled_generate_fn(model, settings)
     tokens, produced = fn(
-        tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(seed, tf.int32),
+        tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(max_new_tokens, tf.int32),
+        tf.constant(seed, tf.int32),
         tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
     )
     return tokens[:, : ids.shape[1] + int(produced)]

@@ -263,7 +263,7 @@ class OPTDecoder(keras.layers.Layer):
         `key_mask` [B, S] marks the real keys: the cache's slots when `past_key_values` is given
         (S = its max_length, new tokens at slots [length, length + T)), else this call's tokens.
         """
-        t = input_ids.shape[1]
+        t = input_ids.shape[1] if input_ids.shape[1] is not None else tf.shape(input_ids)[1]
         past = past_key_values.length if past_key_values is not None else 0
         allowed = causal_padding_mask(key_mask, t, past)  # [B, 1, T, S]
 
