@@ -29,3 +29,8 @@ __all__ = [
     "OPTPreTrainedModel",
     "StaticCache",
 ]
+
+from opt_torch.generation import generate  # noqa: E402
+from opt_torch.io import from_pretrained, read_torch_bin, save_pretrained, torch_bin_shapes  # noqa: E402
+
+__all__ += ["from_pretrained", "generate", "read_torch_bin", "save_pretrained", "torch_bin_shapes"]

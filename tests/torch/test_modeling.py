@@ -1,0 +1,279 @@
+"""opt_torch models against the float64 reference: every variant, every head, eager and SDPA,
+reduced precisions, hidden states, attentions, losses, training switches and input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from opt_core import Head
+from opt_core.params import hf_name, parameter_table
+from opt_torch import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification, OPTModel
+from opt_torch.modeling import MODEL_CLASSES
+from tests.torch.helpers import HEAD_OUTPUT, compare_mask, model_and_reference
+from tests.variants import CORE_VARIANTS, TOLERANCE, VARIANTS, left_padded_batch, relative_error, right_padded_batch
+
+pytestmark = pytest.mark.torch
+
+HEADS = list(Head)
+
+
+@pytest.mark.parametrize("head", HEADS, ids=lambda h: h.value)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_state_dict_keys_are_hugging_face_names(variant, head):
+    config = VARIANTS[variant]
+    model = MODEL_CLASSES[head](config)
+    expected = [hf_name(s.name, head) for s in parameter_table(config, head)]
+    assert list(model.state_dict()) == expected
+    for spec in parameter_table(config, head):
+        assert tuple(model.state_dict()[hf_name(spec.name, head)].shape) == spec.shape
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("head", HEADS, ids=lambda h: h.value)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_float32_matches_reference(variant, head, attn):
+    config = VARIANTS[variant]
+    model, ref = model_and_reference(config, head, attn)
+    ids, mask = left_padded_batch(config.vocab_size)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    expected = ref(ids, mask)
+    field = HEAD_OUTPUT[head]
+    err = relative_error(getattr(out, field).numpy(), getattr(expected, field), compare_mask(head, mask))
+    assert err < TOLERANCE["float32"], f"{variant}/{head.value}/{attn}: {err:.2e}"
+    if head is Head.QUESTION_ANSWERING:
+        assert relative_error(out.end_logits.numpy(), expected.end_logits, mask) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj"])
+def test_right_padding_and_no_mask(variant):
+    config = VARIANTS[variant]
+    model, ref = model_and_reference(config, Head.SEQUENCE_CLASSIFICATION)
+    ids, mask = right_padded_batch(config.vocab_size)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    assert relative_error(got, ref(ids, mask).logits) < TOLERANCE["float32"]
+    lm, lm_ref = model_and_reference(config, Head.CAUSAL_LM)
+    dense = ids[:1, :5]
+    with torch.no_grad():
+        got = lm(input_ids=dense).logits.numpy()
+    assert relative_error(got, lm_ref(dense).logits) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", CORE_VARIANTS)
+def test_reduced_precision_within_documented_bound(variant, attn, dtype):
+    config = VARIANTS[variant]
+    model, ref = model_and_reference(config, Head.CAUSAL_LM, attn)
+    model = model.to(getattr(torch, dtype))
+    ids, mask = left_padded_batch(config.vocab_size)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    logits = out.logits.float().numpy()
+    # Left padding in half precision: no NaN anywhere, padded positions included.
+    assert np.isfinite(logits).all()
+    assert all(torch.isfinite(h).all() for h in out.hidden_states)
+    err = relative_error(logits, ref(ids, mask).logits, mask)
+    assert err < TOLERANCE[dtype], f"{variant}/{attn}/{dtype}: {err:.2e}"
+
+
+def test_fully_masked_row_is_finite():
+    config = VARIANTS["pre_ln"]
+    ids, mask = left_padded_batch(config.vocab_size)
+    mask = mask.copy()
+    mask[1] = 0  # a row of padding only
+    for attn in ("eager", "sdpa"):
+        model, _ = model_and_reference(config, Head.CAUSAL_LM, attn)
+        model = model.half()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=attn == "eager")
+        assert torch.isfinite(out.logits).all(), attn
+
+
+def test_hidden_states_follow_hugging_face():
+    config = VARIANTS["post_ln_proj"]
+    model, ref = model_and_reference(config, Head.CAUSAL_LM)
+    ids, mask = left_padded_batch(config.vocab_size)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    expected = ref(ids, mask)
+    # Inputs of every layer (embeddings first), then the final output (after project_out).
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+    for got, want in zip(out.hidden_states[:-1], expected.hidden_states[:-1]):
+        assert relative_error(got.numpy(), want, mask) < TOLERANCE["float32"]
+    assert relative_error(out.hidden_states[-1].numpy(), expected.last_hidden_state, mask) < TOLERANCE["float32"]
+
+
+def test_eager_returns_attention_weights():
+    config = VARIANTS["pre_ln"]
+    ids, mask = left_padded_batch(config.vocab_size)
+    model, _ = model_and_reference(config, Head.BASE, "eager")
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == config.num_hidden_layers
+    w = out.attentions[0]
+    assert w.shape == (3, config.num_attention_heads, ids.shape[1], ids.shape[1])
+    real = torch.from_numpy(mask).bool()
+    sums = w.sum(-1)  # [B, H, T]
+    assert torch.allclose(sums[real[:, None, :].expand_as(sums)], torch.ones(()), atol=1e-5)
+    above = ~torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()  # [T, S]
+    future = above[None, None] & real[:, None, :, None]  # real queries looking ahead
+    assert (w[future.expand_as(w)] == 0).all()
+
+
+def test_outputs_accept_numpy_and_torch_alike():
+    config = VARIANTS["pre_ln"]
+    model, _ = model_and_reference(config, Head.CAUSAL_LM)
+    ids, mask = left_padded_batch(config.vocab_size)
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask).logits
+        b = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+    assert torch.equal(a, b)
+    assert a.shape == (3, ids.shape[1], config.vocab_size)
+
+
+# ---------------------------------------------------------------- losses
+def test_causal_lm_loss_is_shifted_cross_entropy():
+    config = VARIANTS["pre_ln"]
+    model, _ = model_and_reference(config, Head.CAUSAL_LM)
+    ids, mask = left_padded_batch(config.vocab_size)
+    labels = np.where(mask == 1, ids, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, config.vocab_size)
+    target = torch.from_numpy(labels[:, 1:]).reshape(-1)
+    keep = target != -100
+    manual = torch.nn.functional.cross_entropy(logits[keep], target[keep])
+    assert torch.allclose(out.loss, manual, atol=1e-6)
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "problem, num_labels, labels",
+    [
+        ("regression", 1, np.array([0.5, -1.0, 2.0], np.float32)),
+        ("single_label_classification", 3, np.array([0, 2, 1])),
+        ("multi_label_classification", 3, np.array([[1, 0, 1], [0, 0, 1], [1, 1, 0]], np.float32)),
+    ],
+)
+def test_classification_losses_by_problem_type(problem, num_labels, labels):
+    config = VARIANTS["pre_ln"].replace(num_labels=num_labels)
+    ids, mask = left_padded_batch(config.vocab_size)
+    F = torch.nn.functional
+    for problem_type in (problem, None):  # explicit, then inferred like Hugging Face
+        model = OPTForSequenceClassification(config.replace(problem_type=problem_type)).eval()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        logits, y = out.logits, torch.from_numpy(labels)
+        if problem == "regression":
+            manual = F.mse_loss(logits.squeeze(), y.squeeze())
+        elif problem == "single_label_classification":
+            manual = F.cross_entropy(logits, y)
+        else:
+            manual = F.binary_cross_entropy_with_logits(logits, y)
+        assert torch.allclose(out.loss, manual, atol=1e-6), problem_type
+
+
+def test_question_answering_loss_clamps_positions():
+    config = VARIANTS["pre_ln"]
+    ids, mask = left_padded_batch(config.vocab_size)
+    model = OPTForQuestionAnswering(config).eval()
+    t = ids.shape[1]
+    out = model(input_ids=ids, attention_mask=mask, start_positions=[1, 3, 100], end_positions=[2, 100, 4])
+    F = torch.nn.functional
+    # 100 is clamped to T, which is ignored.
+    start = F.cross_entropy(out.start_logits, torch.tensor([1, 3, t]), ignore_index=t)
+    end = F.cross_entropy(out.end_logits, torch.tensor([2, t, 4]), ignore_index=t)
+    assert torch.allclose(out.loss, (start + end) / 2, atol=1e-6)
+
+
+# ---------------------------------------------------------------- training switches
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = VARIANTS["post_ln_proj"].replace(dropout=0.0)
+    ids, mask = left_padded_batch(config.vocab_size)
+    labels = np.where(mask == 1, ids, -100)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = OPTForCausalLM(config).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_layerdrop_applies_in_training_only():
+    config = VARIANTS["pre_ln"].replace(layerdrop=1.0, dropout=0.0)
+    ids, mask = left_padded_batch(config.vocab_size)
+    model = OPTModel(config)
+    with torch.no_grad():
+        evaluated = model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+        trained = model.train()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    # Every layer dropped: the output is the final LayerNorm of the embeddings.
+    embeddings = trained.hidden_states[0]
+    assert torch.allclose(trained.last_hidden_state, model.decoder.final_layer_norm(embeddings), atol=1e-6)
+    assert not torch.allclose(evaluated, trained.last_hidden_state)
+
+
+def test_dropout_is_off_in_eval_and_on_in_train():
+    config = VARIANTS["pre_ln"].replace(dropout=0.5)
+    ids, mask = left_padded_batch(config.vocab_size)
+    model = OPTForCausalLM(config)
+    with torch.no_grad():
+        a = model.eval()(input_ids=ids, attention_mask=mask).logits
+        b = model(input_ids=ids, attention_mask=mask).logits
+        c = model.train()(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_lm_head_is_tied_and_init_follows_hugging_face():
+    config = VARIANTS["pre_ln_proj"]
+    model = OPTForCausalLM(config)
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    assert model.lm_head.weight.shape == (config.vocab_size, config.embed_dim)
+    assert (model.model.decoder.embed_tokens.weight[config.pad_token_id] == 0).all()
+    assert model.num_parameters() == sum(s.numel for s in parameter_table(config) if s.tied_to is None)
+    untied = OPTForCausalLM(config.replace(tie_word_embeddings=False))
+    assert untied.lm_head.weight is not untied.model.decoder.embed_tokens.weight
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "ids, mask, message",
+    [
+        (np.array([[2, 5, 500]]), None, "outside the vocabulary"),
+        (np.array([[2, 5, -1]]), None, "outside the vocabulary"),
+        (np.full((1, 65), 5), None, "longer than max_position_embeddings"),
+        (np.array([2, 5, 6]), None, "2-D"),
+        (np.array([[2, 5, 6]]), np.array([[1, 1]]), "attention_mask has shape"),
+        (np.array([[2, 5, 6]]), np.array([[1, 2, 1]]), "only 0 and 1"),
+        (np.array([[2.0, 5.0]]), None, "integers"),
+    ],
+)
+def test_bad_inputs_give_clear_errors(ids, mask, message):
+    model = OPTForCausalLM(VARIANTS["pre_ln"]).eval()
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_flash_attention_without_cuda_says_why():
+    with pytest.raises(ValueError, match="CUDA"):
+        OPTForCausalLM(VARIANTS["pre_ln"], attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="unknown"):
+        OPTForCausalLM(VARIANTS["pre_ln"], attn_implementation="flash")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention runs on a CUDA GPU only")
+def test_flash_attention_matches_reference_on_gpu():  # exercised whenever a GPU is present
+    config = VARIANTS["pre_ln"]
+    model, ref = model_and_reference(config, Head.CAUSAL_LM, "sdpa")
+    model = model.to("cuda", torch.float16)
+    model.set_attn_implementation("flash_attention_2")
+    ids, mask = left_padded_batch(config.vocab_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float().cpu().numpy()
+    assert relative_error(logits, ref(ids, mask).logits, mask) < TOLERANCE["float16"]
