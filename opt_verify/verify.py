@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from opt_core import OPTConfig, OPTTokenizer, parameter_count
+from opt_core.checkpoint import formats_present
 from opt_core.tokenizer import MERGES_FILE, VOCAB_FILE
 
 BACKENDS = ("torch", "tf", "flax")
@@ -291,6 +292,14 @@ def backend_available(name: str) -> str | None:
     return None
 
 
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """An exception as one line: its type, first line and (for multi-line messages) last line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
+    text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _run_one(
     name: str, model_dir: Path, dtype: str, ids: np.ndarray, mask: np.ndarray, new_tokens: int
 ) -> tuple[BackendResult, _Run | None]:
@@ -311,7 +320,7 @@ def _run_one(
             return BackendResult(name, "missing", f"cannot import it: {e}"), None
         return BackendResult(name, "error", f"ModuleNotFoundError: {e}"), None
     except Exception as e:  # reported, never raised: one broken backend must not hide the others
-        return BackendResult(name, "error", f"{type(e).__name__}: {e}"), None
+        return BackendResult(name, "error", _one_line(e)), None
     result.load_s, result.forward_s, result.generate_s = t1 - t0, t2 - t1, t3 - t2
     problems = []
     if logits.shape[:2] != ids.shape:
@@ -482,13 +491,19 @@ def verify(
 
     names: list[str] = []
     results: list[BackendResult] = []
-    use_reference = reference is True or (reference == "auto" and n_params <= reference_max_params)
+    has_safetensors = "safetensors" in formats_present(model_dir)
+    use_reference = reference is True or (
+        reference == "auto" and n_params <= reference_max_params and has_safetensors
+    )
     if use_reference:
         names.append(REFERENCE)
     else:
-        why = "reference=False" if reference is False else (
-            f"{n_params / 1e6:.0f}M parameters > the {reference_max_params / 1e6:.0f}M size guard"
-        )
+        if reference is False:
+            why = "reference=False"
+        elif n_params > reference_max_params:
+            why = f"{n_params / 1e6:.0f}M parameters > the {reference_max_params / 1e6:.0f}M size guard"
+        else:
+            why = "it reads safetensors only and the folder has none"
         results.append(BackendResult(REFERENCE, "skipped", f"float64 reference left out: {why}"))
     for name in backends:
         why_not = backend_available(name)

@@ -1,0 +1,62 @@
+"""`opt verify` on the real backends, with checkpoints written by Hugging Face 4.57.6."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from opt_verify import format_table, verify
+from tests.golden import golden_checkpoint
+
+BACKEND_PARAMS = [
+    pytest.param("torch", marks=pytest.mark.torch),
+    pytest.param("tf", marks=pytest.mark.tf),
+    pytest.param("flax", marks=pytest.mark.flax),
+]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj"])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_backend_matches_reference(backend, variant):
+    report = verify(golden_checkpoint(variant), backends=(backend,), new_tokens=16)
+    assert report.passed, format_table(report)
+    (pair,) = report.pairs
+    assert (pair.a, pair.b) == ("reference", backend)
+    assert pair.greedy_first_divergence is None and pair.greedy_compared > 0
+    assert len(pair.hidden_rel) == 3 and all(r is not None for r in pair.hidden_rel)
+
+
+def _corrupt_torch_bin(folder: Path, key: str) -> None:
+    import torch
+
+    path = folder / "pytorch_model.bin"
+    state = torch.load(path, weights_only=True)
+    w = state[key]
+    state[key] = w + 0.05 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    torch.save(state, path)
+
+
+@pytest.mark.oracle
+@pytest.mark.torch
+@pytest.mark.flax
+def test_corrupted_format_is_caught(tmp_path):
+    """A folder whose torch weights (pytorch_model.bin) were corrupted in layer 1 while its Flax
+    weights (flax_model.msgpack) are intact: torch and flax disagree from layer 1 on."""
+    src = golden_checkpoint("pre_ln")
+    folder = tmp_path / "ckpt"
+    shutil.copytree(src, folder)
+    (folder / "model.safetensors").unlink()  # every backend would prefer it
+    _corrupt_torch_bin(folder, "model.decoder.layers.1.fc1.weight")
+    report = verify(folder, backends=("torch", "flax"), new_tokens=8)
+    assert not report.passed
+    ref = report.backends[0]
+    assert ref.name == "reference" and ref.status == "skipped" and "safetensors" in ref.message
+    (pair,) = report.pairs
+    assert pair.first_divergent_layer == "layer 1", format_table(report)
+    assert pair.hidden_rel[0] < 1e-6 and pair.hidden_rel[1] < 1e-6
+    assert not np.isfinite(pair.logits_rel) or pair.logits_rel > 1e-3
+    assert "layer 1" in format_table(report)
