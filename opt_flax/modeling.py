@@ -78,6 +78,16 @@ class OPTOutput:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
 
+# ---------------------------------------------------------------- activation sharding
+def constrain(x: jax.Array, *spec: str | None) -> jax.Array:
+    """Pin an activation's sharding (axis names "data"/"model", see `opt_flax.sharding`) when a mesh
+    with those axes is active (`with jax.set_mesh(mesh):`); a no-op otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not {"data", "model"} <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 # ---------------------------------------------------------------- masks and positions
 def positions_from_mask(attention_mask: jax.Array, past_length: jax.Array | int, query_length: int) -> jax.Array:
     """Position ids [B, T] of the T tokens after `past_length` in `attention_mask` [B, S] (JAX twin
@@ -153,11 +163,13 @@ class OPTAttention(nnx.Module):
         q = (self.q_proj(x) * self.head_dim**-0.5).reshape(heads)  # scaled after the bias; [B, T, N, H]
         k = self.k_proj(x).reshape(heads)
         v = self.v_proj(x).reshape(heads)
+        q, k, v = (constrain(y, "data", None, "model", None) for y in (q, k, v))  # heads split over "model"
         new_kv = None
         if cache is not None:
             cache_k, cache_v, slot = cache
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot, 0, 0))  # [B, S, N, H]
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
+            k, v = (constrain(y, "data", None, "model", None) for y in (k, v))
             new_kv = (k, v)
         # Scores and softmax in float32 whatever the compute dtype (the fp16/bf16 NaN fix).
         scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
@@ -195,7 +207,8 @@ class OPTDecoderLayer(nnx.Module):
             x = self.self_attn_layer_norm(x)
 
         h = self.final_layer_norm(x) if self.pre_ln else x
-        h = self.fc2(ACT_FNS[self.activation](self.fc1(h)))
+        h = constrain(ACT_FNS[self.activation](self.fc1(h)), "data", None, "model")  # [B, T, F] column-parallel
+        h = self.fc2(h)
         x = x + self.dropout(h, deterministic=deterministic)
         if not self.pre_ln:
             x = self.final_layer_norm(x)
@@ -260,7 +273,7 @@ class OPTDecoder(nnx.Module):
             if training and self.layerdrop > 0:  # skip the whole layer with probability layerdrop
                 keep = jax.random.uniform(self.rngs.dropout()) >= self.layerdrop
                 y = jnp.where(keep, y, x)
-            x = y
+            x = constrain(y, "data", None, None)  # [B, T, C] replicated over "model"
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])
@@ -436,7 +449,7 @@ class OPTForCausalLM(_WithDecoder):
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        out.logits = self.lm_logits(h)
+        out.logits = constrain(self.lm_logits(h), "data", None, "model")  # vocab-parallel logits
         if labels is not None:
             out.loss = causal_lm_loss(out.logits, jnp.asarray(labels))
         return out

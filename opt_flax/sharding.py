@@ -1,0 +1,127 @@
+"""Partition rules for a `jax.sharding.Mesh` with axes ("data", "model"): Megatron tensor parallelism
+plus data parallelism.
+
+- q/k/v_proj and fc1 are column-parallel: kernels [in, out] split on `out`, biases split.
+- out_proj and fc2 are row-parallel: kernels split on `in`, biases replicated (added after the
+  all-reduce XLA inserts).
+- The token embedding [V, E] and an untied lm_head [E, V] are vocab-parallel; logits come out split
+  over the vocabulary.
+- Positions, LayerNorms, projections and the small task heads are replicated.
+- Activations and the KV cache split their batch over "data" and their heads over "model"
+  (`opt_flax.modeling.constrain` pins them when the mesh is active: `with jax.set_mesh(mesh):`).
+
+Usage:
+
+    mesh = make_mesh(data=2, model=4)
+    model = shard_model(model, mesh)
+    with jax.set_mesh(mesh):
+        out = model(shard_batch(ids, mesh), attention_mask=shard_batch(mask, mesh))
+        new = model.generate(ids, attention_mask=mask, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from opt_flax.cache import KVCache
+
+AXES = ("data", "model")
+
+# (regex over the "/"-joined nnx.state path, PartitionSpec); the first match wins.
+PARTITION_RULES: tuple[tuple[str, P], ...] = (
+    (r"embed_tokens/embedding$", P("model", None)),  # vocab-parallel [V, E]
+    (r"lm_head/kernel$", P(None, "model")),  # vocab-parallel [E, V]
+    (r"self_attn/(q_proj|k_proj|v_proj)/kernel$", P(None, "model")),  # column-parallel [C, C]
+    (r"self_attn/(q_proj|k_proj|v_proj)/bias$", P("model")),
+    (r"fc1/kernel$", P(None, "model")),  # column-parallel [C, F]
+    (r"fc1/bias$", P("model")),
+    (r"self_attn/out_proj/kernel$", P("model", None)),  # row-parallel [C, C]
+    (r"fc2/kernel$", P("model", None)),  # row-parallel [F, C]
+    (r".*", P()),  # everything else replicated
+)
+
+
+def make_mesh(data: int, model: int, devices: Any = None) -> Mesh:
+    """A (data, model) mesh over the first data * model devices."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    if devices.size < data * model:
+        raise ValueError(f"a ({data}, {model}) mesh needs {data * model} devices; {devices.size} are available")
+    return Mesh(devices.reshape(-1)[: data * model].reshape(data, model), AXES)
+
+
+def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The PartitionSpec of the parameter at `path`, or replicated when the split would not be even."""
+    name = "/".join(str(p) for p in path)
+    for pattern, spec in PARTITION_RULES:
+        if re.search(pattern, name):
+            break
+    for dim, axis in zip(shape, spec):
+        if axis is not None and dim % mesh.shape[axis]:
+            raise ValueError(
+                f"parameter {name} dim of size {dim} is not divisible by mesh axis {axis!r} "
+                f"({mesh.shape[axis]}); choose a mesh whose 'model' size divides heads, ffn_dim and vocab"
+            )
+    return spec
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """A State of NamedShardings mirroring `state` (parameters by rule, other variables replicated)."""
+
+    def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        shape = tuple(getattr(leaf, "shape", ()))
+        spec = partition_spec(path, shape, mesh) if len(shape) else P()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(lambda kp, x: one(_path(kp), x), state)
+
+
+def _path(keypath: tuple[Any, ...]) -> tuple[Any, ...]:
+    out = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(getattr(k, attr))
+                break
+    return tuple(out)
+
+
+def shard_model(model: Any, mesh: Mesh) -> Any:
+    """Place every variable of `model` on `mesh` by the partition rules (in place; returns `model`)."""
+    state = nnx.state(model)
+    sharded = jax.device_put(state, state_shardings(state, mesh))
+    nnx.update(model, sharded)
+    return model
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[B, T] inputs: rows split over "data"."""
+    return NamedSharding(mesh, P("data", None))
+
+
+def shard_batch(x: Any, mesh: Mesh) -> jax.Array:
+    """Put a [B, ...] input on `mesh`, rows split over "data"."""
+    x = np.asarray(x)
+    return jax.device_put(x, NamedSharding(mesh, P("data", *([None] * (x.ndim - 1)))))
+
+
+def cache_sharding(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+    """NamedShardings of a `KVCache`: (keys/values [B, S, N, H]: batch over "data", heads over
+    "model"; the length scalar: replicated)."""
+    return NamedSharding(mesh, P("data", None, "model", None)), NamedSharding(mesh, P())
+
+
+def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
+    """Place a `KVCache` on `mesh` (see `cache_sharding`)."""
+    kv, scalar = cache_sharding(mesh)
+    return KVCache(
+        tuple(jax.device_put(k, kv) for k in cache.keys),
+        tuple(jax.device_put(v, kv) for v in cache.values),
+        jax.device_put(cache.length, scalar),
+    )
