@@ -341,7 +341,7 @@ def _pack_tree(packer: Any, out: Any, tree: dict[str, Any]) -> None:
     import msgpack
 
     out.write(packer.pack_map_header(len(tree)))
-    for key, value in tree.items():
+    for key, value in sorted(tree.items()):  # sorted, as Flax's own writer emits them
         out.write(packer.pack(key))
         if isinstance(value, dict):
             _pack_tree(packer, out, value)
