@@ -1,52 +1,88 @@
-"""Subcommands of `opt`, registered with `opt_cli.main.register`."""
+"""Subcommands of `opt`, registered with `opt_cli.main.register`.
+
+`opt demo` lives here; the other commands live in `opt_cli/commands_*.py`, imported at the end.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 
 from opt_cli.main import register
 
+DEMO_PROMPT = "ROMEO:\nWhat light"
 
-@register("demo", "Run the bundled model (today: the float64 reference on the opt-125m shape, random weights)")
+
+@register("demo", "Run the bundled model in torch, tf and flax on one prompt; show that the greedy texts agree")
 def _demo(p: argparse.ArgumentParser):
-    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--prompt", default=DEMO_PROMPT, help=f"text to continue (default {DEMO_PROMPT!r})")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--backends", default="torch,tf,flax", help="comma-separated (default torch,tf,flax)")
+    p.add_argument("--model", default="bundled", help="model folder (default: the bundled model)")
 
     def run(args: argparse.Namespace) -> int:
-        from opt_core import OPTConfig, OPTTokenizer
-        from opt_core.reference import ReferenceOPTForCausalLM, random_parameters
+        from opt_cli.backends import check_backend, generate, load_causal_lm, load_tokenizer, resolve_model_dir
+        from opt_cli.commands_generate import encode_prompt
+        from opt_core import OPTConfig, parameter_count
 
-        print("No bundled model yet: running the float64 NumPy reference pass on the real opt-125m")
-        print("config shape with RANDOM weights. The continuation is noise; the shapes and speed are real.")
-        cfg = OPTConfig.from_preset("opt-125m")
-        model = ReferenceOPTForCausalLM(cfg, random_parameters(cfg, seed=0))
-        tok_dir = _shared_tokenizer()
-        tok = OPTTokenizer.from_pretrained(tok_dir) if tok_dir else None
-        prompt = "Hello, my dog is cute"
-        ids = tok([prompt])["input_ids"] if tok else np.array([[2, 31414, 6, 127, 2335, 16, 11962]])
-        t0 = time.perf_counter()
-        out = model.greedy(ids, max_new_tokens=args.new_tokens)
-        dt = time.perf_counter() - t0
-        new = out[0, ids.shape[1]:]
-        print(f"prompt ids: {ids[0].tolist()}")
-        print(f"greedy ids: {new.tolist()}")
-        if tok:
-            print(f"text: {prompt!r} -> {tok.decode(new)!r}")
-        print(f"{args.new_tokens} tokens in {dt:.2f} s (float64 NumPy reference)")
-        return 0
+        backends = [check_backend(b.strip()) for b in args.backends.split(",") if b.strip()]
+        folder = resolve_model_dir(args.model)
+        config = OPTConfig.from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
+        ids = encode_prompt(tokenizer, config, args.prompt, args.max_new_tokens)
+        mask = np.ones_like(ids)
+        print(f"model  : {folder} ({parameter_count(config):,} parameters, {config.num_hidden_layers} layers "
+              f"x {config.hidden_size}, vocabulary {config.vocab_size})")
+        print(f"prompt : {args.prompt!r} ({ids.shape[1]} tokens); greedy, {args.max_new_tokens} new tokens\n")
+        results: dict[str, np.ndarray] = {}
+        failed: list[str] = []
+        for backend in backends:
+            try:
+                t0 = time.perf_counter()
+                model = load_causal_lm(backend, folder)
+                t_load = time.perf_counter() - t0
+                t0 = time.perf_counter()  # first call: includes tracing / XLA compilation
+                generate(backend, model, ids, mask, max_new_tokens=args.max_new_tokens)
+                t_first = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                out = generate(backend, model, ids, mask, max_new_tokens=args.max_new_tokens)
+                dt = time.perf_counter() - t0
+            except Exception as e:  # a broken or missing backend must not hide the others
+                print(f"[{backend}] FAILED: {type(e).__name__}: {e}\n")
+                failed.append(backend)
+                continue
+            new = out[0, ids.shape[1] :]
+            results[backend] = new
+            n = len(new)
+            print(f"[{backend}] {n / dt:8.1f} tokens/s   (load {t_load:.1f} s, first call {t_first:.1f} s "
+                  f"incl. compilation)")
+            print("    " + (args.prompt + tokenizer.decode(new, skip_special_tokens=True)).replace("\n", "\n    "))
+            print()
+        if not results:
+            print("no backend ran", file=sys.stderr)
+            return 1
+        first = next(iter(results.values()))
+        same = all(len(v) == len(first) and (v == first).all() for v in results.values())
+        names = ", ".join(results)
+        if same:
+            print(f"greedy texts agree: identical {len(first)} token ids in {len(results)} backends ({names})")
+        else:
+            print(f"greedy texts DIFFER between backends ({names}):")
+            for b, v in results.items():
+                print(f"  {b:5s} {v.tolist()}")
+        if failed:
+            print(f"backends that failed: {', '.join(failed)}")
+        return 0 if same and not failed else 1
 
     return run
 
 
-def _shared_tokenizer():
-    from pathlib import Path
-
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        cand = base.parent / "shared" / "data" / "opt-tokenizer"
-        if (cand / "vocab.json").is_file():
-            return cand
-    return None
-import opt_cli.commands_verify  # noqa: F401
 import opt_cli.commands_convert  # noqa: F401
+import opt_cli.commands_eval  # noqa: E402,F401  (opt eval-ppl)
+import opt_cli.commands_generate  # noqa: E402,F401  (opt generate)
+import opt_cli.commands_info  # noqa: E402,F401  (opt info)
+import opt_cli.commands_train  # noqa: E402,F401  (opt train)
+import opt_cli.commands_verify  # noqa: F401

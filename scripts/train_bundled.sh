@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Retrain the bundled model (opt_core/bundled/opt-shakespeare) from scratch with this project's own
+# training code: a byte-level BPE tokenizer and a 4.3M-parameter OPT on tinyshakespeare, the last 10%
+# of the text held out for validation. About 25 minutes on 2 CPU cores.
+#
+#   scripts/train_bundled.sh [CORPUS] [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CORPUS="${1:-../shared/data/corpus/tinyshakespeare.txt}"
+OUT="${2:-opt_core/bundled/opt-shakespeare}"
+exec .venv/bin/opt train --corpus "$CORPUS" --out "$OUT" \
+    --vocab-size 4096 --hidden-size 256 --layers 4 --heads 4 --ffn-dim 1024 --context 256 --dropout 0.1 \
+    --steps 450 --batch-size 8 --lr 2e-3 --warmup 40 --min-lr-ratio 0.1 --weight-decay 0.1 \
+    --validation-fraction 0.1 --eval-every 150 --seed 0 --threads 2
