@@ -126,8 +126,9 @@ def build_attention_mask(
     attention_mask: torch.Tensor | None, query_length: int, past_length: int
 ) -> AttentionMask:
     """Turn a [B, past + T] 0/1 mask (or None) into what the attention layers need."""
-    if attention_mask is None or bool(attention_mask.all()):
-        # No padding: plain causal. One new query over a cache needs no mask at all.
+    # No padding: plain causal; one new query over a cache needs no mask at all. (Under
+    # torch.compile the data-dependent check is skipped and the general path below runs.)
+    if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
         return AttentionMask(None, is_causal=query_length > 1, padding=None)
     padding = attention_mask.bool()
     if query_length == 1:
