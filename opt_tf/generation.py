@@ -269,9 +269,9 @@ def generate(
     top_k: int = 50,
     top_p: float = 1.0,
     num_beams: int = 1,
-    seed: int = 0,
-    eos_token_id: int | None | str = "config",
-    pad_token_id: int | None | str = "config",
+    seed: int | None = None,
+    eos_token_id: int | None = -1,
+    pad_token_id: int | None = -1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
 ) -> tf.Tensor:
@@ -280,9 +280,10 @@ def generate(
 
     Args:
         attention_mask: [B, T] 0/1 (default: all ones).
-        do_sample: sample (seeded by `seed`; temperature, top_k (0 = off), top_p) instead of greedy.
+        do_sample: sample (temperature, top_k (0 = off), top_p) instead of greedy; `seed` makes it
+            reproducible (None: a fresh random seed).
         num_beams: > 1 for beam search (with `length_penalty`, `early_stopping` as Hugging Face).
-        eos_token_id / pad_token_id: default from the config; a row that emitted eos is padded with
+        eos_token_id / pad_token_id: -1 (default) takes them from the config; a row that emitted eos is padded with
             the pad id, and generation stops early when every row is done.
     Returns:
         int32 tf.Tensor [B, T + generated] (prompt included); `generated` <= max_new_tokens.
@@ -308,8 +309,10 @@ def generate(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    eos = cfg.eos_token_id if eos_token_id == "config" else eos_token_id
-    pad = cfg.pad_token_id if pad_token_id == "config" else pad_token_id
+    eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+    pad = cfg.pad_token_id if pad_token_id == -1 else pad_token_id
+    if seed is None:
+        seed = int(np.random.default_rng().integers(0, 2**31 - 1))
     if pad is None:
         pad = eos if eos is not None else 0  # Hugging Face pads with eos when there is no pad id
     settings = GenerationSettings(
