@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     text = header + "\n\n" + tables(results)
     print()
     print(text)
-    print(f"\n({time.time() - started:.0f}s; command: python benchmarks/bench_attention.py {' '.join(argv or sys.argv[1:])})")
+    shown = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"\n({time.time() - started:.0f}s; command: python benchmarks/bench_attention.py {shown})")
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": results}, indent=2))
     if args.markdown:

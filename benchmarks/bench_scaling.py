@@ -1,0 +1,181 @@
+"""Decode speed and peak memory against sequence length, per backend: a table and a PNG plot.
+
+    python benchmarks/bench_scaling.py                      # opt_torch, opt_tf, opt_flax; 128..2048
+    python benchmarks/bench_scaling.py --quick              # lengths 128 and 256, 8 new tokens
+    python benchmarks/bench_scaling.py --impls opt_torch,hf_torch --lengths 512,2048 --png out.png
+
+For a context length L (the sequence length reached at the end), the prompt is L - N tokens and N
+tokens are generated greedily. Decode tokens/s excludes the prefill:
+batch x (N - 1) / (time(generate N) - time(generate 1)), each timed after a warm-up call at the same
+shapes. Peak memory is the peak RSS of a subprocess that runs one (implementation, L) point, so it
+is framework + weights + cache + activations at that length. Same random weights as run_all.py (real
+opt-125m shape by default, eos off). Implementations as in run_all.py (peers need their venvs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_all  # noqa: E402  (stdlib-only at import; shared loaders, checkpoint, environments)
+
+ROOT = run_all.ROOT
+DEFAULT_LENGTHS = (128, 256, 512, 1024, 2048)
+
+
+def worker(job: dict) -> dict:
+    import resource
+
+    runner = run_all.LOADERS[job["impl"]](job["folder"], job["threads"])
+    n, length, b = job["new_tokens"], job["length"], job["batch"]
+    ids, mask = run_all._prompt(b, length - n)
+
+    def timed(new: int) -> float:
+        runner.generate(ids, mask, new)  # warm-up (compiles at these shapes where needed)
+        t = time.perf_counter()
+        got = runner.generate(ids, mask, new)
+        dt = time.perf_counter() - t
+        if got != new:
+            raise RuntimeError(f"{job['impl']} generated {got} tokens, asked for {new}")
+        return dt
+
+    t1, tn = timed(1), timed(n)
+    return {"impl": job["impl"], "length": length, "prefill_s": t1,
+            "decode_tokens_per_s": b * (n - 1) / max(tn - t1, 1e-9),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_point(job: dict, timeout: int) -> dict:
+    """One point in its own subprocess of the implementation's environment."""
+    import os
+    import subprocess
+
+    env_name = run_all.IMPLS[job["impl"]][0]
+    python = run_all.VENVS[env_name] / "bin" / "python"
+    base = {"impl": job["impl"], "length": job["length"]}
+    if not python.is_file():
+        return {**base, "error": f"environment {python.parents[1].name} is missing ({run_all.VENV_HINT[env_name]})"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+    if env_name == "main":
+        env["PYTHONPATH"] = str(ROOT)
+    if env_name == "oracle":
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    try:
+        proc = subprocess.run([str(python), __file__, "--worker", json.dumps(job)], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {timeout}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        return {**base, "error": f"exit {proc.returncode}: {err[-1][:300] if err else 'no output'}"}
+    return json.loads(lines[-1])
+
+
+def table(results: list[dict], impls: list[str], lengths: list[int]) -> str:
+    by = {(r["impl"], r["length"]): r for r in results}
+
+    def cell(impl: str, length: int, key: str, digits: int) -> str:
+        r = by.get((impl, length), {})
+        return "error" if "error" in r else (f"{r[key]:.{digits}f}" if key in r else "-")
+
+    head = ["implementation"] + [f"L={n} tok/s" for n in lengths] + [f"L={n} RSS MB" for n in lengths]
+    md = ["| " + " | ".join(head) + " |", "|---" + "|--:" * (len(head) - 1) + "|"]
+    for impl in impls:
+        md.append("| " + " | ".join([impl] + [cell(impl, n, "decode_tokens_per_s", 1) for n in lengths]
+                                    + [cell(impl, n, "peak_rss_mb", 0) for n in lengths]) + " |")
+    errors = [f"- {r['impl']} L={r['length']}: {r['error']}" for r in results if "error" in r]
+    return "\n".join(md + ([""] + errors if errors else []))
+
+
+def plot(results: list[dict], impls: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for impl in impls:
+        pts = sorted((r["length"], r) for r in results if r["impl"] == impl and "error" not in r)
+        if not pts:
+            continue
+        xs = [n for n, _ in pts]
+        ax1.plot(xs, [r["decode_tokens_per_s"] for _, r in pts], marker="o", label=impl)
+        ax2.plot(xs, [r["peak_rss_mb"] for _, r in pts], marker="o", label=impl)
+    for ax, ylabel in ((ax1, "decode tokens/s"), (ax2, "peak RSS (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (prompt + new tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--impls", default=",".join(run_all.OURS), help=f"from {','.join(run_all.IMPLS)}")
+    ap.add_argument("--shape", default="opt-125m")
+    ap.add_argument("--lengths", type=_ints, default=None, help="context lengths (default 128..2048)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per point (default 32)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per point")
+    ap.add_argument("--quick", action="store_true", help="lengths 128,256 and 8 new tokens")
+    ap.add_argument("--png", type=Path, default=ROOT / "benchmarks" / "results" / "scaling.png")
+    ap.add_argument("--markdown", type=Path, metavar="OUT")
+    ap.add_argument("--json", type=Path, metavar="OUT")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = [i for i in impls if i not in run_all.IMPLS]
+    if unknown:
+        ap.error(f"unknown implementation(s) {unknown}; choose from {list(run_all.IMPLS)}")
+    lengths = args.lengths or ([128, 256] if args.quick else list(DEFAULT_LENGTHS))
+    new_tokens = args.new_tokens or (8 if args.quick else 32)
+    if min(lengths) <= new_tokens:
+        ap.error(f"every length must exceed --new-tokens ({new_tokens})")
+    folder = run_all.write_checkpoint(args.shape)
+    results = []
+    started = time.time()
+    for impl in impls:
+        for length in lengths:
+            job = dict(impl=impl, folder=str(folder), threads=args.threads, new_tokens=new_tokens,
+                       length=length, batch=args.batch)
+            r = run_point(job, args.timeout)
+            results.append(r)
+            shown = r.get("error") or (f"{r['decode_tokens_per_s']:.1f} tok/s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                                       f"prefill+1 {r['prefill_s']:.2f}s")
+            print(f"{impl:9s} L={length:5d}: {shown}", flush=True)
+    title = (f"{args.shape} shape, random weights, fp32, batch {args.batch}, {new_tokens} new tokens per point, "
+             f"{time.strftime('%Y-%m-%d', time.gmtime())}")
+    text = f"{title}\n\n{table(results, impls, lengths)}"
+    print()
+    print(text)
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, impls, args.png, title)
+    print(f"\nplot: {args.png} ({time.time() - started:.0f}s)")
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"title": title, "results": results}, indent=2))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

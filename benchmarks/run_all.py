@@ -1,0 +1,595 @@
+"""`make bench`: one harness, one run, the same random weights, every implementation.
+
+    python benchmarks/run_all.py              # opt-125m and opt-350m shapes, all implementations
+    python benchmarks/run_all.py --quick      # opt-125m, batch 1, fewer tokens: a smoke run
+    python benchmarks/run_all.py --impls opt_torch,hf_torch,ct2_int8 --shapes opt-125m
+
+Measures, per implementation and model shape (real opt-125m / opt-350m configs, random weights
+written once as a Hugging Face safetensors folder that every implementation loads):
+- prefill latency: one forward pass over [batch, 128] tokens, batch 1 and 8 (median of repeats,
+  after a warm-up call; for JAX and TF the pass is compiled with jax.jit / tf.function(jit_compile));
+- decode throughput: greedy `generate` from a 32-token prompt, 128 new tokens, batch 1 and 8:
+  batch x new tokens / wall time (the 32-token prefill included), after a warm-up call;
+- peak RSS of the process (each implementation and shape runs in its own subprocess, so this is
+  framework + weights + work), and load and first-call (compile) times.
+
+Implementations: this project's opt_torch, opt_tf and opt_flax (.venv); Hugging Face transformers
+5.x torch with sdpa and CTranslate2 fp32 and int8 converted from the same folder (.venv-bench, built
+from requirements/bench.txt); Hugging Face 4.57.6 TF (XLA generate) and Flax (.venv-oracle). A
+missing environment is reported, never silently dropped.
+
+Writes BENCHMARKS.md (tables, ratios against each peer, machine, versions, date, command) and, with
+--json OUT, the raw results. With --backend-scripts it also runs benchmarks/bench_{torch,tf,flax}.py
+(the backends' own benchmarks, when present) and stores their JSON next to the results.
+
+Only the standard library is imported at module level: the same file is the worker run inside each
+environment (`run_all.py --worker '{...}'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "bench"
+TOKENIZER_DIR = Path(os.environ.get("OPT_SHARED", ROOT.parent / "shared")) / "data" / "opt-tokenizer"
+VENVS = {"main": ROOT / ".venv", "bench": ROOT / ".venv-bench", "oracle": ROOT / ".venv-oracle"}
+VENV_HINT = {
+    "main": "make venv",
+    "bench": "python3 -m venv .venv-bench && .venv-bench/bin/pip install -r requirements/bench.txt",
+    "oracle": "make oracle",
+}
+# name -> (environment, label)
+IMPLS: dict[str, tuple[str, str]] = {
+    "opt_torch": ("main", "opt_torch (this project)"),
+    "opt_tf": ("main", "opt_tf (this project)"),
+    "opt_flax": ("main", "opt_flax (this project)"),
+    "hf_torch": ("bench", "HF transformers 5.x torch (sdpa)"),
+    "ct2_fp32": ("bench", "CTranslate2 fp32"),
+    "ct2_int8": ("bench", "CTranslate2 int8"),
+    "hf_tf": ("oracle", "HF 4.57.6 TF (XLA generate)"),
+    "hf_flax": ("oracle", "HF 4.57.6 Flax"),
+}
+OURS = ("opt_torch", "opt_tf", "opt_flax")
+PEERS = ("hf_torch", "ct2_fp32", "ct2_int8", "hf_tf", "hf_flax")
+TOKENIZER_VOCAB = 50265  # ids the real tokenizer knows (CTranslate2 works on its token strings)
+
+
+# ================================================================ worker (runs inside one environment)
+def _prompt(batch: int, length: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, TOKENIZER_VOCAB, (batch, length)).astype(np.int64)
+    ids[:, 0] = 2  # </s> starts every OPT prompt
+    return ids, np.ones_like(ids)
+
+
+class _Torchish:
+    """opt_torch and Hugging Face torch: same calls."""
+
+    def __init__(self, model, threads: int):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = model.eval()
+
+    def prefill(self, ids, mask):
+        t = self.torch
+        with t.inference_mode():
+            self.model(input_ids=t.from_numpy(ids), attention_mask=t.from_numpy(mask))
+
+    def generate(self, ids, mask, new_tokens):
+        t = self.torch
+        with t.inference_mode():
+            out = self.model.generate(t.from_numpy(ids), attention_mask=t.from_numpy(mask),
+                                      max_new_tokens=new_tokens, do_sample=False, **self.gen_kwargs)
+        return int(out.shape[1]) - ids.shape[1]
+
+    gen_kwargs: dict = {}
+
+
+def _load_opt_torch(folder, threads):
+    from opt_torch import OPTForCausalLM
+
+    return _Torchish(OPTForCausalLM.from_pretrained(folder, dtype="float32"), threads)
+
+
+def _load_hf_torch(folder, threads):
+    import torch
+    from transformers import OPTForCausalLM
+
+    model = OPTForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    model.generation_config.pad_token_id = 1
+    return _Torchish(model, threads)
+
+
+class _TF:
+    def __init__(self, model, threads: int, hf: bool):
+        import tensorflow as tf
+
+        self.tf, self.model, self.hf = tf, model, hf
+        self._prefill = tf.function(lambda i, m: model(input_ids=i, attention_mask=m).logits, jit_compile=True)
+        if hf:  # Hugging Face TF's fast path: the whole generate loop under XLA
+            self._gen = {}
+
+    def prefill(self, ids, mask):
+        self._prefill(self.tf.constant(ids), self.tf.constant(mask)).numpy()
+
+    def generate(self, ids, mask, new_tokens):
+        tf = self.tf
+        if self.hf:
+            fn = self._gen.setdefault(new_tokens, tf.function(
+                lambda i, m: self.model.generate(i, attention_mask=m, max_new_tokens=new_tokens, do_sample=False),
+                jit_compile=True))
+            out = fn(tf.constant(ids), tf.constant(mask))
+        else:
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        return int(out.shape[1]) - ids.shape[1]
+
+
+def _tf_threads(threads):
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def _load_opt_tf(folder, threads):
+    _tf_threads(threads)
+    from opt_tf import OPTForCausalLM
+
+    return _TF(OPTForCausalLM.from_pretrained(folder, dtype="float32"), threads, hf=False)
+
+
+def _load_hf_tf(folder, threads):
+    _tf_threads(threads)
+    from transformers import TFOPTForCausalLM
+
+    model = TFOPTForCausalLM.from_pretrained(folder, from_pt=True)
+    model.generation_config.pad_token_id = 1
+    return _TF(model, threads, hf=True)
+
+
+class _OptFlax:
+    def __init__(self, model):
+        import jax
+        from flax import nnx
+
+        self.jax, self.model = jax, model
+        self._prefill = nnx.jit(lambda m, i, k: m(input_ids=i, attention_mask=k).logits)
+
+    def prefill(self, ids, mask):
+        self._prefill(self.model, ids, mask).block_until_ready()
+
+    def generate(self, ids, mask, new_tokens):
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        return int(self.jax.block_until_ready(out).shape[1]) - ids.shape[1]
+
+
+def _load_opt_flax(folder, threads):
+    from opt_flax import OPTForCausalLM
+
+    return _OptFlax(OPTForCausalLM.from_pretrained(folder, dtype="float32"))
+
+
+class _HFFlax:
+    def __init__(self, model):
+        import jax
+
+        self.jax, self.model = jax, model
+        self._prefill = jax.jit(lambda p, i, k: model(i, attention_mask=k, params=p).logits)
+
+    def prefill(self, ids, mask):
+        self._prefill(self.model.params, ids, mask).block_until_ready()
+
+    def generate(self, ids, mask, new_tokens):
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        return int(self.jax.block_until_ready(out.sequences).shape[1]) - ids.shape[1]
+
+
+def _load_hf_flax(folder, threads):
+    from transformers import FlaxOPTForCausalLM
+
+    model = FlaxOPTForCausalLM.from_pretrained(folder, from_pt=True)
+    model.generation_config.pad_token_id = 1
+    return _HFFlax(model)
+
+
+class _CT2:
+    def __init__(self, folder, threads, quantization):
+        import ctranslate2
+
+        out = Path(folder).with_name(Path(folder).name + f"-ct2-{quantization}")
+        t0 = time.perf_counter()
+        if not (out / "model.bin").is_file():
+            from ctranslate2.converters import TransformersConverter
+
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            TransformersConverter(str(folder)).convert(str(tmp), quantization=quantization)
+            tmp.rename(out)
+        self.convert_s = time.perf_counter() - t0
+        self.gen = ctranslate2.Generator(str(out), device="cpu", compute_type=quantization,
+                                         intra_threads=threads or 0)
+        vocab_file = out / "vocabulary.json"
+        if vocab_file.is_file():
+            self.vocab = json.loads(vocab_file.read_text())
+        else:
+            self.vocab = (out / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
+
+    def prefill(self, ids, mask):
+        self.gen.forward_batch([row.tolist() for row in ids])
+
+    def generate(self, ids, mask, new_tokens):
+        tokens = [[self.vocab[i] for i in row] for row in ids]
+        res = self.gen.generate_batch(tokens, max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
+                                      include_prompt_in_result=False)
+        return max(len(r.sequences_ids[0]) for r in res)
+
+
+LOADERS = {
+    "opt_torch": _load_opt_torch,
+    "opt_tf": _load_opt_tf,
+    "opt_flax": _load_opt_flax,
+    "hf_torch": _load_hf_torch,
+    "hf_tf": _load_hf_tf,
+    "hf_flax": _load_hf_flax,
+    "ct2_fp32": lambda folder, threads: _CT2(folder, threads, "float32"),
+    "ct2_int8": lambda folder, threads: _CT2(folder, threads, "int8"),
+}
+FRAMEWORKS = ("torch", "tensorflow", "jax", "flax", "transformers", "ctranslate2", "numpy")
+
+
+def worker(job: dict) -> dict:
+    """Load one implementation and measure it; returns the results dict (see the module docstring)."""
+    import resource
+
+    impl, folder, threads = job["impl"], job["folder"], job["threads"]
+    out: dict = {"impl": impl, "shape": job["shape"]}
+    t0 = time.perf_counter()
+    runner = LOADERS[impl](folder, threads)
+    out["load_s"] = time.perf_counter() - t0
+    if hasattr(runner, "convert_s"):
+        out["convert_s"] = runner.convert_s
+    out["prefill"] = {}
+    for b in job["prefill_batches"]:
+        ids, mask = _prompt(b, job["prefill_len"])
+        t = time.perf_counter()
+        runner.prefill(ids, mask)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(job["repeats"]):
+            t = time.perf_counter()
+            runner.prefill(ids, mask)
+            times.append(time.perf_counter() - t)
+        out["prefill"][str(b)] = {"ms": 1000 * statistics.median(times), "first_s": first}
+    out["decode"] = {}
+    for b in job["decode_batches"]:
+        ids, mask = _prompt(b, job["prompt_len"], seed=1)
+        n = job["new_tokens"]
+        t = time.perf_counter()
+        runner.generate(ids, mask, n)  # warm-up at the measured shapes (compiles where needed)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        new = runner.generate(ids, mask, n)
+        dt = time.perf_counter() - t
+        out["decode"][str(b)] = {"tokens_per_s": b * new / dt, "new_tokens": new, "seconds": dt, "first_s": first}
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    versions = {}
+    for name in FRAMEWORKS:
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "__version__", None):
+            versions[name] = str(mod.__version__)
+    out["versions"] = versions
+    return out
+
+
+# ================================================================ parent
+def write_checkpoint(shape: str, seed: int = 0) -> Path:
+    """The random-weight Hugging Face folder for `shape` (written once, cached under .cache/bench)."""
+    folder = CACHE / f"{shape}-seed{seed}-noeos"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    sys.path.insert(0, str(ROOT))
+    from opt_core import OPTConfig
+    from opt_core.checkpoint import save_numpy_safetensors
+    from opt_core.params import Head, hf_name, parameter_table
+    from opt_core.reference import random_parameters
+
+    # eos off (no token ends a row), so every implementation generates every requested token
+    cfg = OPTConfig.from_preset(shape, eos_token_id=None)
+    params = random_parameters(cfg, seed=seed)
+    tensors = {hf_name(s.name, Head.CAUSAL_LM): params[s.name] for s in parameter_table(cfg) if s.tied_to is None}
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_numpy_safetensors(tmp, tensors, max_shard_bytes="100GB")
+    cfg.save_pretrained(tmp)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (TOKENIZER_DIR / name).is_file():  # CTranslate2's converter reads the vocabulary
+            shutil.copy(TOKENIZER_DIR / name, tmp / name)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def run_job(job: dict, timeout: int) -> dict:
+    env_name = IMPLS[job["impl"]][0]
+    python = VENVS[env_name] / "bin" / "python"
+    base = {"impl": job["impl"], "shape": job["shape"]}
+    if not python.is_file():
+        return {**base, "error": f"environment {VENVS[env_name].name} is missing ({VENV_HINT[env_name]})"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    if env_name == "main":
+        env["PYTHONPATH"] = str(ROOT)
+    if job["threads"]:
+        n = str(job["threads"])
+        env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n,
+                   XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}")
+    if env_name == "oracle":
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    try:
+        proc = subprocess.run([str(python), __file__, "--worker", json.dumps(job)], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {timeout}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        return {**base, "error": f"exit {proc.returncode}: {err[-1][:300] if err else 'no output'}"}
+    return json.loads(lines[-1])
+
+
+def run_extra(name: str, quick: bool, timeout: int) -> dict:
+    """bench_attention.py / bench_scaling.py in .venv; returns their command and Markdown."""
+    md = CACHE / f"{name}.md"
+    md.unlink(missing_ok=True)
+    cmd = [str(VENVS["main"] / "bin" / "python"), str(ROOT / "benchmarks" / f"bench_{name}.py"),
+           "--markdown", str(md), *(["--quick"] if quick else [])]
+    shown = "python benchmarks/" + f"bench_{name}.py" + (" --quick" if quick else "")
+    try:
+        proc = subprocess.run(cmd, text=True, timeout=timeout * 4, cwd=ROOT, stderr=subprocess.PIPE,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    except subprocess.TimeoutExpired:
+        return {"command": shown, "error": f"timed out after {timeout * 4}s"}
+    if not md.is_file():
+        return {"command": shown, "error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"}
+    return {"command": shown, "markdown": md.read_text(), "exit": proc.returncode}
+
+
+def run_backend_scripts(shapes: list[str], quick: bool, timeout: int) -> dict:
+    """The backends' own benchmark scripts (their issue-specific measurements), when present."""
+    found = {}
+    for name in ("torch", "tf", "flax"):
+        script = ROOT / "benchmarks" / f"bench_{name}.py"
+        if not script.is_file():
+            found[name] = {"error": f"{script.name} is not there"}
+            continue
+        out = CACHE / f"bench_{name}.json"
+        python = str(VENVS["main"] / "bin" / "python")
+        helptext = subprocess.run([python, str(script), "--help"], capture_output=True, text=True, cwd=ROOT,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
+        cmd = [python, str(script), "--json", str(out)]
+        if "--shapes" in helptext:  # bench_flax.py / bench_tf.py measure opt-125m only
+            cmd += ["--shapes", ",".join(shapes)]
+        if quick and "--quick" in helptext:
+            cmd.append("--quick")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            found[name] = json.loads(out.read_text()) if proc.returncode == 0 and out.is_file() else {
+                "error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:300]}"}
+            found[name]["command"] = " ".join(cmd[1:])
+        except subprocess.TimeoutExpired:
+            found[name] = {"error": f"timed out after {timeout}s"}
+    return found
+
+
+# ---------------------------------------------------------------- report
+def _f(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _get(r: dict, kind: str, batch: int, key: str):
+    return r.get(kind, {}).get(str(batch), {}).get(key)
+
+
+def results_table(runs: list[dict], shape: str, s: dict) -> list[str]:
+    pb, db = s["prefill_batches"], s["decode_batches"]
+    head = (["implementation", "load s"] + [f"prefill b{b} ms" for b in pb] + [f"decode b{b} tok/s" for b in db]
+            + ["peak RSS MB", "first call s"])
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|--:" * (len(head) - 1) + "|"]
+    for r in runs:
+        if r["shape"] != shape:
+            continue
+        label = IMPLS[r["impl"]][1]
+        if "error" in r:
+            lines.append(f"| {label} | " + " | ".join(["-"] * (len(head) - 2)) + f" | error: {r['error']} |")
+            continue
+        firsts = [_get(r, "decode", b, "first_s") for b in db]
+        short = [b for b in db if (_get(r, "decode", b, "new_tokens") or 0) < s["new_tokens"]]
+        note = f" (stopped early at b{short})" if short else ""
+        cells = ([label, _f(r.get("load_s"))] + [_f(_get(r, "prefill", b, "ms")) for b in pb]
+                 + [_f(_get(r, "decode", b, "tokens_per_s")) + (note if b in short else "") for b in db]
+                 + [_f(r.get("peak_rss_mb"), 0), _f(max((x for x in firsts if x is not None), default=None))])
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def ratio_table(runs: list[dict], shape: str, s: dict) -> list[str]:
+    """ours vs peer: speed ratios (> 1: ours faster) and RSS ratio (< 1: ours smaller)."""
+    by = {r["impl"]: r for r in runs if r["shape"] == shape and "error" not in r}
+    pb, db = s["prefill_batches"], s["decode_batches"]
+    head = (["ours vs peer"] + [f"prefill b{b}" for b in pb] + [f"decode b{b}" for b in db] + ["peak RSS"])
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|--:" * (len(head) - 1) + "|"]
+    for ours in OURS:
+        for peer in PEERS:
+            if ours not in by or peer not in by:
+                continue
+            a, p = by[ours], by[peer]
+            cells = [f"{ours} vs {peer}"]
+            for b in pb:  # latency: peer / ours
+                x, y = _get(a, "prefill", b, "ms"), _get(p, "prefill", b, "ms")
+                cells.append(f"{y / x:.2f}x" if x and y else "-")
+            for b in db:  # throughput: ours / peer
+                x, y = _get(a, "decode", b, "tokens_per_s"), _get(p, "decode", b, "tokens_per_s")
+                cells.append(f"{x / y:.2f}x" if x and y else "-")
+            x, y = a.get("peak_rss_mb"), p.get("peak_rss_mb")
+            cells.append(f"{x / y:.2f}x" if x and y else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+        info["memory_gb"] = round(int(mem) / 1024**2, 1)
+    except OSError:
+        pass
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    m = report["machine"]
+    versions: dict[str, set] = {}
+    for r in report["runs"]:
+        for k, v in r.get("versions", {}).items():
+            versions.setdefault(k, set()).add(v)
+    md = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{report['command']}` on {report['date']} ({report['seconds']:.0f}s).",
+        "",
+        f"- machine: {m.get('cpu', '?')}, {m.get('cpus')} CPUs, {m.get('memory_gb', '?')} GB RAM, "
+        f"{m.get('platform')}, Python {m.get('python')}; load average at start {m.get('load_average')}",
+        f"- threads: {s['threads'] or 'framework default (all cores)'}; fp32 everywhere except CTranslate2 int8",
+        "- versions: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in sorted(versions.items())),
+        "- weights: random (N(0, 0.02), opt_core.reference.random_parameters seed 0), one safetensors "
+        "folder per shape loaded by every implementation; eos_token_id null so every row generates every token",
+        f"- prefill: forward over [batch, {s['prefill_len']}] tokens, median of {s['repeats']} after a warm-up; "
+        f"decode: greedy from a {s['prompt_len']}-token prompt, {s['new_tokens']} new tokens, "
+        f"batch x new tokens / wall time (prefill included), after a warm-up call at the same shapes",
+        "- peak RSS: the whole subprocess (framework + weights + work), one subprocess per implementation "
+        "and shape; first call: the warm-up generate (compilation for XLA/JAX paths)",
+        "",
+    ]
+    if s.get("quick"):
+        md += ["**Quick mode (smoke run): fewer shapes, batches and tokens; not the reference numbers.**", ""]
+    for shape in s["shapes"]:
+        md += [f"## {shape}", ""] + results_table(report["runs"], shape, s)
+        md += ["", "Ratios, this project vs each peer (speed: > 1 means ours is faster; "
+               "peak RSS: < 1 means ours uses less):", ""] + ratio_table(report["runs"], shape, s) + [""]
+    titles = {"attention": "Eager vs SDPA attention (opt_torch, opt-350m shape)",
+              "scaling": "Decode speed and memory vs sequence length"}
+    for name, res in report.get("extras", {}).items():
+        md += [f"## {titles[name]}", "", f"`{res['command']}`" + (" (plot: benchmarks/results/scaling.png)"
+                                                                  if name == "scaling" else ""), ""]
+        md += [f"error: {res['error']}" if "error" in res else res["markdown"].strip(), ""]
+    scripts = report.get("backend_scripts")
+    if scripts:
+        md += ["## The backends' own benchmark scripts", ""]
+        for name, res in scripts.items():
+            md.append(f"- bench_{name}.py: " + (f"error: {res['error']}" if "error" in res else
+                                                f"`{res.get('command', '')}`, results in the JSON report"))
+        md.append("")
+    return "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="opt-125m, batch 1, 32 prefill / 16 new tokens")
+    ap.add_argument("--shapes", default=None, help="comma-separated presets (default opt-125m,opt-350m)")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {','.join(IMPLS)}")
+    ap.add_argument("--threads", type=int, default=0, help="threads per framework (0: its default)")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per implementation and shape")
+    ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown report")
+    ap.add_argument("--json", type=Path, metavar="OUT", help="also write the raw results")
+    ap.add_argument("--no-attention", action="store_true", help="skip bench_attention.py (eager vs SDPA)")
+    ap.add_argument("--no-scaling", action="store_true", help="skip bench_scaling.py (speed/memory vs length)")
+    ap.add_argument("--backend-scripts", action="store_true",
+                    help="also run benchmarks/bench_{torch,tf,flax}.py and keep their JSON")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        ap.error(f"unknown implementation(s) {unknown}; choose from {list(IMPLS)}")
+    shapes = args.shapes.split(",") if args.shapes else (["opt-125m"] if args.quick else ["opt-125m", "opt-350m"])
+    settings = dict(
+        shapes=shapes, quick=args.quick, threads=args.threads,
+        prefill_batches=[1] if args.quick else [1, 8], prefill_len=32 if args.quick else 128,
+        decode_batches=[1] if args.quick else [1, 8], prompt_len=32, new_tokens=16 if args.quick else 128,
+        repeats=2 if args.quick else 3,
+    )
+    command = "python benchmarks/run_all.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    report = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": machine(), "settings": settings, "runs": []}
+    started = time.time()
+    for shape in shapes:
+        print(f"== {shape}: writing/reusing the random checkpoint", flush=True)
+        folder = write_checkpoint(shape)
+        for impl in impls:
+            job = dict(impl=impl, shape=shape, folder=str(folder), threads=args.threads,
+                       **{k: settings[k] for k in ("prefill_batches", "prefill_len", "decode_batches",
+                                                   "prompt_len", "new_tokens", "repeats")})
+            t = time.time()
+            r = run_job(job, args.timeout)
+            report["runs"].append(r)
+            if "error" in r:
+                print(f"   {impl:9s} ERROR {r['error']}", flush=True)
+            else:
+                pre = ", ".join(f"b{b} {_f(_get(r, 'prefill', b, 'ms'))} ms" for b in settings["prefill_batches"])
+                dec = ", ".join(f"b{b} {_f(_get(r, 'decode', b, 'tokens_per_s'))} tok/s"
+                                for b in settings["decode_batches"])
+                print(f"   {impl:9s} prefill {pre}; decode {dec}; peak RSS {_f(r['peak_rss_mb'], 0)} MB "
+                      f"({time.time() - t:.0f}s)", flush=True)
+    if args.backend_scripts:
+        report["backend_scripts"] = run_backend_scripts(shapes, args.quick, args.timeout)
+    report["extras"] = {}
+    for name, skip in (("attention", args.no_attention), ("scaling", args.no_scaling)):
+        if not skip:
+            print(f"== bench_{name}.py", flush=True)
+            report["extras"][name] = run_extra(name, args.quick, args.timeout)
+    report["seconds"] = time.time() - started
+    text = markdown(report)
+    args.output.write_text(text)
+    print()
+    for shape in shapes:
+        print("\n".join([f"## {shape}"] + results_table(report["runs"], shape, settings) + [""]
+                        + ratio_table(report["runs"], shape, settings) + [""]))
+    print(f"wrote {args.output}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0 if all("error" not in r for r in report["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
