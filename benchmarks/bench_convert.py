@@ -168,7 +168,9 @@ def main() -> int:
     ap.add_argument("--preset", default="opt-1.3b")
     ap.add_argument("--workdir", default="/tmp/opt-bench-convert")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "bench_convert.json"))
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints in --workdir")
+    ap.add_argument("--reuse", action="store_true", help="reuse synthetic checkpoints kept by an earlier --keep run")
+    ap.add_argument("--cases", default=None, help="comma-separated substrings: only matching cases (copy always runs)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -176,15 +178,24 @@ def main() -> int:
         return 0
 
     work = Path(args.workdir)
-    if work.exists():
+    done_marker = work / f"done-{args.preset}"
+    reuse = args.reuse and done_marker.is_file()
+    if work.exists() and not reuse:
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        config, largest = make_safetensors(work / "src", args.preset, "1GB")
-        make_metaseq(work / "src", work / "metaseq", config)
+        if reuse:
+            from opt_core import OPTConfig
+
+            config = OPTConfig.from_pretrained(work / "src")
+            largest = 2 * config.vocab_size * config.embed_dim
+        else:
+            config, largest = make_safetensors(work / "src", args.preset, "1GB")
+            make_metaseq(work / "src", work / "metaseq", config)
+            done_marker.write_text("ok")
         gen_s = time.perf_counter() - t0
-        size = dir_bytes(work / "src")
+        size = sum(f.stat().st_size for f in (work / "src").glob("*.safetensors"))
         bound = 2 * largest + 300 * 1024**2
         print(f"{args.preset} fp16: {size / 1e9:.2f} GB, largest tensor {largest / MB:.0f} MB, "
               f"RSS bound 2 x largest + 300 MiB = {bound / MB:.0f} MB (generated in {gen_s:.0f} s)", flush=True)
@@ -200,6 +211,11 @@ def main() -> int:
             ("metaseq(2 parts)->safetensors", {"kind": "convert", "src": str(work / "metaseq"),
                                                 "src_format": "metaseq", "to": "safetensors"}),
         ]
+        if args.cases:
+            wanted = [c.strip() for c in args.cases.split(",")]
+            cases = [c for c in cases if c[0] == "copy" or any(w in c[0] for w in wanted)]
+        if (work / "out").exists():
+            shutil.rmtree(work / "out")
         rows = []
         copy_tp = None
         for name, spec in cases:
@@ -235,7 +251,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     finally:
-        if not args.keep:
+        if not args.keep and not args.reuse:
             shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -82,7 +82,9 @@ class VerifyResult:
 
     def summary(self) -> str:
         if self.ok:
-            extra = f"; max |output - source| = {self.max_abs_diff:.3g} from the dtype cast" if self.max_abs_diff else ""
+            extra = ""
+            if self.max_abs_diff:
+                extra = f"; max |output - source| = {self.max_abs_diff:.3g} from the dtype cast"
             return f"verify: {self.tensors}/{self.tensors} tensors bit-exact{extra}"
         return f"verify FAILED: {len(self.mismatched)} of {self.tensors} tensors differ: {', '.join(self.mismatched)}"
 

@@ -11,7 +11,7 @@ FORMATS = ("safetensors", "bin", "tf-h5", "flax-msgpack")
 
 @register("convert", "Convert an OPT checkpoint (HF safetensors/bin/tf-h5/flax-msgpack or metaseq) to another format")
 def _convert(p: argparse.ArgumentParser):
-    p.add_argument("src", help="input: a Hugging Face model folder, a weights file, or a metaseq checkpoint folder/file")
+    p.add_argument("src", help="input: a Hugging Face model folder, a weights file, or a metaseq folder/file")
     p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("--from", dest="src_format", choices=(*FORMATS, "metaseq"), default=None,

@@ -39,7 +39,9 @@ def detect_source_format(path: str | os.PathLike[str]) -> str:
     if path.is_file():
         fmt = _SUFFIXES.get(path.suffix)
         if fmt is None:
-            raise FileNotFoundError(f"cannot tell the format of {path} from its suffix; expected one of {sorted(_SUFFIXES)}")
+            raise FileNotFoundError(
+                f"cannot tell the format of {path} from its suffix; expected one of {sorted(_SUFFIXES)}"
+            )
         return fmt
     present = formats_present(path)
     if present:

@@ -73,7 +73,7 @@ class FlaxMsgpackWriter(Writer):
             def load() -> np.ndarray:
                 arr = fetch(name)
                 self._check(name, arr)
-                return arr
+                return self._kernel_ready(name, arr)
 
             return load
 

@@ -114,7 +114,8 @@ def config_from_metaseq(cfg: dict[str, Any] | None, shapes: dict[str, tuple[int,
     Raises:
         CheckpointError: `cfg` lacks what the tensors cannot tell, or disagrees with them.
     """
-    model = dict(cfg.get("model") or {}) if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else dict(cfg or {})
+    nested = isinstance(cfg, dict) and isinstance(cfg.get("model"), dict)
+    model = dict(cfg["model"]) if nested else dict(cfg or {})  # type: ignore[index]
     src = "the checkpoint's cfg"
     if "decoder.embed_tokens.weight" not in shapes or "decoder.embed_positions.weight" not in shapes:
         raise CheckpointError("metaseq checkpoint lacks decoder.embed_tokens.weight or decoder.embed_positions.weight")

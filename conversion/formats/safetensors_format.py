@@ -90,7 +90,8 @@ def read_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
         want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end - start != want:
             raise CheckpointError(
-                f"{path}: {key} is {list(shape)} {info['dtype']} ({want} bytes) but its offsets span {end - start} bytes"
+                f"{path}: {key} is {list(shape)} {info['dtype']} ({want} bytes) "
+                f"but its offsets span {end - start} bytes"
             )
         entries[key] = _Entry(path, shape, dtype, base + start, base + end)
     # Offsets must tile the data section exactly, as safetensors itself requires.

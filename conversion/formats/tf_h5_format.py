@@ -67,7 +67,7 @@ class TfH5Writer(Writer):
         def checked(name: str) -> np.ndarray:
             arr = fetch(name)
             self._check(name, arr)
-            return arr
+            return self._kernel_ready(name, arr)
 
         write_tf_h5(self.folder / TF_H5, LazyTensors((p.spec.name for p in self.plan), checked),
                     self.config, self.head)

@@ -5,8 +5,9 @@ file until asked for, and after each tensor is copied out its pages are handed b
 (`madvise(MADV_DONTNEED)` on the private, never-written mapping), so resident memory stays near one
 tensor instead of growing to the file size.
 
-Writing cannot stream: `torch.save` pickles a whole state dict at once, so the writer holds one
-shard (at most `shard_bytes`, or the whole model when unsharded) before saving it.
+Writing streams too: the writer produces the same zip archive `torch.save` does, but writes each
+tensor's bytes as it arrives and the pickled state dict (which only references them) last, so it
+never holds more than one tensor.
 """
 
 from __future__ import annotations
@@ -174,10 +175,93 @@ class TorchBinReader(Reader):
         self._tensors = {}
 
 
-class TorchBinWriter(Writer):
-    """Writes `pytorch_model.bin`, or shards of at most `shard_bytes` plus the index.
+class _StorageRef:
+    """Stands for a storage already written to the archive; pickled as a persistent id."""
 
-    Memory: one shard (`torch.save` needs the shard's whole state dict); unsharded, the whole model.
+    def __init__(self, key: str, storage_type: object, numel: int):
+        self.key, self.storage_type, self.numel = key, storage_type, numel
+
+
+class _TensorRef:
+    """Pickles exactly as a contiguous CPU tensor over a `_StorageRef` does under `torch.save`."""
+
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce_ex__(self, protocol: int):
+        import collections
+
+        import torch
+
+        stride, step = [], 1
+        for d in reversed(self.shape):  # C-contiguous strides, in elements
+            stride.insert(0, step)
+            step *= d
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, tuple(self.shape), tuple(stride), False, collections.OrderedDict()))
+
+
+def _storage_type(dtype: np.dtype):
+    import torch
+
+    names = {"float32": "FloatStorage", "float16": "HalfStorage", "bfloat16": "BFloat16Storage",
+             "float64": "DoubleStorage"}
+    if dtype.name not in names:
+        raise CheckpointError(f"cannot write {dtype} tensors to pytorch_model.bin")
+    return getattr(torch, names[dtype.name])
+
+
+class _StreamingTorchFile:
+    """One `torch.save`-compatible zip archive written tensor by tensor: each tensor's bytes go to
+    `data/{i}` as it arrives; the pickled state dict, which only references them, comes last."""
+
+    def __init__(self, path: Path):
+        import torch
+        from torch.serialization import _get_storage_alignment
+
+        self.path = path
+        self._zip = torch._C.PyTorchFileWriter(str(path), True, _get_storage_alignment())
+        self._entries: dict[str, _TensorRef] = {}
+
+    def add(self, key: str, array: np.ndarray) -> None:
+        i = str(len(self._entries))
+        tensor = numpy_to_torch(array)  # shares `array`'s memory
+        self._zip.write_record(f"data/{i}", tensor.untyped_storage(), tensor.untyped_storage().nbytes())
+        ref = _StorageRef(i, _storage_type(array.dtype), int(array.size))
+        self._entries[key] = _TensorRef(ref, tuple(array.shape))
+
+    def finish(self) -> None:
+        import collections
+        import io
+        import pickle
+        import sys
+
+        from torch.serialization import _get_storage_alignment
+
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, obj):
+                if isinstance(obj, _StorageRef):
+                    return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+                return None
+
+        buf = io.BytesIO()
+        Pickler(buf, protocol=2).dump(collections.OrderedDict(self._entries))  # torch.save's default protocol
+        data = buf.getvalue()
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record(".format_version", "1", 1)
+        alignment = str(_get_storage_alignment())
+        self._zip.write_record(".storage_alignment", alignment, len(alignment))
+        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self._zip.write_end_of_file()
+        self._zip = None
+
+
+class TorchBinWriter(Writer):
+    """Writes `pytorch_model.bin`, or shards of at most `shard_bytes` plus the index, in the zip
+    format `torch.save` produces (loadable with `torch.load(weights_only=True, mmap=True)`).
+
+    Streams: each tensor's bytes are written to the archive as they arrive and the state dict's
+    pickle, which only references them, is written when the shard is complete. Memory: one tensor.
     """
 
     fmt = "bin"
@@ -188,19 +272,18 @@ class TorchBinWriter(Writer):
         self._shards = plan_shards({p.spec.name: p.nbytes for p in self.plan}, limit)
         self._names = shard_file_names(TORCH_BIN, len(self._shards))
         self._shard_of = {c: i for i, shard in enumerate(self._shards) for c in shard}
-        self._pending: dict[int, dict] = {}
-        self._done: list[int] = []
+        self._files: dict[int, _StreamingTorchFile] = {}
+        self._left = [len(s) for s in self._shards]
 
     def write(self, name: str, array: np.ndarray) -> None:
-        import torch
-
         plan = self._check(name, array)
         i = self._shard_of[name]
-        # clone: the saved storage must be the tensor's own, not a view into a larger buffer
-        self._pending.setdefault(i, {})[plan.key] = numpy_to_torch(array).clone()
-        if len(self._pending[i]) == len(self._shards[i]):
-            torch.save(self._pending.pop(i), tmp_name(self.folder, self._names[i]))
-            self._done.append(i)
+        if i not in self._files:
+            self._files[i] = _StreamingTorchFile(tmp_name(self.folder, self._names[i]))
+        self._files[i].add(plan.key, np.ascontiguousarray(array))
+        self._left[i] -= 1
+        if self._left[i] == 0:
+            self._files.pop(i).finish()
 
     def commit(self) -> list[Path]:
         self._require_complete()
@@ -215,5 +298,8 @@ class TorchBinWriter(Writer):
         return out
 
     def abort(self) -> None:
-        self._pending = {}
+        self._files = {}  # the zip writers close when collected; their temp files are removed below
+        import gc
+
+        gc.collect()
         super().abort()

@@ -93,13 +93,15 @@ def test_typo_and_extra_hf_keys_are_named(tmp_path):
     config = VARIANTS["pre_ln"]
     weights = write_hf_checkpoint(tmp_path / "src", config)
     tensors = {f"model.{k}": v for k, v in weights.items()}
-    tensors["model.decoder.layers.0.self_attn.qkj_proj.weight"] = tensors.pop("model.decoder.layers.0.self_attn.q_proj.weight")
+    a = "model.decoder.layers.0.self_attn"
+    tensors[f"{a}.qkj_proj.weight"] = tensors.pop(f"{a}.q_proj.weight")
     tensors["model.decoder.layers.1.extra.weight"] = np.zeros(3, np.float32)
     save_numpy_safetensors(tmp_path / "src", tensors)
     with pytest.raises(CheckpointError) as e:
         convert(tmp_path / "src", tmp_path / "out", to="flax-msgpack", progress=False)
     msg = str(e.value)
-    assert "unknown tensors (2): model.decoder.layers.0.self_attn.qkj_proj.weight, model.decoder.layers.1.extra.weight" in msg
+    assert ("unknown tensors (2): model.decoder.layers.0.self_attn.qkj_proj.weight, "
+            "model.decoder.layers.1.extra.weight") in msg
     assert "missing tensors (1): decoder.layers.0.self_attn.q_proj.weight" in msg
     _nothing_written(tmp_path / "out")
 

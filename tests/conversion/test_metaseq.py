@@ -175,7 +175,8 @@ def test_extra_key_is_reported_by_name(tmp_path):
     for sd in parts:
         sd["decoder.layers.1.self_attn.rotary.inv_freq"] = np.ones(4, np.float32)
     save_metaseq(tmp_path / "ms", config, parts)
-    with pytest.raises(CheckpointError, match=r"unknown tensors \(1\): decoder\.layers\.1\.self_attn\.rotary\.inv_freq"):
+    pattern = r"unknown tensors \(1\): decoder\.layers\.1\.self_attn\.rotary\.inv_freq"
+    with pytest.raises(CheckpointError, match=pattern):
         convert(tmp_path / "ms", tmp_path / "hf", to="tf-h5", progress=False)
     _nothing_written(tmp_path, tmp_path / "hf")
 

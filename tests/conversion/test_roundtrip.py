@@ -45,7 +45,8 @@ def test_sharded_round_trip(tmp_path):
     assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
     convert(tmp_path / "src", tmp_path / "bin", to="bin", shard_size="20KB", progress=False)
     names = sorted(p.name for p in (tmp_path / "bin").iterdir())
-    assert "pytorch_model.bin.index.json" in names and len([n for n in names if n.startswith("pytorch_model-")]) > 1, names
+    assert "pytorch_model.bin.index.json" in names, names
+    assert len([n for n in names if n.startswith("pytorch_model-")]) > 1, names
     convert(tmp_path / "bin", tmp_path / "st", to="safetensors", shard_size=10_000, progress=False, verify=True)
     assert (tmp_path / "st" / "model.safetensors.index.json").is_file()
     assert_same_tensors(read_canonical(tmp_path / "st"), weights)
