@@ -51,7 +51,6 @@ def worker(job: dict) -> dict:
 
 def run_point(job: dict, timeout: int) -> dict:
     """One point in its own subprocess of the implementation's environment."""
-    import os
     import subprocess
 
     env_name = run_all.IMPLS[job["impl"]][0]
@@ -59,12 +58,7 @@ def run_point(job: dict, timeout: int) -> dict:
     base = {"impl": job["impl"], "length": job["length"]}
     if not python.is_file():
         return {**base, "error": f"environment {python.parents[1].name} is missing ({run_all.VENV_HINT[env_name]})"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
-    env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
-    if env_name == "main":
-        env["PYTHONPATH"] = str(ROOT)
-    if env_name == "oracle":
-        env["TF_USE_LEGACY_KERAS"] = "1"
+    env = run_all.worker_env(env_name, job["threads"])
     try:
         proc = subprocess.run([str(python), __file__, "--worker", json.dumps(job)], capture_output=True,
                               text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -109,6 +103,9 @@ def plot(results: list[dict], impls: list[str], path: Path, title: str) -> None:
         ax2.plot(xs, [r["peak_rss_mb"] for _, r in pts], marker="o", label=impl)
     for ax, ylabel in ((ax1, "decode tokens/s"), (ax2, "peak RSS (MB)")):
         ax.set_xscale("log", base=2)
+        lengths = sorted({r["length"] for r in results})
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
         ax.set_xlabel("sequence length (prompt + new tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)

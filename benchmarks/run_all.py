@@ -325,22 +325,28 @@ def write_checkpoint(shape: str, seed: int = 0) -> Path:
     return folder
 
 
+def worker_env(env_name: str, threads: int) -> dict:
+    """Environment variables for a worker subprocess in `env_name` with `threads` threads (0: default)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    if env_name == "main":
+        env["PYTHONPATH"] = str(ROOT)
+    if env_name == "oracle":
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    if threads:
+        n = str(threads)
+        env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n,
+                   XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}")
+    return env
+
+
 def run_job(job: dict, timeout: int) -> dict:
     env_name = IMPLS[job["impl"]][0]
     python = VENVS[env_name] / "bin" / "python"
     base = {"impl": job["impl"], "shape": job["shape"]}
     if not python.is_file():
         return {**base, "error": f"environment {VENVS[env_name].name} is missing ({VENV_HINT[env_name]})"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
-    env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
-    if env_name == "main":
-        env["PYTHONPATH"] = str(ROOT)
-    if job["threads"]:
-        n = str(job["threads"])
-        env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n,
-                   XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}")
-    if env_name == "oracle":
-        env["TF_USE_LEGACY_KERAS"] = "1"
+    env = worker_env(env_name, job["threads"])
     try:
         proc = subprocess.run([str(python), __file__, "--worker", json.dumps(job)], capture_output=True,
                               text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -465,7 +471,7 @@ def machine() -> dict:
     except OSError:
         pass
     try:
-        info["load_average"] = os.getloadavg()
+        info["load_average"] = [round(x, 1) for x in os.getloadavg()]
     except OSError:
         pass
     return info
@@ -485,7 +491,8 @@ def markdown(report: dict) -> str:
         "",
         f"- machine: {m.get('cpu', '?')}, {m.get('cpus')} CPUs, {m.get('memory_gb', '?')} GB RAM, "
         f"{m.get('platform')}, Python {m.get('python')}; load average at start {m.get('load_average')}",
-        f"- threads: {s['threads'] or 'framework default (all cores)'}; fp32 everywhere except CTranslate2 int8",
+        f"- threads: {s['threads'] or 'each framework default'} per implementation; fp32 everywhere except "
+        "CTranslate2 int8",
         "- versions: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in sorted(versions.items())),
         "- weights: random (N(0, 0.02), opt_core.reference.random_parameters seed 0), one safetensors "
         "folder per shape loaded by every implementation; eos_token_id null so every row generates every token",
@@ -524,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="opt-125m, batch 1, 32 prefill / 16 new tokens")
     ap.add_argument("--shapes", default=None, help="comma-separated presets (default opt-125m,opt-350m)")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {','.join(IMPLS)}")
-    ap.add_argument("--threads", type=int, default=0, help="threads per framework (0: its default)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 0,
+                    help="threads for every implementation (default: all CPUs; 0: each framework's default)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per implementation and shape")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown report")
     ap.add_argument("--json", type=Path, metavar="OUT", help="also write the raw results")
