@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from opt_cli.main import UsageError, register
@@ -53,6 +54,7 @@ def _verify(p: argparse.ArgumentParser):
     p.add_argument("--markdown", type=Path, metavar="OUT", help="also write the report as Markdown")
 
     def run(args: argparse.Namespace) -> int:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
         from opt_verify import VerifyError, format_table, verify, write_json, write_markdown
         from opt_verify.verify import BACKENDS
 
