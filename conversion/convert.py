@@ -38,7 +38,6 @@ from conversion.formats import (
     same_bits,
     writer_class,
 )
-from conversion.formats.flax_msgpack_format import FlaxMsgpackReader
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointError, KeyAccounting, account_keys, parse_size
 from opt_core.config import CONFIG_NAME, OPTConfig
 from opt_core.params import Head, hf_name, parameter_table
@@ -250,8 +249,7 @@ class _Job:
 def _prepare(src: Path, to: str, dtype: np.dtype | None, config: Any, src_format: str | None,
              head: Head | str | None, reader: Reader) -> _Job:
     cfg, config_source, raw = _load_config(config, reader, src)
-    if isinstance(reader, FlaxMsgpackReader):
-        reader.layout_config = cfg
+    reader.layout_config = cfg
     shapes = reader.shapes()
     head = Head(head) if head is not None else infer_head({k.removeprefix("model.") for k in shapes}, cfg)
     acc = account_keys(shapes, cfg, head)
@@ -413,8 +411,7 @@ def verify_conversion(
     out_reader = open_reader(dst, to)
     try:
         job = _prepare(src, to or out_reader.fmt, target_dtype, config, src_format, head, src_reader)
-        if isinstance(out_reader, FlaxMsgpackReader):
-            out_reader.layout_config = job.config
+        out_reader.layout_config = job.config
         out_acc = account_keys(out_reader.shapes(), job.config, job.head)
         message = _accounting_error(out_acc, dst, "the source's config", [])
         if message:

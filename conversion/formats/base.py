@@ -112,6 +112,9 @@ class Reader:
         self.source = str(source)
         self.files = [Path(f) for f in files]
         self.config: OPTConfig | None = None
+        # The model's config, for formats whose layout depends on it (TF/Flax store identity biases
+        # for no-bias configs); set by the converter before `shapes()`.
+        self.layout_config: OPTConfig | None = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Key (HF torch name, with or without `model.`) -> canonical (torch-layout) shape."""
@@ -232,17 +235,26 @@ class LazyTensors(Mapping[str, np.ndarray]):
     """A read-only mapping canonical name -> tensor that fetches each tensor only when indexed, for
     writers that take a mapping (`write_tf_h5`) and pull tensors in their own order.
 
-    `in` and iteration never fetch; indexing a name twice fetches it twice (writers index once)."""
+    `in` and iteration never fetch. With `keep_first`, the first tensor fetched is kept and served
+    again on repeated requests (a writer that reads one tensor's dtype for extra constant tensors);
+    any other repeated request fetches again."""
 
-    def __init__(self, names: Iterable[str], fetch: Callable[[str], np.ndarray]):
+    def __init__(self, names: Iterable[str], fetch: Callable[[str], np.ndarray], keep_first: bool = False):
         self._names = list(names)
         self._set = set(self._names)
         self._fetch = fetch
+        self._keep_first = keep_first
+        self._first: tuple[str, np.ndarray] | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._set:
             raise KeyError(name)
-        return self._fetch(name)
+        if self._first is not None and self._first[0] == name:
+            return self._first[1]
+        arr = self._fetch(name)
+        if self._keep_first and self._first is None:
+            self._first = (name, arr)
+        return arr
 
     def __contains__(self, name: object) -> bool:
         return name in self._set

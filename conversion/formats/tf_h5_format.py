@@ -6,6 +6,7 @@ transposed copy (Keras kernels are [in, out]). Hugging Face's TF OPT never store
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ import numpy as np
 
 from conversion.formats.base import LazyTensors, Reader, Writer
 from opt_core.checkpoint import TF_H5
+from opt_core.config import OPTConfig
+from opt_core.formats.flax_msgpack import identity_extras
 from opt_core.formats.tf_h5 import read_tf_h5, tf_h5_shapes, write_tf_h5
 
 
@@ -25,21 +28,32 @@ def _bf16(dtype: np.dtype) -> np.dtype:
 
 
 class TfH5Reader(Reader):
-    """A folder holding `tf_model.h5`, or the `.h5` file itself."""
+    """A folder holding `tf_model.h5`, or the `.h5` file itself. The converter sets `layout_config`
+    before calling `shapes()` (see `FlaxMsgpackReader`)."""
 
     fmt = "tf-h5"
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None):
         path = Path(path)
         file = path if path.is_file() else path / TF_H5
         if not file.is_file():
             raise FileNotFoundError(f"{path} holds no {TF_H5}")
         super().__init__(path, [file])
         self._file = file
-        self._shapes = tf_h5_shapes(file)
+        self.layout_config = config
+        self._shapes: dict[str, tuple[int, ...]] | None = None
         self._dtypes: dict[str, np.dtype] = {}
 
+    def _config_kw(self) -> dict:
+        # The identity biases/gammas HF TF stores for configs without them are dropped (and checked)
+        # by tf_h5 when it is given the config.
+        if self.layout_config is None or "config" not in inspect.signature(tf_h5_shapes).parameters:
+            return {}
+        return {"config": self.layout_config}
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._shapes is None:
+            self._shapes = tf_h5_shapes(self._file, **self._config_kw())
         return dict(self._shapes)
 
     def dtype(self, key: str) -> np.dtype:
@@ -52,7 +66,7 @@ class TfH5Reader(Reader):
         return self._dtypes[key]
 
     def read(self, key: str) -> np.ndarray:
-        for _, arr in read_tf_h5(self._file, {key}):
+        for _, arr in read_tf_h5(self._file, {key}, **self._config_kw()):
             return arr.view(_bf16(arr.dtype))
         raise KeyError(f"{self._file} holds no {key}")
 
@@ -69,7 +83,11 @@ class TfH5Writer(Writer):
             self._check(name, arr)
             return self._kernel_ready(name, arr)
 
-        write_tf_h5(self.folder / TF_H5, LazyTensors((p.spec.name for p in self.plan), checked),
+        # For configs without biases / LayerNorm affine, tf_h5 writes constant stand-ins in the dtype
+        # of the first tensor, which it indexes once per stand-in: keep that tensor instead of
+        # re-reading it each time.
+        has_extras = bool(identity_extras(self.config))
+        write_tf_h5(self.folder / TF_H5, LazyTensors((p.spec.name for p in self.plan), checked, keep_first=has_extras),
                     self.config, self.head)
 
     def commit(self) -> list[Path]:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from conversion import open_reader
-from conversion.formats.flax_msgpack_format import FlaxMsgpackReader
 from opt_core import OPTConfig
 from opt_core.checkpoint import account_keys, save_numpy_safetensors
 from opt_core.params import Head, hf_name, parameter_table
@@ -38,8 +37,7 @@ def read_canonical(folder: Path, fmt: str | None = None, config: OPTConfig | Non
     """Every tensor of a converted folder by canonical name, strictly accounted."""
     config = config or OPTConfig.from_pretrained(folder)
     reader = open_reader(folder, fmt)
-    if isinstance(reader, FlaxMsgpackReader):
-        reader.layout_config = config
+    reader.layout_config = config
     with reader:
         acc = account_keys(reader.shapes(), config, Head(head))
         acc.raise_for_errors(str(folder))
