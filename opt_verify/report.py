@@ -86,7 +86,9 @@ def format_table(report: VerifyReport) -> str:
         out.append("  " + "  ".join("-" * w for w in widths))
         out += [fmt(r) for r in rows[1:]]
     failures = [f"{p.a} vs {p.b}: {f}" for p in report.pairs for f in p.failures] + report.errors
+    notes = [f"{p.a} vs {p.b}: {n}" for p in report.pairs for n in p.notes]
     out.append("")
+    out += [f"  note: {n}" for n in notes]
     if failures:
         out += [f"  - {f}" for f in failures]
     out.append(f"{'PASSED' if report.passed else 'FAILED'} in {report.seconds:.1f}s")
@@ -126,6 +128,9 @@ def to_markdown(report: VerifyReport) -> str:
     failures = [f"{p.a} vs {p.b}: {f}" for p in report.pairs for f in p.failures] + report.errors
     if failures:
         md += ["", "## Failures", ""] + [f"- {f}" for f in failures]
+    notes = [f"{p.a} vs {p.b}: {n}" for p in report.pairs for n in p.notes]
+    if notes:
+        md += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(md) + "\n"
 
 

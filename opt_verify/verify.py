@@ -11,8 +11,10 @@ What is compared, per pair (a, b), always at real tokens only (attention_mask ==
   first position where a row differs, and whether that difference is a near-tie (the two tokens'
   logits closer than the pair's tolerance allows to resolve, so either choice is correct).
 
-The pair passes when the logits and every hidden state are within the tolerance for the dtype and
-greedy decoding agrees up to a near-tie (or an end-of-sequence token reached by both).
+The pair passes when the logits are within the tolerance for the dtype, greedy decoding agrees up
+to a near-tie (or an end-of-sequence token reached by both), and, in float32/float64, every hidden
+state is within the tolerance too (in float16/bfloat16 the per-layer errors are a diagnostic: the
+table's low-precision bounds are calibrated on logits).
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 # Two backends each within `relative` of the reference are within twice that of each other.
 BACKEND_PAIR_FACTOR = 2.0
+# Dtypes where every hidden state must also be within the tolerance. The float16/bfloat16 bounds are
+# calibrated on logits (as the suite uses them); the residual stream before the final LayerNorm is
+# not normalised, so its low-precision error runs higher and is reported there as a diagnostic only.
+HIDDEN_STATES_DECIDE = ("float64", "float32")
 
 
 class VerifyError(ValueError):
@@ -108,6 +114,7 @@ class PairResult:
     greedy_near_tie: bool | None = None  # the first divergence is a tie within the tolerance
     passed: bool = False
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # reported, not failing
 
 
 @dataclass
@@ -390,9 +397,19 @@ def _greedy(
 
 
 def compare(
-    a: str, b: str, run_a: _Run, run_b: _Run, ids: np.ndarray, mask: np.ndarray, tol: float, eos: int
+    a: str,
+    b: str,
+    run_a: _Run,
+    run_b: _Run,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    tol: float,
+    eos: int,
+    hidden_decides: bool = True,
 ) -> PairResult:
-    """Compare `b` against the baseline `a` (see the module docstring)."""
+    """Compare `b` against the baseline `a` (see the module docstring). With `hidden_decides`
+    False, hidden states above the tolerance are reported (`first_divergent_layer`, `notes`) but
+    do not fail the pair."""
     pair = PairResult(a, b, tol)
     if run_a.logits.shape != run_b.logits.shape:
         shapes = f"{list(run_a.logits.shape)} vs {list(run_b.logits.shape)}"
@@ -414,7 +431,11 @@ def compare(
         i = pair.hidden_labels.index(pair.first_divergent_layer)
         rel = pair.hidden_rel[i]
         what = "shape differs" if rel is None else f"relative error {rel:.3g} > {tol:.3g}"
-        pair.failures.append(f"hidden states diverge first at {pair.first_divergent_layer} ({what})")
+        message = f"hidden states diverge first at {pair.first_divergent_layer} ({what})"
+        if hidden_decides or rel is None:
+            pair.failures.append(message)
+        else:
+            pair.notes.append(message + "; diagnostic only at this dtype")
 
     _greedy(pair, run_a, run_b, ids, mask, eos, tol)
     if pair.greedy_first_divergence is not None and not pair.greedy_near_tie:
@@ -531,7 +552,8 @@ def verify(
     ran = [n for n in order if n in runs]
     for a, b in itertools.combinations(ran, 2):
         factor = 1.0 if a == REFERENCE else BACKEND_PAIR_FACTOR
-        pairs.append(compare(a, b, runs[a], runs[b], ids, mask, tol.relative * factor, config.eos_token_id))
+        pairs.append(compare(a, b, runs[a], runs[b], ids, mask, tol.relative * factor, config.eos_token_id,
+                             hidden_decides=dtype in HIDDEN_STATES_DECIDE))
     if len(ran) < 2:
         which = ", ".join(ran) or "none"
         errors.append(f"only {len(ran)} implementation(s) ran ({which}): nothing to compare")

@@ -271,3 +271,20 @@ def test_pytest_plugin_in_a_user_suite(tiny_ckpt, tmp_path):
     out = proc.stdout + proc.stderr
     assert "1 failed, 1 passed" in out, out
     assert "opt-verify[" in out and "layer 0" in out and "FAILED in" in out, out
+
+
+@pytest.mark.parametrize("decides", [True, False])
+def test_hidden_states_decide_only_in_full_precision(decides):
+    ids = np.array([[2, 7, 8]])
+    mask = np.ones_like(ids)
+    logits = np.random.default_rng(0).standard_normal((1, 3, 10))
+    h = [np.ones((1, 3, 4)), np.ones((1, 3, 4))]
+    off = [np.ones((1, 3, 4)), np.full((1, 3, 4), 1.1)]
+    tokens = np.array([[2, 7, 8, 4]])
+    a = engine._Run(None, logits, h, tokens)
+    b = engine._Run(None, logits, off, tokens)
+    pair = engine.compare("reference", "torch", a, b, ids, mask, 4e-2, eos=2, hidden_decides=decides)
+    assert pair.first_divergent_layer == "layer 0"
+    assert pair.passed is not decides
+    assert bool(pair.notes) is not decides and bool(pair.failures) is decides
+    assert engine.HIDDEN_STATES_DECIDE == ("float64", "float32")
