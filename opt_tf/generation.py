@@ -43,7 +43,9 @@ class GenerationSettings:
 
 
 # ---------------------------------------------------------------- model steps (graph code)
-def _run(model: Any, ids: tf.Tensor, positions: tf.Tensor, key_mask: tf.Tensor, cache: StaticCache) -> tuple[tf.Tensor, StaticCache]:
+def _run(
+    model: Any, ids: tf.Tensor, positions: tf.Tensor, key_mask: tf.Tensor, cache: StaticCache
+) -> tuple[tf.Tensor, StaticCache]:
     """New tokens [B, t] -> logits of the last one [B, V] (float32) and the advanced cache."""
     out = model.get_decoder()(ids, positions, key_mask, past_key_values=cache, training=False)
     logits = model.lm_logits(out.last_hidden_state[:, -1:])[:, 0]  # [B, V]
@@ -61,7 +63,9 @@ def _dims(ids: tf.Tensor) -> tuple[Any, Any]:
     return (ids.shape[0] if ids.shape[0] is not None else dyn[0], ids.shape[1] if ids.shape[1] is not None else dyn[1])
 
 
-def _prefill(model: Any, ids: tf.Tensor, mask: tf.Tensor, total: int) -> tuple[tf.Tensor, StaticCache, tf.Tensor, tf.Tensor]:
+def _prefill(
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, total: int
+) -> tuple[tf.Tensor, StaticCache, tf.Tensor, tf.Tensor]:
     """Run the prompt into a fresh cache of `total` slots -> (last logits, cache, key mask [B, S],
     next position [B])."""
     b, t = _dims(ids)
@@ -138,7 +142,9 @@ def _gather_beams(x: tf.Tensor, idx: tf.Tensor) -> tf.Tensor:
     return tf.gather(x, idx, axis=1, batch_dims=1)
 
 
-def _beam_loop(model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, s: GenerationSettings) -> tuple[tf.Tensor, tf.Tensor]:
+def _beam_loop(
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, s: GenerationSettings
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Hugging Face's vectorised beam search -> (best sequence per row [B, S], new columns)."""
     b, t = _dims(ids)
     k, cap = s.num_beams, s.total_length - t  # cap: new-token slots of the buffers
@@ -316,7 +322,8 @@ def generate(
     if pad is None:
         pad = eos if eos is not None else 0  # Hugging Face pads with eos when there is no pad id
     settings = GenerationSettings(
-        total_length=int(ids.shape[1] + max_new_tokens), do_sample=bool(do_sample), top_k=int(top_k) if do_sample else 0,
+        total_length=int(ids.shape[1] + max_new_tokens), do_sample=bool(do_sample),
+        top_k=int(top_k) if do_sample else 0,
         num_beams=int(num_beams), eos_token_id=eos, pad_token_id=int(pad), length_penalty=float(length_penalty),
         early_stopping=early_stopping,
     )

@@ -92,7 +92,7 @@ def from_pretrained(
             ) from None
         raise
     files = weight_files(folder, fmt)
-    shapes = safetensors_shapes(files) if fmt == "safetensors" else tf_h5_shapes(files[0])
+    shapes = safetensors_shapes(files) if fmt == "safetensors" else tf_h5_shapes(files[0], config)
     head = cls.head
     acc = account_keys(shapes, config, head)
     acc.raise_for_errors(str(folder))
@@ -102,7 +102,9 @@ def from_pretrained(
     specs = {s.name: s for s in parameter_table(config, head)}
     source_to_name = {src: name for name, src in acc.mapping.items()}
     tensors: Iterator[tuple[str, np.ndarray]] = (
-        iter_safetensors(files, source_to_name) if fmt == "safetensors" else read_tf_h5(files[0], set(source_to_name))
+        iter_safetensors(files, source_to_name)
+        if fmt == "safetensors"
+        else read_tf_h5(files[0], set(source_to_name), config)
     )
     filled: set[str] = set()
     for key, arr in tensors:

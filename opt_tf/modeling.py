@@ -203,7 +203,12 @@ class OPTDecoderLayer(keras.layers.Layer):
         return tf.nn.dropout(x, self.dropout) if training and self.dropout > 0 else x
 
     def call(
-        self, x: tf.Tensor, allowed: tf.Tensor, past: StaticCache | None = None, layer_idx: int = 0, training: bool = False
+        self,
+        x: tf.Tensor,
+        allowed: tf.Tensor,
+        past: StaticCache | None = None,
+        layer_idx: int = 0,
+        training: bool = False,
     ) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor] | None]:
         h = self.self_attn_layer_norm(x) if self.pre_ln else x
         h, kv = self.self_attn(h, allowed, past=past, layer_idx=layer_idx, training=training)
@@ -402,7 +407,9 @@ class OPTPreTrainedModel(KerasTrainingMixin, keras.Model):
         else:
             pos = tf.cast(tf.convert_to_tensor(position_ids), tf.int32)
             if eager and tuple(pos.shape) != tuple(ids.shape):
-                raise ValueError(f"position_ids has shape {tuple(pos.shape)}; expected {tuple(ids.shape)} like input_ids")
+                raise ValueError(
+                    f"position_ids has shape {tuple(pos.shape)}; expected {tuple(ids.shape)} like input_ids"
+                )
         key_mask = mask
         if past_key_values is not None:  # the mask covers past + new; the cache has max_length slots
             key_mask = tf.pad(mask, [[0, 0], [0, past_key_values.max_length - tf.shape(mask)[1]]])
@@ -461,7 +468,9 @@ class OPTModel(OPTPreTrainedModel):
         output_hidden_states: bool = False,
         training: bool = False,
     ) -> OPTOutput:
-        out, _ = self._run_decoder(input_ids, attention_mask, position_ids, past_key_values, output_hidden_states, training)
+        out, _ = self._run_decoder(
+            input_ids, attention_mask, position_ids, past_key_values, output_hidden_states, training
+        )
         return out
 
 
@@ -515,7 +524,9 @@ class OPTForCausalLM(_WithDecoder):
 
         `labels` [B, T] (-100 = ignore) gives `.loss`: mean cross-entropy of token t+1 given 0..t.
         """
-        out, _ = self._run_decoder(input_ids, attention_mask, position_ids, past_key_values, output_hidden_states, training)
+        out, _ = self._run_decoder(
+            input_ids, attention_mask, position_ids, past_key_values, output_hidden_states, training
+        )
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -576,7 +587,9 @@ class OPTForSequenceClassification(_WithDecoder):
     ) -> OPTOutput:
         """Logits [B, L]; `labels` gives `.loss` by `config.problem_type` (inferred like Hugging
         Face when None: one label -> regression, integer labels -> single-label, else multi-label)."""
-        out, ids = self._run_decoder(input_ids, attention_mask, position_ids, past_key_values, output_hidden_states, training)
+        out, ids = self._run_decoder(
+            input_ids, attention_mask, position_ids, past_key_values, output_hidden_states, training
+        )
         scores = self.score(out.last_hidden_state)  # [B, T, L]
         if self.config.pad_token_id is None and not _is_symbolic(ids) and ids.shape[0] != 1:
             raise ValueError("sequence classification of a batch needs config.pad_token_id to find each row's end")
@@ -637,7 +650,9 @@ class OPTForQuestionAnswering(_WithDecoder):
     ) -> OPTOutput:
         """`start_positions`/`end_positions` [B] give `.loss`: the mean of the start and end
         cross-entropies, positions clamped to [0, T] and T ignored (as Hugging Face)."""
-        out, _ = self._run_decoder(input_ids, attention_mask, position_ids, past_key_values, output_hidden_states, training)
+        out, _ = self._run_decoder(
+            input_ids, attention_mask, position_ids, past_key_values, output_hidden_states, training
+        )
         both = self.qa_outputs(out.last_hidden_state)  # [B, T, 2]
         out.start_logits, out.end_logits = both[..., 0], both[..., 1]
         if start_positions is not None and end_positions is not None:

@@ -14,6 +14,12 @@ Keras 2 splits an attribute larger than 64512 bytes into `weight_names0`, `weigh
 Hugging Face strips the first path component (the model-class scope) when loading, so only the
 rest of the path has to match. The LM head is tied to `embed_tokens` and never stored.
 
+Hugging Face's TF OPT ignores `enable_bias` (its fc1/fc2 always have a bias; attention always does)
+and `layer_norm_elementwise_affine` (Keras LayerNormalization always has gamma and beta). As for
+Flax (`opt_core.formats.flax_msgpack.identity_extras`), the writer stores zero biases and unit gammas
+for configs without them, and the reader, given the config, accepts those tensors only when they
+hold exactly those identity values, then drops them.
+
 Hugging Face has no TF classes for OPT's classification and QA heads. For our own round trips we
 extend the layout the way Keras 2 lays out every HF TF head: a top-level layer `score` (or
 `qa_outputs`) with weights `tfopt_for_sequence_classification/score/kernel:0`.
@@ -32,8 +38,9 @@ import numpy as np
 
 from opt_core.checkpoint import CheckpointError
 from opt_core.config import OPTConfig
+from opt_core.formats.flax_msgpack import identity_extras
 from opt_core.layout import transpose
-from opt_core.params import Head, parameter_table
+from opt_core.params import Head, ParamSpec, parameter_table
 
 MAIN_LAYER = "model"  # Hugging Face's TFOPTMainLayer name: the top-level Keras layer
 TOP_LEVEL_GROUP = "top_level_model_weights"
@@ -166,13 +173,18 @@ def _open(path: str | os.PathLike[str]):
         raise CheckpointError(f"cannot read {path} as HDF5: {e}") from None
 
 
-def tf_h5_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+def tf_h5_shapes(path: str | os.PathLike[str], config: OPTConfig | None = None) -> dict[str, tuple[int, ...]]:
     """Key -> shape in canonical (torch) layout for every weight of a `tf_model.h5`, without
     reading the data. Keys are canonical names; variables that are not OPT parameters keep their
-    TF path (so `account_keys` lists them as unexpected)."""
+    TF path (so `account_keys` lists them as unexpected). With `config`, the identity tensors
+    Hugging Face TF stores for configs without biases or LayerNorm affine are left out (their
+    values are checked by `read_tf_h5`)."""
+    extras = identity_extras(config) if config is not None else {}
     shapes: dict[str, tuple[int, ...]] = {}
     with _open(path) as f:
         for key, ds_path in _entries(f, Path(path)):
+            if key in extras:
+                continue
             shape = tuple(int(d) for d in f[ds_path].shape)
             if _is_kernel(ds_path) and len(shape) == 2:
                 shape = shape[::-1]
@@ -183,16 +195,30 @@ def tf_h5_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
 
 
 def read_tf_h5(
-    path: str | os.PathLike[str], keys: set[str] | None = None
+    path: str | os.PathLike[str], keys: set[str] | None = None, config: OPTConfig | None = None
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (key, NumPy array in canonical layout) one tensor at a time from a `tf_model.h5`.
 
     Args:
         path: the file.
         keys: only these keys (as `tf_h5_shapes` names them); default all.
+        config: when given, identity extras (see the module docstring) are verified and skipped.
+    Raises:
+        CheckpointError: unreadable file, or an identity extra that is not all 0 / 1.
     """
+    extras = identity_extras(config) if config is not None else {}
     with _open(path) as f:
         for key, ds_path in _entries(f, Path(path)):
+            if key in extras:
+                shape, value = extras[key]
+                arr = np.asarray(f[ds_path])
+                if arr.size != int(np.prod(shape)) or not np.all(arr == value):
+                    raise CheckpointError(
+                        f"{path}: {ds_path} must be all {value:g} (the config has enable_bias="
+                        f"{config.enable_bias}, layer_norm_elementwise_affine="  # type: ignore[union-attr]
+                        f"{config.layer_norm_elementwise_affine}), but it holds other values"  # type: ignore[union-attr]
+                    )
+                continue
             if keys is not None and key not in keys:
                 continue
             arr = np.asarray(f[ds_path])
@@ -227,10 +253,10 @@ def _hf_order(config: OPTConfig, head: Head) -> list[str]:
     table = [s for s in parameter_table(config, head) if s.tied_to is None]
     rank = {"k_proj": 0, "q_proj": 1, "v_proj": 2, "out_proj": 3}
 
-    def key(i_spec: tuple[int, object]) -> tuple:
+    def key(i_spec: tuple[int, ParamSpec]) -> tuple[int, int, int, int]:
         i, spec = i_spec
-        name = spec.name  # type: ignore[attr-defined]
-        if spec.layer is None:  # type: ignore[attr-defined]
+        name = spec.name
+        if spec.layer is None:
             top = {"decoder.embed_tokens.weight": 0, "decoder.embed_positions.weight": 1}
             if name in top:
                 return (0, top[name], 0, i)
@@ -239,8 +265,7 @@ def _hf_order(config: OPTConfig, head: Head) -> list[str]:
             if name.startswith("decoder.project"):
                 return (0, 3, 0, i)
             return (2, 0, 0, i)  # head parameters after the decoder
-        proj = name.split(".")[-2]
-        return (1, spec.layer, rank.get(proj, 4), i)  # type: ignore[attr-defined]
+        return (1, spec.layer, rank.get(name.split(".")[-2], 4), i)
 
     return [s.name for _, s in sorted(enumerate(table), key=key)]
 
@@ -255,7 +280,8 @@ def write_tf_h5(
 
     Streams tensor by tensor (a `tensors` mapping that loads lazily keeps memory at one tensor),
     writing to a temporary name and renaming at the end. `TFOPTForCausalLM` / `TFOPTModel`
-    (transformers 4.57.6) load the result.
+    (transformers 4.57.6) load the result. Configs without biases or LayerNorm affine parameters
+    get the identity tensors Hugging Face TF always has (zero biases, unit gammas).
 
     Args:
         path: the file to write (usually `folder/tf_model.h5`).
@@ -275,8 +301,10 @@ def write_tf_h5(
             "tie_word_embeddings=False cannot be written as tf_model.h5 (use safetensors)"
         )
     table = {s.name: s for s in parameter_table(config, head)}
-    order = _hf_order(config, head)
-    missing = [n for n in order if n not in tensors]
+    extras = identity_extras(config)
+    full = config.replace(enable_bias=True, layer_norm_elementwise_affine=True)
+    order = _hf_order(full, head)
+    missing = [n for n in order if n not in tensors and n not in extras]
     if missing:
         raise CheckpointError(f"cannot write {path}: missing tensors {missing}")
     unknown = [n for n in tensors if n not in table]
@@ -302,6 +330,11 @@ def write_tf_h5(
                 weight_names = [f"{scope}/{tf_name(n)}" for n in by_layer[layer]]
                 _write_names(group, "weight_names", weight_names)
                 for name, weight in zip(by_layer[layer], weight_names):
+                    if name in extras:
+                        shape, value = extras[name]
+                        dtype = np.asarray(tensors[order[0]]).dtype
+                        group.create_dataset(weight, data=np.full(shape, value, dtype=dtype))
+                        continue
                     arr = np.asarray(tensors[name])
                     if tuple(arr.shape) != table[name].shape:
                         raise CheckpointError(

@@ -25,7 +25,7 @@ from opt_tf import (
     init_cache,
 )
 from tests.golden import hf_golden
-from tests.tf.helpers import config, golden_causal_lm, random_model
+from tests.tf.helpers import config, random_model
 from tests.variants import TOLERANCE, VARIANTS, left_padded_batch, relative_error, right_padded_batch
 
 pytestmark = pytest.mark.tf
@@ -104,7 +104,7 @@ def test_cached_decoding_equals_full_pass(variant):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("fmt", ["safetensors", "tf-h5"])
 def test_hf_checkpoints_load_and_match_hf(variant, fmt):
     g = hf_golden(variant)

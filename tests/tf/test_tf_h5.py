@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from opt_core import CheckpointError, account_keys
+from opt_core import CheckpointError, OPTConfig, account_keys
 from opt_core.checkpoint import iter_safetensors, weight_files
 from opt_core.formats.tf_h5 import canonical_from_tf, read_tf_h5, tf_h5_shapes, tf_name, write_tf_h5
 from opt_core.params import Head, canonical_name, parameter_table
@@ -16,7 +16,6 @@ from opt_core.reference import random_parameters
 from tests.golden import golden_checkpoint, hf_golden
 from tests.oracle import oracle_run
 from tests.variants import TINY, TOLERANCE, VARIANTS, relative_error
-from opt_core import OPTConfig
 
 pytestmark = pytest.mark.tf
 
@@ -45,23 +44,26 @@ def _hf_layout(path):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_hf_file_reads_like_safetensors_and_rewrites_identically(variant, tmp_path):
     folder = golden_checkpoint(variant)
     cfg = VARIANTS[variant]
-    shapes = tf_h5_shapes(folder / "tf_model.h5")
+    shapes = tf_h5_shapes(folder / "tf_model.h5", cfg)
     acc = account_keys(shapes, cfg, Head.CAUSAL_LM)
     acc.raise_for_errors("hf tf_model.h5")
     assert acc.tied == ["lm_head.weight"]
     st = {canonical_name(k): a for k, a in iter_safetensors(weight_files(folder, "safetensors"))}
-    tf = dict(read_tf_h5(folder / "tf_model.h5"))
+    tf = dict(read_tf_h5(folder / "tf_model.h5", config=cfg))
     assert set(tf) == set(st) - {"lm_head.weight"}
     for name, arr in tf.items():
         np.testing.assert_array_equal(arr, st[name], err_msg=name)
     write_tf_h5(tmp_path / "tf_model.h5", tf, cfg, Head.CAUSAL_LM)
     assert _hf_layout(tmp_path / "tf_model.h5") == _hf_layout(folder / "tf_model.h5")
-    for name, arr in read_tf_h5(tmp_path / "tf_model.h5"):
+    for name, arr in read_tf_h5(tmp_path / "tf_model.h5", config=cfg):
         np.testing.assert_array_equal(arr, st[name], err_msg=name)
+    with h5py.File(tmp_path / "tf_model.h5", "r") as ours, h5py.File(folder / "tf_model.h5", "r") as hf:
+        hf.visititems(lambda name, obj: np.testing.assert_array_equal(ours[name][()], obj[()])
+                      if isinstance(obj, h5py.Dataset) else None)
     assert not list(tmp_path.glob(".*tmp"))
 
 
@@ -128,10 +130,11 @@ def test_not_a_keras_file(tmp_path):
 
 
 @pytest.mark.oracle
-def test_hf_tf_loads_our_file_with_the_same_logits(tmp_path):
+@pytest.mark.parametrize("variant", ["post_ln_proj", "no_bias", "no_affine_ln"])
+def test_hf_tf_loads_our_file_with_the_same_logits(variant, tmp_path):
     """Our tf_model.h5 alone (no torch weights) in Hugging Face's TFOPTForCausalLM."""
-    g = hf_golden("post_ln_proj")
-    cfg = VARIANTS["post_ln_proj"]
+    g = hf_golden(variant)
+    cfg = VARIANTS[variant]
     folder = tmp_path / "ours"
     folder.mkdir()
     shutil.copy(g.folder / "config.json", folder)
@@ -140,3 +143,19 @@ def test_hf_tf_loads_our_file_with_the_same_logits(tmp_path):
     write_tf_h5(folder / "tf_model.h5", st, cfg, "causal_lm")
     (res,) = oracle_run(folder, [{"framework": "tf", "input_ids": g.ids, "attention_mask": g.mask}])
     assert relative_error(res["logits"], g.tf["logits"], g.mask) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("variant", ["no_bias", "no_affine_ln"])
+def test_identity_extras_are_checked(variant, tmp_path):
+    cfg = VARIANTS[variant]
+    params = random_parameters(cfg, "base")
+    write_tf_h5(tmp_path / "tf_model.h5", params, cfg, "base")
+    assert set(tf_h5_shapes(tmp_path / "tf_model.h5")) > set(params)  # what Hugging Face TF needs
+    assert set(tf_h5_shapes(tmp_path / "tf_model.h5", cfg)) == set(params)
+    assert set(dict(read_tf_h5(tmp_path / "tf_model.h5", config=cfg))) == set(params)
+    extra = "decoder.layers.1.fc2.bias" if variant == "no_bias" else "decoder.layers.1.final_layer_norm.weight"
+    path = "model/tfopt_model/" + tf_name(extra)
+    with h5py.File(tmp_path / "tf_model.h5", "r+") as f:
+        f[path][0] = 0.5
+    with pytest.raises(CheckpointError, match="must be all"):
+        list(read_tf_h5(tmp_path / "tf_model.h5", config=cfg))
