@@ -38,6 +38,7 @@ from conversion.formats import (
     same_bits,
     writer_class,
 )
+from conversion.formats.base import Scratch
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointError, KeyAccounting, account_keys, parse_size
 from opt_core.config import CONFIG_NAME, OPTConfig
 from opt_core.params import Head, hf_name, parameter_table
@@ -341,12 +342,15 @@ def convert(
         total = sum(p.nbytes for p in job.plan)
         try:
             writer = writer_class(to)(tmp, job.plan, out_config, job.head, shard_bytes)
+            scratch = Scratch() if writer.reuses_fetched_arrays() else None
             with _progress(total, f"{reader.fmt} -> {to}", progress) as bar:
                 done = [0]
 
                 def fetch(name: str) -> np.ndarray:
                     p = by_name[name]
-                    arr = cast(reader.read(job.mapping[name]), p.dtype)
+                    key = job.mapping[name]
+                    buf = scratch.array(p.spec.shape, reader.dtype(key)) if scratch is not None else None
+                    arr = cast(reader.read(key, out=buf), p.dtype)
                     if tuple(arr.shape) != p.spec.shape:  # the reader disagrees with its own header
                         raise CheckpointError(f"{src}: {job.mapping[name]} read as {list(arr.shape)}, "
                                               f"its header said {list(p.spec.shape)}")

@@ -74,7 +74,24 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def fast_transpose(x: np.ndarray, tile: int = 256) -> np.ndarray:
+class Scratch:
+    """One reusable buffer, grown to the largest request. Reading each tensor into fresh memory
+    costs a page fault per 4 KiB page (the allocator hands large blocks back to the kernel on
+    free); reusing one buffer halves the cost of a streamed read. An array from `array()` is valid
+    until the next call."""
+
+    def __init__(self) -> None:
+        self._buf: np.ndarray | None = None
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if self._buf is None or self._buf.nbytes < n:
+            self._buf = None  # free the old one first
+            self._buf = np.empty(max(n, 1), dtype=np.uint8)
+        return self._buf[:n].view(dtype).reshape(shape)
+
+
+def fast_transpose(x: np.ndarray, tile: int = 256, out: np.ndarray | None = None) -> np.ndarray:
     """`np.ascontiguousarray(x.T)` for a 2-D array, bit for bit, several times faster on large
     half-precision matrices: NumPy's strided copy of float16/bfloat16 is slow and cache-unfriendly,
     so the copy goes tile by tile over an unsigned-integer view of the same bits."""
@@ -82,17 +99,19 @@ def fast_transpose(x: np.ndarray, tile: int = 256) -> np.ndarray:
         raise ValueError(f"fast_transpose expects a 2-D array, got shape {tuple(x.shape)}")
     rows, cols = x.shape
     bits = x.view(_UINT[x.dtype.itemsize]) if x.dtype.itemsize in _UINT else x
-    out = np.empty((cols, rows), dtype=bits.dtype)
+    dst = np.empty((cols, rows), dtype=bits.dtype) if out is None else out.view(bits.dtype)
     for i in range(0, rows, tile):
         for j in range(0, cols, tile):
-            out[j : j + tile, i : i + tile] = bits[i : i + tile, j : j + tile].T  # (tile, tile) block
-    return out.view(x.dtype)
+            dst[j : j + tile, i : i + tile] = bits[i : i + tile, j : j + tile].T  # (tile, tile) block
+    return dst.view(x.dtype)
 
 
-def in_transposed_memory(x: np.ndarray) -> np.ndarray:
+def in_transposed_memory(x: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
     """`x` ([out, in], canonical) as an array with the same values whose memory is laid out
-    [in, out] (Fortran order), so a writer's `np.ascontiguousarray(x.T)` costs nothing."""
-    return fast_transpose(x).T
+    [in, out] (Fortran order), so a writer's `np.ascontiguousarray(x.T)` costs nothing. With
+    `scratch`, the result lives in its buffer (valid until its next use)."""
+    out = scratch.array((x.shape[1], x.shape[0]), x.dtype) if scratch is not None else None
+    return fast_transpose(x, out=out).T
 
 
 # ---------------------------------------------------------------- interface
@@ -124,8 +143,9 @@ class Reader:
         """The stored dtype of `key`."""
         raise NotImplementedError
 
-    def read(self, key: str) -> np.ndarray:
-        """The tensor `key` in canonical layout and its stored dtype (a fresh array the caller owns)."""
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor `key` in canonical layout and its stored dtype: a fresh array the caller
+        owns, or `out` (shape and dtype of the tensor) filled in, for readers that can."""
         raise NotImplementedError
 
     def nbytes(self, key: str) -> int:
@@ -215,10 +235,18 @@ class Writer:
 
     def _kernel_ready(self, name: str, array: np.ndarray) -> np.ndarray:
         """For writers that store Linear weights as [in, out] kernels: hand them the tensor already
-        laid out [in, out] in memory (see `in_transposed_memory`); values and shape unchanged."""
+        laid out [in, out] in memory (see `in_transposed_memory`); values and shape unchanged.
+        The result lives in the writer's scratch buffer until the next kernel."""
         if self._by_name[name].spec.role is Role.LINEAR_WEIGHT and array.ndim == 2:
-            return in_transposed_memory(array)
+            if not hasattr(self, "_kernel_scratch"):
+                self._kernel_scratch = Scratch()
+            return in_transposed_memory(array, self._kernel_scratch)
         return array
+
+    def reuses_fetched_arrays(self) -> bool:
+        """Whether every array from `fetch` is consumed before the next fetch, so the converter may
+        read each tensor into the same buffer. True for every writer here unless it says otherwise."""
+        return True
 
     def _require_complete(self) -> None:
         missing = [p.spec.name for p in self.plan if p.spec.name not in self._written]

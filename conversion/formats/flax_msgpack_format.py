@@ -60,7 +60,7 @@ class FlaxMsgpackReader(Reader):
                 del table
         return self._dtypes[key]
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         for _, arr in read_flax_msgpack(self._file, {key}, self.layout_config):
             return arr
         raise KeyError(f"{self._file} holds no {key}")

@@ -24,7 +24,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from conversion.formats.base import Reader
+from conversion.formats.base import Reader, same_bits
 from conversion.formats.torch_bin import load_torch_file, release_pages
 from opt_core.checkpoint import CheckpointError
 from opt_core.config import OPTConfig
@@ -231,26 +231,31 @@ class MetaseqReader(Reader):
         """The metaseq key a canonical name is read from."""
         return self._recipe[name][1]
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         recipe = self._recipe[key]
+        shape, dtype = self._shapes[key], self.dtype(key)
+        if out is None or out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+            out = np.empty(shape, dtype=dtype)
         tensors = [p[recipe[1]] for p in self._parts]
         views = [_numpy_view(t) for t in tensors]
         if recipe[0] == "qkv":
             views = [split_qkv(v)[recipe[2]] for v in views]  # (q, k, v) of each part, views
         axis = split_axis(key)
         if axis is None or self.n_parts == 1:
-            out = np.array(views[0], copy=True)
+            np.copyto(out, views[0])
             for i, v in enumerate(views[1:], start=1):
-                if not np.array_equal(out.view(np.uint8), np.ascontiguousarray(v).view(np.uint8)):
+                if not same_bits(out, v):
                     raise CheckpointError(
                         f"{recipe[1]} should be replicated across model-parallel parts but part {i} differs from part 0"
                     )
         else:
-            out = merge_model_parallel(views, axis)
+            # merge_model_parallel's concatenation, into the caller's buffer (part shapes were
+            # checked to agree when the checkpoint was opened)
+            np.concatenate(views, axis=axis, out=out)
         if key == "decoder.embed_tokens.weight" and self._has_tied_output:
             tied = merge_model_parallel([_numpy_view(p[TIED_OUTPUT]) for p in self._parts], 0) \
                 if self.n_parts > 1 else np.array(_numpy_view(self._parts[0][TIED_OUTPUT]))
-            if not np.array_equal(tied.view(np.uint8), out.view(np.uint8)):
+            if not same_bits(tied, out):
                 raise CheckpointError(
                     f"{TIED_OUTPUT} differs from decoder.embed_tokens.weight: this converter handles OPT's tied "
                     "output projection only"

@@ -162,12 +162,13 @@ class SafetensorsReader(Reader):
     def dtype(self, key: str) -> np.dtype:
         return self._entries[key].dtype
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         e = self._entries[key]
         f = self._files.get(e.path)
         if f is None:
             f = self._files[e.path] = open(e.path, "rb")  # noqa: SIM115 (closed in close())
-        out = np.empty(e.shape, dtype=e.dtype)
+        if out is None or out.shape != e.shape or out.dtype != e.dtype or not out.flags.c_contiguous:
+            out = np.empty(e.shape, dtype=e.dtype)
         f.seek(e.start)  # type: ignore[attr-defined]
         view = memoryview(out.reshape(-1).view(np.uint8))
         got = f.readinto(view)  # type: ignore[attr-defined]

@@ -65,7 +65,7 @@ class TfH5Reader(Reader):
                 self._dtypes = {k: _bf16(np.dtype(f[ds].dtype)) for k, ds in _entries(f, self._file)}
         return self._dtypes[key]
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         for _, arr in read_tf_h5(self._file, {key}, **self._config_kw()):
             return arr.view(_bf16(arr.dtype))
         raise KeyError(f"{self._file} holds no {key}")
@@ -86,9 +86,12 @@ class TfH5Writer(Writer):
         # For configs without biases / LayerNorm affine, tf_h5 writes constant stand-ins in the dtype
         # of the first tensor, which it indexes once per stand-in: keep that tensor instead of
         # re-reading it each time.
-        has_extras = bool(identity_extras(self.config))
+        has_extras = self._keeps_first = bool(identity_extras(self.config))
         write_tf_h5(self.folder / TF_H5, LazyTensors((p.spec.name for p in self.plan), checked, keep_first=has_extras),
                     self.config, self.head)
+
+    def reuses_fetched_arrays(self) -> bool:
+        return not identity_extras(self.config)  # the kept first tensor must not be overwritten
 
     def commit(self) -> list[Path]:
         self._require_complete()

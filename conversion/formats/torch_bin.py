@@ -164,7 +164,7 @@ class TorchBinReader(Reader):
             return np.dtype(ml_dtypes.bfloat16)
         return np.dtype(torch.empty((), dtype=t.dtype).numpy().dtype)  # type: ignore[attr-defined]
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         t = self._tensors[key]
         out = torch_to_numpy(t)
         if self._mapped:
