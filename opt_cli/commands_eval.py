@@ -76,8 +76,8 @@ def _eval_ppl(p: argparse.ArgumentParser):
         from opt_core.data import read_text
 
         backend = check_backend(args.backend)
-        folder = resolve_model_dir(args.model)
         text = read_text(args.text)
+        folder = resolve_model_dir(args.model)
         config = OPTConfig.from_pretrained(folder)
         tokenizer = load_tokenizer(folder)
         window = min(args.window, config.max_position_embeddings)

@@ -120,6 +120,8 @@ def _generate(p: argparse.ArgumentParser):
 
         backend = check_backend(args.backend)
         check_sampling(args)
+        if not args.prompt or not args.prompt.strip():
+            raise UsageError("the prompt is empty; pass some text with --prompt")
         folder = resolve_model_dir(args.model)
         config = OPTConfig.from_pretrained(folder)
         tokenizer = load_tokenizer(folder)

@@ -137,7 +137,8 @@ def _train(p: argparse.ArgumentParser):
                                           tokenizer=tokenizer, log=lambda line: print(line, flush=True))
         write_generation_config(out, config)
         summary: dict[str, Any] = {
-            "command": "opt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": "opt " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "opt" else None,
+            "arguments": {k: v for k, v in vars(args).items() if k != "handler"},
             "backend": backend,
             "parameters": parameter_count(config),
             "steps": result.steps,
