@@ -196,7 +196,10 @@ class _HFFlax:
         self._prefill(self.model.params, ids, mask).block_until_ready()
 
     def generate(self, ids, mask, new_tokens):
-        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        # Hugging Face Flax cannot take eos None (jnp.array(None)); -1 is an id no token has.
+        eos = self.model.config.eos_token_id
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                  eos_token_id=-1 if eos is None else eos)
         return int(self.jax.block_until_ready(out.sequences).shape[1]) - ids.shape[1]
 
 
@@ -359,13 +362,13 @@ def run_job(job: dict, timeout: int) -> dict:
     return json.loads(lines[-1])
 
 
-def run_extra(name: str, quick: bool, timeout: int) -> dict:
+def run_extra(name: str, quick: bool, timeout: int, threads: int) -> dict:
     """bench_attention.py / bench_scaling.py in .venv; returns their command and Markdown."""
     md = CACHE / f"{name}.md"
     md.unlink(missing_ok=True)
     cmd = [str(VENVS["main"] / "bin" / "python"), str(ROOT / "benchmarks" / f"bench_{name}.py"),
-           "--markdown", str(md), *(["--quick"] if quick else [])]
-    shown = "python benchmarks/" + f"bench_{name}.py" + (" --quick" if quick else "")
+           "--markdown", str(md), "--threads", str(threads), *(["--quick"] if quick else [])]
+    shown = f"python benchmarks/bench_{name}.py --threads {threads}" + (" --quick" if quick else "")
     try:
         proc = subprocess.run(cmd, text=True, timeout=timeout * 4, cwd=ROOT, stderr=subprocess.PIPE,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -584,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, skip in (("attention", args.no_attention), ("scaling", args.no_scaling)):
         if not skip:
             print(f"== bench_{name}.py", flush=True)
-            report["extras"][name] = run_extra(name, args.quick, args.timeout)
+            report["extras"][name] = run_extra(name, args.quick, args.timeout, args.threads)
     report["seconds"] = time.time() - started
     text = markdown(report)
     args.output.write_text(text)
