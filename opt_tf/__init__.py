@@ -2,6 +2,8 @@
 and checkpoints). Needs KERAS_BACKEND=tensorflow (the default)."""
 
 from opt_tf.cache import StaticCache, init_cache
+from opt_tf.export import export_saved_model
+from opt_tf.generation import generate
 from opt_tf.modeling import (
     OPTAttention,
     OPTDecoder,
@@ -25,5 +27,7 @@ __all__ = [
     "OPTOutput",
     "OPTPreTrainedModel",
     "StaticCache",
+    "export_saved_model",
+    "generate",
     "init_cache",
 ]

@@ -107,3 +107,15 @@ def test_compile_rejects_a_keras_loss():
     model, _ = random_model(OPTForCausalLM, config("pre_ln"))
     with pytest.raises(ValueError, match="own loss"):
         model.compile(optimizer="adam", loss="mse")
+
+
+def test_layerdrop_only_in_training():
+    cfg = config("pre_ln", dropout=0.0, layerdrop=0.5)
+    model, _ = random_model(OPTForCausalLM, cfg)
+    ids, mask = left_padded_batch(cfg.vocab_size)
+    a = model(ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_array_equal(a, model(ids, attention_mask=mask).logits.numpy())
+    tf.random.set_seed(0)
+    runs = [model(ids, attention_mask=mask, training=True).logits.numpy() for _ in range(6)]
+    assert all(np.isfinite(r).all() for r in runs)
+    assert any(not np.allclose(r, a) for r in runs)  # some layers were skipped
