@@ -258,6 +258,7 @@ def _prepare(src: Path, to: str, dtype: np.dtype | None, config: Any, src_format
     message = _accounting_error(acc, src, config_source, bad)
     if message:
         raise CheckpointError(message)
+    writer_class(to).check_model(cfg, head)
     stores_tied = writer_class(to).stores_tied_lm_head
     plan, tied_checks = [], []
     for spec in parameter_table(cfg, head):

@@ -209,6 +209,10 @@ class Writer:
         self._written.add(name)
         return plan
 
+    @classmethod
+    def check_model(cls, config: OPTConfig, head: Head) -> None:
+        """Raise ValueError when the format cannot hold this model (called before anything is written)."""
+
     def write(self, name: str, array: np.ndarray) -> None:
         """Store the canonical tensor `name`."""
         raise NotImplementedError

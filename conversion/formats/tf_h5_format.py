@@ -19,6 +19,7 @@ from opt_core.checkpoint import TF_H5
 from opt_core.config import OPTConfig
 from opt_core.formats.flax_msgpack import identity_extras
 from opt_core.formats.tf_h5 import read_tf_h5, tf_h5_shapes, write_tf_h5
+from opt_core.params import Head
 
 
 def _bf16(dtype: np.dtype) -> np.dtype:
@@ -89,6 +90,14 @@ class TfH5Writer(Writer):
         has_extras = self._keeps_first = bool(identity_extras(self.config))
         write_tf_h5(self.folder / TF_H5, LazyTensors((p.spec.name for p in self.plan), checked, keep_first=has_extras),
                     self.config, self.head)
+
+    @classmethod
+    def check_model(cls, config: OPTConfig, head: Head) -> None:
+        if head is Head.CAUSAL_LM and not config.tie_word_embeddings:
+            raise ValueError(
+                "Hugging Face's TFOPTForCausalLM always ties lm_head to embed_tokens; a model with "
+                "tie_word_embeddings=false cannot be written as tf_model.h5 (use safetensors, bin or flax-msgpack)"
+            )
 
     def reuses_fetched_arrays(self) -> bool:
         return not identity_extras(self.config)  # the kept first tensor must not be overwritten

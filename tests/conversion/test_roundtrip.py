@@ -144,3 +144,30 @@ def test_streaming_msgpack_writer_is_byte_identical_to_flax_msgpack(tmp_path, mo
         ours = write_flax_msgpack_streaming(tmp_path / f"ours-{max_chunk}.msgpack", {k: lazy(k) for k in params},
                                             config, Head.CAUSAL_LM)
         assert ours.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("head", ["sequence_classification", "question_answering", "base"])
+def test_task_heads_round_trip_through_every_format(tmp_path, head):
+    config = VARIANTS["post_ln_proj"]
+    weights = write_hf_checkpoint(tmp_path / "src", config, head=head)
+    prev = tmp_path / "src"
+    for fmt in (*FORMATS, "safetensors"):
+        out = tmp_path / f"{fmt}-{len(list(tmp_path.iterdir()))}"
+        report = convert(prev, out, to=fmt, progress=False, verify=True)
+        assert report.head == head and report.verify.ok, report.summary()
+        assert_same_tensors(read_canonical(out, fmt, config, head=head), weights)
+        prev = out
+
+
+def test_untied_lm_head(tmp_path):
+    from opt_core.checkpoint import CheckpointError  # noqa: F401  (the error type of the other checks)
+
+    config = VARIANTS["pre_ln"].replace(tie_word_embeddings=False)
+    weights = write_hf_checkpoint(tmp_path / "src", config)
+    assert "lm_head.weight" in weights
+    for fmt in ("bin", "flax-msgpack", "safetensors"):
+        convert(tmp_path / "src", tmp_path / fmt, to=fmt, progress=False, verify=True)
+        assert_same_tensors(read_canonical(tmp_path / fmt, fmt, config), weights)
+    with pytest.raises(ValueError, match="always ties lm_head"):
+        convert(tmp_path / "src", tmp_path / "h5", to="tf-h5", progress=False)
+    assert not (tmp_path / "h5").exists()
