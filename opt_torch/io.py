@@ -12,7 +12,9 @@ layout, which `transformers` loads unchanged.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -119,20 +121,64 @@ def read_torch_bin(files: Iterable[Path], keys: Iterable[str] | None = None) -> 
         yield key, tensor_to_numpy(t)
 
 
-def _iter_safetensors_torch(files: list[Path], keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-    wanted = set(keys)
-    for path in files:
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset where its data starts."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"{path} is too short to be a safetensors file")
+        n = int.from_bytes(prefix, "little")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    if key in wanted:
-                        yield key, f.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from None
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_exact(f: Any, buffer: memoryview, path: Path, key: str) -> None:
+    view, got = buffer, 0
+    while got < len(buffer):
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{path} ends inside tensor {key}")
+        got += n
+
+
+def fill_from_safetensors(files: list[Path], targets: dict[str, torch.Tensor]) -> None:
+    """Read each wanted tensor of `files` straight into `targets[key]` with plain file reads.
+
+    No mmap: the file's pages stay in the page cache instead of this process's RSS, and a tensor
+    whose dtype and device already match is read into the parameter's own memory (no second copy).
+    """
+    for path in files:
+        header, data_start = _safetensors_header(path)
+        with open(path, "rb", buffering=0) as f:
+            for key, info in header.items():
+                target = targets.get(key)
+                if target is None:
+                    continue
+                dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info.get('dtype')!r}")
+                begin, end = info["data_offsets"]
+                numel = math.prod(info["shape"])
+                if end - begin != numel * dtype.itemsize:
+                    raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for shape {info['shape']}")
+                direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+                buf = target.detach() if direct else torch.empty(info["shape"], dtype=dtype)
+                f.seek(data_start + begin)
+                if numel:
+                    _read_exact(f, memoryview(buf.view(-1).view(torch.uint8).numpy()), path, key)
+                if not direct:
+                    target.copy_(buf.view(target.shape))
 
 
 # ---------------------------------------------------------------- loading
@@ -199,18 +245,17 @@ def from_pretrained(
     params = dict(model.named_parameters(remove_duplicate=False))
     source_to_name = {src: name for name, src in acc.mapping.items()}
     head = cls.head
-    tensors = (
-        _iter_safetensors_torch(files, source_to_name)
-        if fmt == "safetensors"
-        else _iter_torch_bin_tensors(files, source_to_name)
-    )
     filled: set[str] = set()
     with torch.no_grad():
-        for key, tensor in tensors:
-            name = source_to_name[key]
-            params[hf_name(name, head)].copy_(tensor)
-            filled.add(name)
-            del tensor
+        if fmt == "safetensors":
+            fill_from_safetensors(files, {src: params[hf_name(name, head)] for src, name in source_to_name.items()})
+            filled.update(source_to_name.values())
+        else:
+            for key, tensor in _iter_torch_bin_tensors(files, source_to_name):
+                name = source_to_name[key]
+                params[hf_name(name, head)].copy_(tensor)
+                filled.add(name)
+                del tensor
         for name in acc.tied:
             spec = next(s for s in parameter_table(config, head) if s.name == name)
             target = params[hf_name(name, head)]
