@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from conversion.formats.base import Reader, Writer
+from conversion.formats.base import Reader, Scratch, Writer, fast_transpose
 from opt_core.checkpoint import FLAX_MSGPACK, CheckpointError
 from opt_core.config import OPTConfig
 from opt_core.formats import flax_msgpack as fm
@@ -43,6 +43,7 @@ class FlaxMsgpackReader(Reader):
         self.layout_config = config
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._dtypes: dict[str, np.dtype] = {}
+        self._fh = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         if self._shapes is None:
@@ -60,10 +61,63 @@ class FlaxMsgpackReader(Reader):
                 del table
         return self._dtypes[key]
 
+    def _index(self) -> None:
+        """Parse the tree once and remember where each tensor's bytes are in the file, then unmap it.
+
+        `read_flax_msgpack` re-maps and re-parses the whole file per call (quadratic over a model
+        read one tensor at a time) and copies out of the map, whose touched pages then count as
+        resident. Here tensors are read with plain file reads at the offsets the parse found; the
+        identity extras it verifies are verified once, through it."""
+        for _ in read_flax_msgpack(self._file, set(), self.layout_config):  # verifies extras, yields nothing
+            pass
+        self._where: dict[str, tuple[tuple[int, ...], np.dtype, bool, list[tuple[int, int]]]] = {}
+        mapped = fm._MappedFile(self._file)
+        with mapped as leaves:
+            base = _address(mapped._view)
+            table = fm._canonical_leaves(leaves, str(self._file))
+            for name, (ref, transposed, _) in table.items():
+                pieces = ref.chunks if ref.chunks is not None else [ref]
+                spans = [(_address(p.data) - base, p.data.nbytes) for p in pieces]  # type: ignore[union-attr]
+                self._where[name] = (tuple(ref.shape), np.dtype(ref.dtype), transposed, spans)
+            del table, leaves, pieces  # release our views into the map before it closes
+        self._raw = Scratch()
+        self._fh = open(self._file, "rb")  # noqa: SIM115 (closed in close())
+
     def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
-        for _, arr in read_flax_msgpack(self._file, {key}, self.layout_config):
-            return arr
-        raise KeyError(f"{self._file} holds no {key}")
+        if self._fh is None:
+            self._index()
+        if key not in self._where or key not in self.shapes():
+            raise KeyError(f"{self._file} holds no {key}")
+        shape, dtype, transposed, spans = self._where[key]
+        target = shape[::-1] if transposed else shape
+        if out is None or out.shape != target or out.dtype != dtype or not out.flags.c_contiguous:
+            out = np.empty(target, dtype=dtype)
+        raw = self._raw.array(shape, dtype) if transposed else out
+        flat = raw.reshape(-1).view(np.uint8)
+        pos = 0
+        for offset, n in spans:  # one span, or Flax's chunks in order
+            if n == 0:
+                continue
+            self._fh.seek(offset)
+            got = self._fh.readinto(memoryview(flat[pos : pos + n]))
+            if got != n:
+                raise CheckpointError(f"{self._file} is truncated: {key} needs {n} bytes at {offset}, read {got}")
+            pos += n
+        if pos != flat.nbytes:
+            raise CheckpointError(f"{self._file}: {key} holds {pos} bytes, its shape needs {flat.nbytes}")
+        if transposed:
+            fast_transpose(raw, out=out)  # Flax kernel [in, out] -> canonical [out, in]
+        return out
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _address(view: memoryview) -> int:
+    """The memory address a buffer starts at (no copy, no page touched)."""
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if view.nbytes else 0
 
 
 def _ext_header(length: int, code: int) -> bytes:

@@ -132,6 +132,8 @@ def config_from_metaseq(cfg: dict[str, Any] | None, shapes: dict[str, tuple[int,
     checks = {"decoder_embed_dim": hidden, "decoder_layers": len(layers), "decoder_ffn_embed_dim": ffn}
     wrong = [f"{k}={model[k]} but the tensors say {v}" for k, v in checks.items()
              if model.get(k) is not None and v is not None and int(model[k]) != int(v)]
+    if model.get("decoder_learned_pos") is False:
+        wrong.append("decoder_learned_pos=False (sinusoidal positions), but OPT learns its positions")
     if wrong:
         raise CheckpointError(f"{src} disagrees with the tensors: {'; '.join(wrong)}")
     pre_ln = bool(model.get("decoder_normalize_before", "decoder.final_layer_norm.weight" in shapes

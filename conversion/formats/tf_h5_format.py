@@ -14,7 +14,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from conversion.formats.base import LazyTensors, Reader, Writer
+from conversion.formats.base import LazyTensors, Reader, Scratch, Writer, fast_transpose
 from opt_core.checkpoint import TF_H5
 from opt_core.config import OPTConfig
 from opt_core.formats.flax_msgpack import identity_extras
@@ -44,6 +44,7 @@ class TfH5Reader(Reader):
         self.layout_config = config
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._dtypes: dict[str, np.dtype] = {}
+        self._h5 = None
 
     def _config_kw(self) -> dict:
         # The identity biases/gammas HF TF stores for configs without them are dropped (and checked)
@@ -66,10 +67,42 @@ class TfH5Reader(Reader):
                 self._dtypes = {k: _bf16(np.dtype(f[ds].dtype)) for k, ds in _entries(f, self._file)}
         return self._dtypes[key]
 
+    def _open_datasets(self) -> None:
+        """Open the file once and map key -> dataset. `read_tf_h5` reopens the file and walks every
+        entry per call, which is quadratic over a checkpoint read one tensor at a time; this is its
+        loop body for one key (the identity extras it verifies are checked once, here)."""
+        from opt_core.formats.tf_h5 import _entries, _is_kernel, _open
+
+        for _ in read_tf_h5(self._file, set(), **self._config_kw()):  # verifies the extras, yields nothing
+            pass
+        self._h5 = _open(self._file)
+        self._datasets = {k: (ds, _is_kernel(ds)) for k, ds in _entries(self._h5, self._file)}
+        self._raw = Scratch()
+
     def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
-        for _, arr in read_tf_h5(self._file, {key}, **self._config_kw()):
-            return arr.view(_bf16(arr.dtype))
-        raise KeyError(f"{self._file} holds no {key}")
+        if self._h5 is None:
+            self._open_datasets()
+        if key not in self._datasets:
+            raise KeyError(f"{self._file} holds no {key}")
+        ds_path, kernel = self._datasets[key]
+        ds = self._h5[ds_path]
+        dtype = _bf16(np.dtype(ds.dtype))
+        shape = tuple(int(d) for d in ds.shape)
+        transposed = kernel and len(shape) == 2
+        target = shape[::-1] if transposed else shape
+        if out is None or out.shape != target or out.dtype != dtype or not out.flags.c_contiguous:
+            out = np.empty(target, dtype=dtype)
+        raw = self._raw.array(shape, np.dtype(ds.dtype)) if transposed else out.view(np.dtype(ds.dtype))
+        if raw.size:
+            ds.read_direct(raw)
+        if transposed:
+            fast_transpose(raw.view(dtype), out=out)  # Keras kernel [in, out] -> canonical [out, in]
+        return out
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
 
 
 class TfH5Writer(Writer):
