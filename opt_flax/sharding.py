@@ -83,8 +83,11 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def _path(keypath: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A pytree key path -> the nnx.state path (dict keys and list indices; no `.value` suffix)."""
     out = []
     for k in keypath:
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue
         for attr in ("key", "name", "idx"):
             if hasattr(k, attr):
                 out.append(getattr(k, attr))
