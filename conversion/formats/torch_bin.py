@@ -100,6 +100,8 @@ def load_torch_file(path: Path) -> tuple[dict, bool]:
 
 
 def _state_dict(obj: object, path: Path) -> dict:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # a training checkpoint's wrapper
+        obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a state dict (got {type(obj).__name__})")
     import torch
