@@ -36,8 +36,6 @@ CPU_INFER_BATCHES, CPU_INFER_SEQS = (1, 2, 4), (128, 256, 512)
 
 # ---------------------------------------------------------------- one point (subprocess)
 def run_point(p: dict) -> dict:
-    import resource
-
     import torch
     import torch.nn.functional as F
 
@@ -100,7 +98,10 @@ def run_point(p: dict) -> dict:
     if device.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from run_all import peak_rss_mb  # VmHWM: this process only, unlike ru_maxrss
+
+        out["peak_mb"] = peak_rss_mb()
     return out
 
 

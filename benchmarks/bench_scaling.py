@@ -28,8 +28,6 @@ DEFAULT_LENGTHS = (128, 256, 512, 1024, 2048)
 
 
 def worker(job: dict) -> dict:
-    import resource
-
     runner = run_all.LOADERS[job["impl"]](job["folder"], job["threads"])
     n, length, b = job["new_tokens"], job["length"], job["batch"]
     ids, mask = run_all._prompt(b, length - n)
@@ -46,7 +44,7 @@ def worker(job: dict) -> dict:
     t1, tn = timed(1), timed(n)
     return {"impl": job["impl"], "length": length, "prefill_s": t1,
             "decode_tokens_per_s": b * (n - 1) / max(tn - t1, 1e-9),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": run_all.peak_rss_mb()}
 
 
 def run_point(job: dict, timeout: int) -> dict:
