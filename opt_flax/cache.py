@@ -19,10 +19,11 @@ from opt_core.config import OPTConfig
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    """Per-layer keys and values [B, S, N, H] (S = slots) and the number of slots written.
+    """Per-layer keys and values [B, N, S, H] (S = slots) and the number of slots written.
 
     Attributes:
-        keys / values: one array per layer, [batch, max_length, heads, head_dim].
+        keys / values: one array per layer, [batch, heads, max_length, head_dim] (the layout the
+            attention matmuls read directly).
         length: int32 scalar, tokens written so far (the next write slot).
     """
 
@@ -38,14 +39,14 @@ class KVCache:
                 f"cache of {max_length} tokens is longer than max_position_embeddings "
                 f"({config.max_position_embeddings})"
             )
-        shape = (batch_size, max_length, config.num_attention_heads, config.head_dim)  # [B, S, N, H]
+        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # [B, N, S, H]
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
         return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
                    jnp.zeros((), jnp.int32))
 
     @property
     def max_length(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
     @property
     def batch_size(self) -> int:

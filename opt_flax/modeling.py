@@ -156,27 +156,32 @@ class OPTAttention(nnx.Module):
         cache: tuple[jax.Array, jax.Array, jax.Array] | None,
         deterministic: bool | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, C]; allowed bool [B, 1, T, S]; cache (keys, values [B, S, N, H], write slot) or
+        """x [B, T, C]; allowed bool [B, 1, T, S]; cache (keys, values [B, N, S, H], write slot) or
         None. Returns the output [B, T, C] and the updated (keys, values) when caching."""
         b, t, _ = x.shape
         heads = (b, t, self.num_heads, self.head_dim)
-        q = (self.q_proj(x) * self.head_dim**-0.5).reshape(heads)  # scaled after the bias; [B, T, N, H]
-        k = self.k_proj(x).reshape(heads)
-        v = self.v_proj(x).reshape(heads)
-        q, k, v = (constrain(y, "data", None, "model", None) for y in (q, k, v))  # heads split over "model"
+
+        def split(y: jax.Array) -> jax.Array:  # [B, T, C] -> [B, N, T, H]
+            return constrain(y.reshape(heads).transpose(0, 2, 1, 3), "data", "model", None, None)
+
+        q = split(self.q_proj(x) * self.head_dim**-0.5)  # scaled after the bias
+        k = split(self.k_proj(x))
+        v = split(self.v_proj(x))
         new_kv = None
         if cache is not None:
+            # The cache is [B, N, S, H], the layout both attention matmuls read without a transpose
+            # (a [B, S, N, H] cache made XLA copy the whole cache every decode step).
             cache_k, cache_v, slot = cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, slot, 0, 0))  # [B, S, N, H]
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, slot, 0, 0))
-            k, v = (constrain(y, "data", None, "model", None) for y in (k, v))
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, slot, 0))  # [B, N, S, H]
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, slot, 0))
+            k, v = (constrain(y, "data", "model", None, None) for y in (k, v))
             new_kv = (k, v)
         # Scores and softmax in float32 whatever the compute dtype (the fp16/bf16 NaN fix).
-        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(allowed, scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
-        out = jnp.einsum("BNTS,BSNH->BTNH", probs, v.astype(self.dtype)).reshape(b, t, -1)  # [B, T, C]
+        out = jnp.einsum("BNTS,BNSH->BTNH", probs, v.astype(self.dtype)).reshape(b, t, -1)  # [B, T, C]
         return self.out_proj(out), new_kv
 
 

@@ -115,9 +115,9 @@ def shard_batch(x: Any, mesh: Mesh) -> jax.Array:
 
 
 def cache_sharding(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
-    """NamedShardings of a `KVCache`: (keys/values [B, S, N, H]: batch over "data", heads over
+    """NamedShardings of a `KVCache`: (keys/values [B, N, S, H]: batch over "data", heads over
     "model"; the length scalar: replicated)."""
-    return NamedSharding(mesh, P("data", None, "model", None)), NamedSharding(mesh, P())
+    return NamedSharding(mesh, P("data", "model", None, None)), NamedSharding(mesh, P())
 
 
 def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
