@@ -223,6 +223,7 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     prng_key: jax.Array | None = None,
+    seed: int | None = None,
     pad_to_multiple_of: int = 8,
 ) -> jax.Array:
     """Continue each row of `input_ids` [B, T] (left-padded when `attention_mask` has zeros).
@@ -232,7 +233,7 @@ def generate(
         do_sample: sample (with `temperature`, `top_k` (0 = off), `top_p`) instead of greedy.
         num_beams: > 1 for beam search (deterministic; `length_penalty`, `early_stopping` as in HF).
         eos_token_id / pad_token_id: default to the config's; eos None disables stopping.
-        prng_key: `jax.random.key` for sampling (default key 0: reproducible).
+        prng_key: `jax.random.key` for sampling; or `seed` (an int, as in opt_torch); default key 0.
         pad_to_multiple_of: prompt widths are left-padded up to this multiple (compile buckets).
     Returns:
         int32 [B, T + generated]: the prompt followed by the new tokens (pad after a row's eos).
@@ -276,7 +277,7 @@ def generate(
                                       num_beams, early_stopping, jnp.int32(eos), jnp.int32(pad),
                                       jnp.float32(length_penalty))
     else:
-        key = prng_key if prng_key is not None else jax.random.key(0)
+        key = prng_key if prng_key is not None else jax.random.key(0 if seed is None else seed)
         new, count = greedy_or_sample_loop(graphdef, state, logits, cache, jnp.asarray(mask_full), max_new_tokens,
                                            do_sample, jnp.int32(eos), jnp.int32(pad), key,
                                            jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
