@@ -169,7 +169,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/opt-bench-convert")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "bench_convert.json"))
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints in --workdir")
-    ap.add_argument("--reuse", action="store_true", help="reuse synthetic checkpoints kept by an earlier --keep run")
+    ap.add_argument("--reuse", action="store_true", help="reuse synthetic checkpoints kept by an earlier --keep run")  # noqa: E501
     ap.add_argument("--cases", default=None, help="comma-separated substrings: only matching cases (copy always runs)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -276,7 +276,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     finally:
-        if not args.keep and not args.reuse:
+        if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return 0
 
