@@ -275,6 +275,7 @@ def from_pretrained(
     unfilled = [s.name for s in parameter_table(config, head) if s.name not in filled]
     if unfilled:  # account_keys guarantees this cannot happen; keep the meta garbage out regardless
         raise CheckpointError(f"{folder}: tensors left unfilled after loading: {unfilled}")
+    model.fuse_qkv()
     model.loading_info = acc
     return model.eval()
 
@@ -307,7 +308,11 @@ def save_pretrained(
     for spec in parameter_table(config, head):
         if spec.tied_to is not None:
             continue  # Hugging Face re-ties on load
-        tensors[hf_name(spec.name, head)] = state[hf_name(spec.name, head)].detach().contiguous().cpu()
+        t = state[hf_name(spec.name, head)].detach().cpu()
+        # Fused q/k/v parameters are views of one buffer; safetensors wants each tensor on its own.
+        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.contiguous().clone()
+        tensors[hf_name(spec.name, head)] = t
     sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
     shards = plan_shards(sizes, parse_size(max_shard_size))
     names = shard_file_names(SAFETENSORS, len(shards))

@@ -175,6 +175,39 @@ class OPTAttention(nn.Module):
         self.v_proj = nn.Linear(c, c, bias=bias)
         self.q_proj = nn.Linear(c, c, bias=bias)
         self.out_proj = nn.Linear(c, c, bias=bias)
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Store q/k/v weights (and biases) in one [3C, C] tensor and make the three parameters
+        views of it: inference then runs one matmul instead of three, while `state_dict` keeps the
+        canonical names and training still updates the same memory. Anything that replaces the
+        parameters (`.to(dtype)`, `load_state_dict(assign=True)`) silently returns to three matmuls."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projs])  # [3C, C]
+        bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None  # [3C]
+        for i, p in enumerate(projs):
+            c = p.weight.shape[0]
+            p.weight = nn.Parameter(weight[i * c : (i + 1) * c], requires_grad=p.weight.requires_grad)
+            if bias is not None:
+                p.bias = nn.Parameter(bias[i * c : (i + 1) * c], requires_grad=p.bias.requires_grad)
+        self._qkv = (weight, bias)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> OPTAttention:
+        out = super()._apply(fn, recurse)
+        if self._qkv is not None and self.q_proj.weight.data_ptr() != self._qkv[0].data_ptr():
+            self._qkv = None  # parameters moved or converted: drop the stale fused copy
+        return out
+
+    def _fused(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fused q/k/v weights while the parameters still live in them (and no gradient is needed)."""
+        if self._qkv is None or torch.is_grad_enabled():
+            return None
+        weight, bias = self._qkv
+        if self.q_proj.weight.data_ptr() != weight.data_ptr() or self.v_proj.weight.dtype != weight.dtype:
+            self._qkv = None
+            return None
+        return weight, bias
 
     def forward(
         self,
@@ -185,9 +218,14 @@ class OPTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t, c = x.shape
         h, d = self.num_heads, self.head_dim
-        q = (self.q_proj(x) * self.scaling).view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
-        v = self.v_proj(x).view(b, t, h, d).transpose(1, 2)
+        fused = self._fused()
+        if fused is not None:
+            q, k, v = F.linear(x, *fused).split(c, dim=-1)  # [B, T, 3C] -> 3 x [B, T, C]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = (q * self.scaling).view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
+        v = v.view(b, t, h, d).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, H, S, D]
         dropout = self.dropout if self.training else 0.0
@@ -416,6 +454,12 @@ class OPTPreTrainedModel(nn.Module):
         self.attn_implementation = name
         for layer in self.get_decoder().layers:
             layer.self_attn.attn_implementation = name
+
+    def fuse_qkv(self) -> None:
+        """Fuse each layer's q/k/v projections for inference (see `OPTAttention.fuse_qkv`);
+        `from_pretrained` does this on load. State dict names and values are unchanged."""
+        for layer in self.get_decoder().layers:
+            layer.self_attn.fuse_qkv()
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each layer in the backward pass instead of storing its activations (training)."""

@@ -277,3 +277,34 @@ def test_flash_attention_matches_reference_on_gpu():  # exercised whenever a GPU
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits.float().cpu().numpy()
     assert relative_error(logits, ref(ids, mask).logits, mask) < TOLERANCE["float16"]
+
+
+def test_fused_qkv_is_exact_keeps_names_and_trains():
+    config = VARIANTS["post_ln_proj"]
+    model, ref = model_and_reference(config, Head.CAUSAL_LM)
+    ids, mask = left_padded_batch(config.vocab_size)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_qkv()
+    attn = model.model.decoder.layers[0].self_attn
+    assert attn._fused() is None  # gradients enabled here: the three matmuls run
+    with torch.no_grad():
+        assert attn._fused() is not None
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert relative_error(after.numpy(), before.numpy(), mask) < 1e-6
+    assert list(model.state_dict()) == list(state_before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state_before.items())
+    # Training updates the parameters, which are views of the fused buffer.
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=np.where(mask == 1, ids, -100)).loss.backward()
+    assert attn.q_proj.weight.grad is not None
+    with torch.no_grad():
+        attn.q_proj.weight.sub_(attn.q_proj.weight.grad)
+        assert torch.equal(attn._fused()[0][: config.hidden_size], attn.q_proj.weight)
+    model.eval()
+    # Converting drops the fused copy; results stay right.
+    model = model.double()
+    assert attn._qkv is None
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask).logits.dtype == torch.float64
