@@ -84,8 +84,9 @@ def worker_hf(folder: str, batch: int, new_tokens: int) -> dict:
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
+        # eos off: HF Flax needs an eos id; min_length masks it until the last token.
         out = model.generate(jnp.asarray(ids), attention_mask=jnp.asarray(mask), max_new_tokens=new_tokens,
-                             do_sample=False, eos_token_id=-1)  # eos off: an id no token has
+                             do_sample=False, eos_token_id=2, pad_token_id=1, min_length=PROMPT + new_tokens)
         jax.block_until_ready(out.sequences)
         times.append(time.perf_counter() - t0)
     assert out.sequences.shape == (batch, PROMPT + new_tokens), out.sequences.shape
@@ -159,7 +160,8 @@ def main() -> None:
             print(f"  {impl} batch {batch}: {res}", file=sys.stderr, flush=True)
 
     print(f"\nopt-125m shape, fp32, {THREADS} threads, prompt {PROMPT}, {args.new_tokens} new tokens")
-    print(f"{'impl':<10} {'batch':>5} {'first call s':>13} {'steady tok/s':>13} {'vs hf_flax':>10} {'vs opt_torch':>12}")
+    header = f"{'impl':<10} {'batch':>5} {'first call s':>13} {'steady tok/s':>13}"
+    print(f"{header} {'vs hf_flax':>10} {'vs opt_torch':>12}")
     for batch in args.batches:
         hf = results["runs"].get(f"hf_flax/b{batch}", {}).get("steady_tok_s")
         pt = results["runs"].get(f"opt_torch/b{batch}", {}).get("steady_tok_s")

@@ -107,7 +107,9 @@ def causal_padding_mask(attention_mask: jax.Array, past_length: jax.Array | int,
 
 
 # ---------------------------------------------------------------- layers
-def _linear(cfg: OPTConfig, d_in: int, d_out: int, bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(
+    cfg: OPTConfig, d_in: int, d_out: int, bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+) -> nnx.Linear:
     return nnx.Linear(
         d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nnx.initializers.normal(cfg.init_std), rngs=rngs,
@@ -317,7 +319,9 @@ class OPTPreTrainedModel(nnx.Module):
 
     head: Head = Head.BASE
 
-    def _init_common(self, config: OPTConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None, remat: bool) -> nnx.Rngs:
+    def _init_common(
+        self, config: OPTConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None, remat: bool
+    ) -> nnx.Rngs:
         if not isinstance(config, OPTConfig):
             raise TypeError(f"config must be an opt_core.OPTConfig, got {type(config).__name__}")
         self.config = config
@@ -421,7 +425,9 @@ class OPTModel(OPTPreTrainedModel):
 class _WithDecoder(OPTPreTrainedModel):
     """A task head on top of `self.model` (an `OPTModel`), as Hugging Face nests them."""
 
-    def _init_model(self, config: OPTConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None, remat: bool) -> nnx.Rngs:
+    def _init_model(
+        self, config: OPTConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs | None, remat: bool
+    ) -> nnx.Rngs:
         rngs = self._init_common(config, dtype, param_dtype, rngs, remat)
         self.model = OPTModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
         return rngs
@@ -552,7 +558,8 @@ class OPTForQuestionAnswering(_WithDecoder):
         both = self.qa_outputs(out.last_hidden_state)  # [B, T, 2]
         out.start_logits, out.end_logits = both[..., 0], both[..., 1]
         if start_positions is not None and end_positions is not None:
-            out.loss = qa_loss(out.start_logits, out.end_logits, jnp.asarray(start_positions), jnp.asarray(end_positions))
+            start, end = jnp.asarray(start_positions), jnp.asarray(end_positions)
+            out.loss = qa_loss(out.start_logits, out.end_logits, start, end)
         return out
 
 

@@ -57,11 +57,13 @@ def make_mesh(data: int, model: int, devices: Any = None) -> Mesh:
 
 
 def partition_spec(path: tuple[Any, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The PartitionSpec of the parameter at `path`, or replicated when the split would not be even."""
+    """The PartitionSpec of the parameter at `path` (first matching rule).
+
+    Raises:
+        ValueError: a split dimension is not divisible by its mesh axis.
+    """
     name = "/".join(str(p) for p in path)
-    for pattern, spec in PARTITION_RULES:
-        if re.search(pattern, name):
-            break
+    spec = next(s for pattern, s in PARTITION_RULES if re.search(pattern, name))
     for dim, axis in zip(shape, spec):
         if axis is not None and dim % mesh.shape[axis]:
             raise ValueError(

@@ -100,7 +100,8 @@ def test_losses_match_numpy(tmp_path):
     out = model(ids, attention_mask=mask, labels=labels)
     logits = np.asarray(out.logits, np.float64)[:, :-1]
     target = labels[:, 1:]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     valid = target != -100
     expected = -np.take_along_axis(logp, np.where(valid, target, 0)[..., None], -1)[..., 0][valid].mean()
     assert abs(float(out.loss) - expected) < 1e-5
