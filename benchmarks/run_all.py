@@ -217,10 +217,11 @@ class _HFFlax:
         self._prefill(self.model.params, ids, mask).block_until_ready()
 
     def generate(self, ids, mask, new_tokens):
-        # Hugging Face Flax cannot take eos None (jnp.array(None)); -1 is an id no token has.
+        # Hugging Face Flax takes neither eos None (jnp.array(None)) nor -1 (validation); vocab_size
+        # is a valid integer that no logit can produce, so eos stays off.
         eos = self.model.config.eos_token_id
         out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                  eos_token_id=-1 if eos is None else eos)
+                                  eos_token_id=self.model.config.vocab_size if eos is None else eos)
         return int(self.jax.block_until_ready(out.sequences).shape[1]) - ids.shape[1]
 
 
@@ -398,7 +399,7 @@ def run_extra(name: str, quick: bool, timeout: int, threads: int) -> dict:
     return {"command": shown, "markdown": md.read_text(), "exit": proc.returncode}
 
 
-def run_backend_scripts(shapes: list[str], quick: bool, timeout: int) -> dict:
+def run_backend_scripts(shapes: list[str], quick: bool, timeout: int, threads: int) -> dict:
     """The backends' own benchmark scripts (their issue-specific measurements), when present."""
     found = {}
     for name in ("torch", "tf", "flax"):
@@ -413,8 +414,12 @@ def run_backend_scripts(shapes: list[str], quick: bool, timeout: int) -> dict:
         cmd = [python, str(script), "--json", str(out)]
         if "--shapes" in helptext:  # bench_flax.py / bench_tf.py measure opt-125m only
             cmd += ["--shapes", ",".join(shapes)]
-        if quick and "--quick" in helptext:
-            cmd.append("--quick")
+        if "--threads" in helptext and threads:
+            cmd += ["--threads", str(threads)]
+        if quick:  # each script's own knobs, where it has them
+            for flag, value in (("--quick", None), ("--batches", "1"), ("--new-tokens", "16")):
+                if flag in helptext:
+                    cmd += [flag] + ([value] if value else [])
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -601,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"   {impl:9s} prefill {pre}; decode {dec}; peak RSS {_f(r['peak_rss_mb'], 0)} MB "
                       f"({time.time() - t:.0f}s)", flush=True)
     if args.backend_scripts:
-        report["backend_scripts"] = run_backend_scripts(shapes, args.quick, args.timeout)
+        report["backend_scripts"] = run_backend_scripts(shapes, args.quick, args.timeout, args.threads)
     report["extras"] = {}
     for name, skip in (("attention", args.no_attention), ("scaling", args.no_scaling)):
         if not skip:
