@@ -128,9 +128,9 @@ def measure(job: dict) -> dict:
     for batch in job["batches"]:
         ids, mask = _prompt(batch, job["prompt_len"], seed=batch)
         runner.generate(ids, mask, 8)  # warm-up
-        got = {}
+        got: dict = {}
 
-        def run():
+        def run(ids=ids, mask=mask, got=got):
             got["new"] = runner.generate(ids, mask, job["new_tokens"])
 
         timing = time_call(run, job["repeats"], warmup=0)

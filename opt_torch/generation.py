@@ -186,7 +186,8 @@ def generate(
     if attention_mask is None:
         mask_np = np.ones(ids_np.shape, dtype=np.int64) if ids_np.ndim == 2 else None
     else:
-        mask_np = attention_mask.detach().cpu().numpy() if isinstance(attention_mask, torch.Tensor) else np.asarray(attention_mask)
+        is_tensor = isinstance(attention_mask, torch.Tensor)
+        mask_np = attention_mask.detach().cpu().numpy() if is_tensor else np.asarray(attention_mask)
     validate_inputs(ids_np, mask_np, config)
     total = ids_np.shape[1] + max_new_tokens
     if total > config.max_position_embeddings:

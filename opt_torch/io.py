@@ -90,7 +90,9 @@ def torch_bin_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _iter_torch_bin_tensors(files: Iterable[Path], keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_torch_bin_tensors(
+    files: Iterable[Path], keys: Iterable[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     wanted = set(keys) if keys is not None else None
     for path in files:
         state = _torch_load(Path(path))

@@ -773,7 +773,9 @@ class OPTForQuestionAnswering(_WithDecoder):
         return out
 
 
-def qa_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+def qa_loss(
+    start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor
+) -> torch.Tensor:
     """(CE(start) + CE(end)) / 2 with positions clamped to [0, T]; position T is ignored."""
     ignored = start_logits.shape[1]
     start = start.reshape(-1).clamp(0, ignored)

@@ -32,7 +32,8 @@ def test_cached_decoding_equals_full_pass(variant, attn, kind):
         out = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache)
         steps = [out.logits.numpy()]
         for t in range(4, ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values)
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
+                        past_key_values=out.past_key_values)
             steps.append(out.logits.numpy())
     assert out.past_key_values is cache and cache.get_seq_length() == ids.shape[1]
     cached = np.concatenate(steps, axis=1)
@@ -116,7 +117,8 @@ def _compiled_decode(backend: str):
 
     compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=True)
     with torch.no_grad():
-        outs = [compiled(ids[:, t : t + 1], positions[:, t : t + 1], mask[:, : t + 1], cache) for t in range(ids.shape[1])]
+        outs = [compiled(ids[:, t : t + 1], positions[:, t : t + 1], mask[:, : t + 1], cache)
+                for t in range(ids.shape[1])]
     got = torch.cat(outs, dim=1).numpy()
     assert relative_error(got, full.numpy(), mask.numpy()) < TOLERANCE["float32"]
 
