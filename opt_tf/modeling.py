@@ -505,9 +505,13 @@ class OPTForCausalLM(_WithDecoder):
 
     def lm_logits(self, h: tf.Tensor) -> tf.Tensor:
         """[B, T, E] -> logits [B, T, V]."""
-        if self.lm_head is None:
-            return tf.matmul(h, tf.cast(self.get_decoder().embed_tokens, h.dtype), transpose_b=True)
-        return tf.tensordot(h, tf.cast(self.lm_head, h.dtype), axes=1)
+        if self.lm_head is not None:
+            return tf.tensordot(h, tf.cast(self.lm_head, h.dtype), axes=1)
+        b, t = tf.shape(h)[0], tf.shape(h)[1]
+        # A 2-D matmul: a [B, T, E] x [V, E]^T batch matmul would broadcast the [V, E] table per row.
+        flat = tf.reshape(h, [-1, h.shape[-1]])  # [B * T, E]
+        logits = tf.matmul(flat, tf.cast(self.get_decoder().embed_tokens, h.dtype), transpose_b=True)
+        return tf.reshape(logits, [b, t, -1])  # [B, T, V]
 
     def call(
         self,
