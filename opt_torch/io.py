@@ -4,7 +4,8 @@ Loading reads `model.safetensors`, sharded safetensors (`model.safetensors.index
 `pytorch_model.bin` or sharded `.bin` (only through `torch.load(weights_only=True)`), with either key
 prefix (`model.decoder.*` or `decoder.*`) and with or without `lm_head.weight`. Every key is
 accounted for by `opt_core.checkpoint.account_keys` before a byte is copied. The model is built on
-the meta device and filled one tensor at a time, so peak memory stays near one copy of the weights.
+uninitialised storage (`modeling.empty_weights`) and filled one tensor at a
+time, so peak memory stays near one copy of the weights.
 
 Saving writes `config.json` plus safetensors (sharded above `max_shard_size`) in Hugging Face's
 layout, which `transformers` loads unchanged.
@@ -216,7 +217,7 @@ def from_pretrained(
         FileNotFoundError: no folder, config or weights.
         CheckpointError: missing, unexpected or misshapen tensors (all listed), unreadable files.
     """
-    from opt_torch.modeling import check_attn_implementation
+    from opt_torch.modeling import check_attn_implementation, empty_weights
 
     cls = _model_class(model_class)
     folder = Path(folder)
@@ -240,10 +241,8 @@ def from_pretrained(
     acc = account_keys(shapes, config, cls.head)
     acc.raise_for_errors(str(folder))
 
-    with torch.device("meta"):
+    with empty_weights(dtype, device):  # uninitialised storage, filled below tensor by tensor
         model = cls(config, attn_implementation=attn_implementation)
-    model = model.to(dtype).to_empty(device=device)
-    model.tie_weights()  # to_empty gives tied parameters separate storage; share it again
     params = dict(model.named_parameters(remove_duplicate=False))
     source_to_name = {src: name for name, src in acc.mapping.items()}
     head = cls.head
@@ -275,7 +274,7 @@ def from_pretrained(
                 folder, head.value, ", ".join(acc.new_head), config.init_std,
             )
     unfilled = [s.name for s in parameter_table(config, head) if s.name not in filled]
-    if unfilled:  # account_keys guarantees this cannot happen; keep the meta garbage out regardless
+    if unfilled:  # account_keys guarantees this cannot happen; never hand out uninitialised memory
         raise CheckpointError(f"{folder}: tensors left unfilled after loading: {unfilled}")
     model.fuse_qkv()
     model.loading_info = acc

@@ -10,8 +10,9 @@ C hidden_size, E word_embed_proj_dim, V vocab, L labels.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -138,6 +139,32 @@ def build_attention_mask(
     # see every key instead. Its output is ignored; this only keeps it finite (no NaN in fp16).
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
     return AttentionMask(allowed, is_causal=False, padding=padding)
+
+
+_INIT_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def empty_weights(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
+    """Build modules with uninitialised parameters of `dtype` on `device` (for loaders that fill
+    every tensor next): no init runs, so no page is touched and memory grows only as weights are
+    read in. Unlike building on the meta device, this needs none of PyTorch's Python meta kernels
+    (importing them costs ~75 MB of RSS)."""
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    saved = {cls: cls.reset_parameters for cls in classes}
+    old_dtype = torch.get_default_dtype()
+    try:
+        for cls in classes:
+            cls.reset_parameters = lambda self: None  # type: ignore[method-assign]
+        torch.set_default_dtype(dtype)
+        _INIT_ENABLED[0] = False
+        with torch.device(device):
+            yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn  # type: ignore[method-assign]
+        torch.set_default_dtype(old_dtype)
+        _INIT_ENABLED[0] = True
 
 
 def _flash_attn_available() -> bool:
@@ -477,6 +504,8 @@ class OPTPreTrainedModel(nn.Module):
     def init_weights(self, module: nn.Module | None = None) -> None:
         """Hugging Face's init: Linear/Embedding weights N(0, init_std), biases 0, LayerNorm 1/0,
         the padding row of the token table 0. Applies to `module` or to the whole model."""
+        if not _INIT_ENABLED[0]:
+            return
         std = self.config.init_std
         for m in (module or self).modules():
             if isinstance(m, nn.Linear):

@@ -209,3 +209,30 @@ def test_hugging_face_loads_what_we_save(tmp_path):
     [hf] = oracle_run(tmp_path / "cls", [{"framework": "torch", "input_ids": ids, "attention_mask": mask}],
                       head="sequence_classification")
     assert relative_error(_logits(cls, ids, mask), hf["logits"]) < TOLERANCE["float32"]
+
+
+def test_loading_peaks_near_one_copy_of_the_weights(tmp_path):
+    """Built on uninitialised storage and filled by plain reads: loading adds about one copy of the
+    weights to the process's peak RSS (init-then-load adds two; mmap reads count the file too)."""
+    import subprocess
+    import sys
+
+    from opt_core import OPTConfig
+
+    config = OPTConfig(vocab_size=50272, hidden_size=256, num_hidden_layers=2, ffn_dim=1024,
+                       num_attention_heads=4, max_position_embeddings=256)
+    OPTForCausalLM(config).save_pretrained(tmp_path)
+    weights = (tmp_path / "model.safetensors").stat().st_size
+    script = (
+        "import sys, torch\n"
+        "import opt_torch.io\n"
+        "def status(key):\n"
+        "    return next(int(ln.split()[1]) * 1024 for ln in open('/proc/self/status') if ln.startswith(key))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS\n"
+        "before = status('VmRSS:')\n"
+        "opt_torch.OPTForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print(status('VmHWM:') - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+    added = int(out.stdout.strip().splitlines()[-1])
+    assert added < 1.3 * weights, f"loading {weights / 2**20:.0f} MiB raised peak RSS by {added / 2**20:.0f} MiB"
