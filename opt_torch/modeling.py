@@ -300,11 +300,19 @@ def flash_attention(
         raise ValueError(f"flash_attention_2 needs float16 or bfloat16 activations, got {q.dtype}")
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
+    return _flash_attention_packed(q, k, v, mask, dropout, flash_attn_func, flash_attn_varlen_func)
+
+
+def _flash_attention_packed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, dropout: float,
+    dense_kernel: Callable[..., torch.Tensor], varlen_kernel: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """The layout and (un)padding around flash_attn's two kernels (tested on CPU with stand-ins)."""
     t = q.shape[2]
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, T|S, H, D]
     causal = t > 1
     if mask.padding is None:
-        return flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=1.0, causal=causal)
+        return dense_kernel(q, k, v, dropout_p=dropout, softmax_scale=1.0, causal=causal)
     b, s = mask.padding.shape
     key_real = mask.padding  # [B, S]
     query_real = key_real[:, s - t :]  # [B, T]
@@ -314,7 +322,7 @@ def flash_attention(
     cu_k = F.pad(torch.cumsum(len_k, 0, dtype=torch.int32), (1, 0))
     cu_q = F.pad(torch.cumsum(len_q, 0, dtype=torch.int32), (1, 0))
     h, d = q.shape[2], q.shape[3]
-    out_packed = flash_attn_varlen_func(
+    out_packed = varlen_kernel(
         q.reshape(b * t, h, d)[idx_q], k.reshape(b * s, h, d)[idx_k], v.reshape(b * s, h, d)[idx_k],
         cu_q, cu_k, int(len_q.max()), int(len_k.max()),
         dropout_p=dropout, softmax_scale=1.0, causal=causal,

@@ -308,3 +308,50 @@ def test_fused_qkv_is_exact_keeps_names_and_trains():
     assert attn._qkv is None
     with torch.no_grad():
         assert model(input_ids=ids, attention_mask=mask).logits.dtype == torch.float64
+
+
+def _naive_flash(q, k, v, dropout_p, softmax_scale, causal):
+    """flash_attn_func's contract on CPU: [B, T, H, D], causal aligned bottom-right."""
+    t, s = q.shape[1], k.shape[1]
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * softmax_scale
+    if causal:
+        allowed = torch.arange(s)[None, :] <= torch.arange(t)[:, None] + (s - t)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+
+
+def _naive_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal):
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qi, ki, vi = q[cu_q[i] : cu_q[i + 1]], k[cu_k[i] : cu_k[i + 1]], v[cu_k[i] : cu_k[i + 1]]
+        outs.append(_naive_flash(qi[None], ki[None], vi[None], dropout_p, softmax_scale, causal)[0])
+    return torch.cat(outs)
+
+
+def test_flash_attention_unpadding_logic_with_cpu_stand_ins(monkeypatch):
+    """The flash path's packing of left-padded batches (prefill and cached decoding), run on CPU
+    with reference implementations of flash_attn's two kernels in place of the CUDA ones."""
+    import opt_torch.modeling as modeling
+
+    def fake_flash(q, k, v, mask, dropout):
+        return modeling._flash_attention_packed(q, k, v, mask, dropout, _naive_flash, _naive_flash_varlen)
+
+    config = VARIANTS["pre_ln"]
+    model, _ = model_and_reference(config, Head.CAUSAL_LM, "sdpa")
+    ids, mask = left_padded_batch(config.vocab_size)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
+        monkeypatch.setattr(modeling, "flash_attention", fake_flash)
+        for layer in model.model.decoder.layers:
+            layer.self_attn.attn_implementation = "flash_attention_2"
+        full = model(input_ids=ids, attention_mask=mask).logits.numpy()
+        dense = model(input_ids=ids[:1]).logits.numpy()  # row 0 has no padding: the dense kernel
+        out = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+        steps = [out.logits.numpy()]
+        for t in range(5, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
+                        past_key_values=out.past_key_values)
+            steps.append(out.logits.numpy())
+    assert relative_error(full, expected, mask) < TOLERANCE["float32"]
+    assert relative_error(dense, expected[:1], mask[:1]) < TOLERANCE["float32"]
+    assert relative_error(np.concatenate(steps, 1), expected, mask) < TOLERANCE["float32"]
