@@ -240,11 +240,13 @@ class _CT2:
         out = Path(folder).with_name(Path(folder).name + f"-ct2-{quantization}")
         t0 = time.perf_counter()
         if not (out / "model.bin").is_file():
-            from ctranslate2.converters import TransformersConverter
-
+            # In a child process, so the converter's (transformers) memory stays out of peak RSS.
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            TransformersConverter(str(folder)).convert(str(tmp), quantization=quantization)
+            code = ("import sys; from ctranslate2.converters import TransformersConverter; "
+                    "TransformersConverter(sys.argv[1]).convert(sys.argv[2], quantization=sys.argv[3])")
+            subprocess.run([sys.executable, "-c", code, str(folder), str(tmp), quantization], check=True,
+                           capture_output=True)
             tmp.rename(out)
         self.convert_s = time.perf_counter() - t0
         self.gen = ctranslate2.Generator(str(out), device="cpu", compute_type=quantization,
