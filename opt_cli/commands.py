@@ -59,8 +59,8 @@ def _demo(p: argparse.ArgumentParser):
             n = len(new)
             print(f"[{backend}] {n / dt:8.1f} tokens/s   (load {t_load:.1f} s, first call {t_first:.1f} s "
                   f"incl. compilation)")
-            print("    " + (args.prompt + tokenizer.decode(new, skip_special_tokens=True)).replace("\n", "\n    "))
-            print()
+            # repr keeps line breaks visible: a small model's greedy text is often mostly "\n"
+            print(f"    {args.prompt!r} + {tokenizer.decode(new, skip_special_tokens=True)!r}")
         if not results:
             print("no backend ran", file=sys.stderr)
             return 1
@@ -73,6 +73,12 @@ def _demo(p: argparse.ArgumentParser):
             print(f"greedy texts DIFFER between backends ({names}):")
             for b, v in results.items():
                 print(f"  {b:5s} {v.tolist()}")
+        if "torch" in results:  # greedy text of a tiny model is dull; show what sampling writes
+            sample = generate("torch", load_causal_lm("torch", folder), ids, mask, max_new_tokens=args.max_new_tokens,
+                              do_sample=True, temperature=0.8, top_k=40, seed=1)
+            text = tokenizer.decode(sample[0, ids.shape[1] :], skip_special_tokens=True)
+            print("\nsampled (torch, top-k 40, temperature 0.8, seed 1; sampling is not compared across backends):")
+            print("    " + (args.prompt + text).replace("\n", "\n    "))
         if failed:
             print(f"backends that failed: {', '.join(failed)}")
         return 0 if same and not failed else 1
