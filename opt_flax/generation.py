@@ -38,7 +38,7 @@ def compilation_count(name: str | None = None) -> int:
 
 
 # ---------------------------------------------------------------- jitted steps
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_length"), donate_argnames=())
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_length"))
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
             max_length: int) -> tuple[jax.Array, KVCache]:
     """Run the prompt [B, P] through a fresh cache of `max_length` slots.
