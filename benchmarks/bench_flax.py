@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 32
-THREADS = 2
+THREADS = int(os.environ.get("OPT_BENCH_THREADS", "2"))  # workers inherit --threads through this
 
 
 # ---------------------------------------------------------------- workers (one process each)
@@ -124,6 +124,7 @@ def run_worker(name: str, folder: Path, batch: int, new_tokens: int) -> dict:
         JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
         XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={THREADS}",
         OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS), PYTHONPATH=str(ROOT),
+        OPT_BENCH_THREADS=str(THREADS),
     )
     cmd = [str(python), __file__, "--worker", name, "--folder", str(folder), "--batch", str(batch),
            "--new-tokens", str(new_tokens)]
@@ -136,6 +137,7 @@ def run_worker(name: str, folder: Path, batch: int, new_tokens: int) -> dict:
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=list(WORKERS))
     ap.add_argument("--folder", default=str(ROOT / "bench-out" / "opt-125m-random"))
@@ -144,7 +146,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--impls", nargs="+", default=list(WORKERS))
     ap.add_argument("--json", default=str(ROOT / "bench-out" / "bench_flax.json"))
+    ap.add_argument("--threads", type=int, default=THREADS, help="CPU threads per implementation (default 2)")
     args = ap.parse_args()
+    THREADS = args.threads
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args.folder, args.batch, args.new_tokens)))
         return
