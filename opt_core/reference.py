@@ -34,7 +34,8 @@ class ReferenceOutput:
     start_logits: np.ndarray | None = None  # [B, T] QA
     end_logits: np.ndarray | None = None  # [B, T] QA
     past_key_values: KVCache | None = None
-    hidden_states: list[np.ndarray] = field(default_factory=list)  # embeddings + each layer, [B, T, C]
+    # embeddings, then each layer's output [B, T, C]; the last entry is `last_hidden_state` (HF's way)
+    hidden_states: list[np.ndarray] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -188,6 +189,9 @@ class ReferenceOPTModel:
             x = self._norm(x, "decoder.final_layer_norm")
         if cfg.has_projections:
             x = self._linear(x, "decoder.project_out")  # [B, T, E]
+        # Hugging Face's convention, which every backend follows: the last entry is the decoder's
+        # output after the final LayerNorm and project_out, not the last layer's raw output.
+        hidden_states[-1] = x
         return ReferenceOutput(last_hidden_state=x, past_key_values=cache, hidden_states=hidden_states)
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, **kw) -> ReferenceOutput:

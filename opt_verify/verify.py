@@ -264,9 +264,7 @@ class _ReferenceAdapter:
 
     def forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         out = self.ref(ids, mask)
-        # The reference's last hidden state is the last layer's raw output; Hugging Face (and the
-        # backends) return it after the final LayerNorm and project_out, i.e. last_hidden_state.
-        return out.logits, [*out.hidden_states[:-1], out.last_hidden_state]
+        return out.logits, list(out.hidden_states)  # HF's convention, like every backend
 
     def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> np.ndarray:
         return self.ref.greedy(ids, mask, max_new_tokens=new_tokens)

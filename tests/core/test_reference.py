@@ -25,10 +25,10 @@ def test_logits_and_hidden_states_match_hf(variant):
     ref = ReferenceOPTForCausalLM.from_pretrained(g.folder)
     out = ref(g.ids, g.mask)
     assert relative_error(out.logits, g.torch["logits"], g.mask) < TOLERANCE["float32"]
-    # HF's last hidden state comes after the final LayerNorm / project_out; ours are per layer.
-    for j, hf_h in enumerate(g.torch["hidden_states"][:-1]):
-        assert relative_error(out.hidden_states[j], hf_h, g.mask) < TOLERANCE["float32"], f"layer {j}"
-    assert relative_error(out.last_hidden_state, g.torch["hidden_states"][-1], g.mask) < TOLERANCE["float32"]
+    assert len(out.hidden_states) == len(g.torch["hidden_states"]) == VARIANTS[variant].num_hidden_layers + 1
+    for j, hf_h in enumerate(g.torch["hidden_states"]):
+        assert relative_error(out.hidden_states[j], hf_h, g.mask) < TOLERANCE["float32"], f"hidden state {j}"
+    assert out.hidden_states[-1] is out.last_hidden_state
 
 
 @pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj"])
