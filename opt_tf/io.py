@@ -29,12 +29,13 @@ from opt_core.checkpoint import (
     save_numpy_safetensors,
     weight_files,
 )
+from opt_core.formats.flax_msgpack import flax_msgpack_shapes, read_flax_msgpack
 from opt_core.formats.tf_h5 import read_tf_h5, tf_h5_shapes, write_tf_h5
 from opt_core.layout import from_layout, to_layout
 from opt_core.params import Head, hf_name, parameter_table
 
 logger = logging.getLogger(__name__)
-LOAD_FORMATS = ("safetensors", "tf-h5")
+LOAD_FORMATS = ("safetensors", "tf-h5", "flax-msgpack")
 
 
 def _model_class(cls_or_head: Any) -> type:
@@ -63,11 +64,12 @@ def from_pretrained(
     """Load a Hugging Face OPT folder into `model_class` (a model class or a `Head`).
 
     Args:
-        folder: holds `config.json` and safetensors weights (single or sharded) or `tf_model.h5`.
+        folder: holds `config.json` and safetensors weights (single or sharded), `tf_model.h5` or
+            `flax_model.msgpack`.
         dtype: None or "float32" (the only compute dtype of this backend).
         config: use this config instead of the folder's config.json.
-        format: "safetensors" or "tf-h5" to pick one when the folder holds both (default: the first
-            present, in that order).
+        format: "safetensors", "tf-h5" or "flax-msgpack" to pick one when the folder holds several
+            (default: the first present, in that order).
     Returns:
         The model; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -87,12 +89,17 @@ def from_pretrained(
         present = formats_present(folder) if folder.is_dir() else []
         if present:
             raise FileNotFoundError(
-                f"{folder} holds only {present} weights; opt_tf reads safetensors and tf_model.h5 "
-                f"(convert with: opt convert {folder} OUT --to safetensors)"
+                f"{folder} holds only {present} weights; opt_tf reads safetensors, tf_model.h5 and "
+                f"flax_model.msgpack (convert with: opt convert {folder} OUT --to safetensors)"
             ) from None
         raise
     files = weight_files(folder, fmt)
-    shapes = safetensors_shapes(files) if fmt == "safetensors" else tf_h5_shapes(files[0], config)
+    if fmt == "safetensors":
+        shapes = safetensors_shapes(files)
+    elif fmt == "tf-h5":
+        shapes = tf_h5_shapes(files[0], config)
+    else:
+        shapes = flax_msgpack_shapes(files[0], config)
     head = cls.head
     acc = account_keys(shapes, config, head)
     acc.raise_for_errors(str(folder))
@@ -101,11 +108,13 @@ def from_pretrained(
     variables = model.named_weights()
     specs = {s.name: s for s in parameter_table(config, head)}
     source_to_name = {src: name for name, src in acc.mapping.items()}
-    tensors: Iterator[tuple[str, np.ndarray]] = (
-        iter_safetensors(files, source_to_name)
-        if fmt == "safetensors"
-        else read_tf_h5(files[0], set(source_to_name), config)
-    )
+    tensors: Iterator[tuple[str, np.ndarray]]
+    if fmt == "safetensors":
+        tensors = iter_safetensors(files, source_to_name)
+    elif fmt == "tf-h5":
+        tensors = read_tf_h5(files[0], set(source_to_name), config)
+    else:
+        tensors = read_flax_msgpack(files[0], set(source_to_name), config)
     filled: set[str] = set()
     for key, arr in tensors:
         name = source_to_name[key]

@@ -105,7 +105,7 @@ def test_cached_decoding_equals_full_pass(variant):
 
 @pytest.mark.oracle
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("fmt", ["safetensors", "tf-h5"])
+@pytest.mark.parametrize("fmt", ["safetensors", "tf-h5", "flax-msgpack"])
 def test_hf_checkpoints_load_and_match_hf(variant, fmt):
     g = hf_golden(variant)
     model = OPTForCausalLM.from_pretrained(g.folder, format=fmt)
