@@ -560,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="opt-125m, batch 1, 32 prefill / 16 new tokens")
     ap.add_argument("--shapes", default=None, help="comma-separated presets (default opt-125m,opt-350m)")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {','.join(IMPLS)}")
+    ap.add_argument("--new-tokens", type=int, help="override the decode length (default 128; quick 16)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 0,
                     help="threads for every implementation (default: all CPUs; 0: each framework's default)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per implementation and shape")
@@ -582,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(
         shapes=shapes, quick=args.quick, threads=args.threads,
         prefill_batches=[1] if args.quick else [1, 8], prefill_len=32 if args.quick else 128,
-        decode_batches=[1] if args.quick else [1, 8], prompt_len=32, new_tokens=16 if args.quick else 128,
+        decode_batches=[1] if args.quick else [1, 8], prompt_len=32,
+        new_tokens=args.new_tokens or (16 if args.quick else 128),
         repeats=2 if args.quick else 3,
     )
     command = "python benchmarks/run_all.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
