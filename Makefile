@@ -5,7 +5,7 @@ ORACLE := .venv-oracle
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help venv oracle test test-all demo bench lint clean
+.PHONY: help venv oracle bench-env test test-all demo bench lint clean
 
 help:
 	@echo "make demo   - set up, then run the bundled model in all three backends"
@@ -13,8 +13,11 @@ help:
 	@echo "make bench  - benchmarks against the peers (writes BENCHMARKS.md)"
 	@echo "make lint   - ruff on everything, mypy on opt_core"
 
+BENCHENV := .venv-bench
+
 venv: $(VENV)/.installed
 oracle: $(ORACLE)/.installed
+bench-env: $(BENCHENV)/.installed
 
 $(VENV)/.installed: requirements/main.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +32,13 @@ $(ORACLE)/.installed: requirements/oracle.txt
 	$(ORACLE)/bin/pip install -q -r requirements/oracle.txt
 	touch $@
 
+# Peers for benchmarks only (transformers 5.x, CTranslate2); never the project's venv.
+$(BENCHENV)/.installed: requirements/bench.txt
+	test -x $(BENCHENV)/bin/python || $(PYTHON) -m venv $(BENCHENV)
+	$(BENCHENV)/bin/pip install -q --upgrade pip
+	$(BENCHENV)/bin/pip install -q -r requirements/bench.txt
+	touch $@
+
 test: venv oracle
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -38,7 +48,7 @@ test-all: venv oracle
 demo: venv
 	$(VENV)/bin/opt demo
 
-bench: venv oracle
+bench: venv oracle bench-env
 	$(PY) benchmarks/run_all.py
 
 lint: venv
@@ -46,4 +56,4 @@ lint: venv
 	$(VENV)/bin/mypy opt_core
 
 clean:
-	rm -rf $(VENV) $(ORACLE) .pytest_cache .cache
+	rm -rf $(VENV) $(ORACLE) $(BENCHENV) .pytest_cache .cache
