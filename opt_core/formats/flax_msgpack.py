@@ -25,14 +25,16 @@ always have a bias and its LayerNorms always have scale and bias. To stay loadab
 stores zero biases and unit scales for configs without them, and the reader (given the config)
 accepts those extra tensors only when they hold exactly those identity values, then drops them.
 
-The reader parses the file through `mmap` and copies one tensor at a time, so reading never needs
-the whole checkpoint in memory twice.
+`FlaxMsgpackReader` parses the file once through `mmap` and then reads one tensor at a time by file
+offset, so reading never needs the whole checkpoint in memory; `write_flax_msgpack` streams the tree
+and writes each tensor straight from its buffer.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ import numpy as np
 
 from opt_core.checkpoint import CheckpointError
 from opt_core.config import OPTConfig
+from opt_core.formats._transpose import Scratch, fast_transpose, kernel_layout
 from opt_core.params import Head, ParamSpec, Role, parameter_table
 
 FLAX_MSGPACK = "flax_model.msgpack"
@@ -101,20 +104,20 @@ def identity_extras(config: OPTConfig) -> dict[str, tuple[tuple[int, ...], float
 
 # ---------------------------------------------------------------- msgpack parsing (read side)
 @dataclass
+class _Blob:
+    """A msgpack `bin` payload: where its bytes are in the file, and a view of them while mapped."""
+
+    offset: int
+    view: memoryview
+
+
+@dataclass
 class _ArrayRef:
-    """A tensor inside the mapped file, not yet copied."""
+    """Where a tensor's bytes are in the file: one span, or Flax's chunks in order."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
-    data: memoryview | None = None  # raw bytes (a single leaf)
-    chunks: list[_ArrayRef] | None = None  # a chunked leaf
-
-    def load(self) -> np.ndarray:
-        if self.chunks is not None:
-            flat = np.concatenate([c.load().reshape(-1) for c in self.chunks])
-            return flat.reshape(self.shape)
-        assert self.data is not None
-        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape).copy()
+    spans: list[tuple[int, int]]  # (file offset, byte count)
 
 
 def _dtype(name: str) -> np.dtype:
@@ -127,14 +130,14 @@ def _dtype(name: str) -> np.dtype:
 
 class _Parser:
     """A minimal msgpack decoder over a buffer: maps, arrays, scalars, strings; `bin` payloads are
-    returned as zero-copy memoryviews and ext ndarrays as `_ArrayRef`s."""
+    returned as `_Blob`s (file offset + zero-copy view) and ext ndarrays as `_ArrayRef`s."""
 
-    def __init__(self, buf: memoryview, source: str):
-        self.buf, self.pos, self.source = buf, 0, source
+    def __init__(self, buf: memoryview, source: str, base: int = 0):
+        self.buf, self.pos, self.source, self.base = buf, 0, source, base
 
     def _take(self, n: int) -> memoryview:
         if self.pos + n > len(self.buf):
-            raise CheckpointError(f"{self.source} is truncated (needed {n} bytes at offset {self.pos})")
+            raise CheckpointError(f"{self.source} is truncated (needed {n} bytes at offset {self.base + self.pos})")
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
@@ -144,6 +147,10 @@ class _Parser:
 
     def _int(self, n: int) -> int:
         return int.from_bytes(self._take(n), "big", signed=True)
+
+    def _blob(self, n: int) -> _Blob:
+        offset = self.base + self.pos
+        return _Blob(offset, self._take(n))
 
     def value(self) -> Any:
         b = self._uint(1)
@@ -161,10 +168,10 @@ class _Parser:
         if b in simple:
             return simple[b]
         if b in (0xC4, 0xC5, 0xC6):
-            return self._take(self._uint({0xC4: 1, 0xC5: 2, 0xC6: 4}[b]))
+            return self._blob(self._uint({0xC4: 1, 0xC5: 2, 0xC6: 4}[b]))
         if b in (0xC7, 0xC8, 0xC9):
             n = self._uint({0xC7: 1, 0xC8: 2, 0xC9: 4}[b])
-            return self._ext(self._int(1), self._take(n))
+            return self._ext(self._int(1), self._blob(n))
         if b == 0xCA:
             return float(np.frombuffer(self._take(4), ">f4")[0])
         if b == 0xCB:
@@ -175,14 +182,14 @@ class _Parser:
             return self._int(1 << (b - 0xD0))
         if 0xD4 <= b <= 0xD8:
             code = self._int(1)
-            return self._ext(code, self._take(1 << (b - 0xD4)))
+            return self._ext(code, self._blob(1 << (b - 0xD4)))
         if 0xD9 <= b <= 0xDB:
             return str(self._take(self._uint(1 << (b - 0xD9))), "utf-8")
         if b in (0xDC, 0xDD):
             return [self.value() for _ in range(self._uint(2 if b == 0xDC else 4))]
         if b in (0xDE, 0xDF):
             return self._map(self._uint(2 if b == 0xDE else 4))
-        raise CheckpointError(f"{self.source}: unsupported msgpack byte 0x{b:02x} at offset {self.pos - 1}")
+        raise CheckpointError(f"{self.source}: unsupported msgpack byte 0x{b:02x} at offset {self.base + self.pos - 1}")
 
     def _map(self, n: int) -> dict:
         out = {}
@@ -191,16 +198,16 @@ class _Parser:
             out[str(key)] = self.value()
         return out
 
-    def _ext(self, code: int, payload: memoryview) -> Any:
+    def _ext(self, code: int, payload: _Blob) -> Any:
         if code not in (_EXT_NDARRAY, _EXT_NPSCALAR):
             raise CheckpointError(f"{self.source}: unsupported msgpack ext type {code}")
-        inner = _Parser(payload, self.source).value()
-        if not (isinstance(inner, list) and len(inner) == 3):
-            raise CheckpointError(f"{self.source}: malformed array record")
+        inner = _Parser(payload.view, self.source, payload.offset).value()
+        if not (isinstance(inner, list) and len(inner) == 3 and isinstance(inner[2], _Blob)):
+            raise CheckpointError(f"{self.source}: malformed array record at offset {payload.offset}")
         shape, dtype_name, data = inner
-        if isinstance(dtype_name, memoryview):
-            dtype_name = str(dtype_name, "utf-8")
-        return _ArrayRef(tuple(int(d) for d in shape), _dtype(dtype_name), data=data)
+        if isinstance(dtype_name, _Blob):
+            dtype_name = str(dtype_name.view, "utf-8")
+        return _ArrayRef(tuple(int(d) for d in shape), _dtype(dtype_name), [(data.offset, data.view.nbytes)])
 
 
 def _unchunk(tree: Any) -> Any:
@@ -208,7 +215,7 @@ def _unchunk(tree: Any) -> Any:
         if tree.get(_CHUNKED) is True:
             shape = tuple(int(tree["shape"][str(i)]) for i in range(len(tree["shape"])))
             chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
-            return _ArrayRef(shape, chunks[0].dtype, chunks=chunks)
+            return _ArrayRef(shape, chunks[0].dtype, [span for c in chunks for span in c.spans])
         return {k: _unchunk(v) for k, v in tree.items()}
     return tree
 
@@ -223,75 +230,168 @@ def _leaves(tree: Any, prefix: tuple[str, ...], source: str) -> Iterator[tuple[t
         raise CheckpointError(f"{source}: {'/'.join(prefix)} holds a {type(tree).__name__}, not an array")
 
 
-class _MappedFile:
-    """Context manager: the file mapped read-only, parsed into (flax path, _ArrayRef) leaves."""
+def _parse(path: Path) -> list[tuple[tuple[str, ...], _ArrayRef]]:
+    """(Flax path, where its bytes are) for every leaf, from one parse of the file mapped
+    read-only; no tensor byte is touched and the map is closed before returning."""
+    try:
+        file = open(path, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no Flax checkpoint at {path}") from None
+    with file:
+        if os.fstat(file.fileno()).st_size == 0:
+            raise CheckpointError(f"{path} is empty")
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(mapped)
+        try:
+            tree = _unchunk(_Parser(view, str(path)).value())
+            if not isinstance(tree, dict):
+                raise CheckpointError(f"{path} does not hold a parameter tree")
+            if "params" in tree and isinstance(tree["params"], dict) and len(tree) == 1:
+                tree = tree["params"]  # a file written from {"params": ...} variables
+            return list(_leaves(tree, (), str(path)))  # offsets only: no view into the map
+        finally:
+            tree = None
+            try:
+                view.release()
+                mapped.close()
+            except BufferError:  # an error's traceback still holds a view; closed when collected
+                pass
 
-    def __init__(self, path: str | os.PathLike[str]):
+
+class FlaxMsgpackReader:
+    """A `flax_model.msgpack` parsed once, read one tensor at a time in canonical (torch) layout.
+
+    The constructor parses the msgpack structure through a read-only memory map (no tensor byte is
+    touched) and remembers where each tensor's bytes are; `read` then costs plain file reads at
+    those offsets (so mapped pages never pile up in the resident set), plus a transpose for
+    [in, out] kernels. Use as a context manager or call `close()`.
+
+    Args:
+        path: the `.msgpack` file.
+        config: when given, the identity tensors Hugging Face Flax stores for configs without
+            biases or LayerNorm affine parameters are hidden from `shapes`/`read`;
+            `check_identity_extras` verifies their values.
+    Raises:
+        FileNotFoundError: no file at `path`.
+        CheckpointError: malformed or truncated file, or two Flax paths mapping to one name.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None):
         self.path = Path(path)
+        self.config = config
+        self._extras = identity_extras(config) if config is not None else {}
+        # canonical name -> (where its bytes are, stored as an [in, out] kernel, Flax path)
+        self._table: dict[str, tuple[_ArrayRef, bool, tuple[str, ...]]] = {}
+        for fpath, ref in _parse(self.path):
+            name, transposed = canonical_from_flax(fpath)
+            if transposed and len(ref.shape) != 2:
+                raise CheckpointError(f"{self.path}: {'/'.join(fpath)} is a kernel of shape {list(ref.shape)}, not 2-D")
+            if name in self._table:
+                raise CheckpointError(
+                    f"{self.path}: {'/'.join(self._table[name][2])} and {'/'.join(fpath)} both map to {name}"
+                )
+            self._table[name] = (ref, transposed, fpath)
+        self._file = open(self.path, "rb")  # noqa: SIM115 (closed in close())
+        self._scratch = Scratch()
 
-    def __enter__(self) -> list[tuple[tuple[str, ...], _ArrayRef]]:
-        try:
-            self._file = open(self.path, "rb")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no Flax checkpoint at {self.path}") from None
-        if os.fstat(self._file.fileno()).st_size == 0:
+    def __enter__(self) -> FlaxMsgpackReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file; safe to call twice."""
+        if getattr(self, "_file", None) is not None:
             self._file.close()
-            raise CheckpointError(f"{self.path} is empty")
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        self._view = memoryview(self._map)
-        parser = _Parser(self._view, str(self.path))
-        tree = _unchunk(parser.value())
-        if not isinstance(tree, dict):
-            raise CheckpointError(f"{self.path} does not hold a parameter tree")
-        if "params" in tree and isinstance(tree["params"], dict) and len(tree) == 1:
-            tree = tree["params"]  # a file written from {"params": ...} variables
-        self.leaves = list(_leaves(tree, (), str(self.path)))
-        return self.leaves
+            self._file = None
 
-    def __exit__(self, *exc: Any) -> None:
-        del self.leaves  # drop our memoryviews into the map before closing it
-        try:
-            self._view.release()
-            self._map.close()
-        except BufferError:  # a caller still holds a view; the map closes when it is collected
-            pass
-        self._file.close()
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Canonical name -> canonical (torch-layout) shape, in file order (extras left out when
+        the reader has a config)."""
+        return {
+            name: (ref.shape[::-1] if transposed else ref.shape)
+            for name, (ref, transposed, _) in self._table.items()
+            if name not in self._extras
+        }
 
+    def dtype(self, name: str) -> np.dtype:
+        """The stored dtype of `name`."""
+        return self._entry(name)[0].dtype
 
-def _canonical_leaves(
-    leaves: list[tuple[tuple[str, ...], _ArrayRef]], source: str
-) -> dict[str, tuple[_ArrayRef, bool, tuple[str, ...]]]:
-    out: dict[str, tuple[_ArrayRef, bool, tuple[str, ...]]] = {}
-    for path, ref in leaves:
-        name, transposed = canonical_from_flax(path)
-        if transposed and len(ref.shape) != 2:
-            raise CheckpointError(f"{source}: {'/'.join(path)} is a kernel of shape {list(ref.shape)}, not 2-D")
-        if name in out:
-            raise CheckpointError(
-                f"{source}: {'/'.join(out[name][2])} and {'/'.join(path)} both map to {name}"
-            )
-        out[name] = (ref, transposed, path)
-    return out
+    def _entry(self, name: str) -> tuple[_ArrayRef, bool, tuple[str, ...]]:
+        if name not in self._table or name in self._extras:
+            raise KeyError(f"{self.path} holds no {name}")
+        return self._table[name]
 
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor `name` in canonical layout and its stored dtype.
 
-def _canonical_shape(ref: _ArrayRef, transposed: bool) -> tuple[int, ...]:
-    return tuple(reversed(ref.shape)) if transposed else ref.shape
+        `out` is filled and returned when it is C-contiguous with the tensor's canonical shape and
+        dtype; otherwise a new array is returned.
+        Raises:
+            KeyError: an unknown name. CheckpointError: the file is shorter than its header says.
+        """
+        return self._read(name, *self._entry(name)[:2], out)
+
+    def _read(self, name: str, ref: _ArrayRef, transposed: bool, out: np.ndarray | None) -> np.ndarray:
+        if self._file is None:
+            raise ValueError(f"{self.path} is closed")
+        target = ref.shape[::-1] if transposed else ref.shape
+        if out is None or out.shape != target or out.dtype != ref.dtype or not out.flags.c_contiguous:
+            out = np.empty(target, dtype=ref.dtype)
+        raw = self._scratch.array(ref.shape, ref.dtype) if transposed else out
+        flat = raw.reshape(-1).view(np.uint8)
+        pos = 0
+        for offset, n in ref.spans:  # one span, or Flax's chunks in order
+            if pos + n > flat.nbytes:
+                break
+            if n:
+                self._file.seek(offset)
+                got = self._file.readinto(memoryview(flat[pos : pos + n]))
+                if got != n:
+                    raise CheckpointError(f"{self.path} is truncated: {name} needs {n} bytes at {offset}, read {got}")
+            pos += n
+        total = sum(n for _, n in ref.spans)
+        if total != flat.nbytes:
+            raise CheckpointError(f"{self.path}: {name} holds {total} bytes, its shape {list(ref.shape)} needs {flat.nbytes}")
+        if transposed:
+            fast_transpose(raw, out=out)  # Flax kernel [in, out] -> canonical [out, in]
+        return out
+
+    def check_identity_extras(self) -> None:
+        """Verify that every identity extra (see `identity_extras`) holds exactly 0 (biases) or 1
+        (LayerNorm scales). No-op without a config.
+
+        Raises:
+            CheckpointError: an extra of the wrong shape or with other values.
+        """
+        for name, (shape, value) in self._extras.items():
+            if name not in self._table:
+                continue  # absent extras are not ours to require (key accounting reports them)
+            ref, transposed, fpath = self._table[name]
+            arr = self._read(name, ref, transposed, None)
+            if arr.shape != shape or not np.all(arr == value):
+                raise CheckpointError(
+                    f"{self.path}: {'/'.join(fpath)} must be all {value:g} (the config has "
+                    f"enable_bias={self.config.enable_bias}, layer_norm_elementwise_affine="  # type: ignore[union-attr]
+                    f"{self.config.layer_norm_elementwise_affine}), but it holds other values"  # type: ignore[union-attr]
+                )
 
 
 # ---------------------------------------------------------------- public read API
 def flax_msgpack_shapes(
     path: str | os.PathLike[str], config: OPTConfig | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> canonical (torch-layout) shape of every tensor in a Flax msgpack file.
+    """Canonical name -> canonical (torch-layout) shape of every tensor in a Flax msgpack file
+    (`FlaxMsgpackReader.shapes`).
 
     With `config`, the identity tensors Hugging Face Flax adds for configs without biases or
     LayerNorm affine parameters are left out (their values are checked by `read_flax_msgpack`).
     Feed the result to `opt_core.checkpoint.account_keys` for strict accounting.
     """
-    extras = identity_extras(config) if config is not None else {}
-    with _MappedFile(path) as leaves:
-        table = _canonical_leaves(leaves, str(path))
-        return {n: _canonical_shape(r, t) for n, (r, t, _) in table.items() if n not in extras}
+    with FlaxMsgpackReader(path, config) as reader:
+        return reader.shapes()
 
 
 def read_flax_msgpack(
@@ -299,7 +399,8 @@ def read_flax_msgpack(
     names: Iterable[str] | None = None,
     config: OPTConfig | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (canonical name, NumPy array in canonical torch layout), one tensor at a time.
+    """Yield (canonical name, NumPy array in canonical torch layout), one tensor at a time, in
+    file order (a `FlaxMsgpackReader` parsed once).
 
     Args:
         path: the `flax_model.msgpack` file.
@@ -309,58 +410,68 @@ def read_flax_msgpack(
         CheckpointError: malformed file, or an identity extra that is not 0 / 1.
     """
     wanted = set(names) if names is not None else None
-    extras = identity_extras(config) if config is not None else {}
-    with _MappedFile(path) as leaves:
-        table = _canonical_leaves(leaves, str(path))
-        for name, (ref, transposed, fpath) in table.items():
-            if name in extras:
-                shape, value = extras[name]
-                arr = ref.load()
-                if arr.shape != shape or not np.all(arr == value):
-                    raise CheckpointError(
-                        f"{path}: {'/'.join(fpath)} must be all {value:g} (the config has "
-                        f"enable_bias={config.enable_bias}, layer_norm_elementwise_affine="  # type: ignore[union-attr]
-                        f"{config.layer_norm_elementwise_affine}), but it holds other values"  # type: ignore[union-attr]
-                    )
-                continue
-            if wanted is not None and name not in wanted:
-                continue
-            arr = ref.load()
-            yield name, (np.ascontiguousarray(arr.T) if transposed else arr)
+    with FlaxMsgpackReader(path, config) as reader:
+        reader.check_identity_extras()
+        for name in reader.shapes():
+            if wanted is None or name in wanted:
+                yield name, reader.read(name)
 
 
 # ---------------------------------------------------------------- write side
-def _record(arr: np.ndarray) -> bytes:
-    import msgpack
+def _ext_header(length: int, code: int) -> bytes:
+    """msgpack's header for an ext object of `length` payload bytes (the encoding msgpack-python picks)."""
+    fixed = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
+    if length in fixed:
+        return struct.pack(">Bb", fixed[length], code)
+    if length <= 0xFF:
+        return struct.pack(">BBb", 0xC7, length, code)
+    if length <= 0xFFFF:
+        return struct.pack(">BHb", 0xC8, length, code)
+    return struct.pack(">BIb", 0xC9, length, code)
 
+
+def _bin_header(length: int) -> bytes:
+    """msgpack's header for a `bin` of `length` bytes."""
+    if length <= 0xFF:
+        return struct.pack(">BB", 0xC4, length)
+    if length <= 0xFFFF:
+        return struct.pack(">BH", 0xC5, length)
+    return struct.pack(">BI", 0xC6, length)
+
+
+def _write_array(out: Any, packer: Any, arr: np.ndarray) -> None:
+    """One leaf as Flax's ext record (shape, dtype name, raw C-order bytes). The header is built by
+    hand and the bytes are written straight from the array's buffer: the same bytes as
+    `msgpack.ExtType(1, packb((shape, dtype, arr.tobytes())))`, without its three copies."""
     arr = np.ascontiguousarray(arr)
-    return msgpack.packb((list(arr.shape), arr.dtype.name, arr.tobytes("C")), use_bin_type=True)
+    prefix = b"\x93" + packer.pack(list(arr.shape)) + packer.pack(arr.dtype.name) + _bin_header(arr.nbytes)
+    out.write(_ext_header(len(prefix) + arr.nbytes, _EXT_NDARRAY) + prefix)
+    out.write(memoryview(arr.reshape(-1).view(np.uint8)))
 
 
-def _pack_tree(packer: Any, out: Any, tree: dict[str, Any]) -> None:
-    import msgpack
-
+def _write_tree(out: Any, packer: Any, tree: dict[str, Any]) -> None:
+    """A nested map, keys sorted as Flax writes them; callable leaves are loaded one at a time."""
     out.write(packer.pack_map_header(len(tree)))
-    for key, value in sorted(tree.items()):  # sorted, as Flax's own writer emits them
+    for key, value in sorted(tree.items()):
         out.write(packer.pack(key))
         if isinstance(value, dict):
-            _pack_tree(packer, out, value)
+            _write_tree(out, packer, value)
             continue
         arr = value() if callable(value) else value
         if arr.nbytes > MAX_CHUNK_BYTES:  # Flax's chunked form, for leaves msgpack cannot hold
             step = max(1, MAX_CHUNK_BYTES // arr.dtype.itemsize)
             flat = arr.reshape(-1)
             chunks = {str(i): flat[s : s + step] for i, s in enumerate(range(0, flat.size, step))}
-            chunked = {_CHUNKED: True, "shape": {str(i): int(d) for i, d in enumerate(arr.shape)}, "chunks": chunks}
             out.write(packer.pack_map_header(3))
             out.write(packer.pack(_CHUNKED))
             out.write(packer.pack(True))
             out.write(packer.pack("shape"))
-            out.write(packer.pack(chunked["shape"]))
+            out.write(packer.pack({str(i): int(d) for i, d in enumerate(arr.shape)}))
             out.write(packer.pack("chunks"))
-            _pack_tree(packer, out, chunks)
+            _write_tree(out, packer, chunks)
             continue
-        out.write(packer.pack(msgpack.ExtType(_EXT_NDARRAY, _record(arr))))
+        _write_array(out, packer, arr)
+        del arr
 
 
 def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
@@ -375,24 +486,31 @@ def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
 
 def write_flax_msgpack(
     path: str | os.PathLike[str],
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, Any],
     config: OPTConfig,
     head: Head | str = Head.CAUSAL_LM,
 ) -> Path:
     """Write canonical tensors as a Hugging Face `flax_model.msgpack` (loadable by
-    `FlaxOPTForCausalLM` / `FlaxOPTModel` 4.57.6).
+    `FlaxOPTForCausalLM` / `FlaxOPTModel` 4.57.6), byte for byte what Hugging Face writes.
+
+    Streams: the tree is written in Flax's (sorted) order, loading one tensor at a time, and each
+    tensor's bytes go straight from its buffer to the file. Peak memory: the tensor being written
+    plus, for Linear weights, one reused [in, out] kernel buffer (none when the array's memory is
+    already [in, out], i.e. Fortran order).
 
     Args:
         path: the file to write (written under a temporary name, then renamed).
         tensors: canonical name -> array in canonical (torch) layout; every parameter of
             `parameter_table(config, head)` must be present, except a tied `lm_head.weight`
             (Hugging Face Flax does not store it). Values may be callables returning the array,
-            so a converter can load lazily.
+            so a converter can load lazily; each is called once.
         config: the model's config.
         head: which model the tensors belong to.
     Raises:
         CheckpointError: a tensor is missing, unexpected or has the wrong shape.
     """
+    import msgpack
+
     path = Path(path)
     head = Head(head)
     table = parameter_table(config, head)
@@ -403,6 +521,8 @@ def write_flax_msgpack(
         raise CheckpointError(
             f"cannot write {path}: missing tensors {missing}, unexpected tensors {unexpected}"
         )
+    scratch = Scratch()  # one buffer for every transposed kernel
+    seen: list[np.dtype] = []  # the first tensor's dtype, for the identity extras
     flat: dict[tuple[str, ...], Any] = {}
     for spec in table:
         if spec.tied_to is not None:
@@ -416,21 +536,28 @@ def write_flax_msgpack(
                     f"cannot write {path}: {spec.name} has shape {list(arr.shape)}, the config implies "
                     f"{list(spec.shape)}"
                 )
-            return np.ascontiguousarray(arr.T) if spec.role is Role.LINEAR_WEIGHT else arr
+            if not seen:
+                seen.append(arr.dtype)
+            # canonical [out, in] -> Flax kernel [in, out]
+            return kernel_layout(arr, scratch) if spec.role is Role.LINEAR_WEIGHT else arr
 
         flat[flax_path(spec, head)] = load
-    dtype = _first_float_dtype(tensors)
+    embedding = flat[flax_path(by_name["decoder.embed_tokens.weight"], head)]
     for name, (shape, value) in identity_extras(config).items():
+
+        def extra(shape: tuple[int, ...] = shape, value: float = value) -> np.ndarray:
+            if not seen:  # no tensor written yet (the sorted tree puts the embeddings first)
+                seen.append(_first_dtype(tensors, embedding))
+            return np.full(shape, value, dtype=seen[0])
+
         extra_spec = ParamSpec(name, shape, Role.NORM_WEIGHT if value == 1.0 else Role.LINEAR_BIAS)
-        flat[flax_path(extra_spec, head)] = np.full(shape, value, dtype=dtype)
-    import msgpack
+        flat[flax_path(extra_spec, head)] = extra
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    packer = msgpack.Packer(use_bin_type=True)
     try:
         with open(tmp, "wb") as out:
-            _pack_tree(packer, out, _nest(flat))
+            _write_tree(out, msgpack.Packer(use_bin_type=True), _nest(flat))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -438,8 +565,9 @@ def write_flax_msgpack(
     return path
 
 
-def _first_float_dtype(tensors: Mapping[str, Any]) -> np.dtype:
+def _first_dtype(tensors: Mapping[str, Any], load_embedding: Any) -> np.dtype:
+    """The dtype of the first array given directly, else of the (lazily loaded) embedding."""
     for value in tensors.values():
         if not callable(value):
             return np.asarray(value).dtype
-    return np.dtype(np.float32)
+    return load_embedding().dtype

@@ -33,13 +33,14 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from opt_core.checkpoint import CheckpointError
 from opt_core.config import OPTConfig
+from opt_core.formats._transpose import Scratch, fast_transpose, kernel_layout
 from opt_core.formats.flax_msgpack import identity_extras
-from opt_core.layout import transpose
 from opt_core.params import Head, ParamSpec, parameter_table
 
 MAIN_LAYER = "model"  # Hugging Face's TFOPTMainLayer name: the top-level Keras layer
@@ -124,6 +125,16 @@ def _is_kernel(path: str) -> bool:
     return path.endswith("/kernel:0")
 
 
+def _stored_dtype(dtype: np.dtype) -> np.dtype:
+    """h5py has no bfloat16: it stores ml_dtypes/TF bfloat16 as 2-byte opaque (`|V2`); read it back
+    as bfloat16, the only 2-byte opaque float Keras writes."""
+    if dtype.kind == "V" and dtype.itemsize == 2:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return dtype
+
+
 # ---------------------------------------------------------------- reading
 def _read_names(group, attr: str) -> list[str]:
     """A Keras-2 string-list attribute, joining the numbered chunks Keras writes for big lists."""
@@ -161,43 +172,139 @@ def _entries(f, path: Path) -> Iterator[tuple[str, str]]:
             yield (name if name is not None else weight), f"{layer}/{weight}"
 
 
-def _open(path: str | os.PathLike[str]):
-    import h5py
+class TFH5Reader:
+    """A `tf_model.h5` opened once, read one tensor at a time in canonical (torch) layout.
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        return h5py.File(path, "r")
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path} as HDF5: {e}") from None
+    The file is opened and its weight list walked once, in the constructor; `read` then costs one
+    dataset read (plus a transpose for Keras [in, out] kernels). Use as a context manager or call
+    `close()`.
+
+    Args:
+        path: the `.h5` file.
+        config: when given, the identity tensors Hugging Face TF stores for configs without biases
+            or LayerNorm affine parameters are hidden from `shapes`/`read`;
+            `check_identity_extras` verifies their values.
+    Raises:
+        FileNotFoundError: no file at `path`.
+        CheckpointError: not a readable Keras-2 weights file, or a key stored twice.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None):
+        import h5py
+
+        self.path = Path(path)
+        self.config = config
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} does not exist")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as e:
+            raise CheckpointError(f"cannot read {self.path} as HDF5: {e}") from None
+        self._extras = identity_extras(config) if config is not None else {}
+        # key -> (dataset, whether it is a Keras [in, out] kernel), in file order
+        self._datasets: dict[str, tuple[Any, bool]] = {}
+        try:
+            for key, ds_path in _entries(self._h5, self.path):
+                if key in self._datasets:
+                    raise CheckpointError(f"{self.path} holds {key} twice")
+                ds = self._h5[ds_path]
+                self._datasets[key] = (ds, _is_kernel(ds_path) and len(ds.shape) == 2)
+        except BaseException:
+            self.close()
+            raise
+        self._scratch = Scratch()
+
+    def __enter__(self) -> TFH5Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file; safe to call twice."""
+        if getattr(self, "_h5", None) is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Key -> shape in canonical layout, in file order, without reading data. Keys are
+        canonical names; variables that are not OPT parameters keep their TF path (so
+        `account_keys` lists them as unexpected)."""
+        out: dict[str, tuple[int, ...]] = {}
+        for key, (ds, kernel) in self._datasets.items():
+            if key not in self._extras:
+                shape = tuple(int(d) for d in ds.shape)
+                out[key] = shape[::-1] if kernel else shape
+        return out
+
+    def dtype(self, key: str) -> np.dtype:
+        """The stored dtype of `key` (bfloat16 for h5py's 2-byte opaque type)."""
+        return _stored_dtype(np.dtype(self._dataset(key)[0].dtype))
+
+    def _dataset(self, key: str) -> tuple[Any, bool]:
+        if self._h5 is None:
+            raise ValueError(f"{self.path} is closed")
+        if key not in self._datasets or key in self._extras:
+            raise KeyError(f"{self.path} holds no {key}")
+        return self._datasets[key]
+
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor `key` in canonical layout and its stored dtype.
+
+        `out` is filled and returned when it is C-contiguous with the tensor's canonical shape and
+        dtype; otherwise a new array is returned. Raises KeyError for an unknown key.
+        """
+        return self._read(key, *self._dataset(key), out)
+
+    def _read(self, key: str, ds: Any, kernel: bool, out: np.ndarray | None) -> np.ndarray:
+        stored = np.dtype(ds.dtype)
+        dtype = _stored_dtype(stored)
+        shape = tuple(int(d) for d in ds.shape)
+        target = shape[::-1] if kernel else shape
+        if out is None or out.shape != target or out.dtype != dtype or not out.flags.c_contiguous:
+            out = np.empty(target, dtype=dtype)
+        raw = self._scratch.array(shape, stored) if kernel else out.view(stored)
+        if raw.size:
+            ds.read_direct(raw)
+        if kernel:
+            fast_transpose(raw.view(dtype), out=out)  # Keras kernel [in, out] -> canonical [out, in]
+        return out
+
+    def check_identity_extras(self) -> None:
+        """Verify that every identity extra (see the module docstring) holds exactly 0 (biases) or
+        1 (LayerNorm gammas). No-op without a config.
+
+        Raises:
+            CheckpointError: an extra of the wrong size or with other values.
+        """
+        for key, (shape, value) in self._extras.items():
+            if key not in self._datasets:
+                continue  # absent extras are not ours to require (key accounting reports them)
+            ds, kernel = self._datasets[key]
+            arr = self._read(key, ds, kernel, None)
+            if arr.size != int(np.prod(shape)) or not np.all(arr == value):
+                raise CheckpointError(
+                    f"{self.path}: {ds.name.lstrip('/')} must be all {value:g} (the config has enable_bias="
+                    f"{self.config.enable_bias}, layer_norm_elementwise_affine="  # type: ignore[union-attr]
+                    f"{self.config.layer_norm_elementwise_affine}), but it holds other values"  # type: ignore[union-attr]
+                )
 
 
 def tf_h5_shapes(path: str | os.PathLike[str], config: OPTConfig | None = None) -> dict[str, tuple[int, ...]]:
     """Key -> shape in canonical (torch) layout for every weight of a `tf_model.h5`, without
-    reading the data. Keys are canonical names; variables that are not OPT parameters keep their
-    TF path (so `account_keys` lists them as unexpected). With `config`, the identity tensors
-    Hugging Face TF stores for configs without biases or LayerNorm affine are left out (their
-    values are checked by `read_tf_h5`)."""
-    extras = identity_extras(config) if config is not None else {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    with _open(path) as f:
-        for key, ds_path in _entries(f, Path(path)):
-            if key in extras:
-                continue
-            shape = tuple(int(d) for d in f[ds_path].shape)
-            if _is_kernel(ds_path) and len(shape) == 2:
-                shape = shape[::-1]
-            if key in shapes:
-                raise CheckpointError(f"{path} holds {key} twice")
-            shapes[key] = shape
-    return shapes
+    reading the data (`TFH5Reader.shapes`). Keys are canonical names; variables that are not OPT
+    parameters keep their TF path (so `account_keys` lists them as unexpected). With `config`, the
+    identity tensors Hugging Face TF stores for configs without biases or LayerNorm affine are left
+    out (their values are checked by `read_tf_h5`)."""
+    with TFH5Reader(path, config) as reader:
+        return reader.shapes()
 
 
 def read_tf_h5(
     path: str | os.PathLike[str], keys: set[str] | None = None, config: OPTConfig | None = None
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (key, NumPy array in canonical layout) one tensor at a time from a `tf_model.h5`.
+    """Yield (key, NumPy array in canonical layout) one tensor at a time from a `tf_model.h5`, in
+    file order (a `TFH5Reader` opened once).
 
     Args:
         path: the file.
@@ -206,25 +313,11 @@ def read_tf_h5(
     Raises:
         CheckpointError: unreadable file, or an identity extra that is not all 0 / 1.
     """
-    extras = identity_extras(config) if config is not None else {}
-    with _open(path) as f:
-        for key, ds_path in _entries(f, Path(path)):
-            if key in extras:
-                shape, value = extras[key]
-                arr = np.asarray(f[ds_path])
-                if arr.size != int(np.prod(shape)) or not np.all(arr == value):
-                    raise CheckpointError(
-                        f"{path}: {ds_path} must be all {value:g} (the config has enable_bias="
-                        f"{config.enable_bias}, layer_norm_elementwise_affine="  # type: ignore[union-attr]
-                        f"{config.layer_norm_elementwise_affine}), but it holds other values"  # type: ignore[union-attr]
-                    )
-                continue
-            if keys is not None and key not in keys:
-                continue
-            arr = np.asarray(f[ds_path])
-            if _is_kernel(ds_path) and arr.ndim == 2:
-                arr = transpose(arr)
-            yield key, arr
+    with TFH5Reader(path, config) as reader:
+        reader.check_identity_extras()
+        for key in reader.shapes():
+            if keys is None or key in keys:
+                yield key, reader.read(key)
 
 
 # ---------------------------------------------------------------- writing
@@ -278,8 +371,10 @@ def write_tf_h5(
 ) -> Path:
     """Write canonical-layout tensors as a Hugging Face `tf_model.h5` (Keras-2 weights file).
 
-    Streams tensor by tensor (a `tensors` mapping that loads lazily keeps memory at one tensor),
-    writing to a temporary name and renaming at the end. `TFOPTForCausalLM` / `TFOPTModel`
+    Streams tensor by tensor (a `tensors` mapping that loads lazily keeps memory at one tensor plus
+    one reused [in, out] kernel buffer; each tensor is fetched once), writing to a temporary name
+    and renaming at the end. A Linear weight whose memory is already [in, out] (Fortran order) is
+    written without a copy. `TFOPTForCausalLM` / `TFOPTModel`
     (transformers 4.57.6) load the result. Configs without biases or LayerNorm affine parameters
     get the identity tensors Hugging Face TF always has (zero biases, unit gammas).
 
@@ -320,6 +415,8 @@ def write_tf_h5(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    scratch = Scratch()  # one buffer for every transposed kernel
+    extras_dtype: np.dtype | None = None  # the identity extras take the first tensor's dtype
     try:
         with h5py.File(tmp, "w") as f:
             _write_names(f, "layer_names", list(by_layer))
@@ -332,8 +429,9 @@ def write_tf_h5(
                 for name, weight in zip(by_layer[layer], weight_names):
                     if name in extras:
                         shape, value = extras[name]
-                        dtype = np.asarray(tensors[order[0]]).dtype
-                        group.create_dataset(weight, data=np.full(shape, value, dtype=dtype))
+                        if extras_dtype is None:  # only if no tensor came first (the embedding does)
+                            extras_dtype = np.asarray(tensors[order[0]]).dtype
+                        group.create_dataset(weight, data=np.full(shape, value, dtype=extras_dtype))
                         continue
                     arr = np.asarray(tensors[name])
                     if tuple(arr.shape) != table[name].shape:
@@ -341,9 +439,12 @@ def write_tf_h5(
                             f"cannot write {path}: {name} has shape {list(arr.shape)}, the config "
                             f"implies {list(table[name].shape)}"
                         )
+                    if extras_dtype is None:
+                        extras_dtype = arr.dtype
                     if weight.endswith("/kernel:0"):
-                        arr = transpose(arr)
+                        arr = kernel_layout(arr, scratch)  # canonical [out, in] -> Keras [in, out]
                     group.create_dataset(weight, data=arr)
+                    del arr
             top = f.create_group(TOP_LEVEL_GROUP)
             top.attrs["weight_names"] = np.asarray([], dtype=np.float64)
         os.replace(tmp, path)
