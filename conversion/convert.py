@@ -38,9 +38,9 @@ from conversion.formats import (
     same_bits,
     writer_class,
 )
-from conversion.formats.base import Scratch
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointError, KeyAccounting, account_keys, parse_size
 from opt_core.config import CONFIG_NAME, OPTConfig
+from opt_core.formats import Scratch
 from opt_core.params import Head, hf_name, parameter_table
 
 # Files copied along with the weights when the source folder has them.

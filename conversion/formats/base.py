@@ -18,7 +18,7 @@ import numpy as np
 
 from opt_core.checkpoint import CheckpointError
 from opt_core.config import OPTConfig
-from opt_core.params import Head, ParamSpec, Role
+from opt_core.params import Head, ParamSpec
 
 # Short dtype names accepted everywhere (CLI, API), and what they mean.
 DTYPES: dict[str, np.dtype] = {
@@ -69,49 +69,6 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
-
-
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-class Scratch:
-    """One reusable buffer, grown to the largest request. Reading each tensor into fresh memory
-    costs a page fault per 4 KiB page (the allocator hands large blocks back to the kernel on
-    free); reusing one buffer halves the cost of a streamed read. An array from `array()` is valid
-    until the next call."""
-
-    def __init__(self) -> None:
-        self._buf: np.ndarray | None = None
-
-    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if self._buf is None or self._buf.nbytes < n:
-            self._buf = None  # free the old one first
-            self._buf = np.empty(max(n, 1), dtype=np.uint8)
-        return self._buf[:n].view(dtype).reshape(shape)
-
-
-def fast_transpose(x: np.ndarray, tile: int = 256, out: np.ndarray | None = None) -> np.ndarray:
-    """`np.ascontiguousarray(x.T)` for a 2-D array, bit for bit, several times faster on large
-    half-precision matrices: NumPy's strided copy of float16/bfloat16 is slow and cache-unfriendly,
-    so the copy goes tile by tile over an unsigned-integer view of the same bits."""
-    if x.ndim != 2:
-        raise ValueError(f"fast_transpose expects a 2-D array, got shape {tuple(x.shape)}")
-    rows, cols = x.shape
-    bits = x.view(_UINT[x.dtype.itemsize]) if x.dtype.itemsize in _UINT else x
-    dst = np.empty((cols, rows), dtype=bits.dtype) if out is None else out.view(bits.dtype)
-    for i in range(0, rows, tile):
-        for j in range(0, cols, tile):
-            dst[j : j + tile, i : i + tile] = bits[i : i + tile, j : j + tile].T  # (tile, tile) block
-    return dst.view(x.dtype)
-
-
-def in_transposed_memory(x: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
-    """`x` ([out, in], canonical) as an array with the same values whose memory is laid out
-    [in, out] (Fortran order), so a writer's `np.ascontiguousarray(x.T)` costs nothing. With
-    `scratch`, the result lives in its buffer (valid until its next use)."""
-    out = scratch.array((x.shape[1], x.shape[0]), x.dtype) if scratch is not None else None
-    return fast_transpose(x, out=out).T
 
 
 # ---------------------------------------------------------------- interface
@@ -237,16 +194,6 @@ class Writer:
         for path in self.folder.glob(".*.tmp"):
             path.unlink(missing_ok=True)
 
-    def _kernel_ready(self, name: str, array: np.ndarray) -> np.ndarray:
-        """For writers that store Linear weights as [in, out] kernels: hand them the tensor already
-        laid out [in, out] in memory (see `in_transposed_memory`); values and shape unchanged.
-        The result lives in the writer's scratch buffer until the next kernel."""
-        if self._by_name[name].spec.role is Role.LINEAR_WEIGHT and array.ndim == 2:
-            if not hasattr(self, "_kernel_scratch"):
-                self._kernel_scratch = Scratch()
-            return in_transposed_memory(array, self._kernel_scratch)
-        return array
-
     def reuses_fetched_arrays(self) -> bool:
         """Whether every array from `fetch` is consumed before the next fetch, so the converter may
         read each tensor into the same buffer. True for every writer here unless it says otherwise."""
@@ -265,28 +212,18 @@ def tmp_name(folder: Path, name: str) -> Path:
 
 class LazyTensors(Mapping[str, np.ndarray]):
     """A read-only mapping canonical name -> tensor that fetches each tensor only when indexed, for
-    writers that take a mapping (`write_tf_h5`) and pull tensors in their own order.
+    writers that take a mapping (`write_tf_h5`) and pull tensors in their own order. `in` and
+    iteration never fetch."""
 
-    `in` and iteration never fetch. With `keep_first`, the first tensor fetched is kept and served
-    again on repeated requests (a writer that reads one tensor's dtype for extra constant tensors);
-    any other repeated request fetches again."""
-
-    def __init__(self, names: Iterable[str], fetch: Callable[[str], np.ndarray], keep_first: bool = False):
+    def __init__(self, names: Iterable[str], fetch: Callable[[str], np.ndarray]):
         self._names = list(names)
         self._set = set(self._names)
         self._fetch = fetch
-        self._keep_first = keep_first
-        self._first: tuple[str, np.ndarray] | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._set:
             raise KeyError(name)
-        if self._first is not None and self._first[0] == name:
-            return self._first[1]
-        arr = self._fetch(name)
-        if self._keep_first and self._first is None:
-            self._first = (name, arr)
-        return arr
+        return self._fetch(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._set

@@ -1,36 +1,30 @@
 """Hugging Face `tf_model.h5`, through `opt_core.formats.tf_h5` (the one place TF paths live).
 
-Both directions stream through h5py one dataset at a time. Writing holds one tensor plus its
-transposed copy (Keras kernels are [in, out]). Hugging Face's TF OPT never stores the tied LM head.
+Reading opens the file once (`TFH5Reader`) and reads each dataset straight into the caller's buffer
+(Keras kernels through one reused [in, out] buffer). Writing streams through `write_tf_h5`: one
+tensor plus, for kernels, one reused transposed buffer. Hugging Face's TF OPT never stores the tied
+LM head.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from conversion.formats.base import LazyTensors, Reader, Scratch, Writer, fast_transpose
+from conversion.formats.base import LazyTensors, Reader, Writer
 from opt_core.checkpoint import TF_H5
 from opt_core.config import OPTConfig
-from opt_core.formats.flax_msgpack import identity_extras
-from opt_core.formats.tf_h5 import read_tf_h5, tf_h5_shapes, write_tf_h5
+from opt_core.formats.tf_h5 import TFH5Reader, write_tf_h5
 from opt_core.params import Head
-
-
-def _bf16(dtype: np.dtype) -> np.dtype:
-    """h5py has no bfloat16: it stores ml_dtypes/TF bfloat16 as 2-byte opaque (`|V2`); read it back
-    as bfloat16, the only 2-byte opaque float Keras writes."""
-    return np.dtype(ml_dtypes.bfloat16) if dtype.kind == "V" and dtype.itemsize == 2 else dtype
 
 
 class TfH5Reader(Reader):
     """A folder holding `tf_model.h5`, or the `.h5` file itself. The converter sets `layout_config`
-    before calling `shapes()` (see `FlaxMsgpackReader`)."""
+    before calling `shapes()`: with it, the identity biases/gammas Hugging Face TF stores for configs
+    without them are hidden, and verified before the first tensor is read."""
 
     fmt = "tf-h5"
 
@@ -42,71 +36,38 @@ class TfH5Reader(Reader):
         super().__init__(path, [file])
         self._file = file
         self.layout_config = config
-        self._shapes: dict[str, tuple[int, ...]] | None = None
-        self._dtypes: dict[str, np.dtype] = {}
-        self._h5 = None
+        self._reader: TFH5Reader | None = None
+        self._checked = False
 
-    def _config_kw(self) -> dict:
-        # The identity biases/gammas HF TF stores for configs without them are dropped (and checked)
-        # by tf_h5 when it is given the config.
-        if self.layout_config is None or "config" not in inspect.signature(tf_h5_shapes).parameters:
-            return {}
-        return {"config": self.layout_config}
+    def _open(self) -> TFH5Reader:
+        if self._reader is not None and self._reader.config is not self.layout_config:
+            self.close()  # opened before the converter set the config: hide the extras now
+        if self._reader is None:
+            self._reader = TFH5Reader(self._file, self.layout_config)
+        return self._reader
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        if self._shapes is None:
-            self._shapes = tf_h5_shapes(self._file, **self._config_kw())
-        return dict(self._shapes)
+        return self._open().shapes()
 
     def dtype(self, key: str) -> np.dtype:
-        if not self._dtypes:
-            # dataset headers only; the path walk is tf_h5's own (its private helpers, read-only use)
-            from opt_core.formats.tf_h5 import _entries, _open
-
-            with _open(self._file) as f:
-                self._dtypes = {k: _bf16(np.dtype(f[ds].dtype)) for k, ds in _entries(f, self._file)}
-        return self._dtypes[key]
-
-    def _open_datasets(self) -> None:
-        """Open the file once and map key -> dataset. `read_tf_h5` reopens the file and walks every
-        entry per call, which is quadratic over a checkpoint read one tensor at a time; this is its
-        loop body for one key (the identity extras it verifies are checked once, here)."""
-        from opt_core.formats.tf_h5 import _entries, _is_kernel, _open
-
-        for _ in read_tf_h5(self._file, set(), **self._config_kw()):  # verifies the extras, yields nothing
-            pass
-        self._h5 = _open(self._file)
-        self._datasets = {k: (ds, _is_kernel(ds)) for k, ds in _entries(self._h5, self._file)}
-        self._raw = Scratch()
+        return self._open().dtype(key)
 
     def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
-        if self._h5 is None:
-            self._open_datasets()
-        if key not in self._datasets:
-            raise KeyError(f"{self._file} holds no {key}")
-        ds_path, kernel = self._datasets[key]
-        ds = self._h5[ds_path]
-        dtype = _bf16(np.dtype(ds.dtype))
-        shape = tuple(int(d) for d in ds.shape)
-        transposed = kernel and len(shape) == 2
-        target = shape[::-1] if transposed else shape
-        if out is None or out.shape != target or out.dtype != dtype or not out.flags.c_contiguous:
-            out = np.empty(target, dtype=dtype)
-        raw = self._raw.array(shape, np.dtype(ds.dtype)) if transposed else out.view(np.dtype(ds.dtype))
-        if raw.size:
-            ds.read_direct(raw)
-        if transposed:
-            fast_transpose(raw.view(dtype), out=out)  # Keras kernel [in, out] -> canonical [out, in]
-        return out
+        reader = self._open()
+        if not self._checked:
+            reader.check_identity_extras()
+            self._checked = True
+        return reader.read(key, out)
 
     def close(self) -> None:
-        if self._h5 is not None:
-            self._h5.close()
-            self._h5 = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 class TfH5Writer(Writer):
-    """Writes `tf_model.h5` in Hugging Face's Keras-2 layout. Memory: one tensor and its transpose."""
+    """Writes `tf_model.h5` in Hugging Face's Keras-2 layout. Memory: one tensor and one reused
+    transposed kernel buffer."""
 
     fmt = "tf-h5"
     stores_tied_lm_head = False
@@ -115,14 +76,10 @@ class TfH5Writer(Writer):
         def checked(name: str) -> np.ndarray:
             arr = fetch(name)
             self._check(name, arr)
-            return self._kernel_ready(name, arr)
+            return arr
 
-        # For configs without biases / LayerNorm affine, tf_h5 writes constant stand-ins in the dtype
-        # of the first tensor, which it indexes once per stand-in: keep that tensor instead of
-        # re-reading it each time.
-        has_extras = self._keeps_first = bool(identity_extras(self.config))
-        write_tf_h5(self.folder / TF_H5, LazyTensors((p.spec.name for p in self.plan), checked, keep_first=has_extras),
-                    self.config, self.head)
+        write_tf_h5(self.folder / TF_H5, LazyTensors((p.spec.name for p in self.plan), checked), self.config,
+                    self.head)
 
     @classmethod
     def check_model(cls, config: OPTConfig, head: Head) -> None:
@@ -131,9 +88,6 @@ class TfH5Writer(Writer):
                 "Hugging Face's TFOPTForCausalLM always ties lm_head to embed_tokens; a model with "
                 "tie_word_embeddings=false cannot be written as tf_model.h5 (use safetensors, bin or flax-msgpack)"
             )
-
-    def reuses_fetched_arrays(self) -> bool:
-        return not identity_extras(self.config)  # the kept first tensor must not be overwritten
 
     def commit(self) -> list[Path]:
         self._require_complete()

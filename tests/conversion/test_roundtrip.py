@@ -118,32 +118,75 @@ def test_side_files_are_copied(tmp_path, tokenizer_dir):
     assert not leftovers, leftovers
 
 
+def _plain_msgpack(tree: dict, max_chunk: int) -> bytes:
+    """Flax's `msgpack_serialize` spelled with msgpack-python's own encoder (sorted keys, Flax's
+    chunked form above `max_chunk` bytes): the reference for the zero-copy writer."""
+    import msgpack
+
+    def encode(value):
+        if isinstance(value, dict):
+            return {k: encode(value[k]) for k in sorted(value)}
+        if value.nbytes > max_chunk:
+            step = max(1, max_chunk // value.dtype.itemsize)
+            flat = value.reshape(-1)
+            return {"__msgpack_chunked_array__": True,
+                    "shape": {str(i): int(d) for i, d in enumerate(value.shape)},
+                    "chunks": encode({str(i): flat[s : s + step] for i, s in enumerate(range(0, flat.size, step))})}
+        record = (list(value.shape), value.dtype.name, np.ascontiguousarray(value).tobytes())
+        return msgpack.ExtType(1, msgpack.packb(record, use_bin_type=True))
+
+    return msgpack.packb(encode(tree), use_bin_type=True)
+
+
 @pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj", "no_bias", "no_affine_ln"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_streaming_msgpack_writer_is_byte_identical_to_flax_msgpack(tmp_path, monkeypatch, variant, dtype):
-    """The converter's zero-copy msgpack writer against opt_core's reference writer, chunked leaves included."""
-    from conversion.formats.base import in_transposed_memory
-    from conversion.formats.flax_msgpack_format import write_flax_msgpack_streaming
+def test_streaming_msgpack_writer_is_byte_identical_to_plain_msgpack(tmp_path, monkeypatch, variant, dtype):
+    """opt_core's zero-copy msgpack writer (as the converter drives it: lazy tensors, C- or
+    Fortran-ordered kernels) against msgpack-python's encoding of the same tree, chunked leaves
+    included."""
     from opt_core.formats import flax_msgpack as fm
-    from opt_core.params import Head, Role, parameter_table
+    from opt_core.params import Head, ParamSpec, Role, parameter_table
     from opt_core.reference import random_parameters
 
     config = VARIANTS[variant]
     params = {k: v.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else v
               for k, v in random_parameters(config, seed=1).items()}
-    roles = {s.name: s.role for s in parameter_table(config)}
+    specs = {s.name: s for s in parameter_table(config)}
+    flat = {fm.flax_path(specs[k], Head.CAUSAL_LM): np.ascontiguousarray(v.T) if specs[k].role is Role.LINEAR_WEIGHT
+            else v for k, v in params.items() if specs[k].tied_to is None}
+    for name, (shape, value) in fm.identity_extras(config).items():
+        spec = ParamSpec(name, shape, Role.NORM_WEIGHT if value == 1.0 else Role.LINEAR_BIAS)
+        flat[fm.flax_path(spec, Head.CAUSAL_LM)] = np.full(shape, value, dtype=next(iter(params.values())).dtype)
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
     for max_chunk in (fm.MAX_CHUNK_BYTES, 1000):  # 1000: force Flax's chunked form on large leaves
         monkeypatch.setattr(fm, "MAX_CHUNK_BYTES", max_chunk)
-        lazy_ref = {k: (lambda v=v: v) for k, v in params.items()}
-        ref = fm.write_flax_msgpack(tmp_path / f"ref-{max_chunk}.msgpack", lazy_ref, config, Head.CAUSAL_LM)
+        ref = tmp_path / f"ref-{max_chunk}.msgpack"
+        ref.write_bytes(_plain_msgpack(tree, max_chunk))
+        for order in ("C", "F"):  # F: kernels already laid out [in, out] in memory (written without a copy)
+            arrays = {k: np.asarray(v, order=order) for k, v in params.items()}
+            lazy = {k: (lambda v=v: v) for k, v in arrays.items()}
+            ours = fm.write_flax_msgpack(tmp_path / f"ours-{max_chunk}-{order}.msgpack", lazy, config, Head.CAUSAL_LM)
+            assert ours.read_bytes() == ref.read_bytes()
 
-        def lazy(k):
-            v = params[k]
-            return lambda: in_transposed_memory(v) if roles[k] is Role.LINEAR_WEIGHT else v
 
-        ours = write_flax_msgpack_streaming(tmp_path / f"ours-{max_chunk}.msgpack", {k: lazy(k) for k in params},
-                                            config, Head.CAUSAL_LM)
-        assert ours.read_bytes() == ref.read_bytes()
+def test_fast_transpose_is_numpy_transpose_and_its_own_inverse():
+    from opt_core.formats import Scratch, fast_transpose
+    from opt_core.layout import transpose
+
+    rng = np.random.default_rng(0)
+    scratch = Scratch()
+    for dtype in (np.float32, np.float16, ml_dtypes.bfloat16, np.float64):
+        for shape in ((1, 1), (3, 700), (513, 257), (0, 5)):
+            x = rng.standard_normal(shape).astype(dtype)
+            t = fast_transpose(x)
+            assert t.dtype == x.dtype and t.tobytes() == transpose(x).tobytes()
+            back = fast_transpose(t, out=scratch.array(shape, x.dtype))
+            assert back.tobytes() == x.tobytes()
 
 
 @pytest.mark.parametrize("head", ["sequence_classification", "question_answering", "base"])
