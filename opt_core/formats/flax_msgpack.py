@@ -342,19 +342,19 @@ class FlaxMsgpackReader:
             out = np.empty(target, dtype=ref.dtype)
         raw = self._scratch.array(ref.shape, ref.dtype) if transposed else out
         flat = raw.reshape(-1).view(np.uint8)
+        total = sum(n for _, n in ref.spans)
+        if total != flat.nbytes:
+            raise CheckpointError(
+                f"{self.path}: {name} holds {total} bytes, its shape {list(ref.shape)} needs {flat.nbytes}"
+            )
         pos = 0
         for offset, n in ref.spans:  # one span, or Flax's chunks in order
-            if pos + n > flat.nbytes:
-                break
             if n:
                 self._file.seek(offset)
                 got = self._file.readinto(memoryview(flat[pos : pos + n]))
                 if got != n:
                     raise CheckpointError(f"{self.path} is truncated: {name} needs {n} bytes at {offset}, read {got}")
             pos += n
-        total = sum(n for _, n in ref.spans)
-        if total != flat.nbytes:
-            raise CheckpointError(f"{self.path}: {name} holds {total} bytes, its shape {list(ref.shape)} needs {flat.nbytes}")
         if transposed:
             fast_transpose(raw, out=out)  # Flax kernel [in, out] -> canonical [out, in]
         return out
