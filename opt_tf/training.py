@@ -1,19 +1,73 @@
-"""What Keras needs to train the OPT models: `model.compile(optimizer=...)` then `model.fit(dataset)`.
+"""Training and fine-tuning loops for the TF backend, written the Keras way: `model.compile(AdamW)`
+then `model.fit` over a `tf.data` pipeline of the shared packed blocks.
 
-The models compute their own losses (`.loss` of a call with labels), so `train_step` runs the model
-with `training=True` (dropout, layerdrop on) and takes that loss; no Keras `loss=` is needed.
+The same API as `opt_torch.training`, on `opt_core.training_args.TrainingArguments`. One optimiser
+step = `gradient_accumulation_steps` micro-batches (Keras' own accumulation); weight decay on
+2+-dim variables only; the learning rate of step s is `args.learning_rate_at(s)`. `fit` runs one
+"epoch" per optimiser step so the reported loss is that step's loss (`train_step` averages its loss
+over an epoch); the bookkeeping after each step (logging, evaluation schedule, checkpoints) is
+`opt_core.training`, shared by all three backends.
 
-A dataset element is a dict of model inputs (`input_ids`, `attention_mask`, `labels`, or
-`start_positions`/`end_positions` for QA), or an `(inputs, labels)` pair. For the causal LM, labels
-default to `input_ids` with padding (mask 0) ignored.
+`KerasTrainingMixin` is what Keras needs to train the OPT models with a plain
+`model.compile(optimizer=...)` and `model.fit(dataset)`: the models compute their own losses (`.loss`
+of a call with labels), so `train_step` runs the model with `training=True` (dropout, layerdrop on)
+and takes that loss; no Keras `loss=` is needed. A dataset element is a dict of model inputs
+(`input_ids`, `attention_mask`, `labels`, or `start_positions`/`end_positions` for QA), or an
+`(inputs, labels)` pair. For the causal LM, labels default to `input_ids` with padding (mask 0)
+ignored.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
+
+from opt_core.data import ArrayDataset, TextDataset
+from opt_core.training import (
+    Batch,
+    Log,
+    TrainingProgress,
+    TrainResult,
+    causal_lm_batches,
+    evaluate_blocks,
+    fine_tuning_batches,
+)
+from opt_core.training_args import TrainingArguments, decays
+
+__all__ = [
+    "KerasTrainingMixin",
+    "TableSchedule",
+    "TrainResult",
+    "causal_lm_loss",
+    "evaluate_causal_lm",
+    "make_training_optimizer",
+    "train_causal_lm",
+    "train_question_answering",
+    "train_sequence_classification",
+]
+
+
+# ---------------------------------------------------------------- losses
+def causal_lm_loss(
+    logits: tf.Tensor, input_ids: tf.Tensor, attention_mask: tf.Tensor | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Summed next-token cross-entropy (float32) and the number of predicted tokens.
+
+    Position t predicts token t + 1; a target is counted when its attention_mask is 1.
+    """
+    shift_logits = tf.cast(logits[:, :-1], tf.float32)  # (B, T-1, V)
+    targets = input_ids[:, 1:]  # (B, T-1)
+    if attention_mask is None:
+        weight = tf.ones(tf.shape(targets), tf.float32)
+    else:
+        weight = tf.cast(attention_mask[:, 1:], tf.float32)
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=shift_logits)
+    return tf.reduce_sum(nll * weight), tf.reduce_sum(weight)
+
 
 IGNORE_INDEX = -100
 
@@ -72,52 +126,7 @@ class KerasTrainingMixin:
         return {"loss": self._loss_tracker.result()}
 
 
-# =====================================================================================================
-# Training loops on `opt_core.training_args.TrainingArguments` (the same API as `opt_torch.training`),
-# written the Keras way: `model.compile(AdamW)` + `model.fit` over a `tf.data` pipeline of the shared
-# packed blocks. One optimiser step = `gradient_accumulation_steps` micro-batches (Keras' own
-# accumulation); weight decay on 2+-dim variables only; the learning rate of step s is
-# `args.learning_rate_at(s)`. `fit` runs one "epoch" per optimiser step so the reported loss is that
-# step's loss (the train_step above averages its loss over an epoch).
-# =====================================================================================================
-import json as _json  # noqa: E402
-import math as _math  # noqa: E402
-import time as _time  # noqa: E402
-from collections.abc import Callable as _Callable  # noqa: E402
-from collections.abc import Iterator as _Iterator  # noqa: E402
-from dataclasses import dataclass as _dataclass  # noqa: E402
-from dataclasses import field as _field  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from opt_core.data import ArrayDataset, TextDataset  # noqa: E402
-from opt_core.training_args import TrainingArguments, decays, perplexity  # noqa: E402
-
-
-@_dataclass
-class TrainResult:
-    """What a training run did: one loss and learning rate per optimiser step, the validation passes
-    (`{"step", "loss", "perplexity", "tokens"}`), wall time and tokens seen. (`grad_norms` stays
-    empty: Keras clips inside the optimiser and does not report the norm.)"""
-
-    losses: list[float] = _field(default_factory=list)
-    learning_rates: list[float] = _field(default_factory=list)
-    grad_norms: list[float] = _field(default_factory=list)
-    evals: list[dict[str, float]] = _field(default_factory=list)
-    seconds: float = 0.0
-    tokens: int = 0
-
-    @property
-    def steps(self) -> int:
-        return len(self.losses)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "losses": self.losses, "learning_rates": self.learning_rates,
-                "grad_norms": self.grad_norms, "evals": self.evals, "seconds": self.seconds,
-                "tokens": self.tokens}
-
-
+# ---------------------------------------------------------------- optimiser
 class TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """The learning rate of optimiser step s = `args.learning_rate_at(s)`, looked up in a table.
 
@@ -151,39 +160,48 @@ def make_training_optimizer(model: Any, args: TrainingArguments) -> keras.optimi
     return optimizer
 
 
-def evaluate_causal_lm(model: Any, data: TextDataset | np.ndarray, batch_size: int = 16,
-                       max_batches: int | None = None) -> dict[str, float]:
-    """Validation loss over full blocks: `{"loss", "perplexity", "tokens"}` (loss per predicted token)."""
-    blocks = data.blocks if isinstance(data, TextDataset) else np.asarray(data)
-    if len(blocks) == 0:
-        raise ValueError("evaluation data holds no complete block")
-    total, count = 0.0, 0
-    for i, start in enumerate(range(0, len(blocks), batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        ids = blocks[start : start + batch_size]
-        logits = tf.cast(model(input_ids=ids, training=False).logits[:, :-1], tf.float32)  # (B, T-1, V)
-        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=ids[:, 1:], logits=logits)
-        total += float(tf.reduce_sum(nll))
-        count += int(nll.shape[0] * nll.shape[1])
-    return {"loss": total / count, "perplexity": perplexity(total, count), "tokens": count}
+# ---------------------------------------------------------------- evaluation
+def evaluate_causal_lm(
+    model: Any,
+    data: TextDataset | np.ndarray,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Validation loss over full blocks: `{"loss", "perplexity", "tokens"}` (loss per predicted token).
+
+    Raises:
+        ValueError: when `data` holds no block.
+    """
+
+    def loss_sums(ids: np.ndarray) -> tuple[float, int]:
+        logits = model(input_ids=ids, training=False).logits
+        loss, count = causal_lm_loss(logits, ids)
+        return float(loss), int(count)
+
+    return evaluate_blocks(data, batch_size, max_batches, loss_sums)
 
 
-def train_causal_lm(model: Any, train_data: TextDataset | np.ndarray, args: TrainingArguments,
-                    eval_data: TextDataset | np.ndarray | None = None, tokenizer: Any = None,
-                    log: _Callable[[str], None] | None = print) -> TrainResult:
+# ---------------------------------------------------------------- training
+def train_causal_lm(
+    model: Any,
+    train_data: TextDataset | np.ndarray,
+    args: TrainingArguments,
+    eval_data: TextDataset | np.ndarray | None = None,
+    tokenizer: Any = None,
+    log: Log | None = print,
+) -> TrainResult:
     """Train (or fine-tune) a TF `OPTForCausalLM` in place with `compile`/`fit` on packed blocks;
     see `opt_torch.training.train_causal_lm` (same arguments, same batches for the same seed).
 
     `args.bf16` sets Keras' "mixed_bfloat16" policy, which applies to models built afterwards (build
     the model after setting `keras.mixed_precision.set_global_policy`); `gradient_checkpointing` is
     not available in this backend.
+
+    Raises:
+        ValueError: when the blocks are longer than the model's context, or for gradient checkpointing.
+        FloatingPointError: when the loss stops being finite.
     """
-    blocks = train_data if isinstance(train_data, TextDataset) else TextDataset(np.asarray(train_data))
-    if blocks.block_size > model.config.max_position_embeddings:
-        raise ValueError(f"blocks of {blocks.block_size} tokens are longer than the model's context "
-                         f"({model.config.max_position_embeddings})")
-    batches = ({"input_ids": b} for b in blocks.stream(args.batch_size, seed=args.seed))
+    batches = causal_lm_batches(train_data, args, model.config.max_position_embeddings)
 
     def evaluate() -> dict[str, float]:
         assert eval_data is not None
@@ -192,80 +210,66 @@ def train_causal_lm(model: Any, train_data: TextDataset | np.ndarray, args: Trai
     return _fit(model, batches, args, evaluate if eval_data is not None else None, tokenizer, log)
 
 
-def train_sequence_classification(model: Any, data: ArrayDataset | dict[str, np.ndarray],
-                                  args: TrainingArguments, tokenizer: Any = None,
-                                  log: _Callable[[str], None] | None = print) -> TrainResult:
-    """Fine-tune an `OPTForSequenceClassification` on `input_ids`, `attention_mask`, `labels`."""
-    ds = data if isinstance(data, ArrayDataset) else ArrayDataset(dict(data))
-    return _fit(model, ds.stream(args.batch_size, args.seed), args, None, tokenizer, log)
+def train_sequence_classification(
+    model: Any,
+    data: ArrayDataset | dict[str, np.ndarray],
+    args: TrainingArguments,
+    tokenizer: Any = None,
+    log: Log | None = print,
+) -> TrainResult:
+    """Fine-tune an `OPTForSequenceClassification` on rows of `input_ids`, `attention_mask` and
+    `labels` (int class ids; float for regression / multi-label): the model's own loss."""
+    batches = fine_tuning_batches(data, args, ("input_ids", "labels"))
+    return _fit(model, batches, args, None, tokenizer, log)
 
 
-def train_question_answering(model: Any, data: ArrayDataset | dict[str, np.ndarray],
-                             args: TrainingArguments, tokenizer: Any = None,
-                             log: _Callable[[str], None] | None = print) -> TrainResult:
-    """Fine-tune an `OPTForQuestionAnswering` on `input_ids`, `attention_mask`, `start_positions`,
-    `end_positions`."""
-    ds = data if isinstance(data, ArrayDataset) else ArrayDataset(dict(data))
-    return _fit(model, ds.stream(args.batch_size, args.seed), args, None, tokenizer, log)
+def train_question_answering(
+    model: Any,
+    data: ArrayDataset | dict[str, np.ndarray],
+    args: TrainingArguments,
+    tokenizer: Any = None,
+    log: Log | None = print,
+) -> TrainResult:
+    """Fine-tune an `OPTForQuestionAnswering` on rows of `input_ids`, `attention_mask`,
+    `start_positions` and `end_positions`: the model's own loss."""
+    batches = fine_tuning_batches(data, args, ("input_ids", "start_positions", "end_positions"))
+    return _fit(model, batches, args, None, tokenizer, log)
 
 
-def _fit(model: Any, batches: _Iterator[dict[str, np.ndarray]], args: TrainingArguments,
-         evaluate: _Callable[[], dict[str, float]] | None, tokenizer: Any,
-         log: _Callable[[str], None] | None) -> TrainResult:
+def _fit(
+    model: Any,
+    batches: Iterator[Batch],
+    args: TrainingArguments,
+    evaluate: Callable[[], dict[str, float]] | None,
+    tokenizer: Any,
+    log: Log | None,
+) -> TrainResult:
     if args.gradient_checkpointing:
         raise ValueError("gradient checkpointing is not available in the TF backend")
     if args.bf16:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     keras.utils.set_random_seed(args.seed)  # dropout masks
+    dataset, rows = _dataset(batches)
+    model.compile(optimizer=make_training_optimizer(model, args))
+    progress = TrainingProgress(model, args, evaluate, tokenizer, log)
+
+    class RecordStep(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            loss = float((logs or {})["loss"])
+            progress.record_step(epoch, loss, None, rows * args.gradient_accumulation_steps)
+
+    model.fit(dataset, epochs=args.max_steps, steps_per_epoch=args.gradient_accumulation_steps, verbose=0,
+              callbacks=[RecordStep()])
+    return progress.finish()
+
+
+def _dataset(batches: Iterator[Batch]) -> tuple[tf.data.Dataset, int]:
+    """A `tf.data` view of the batch stream, and the token count of one batch."""
     first = next(batches)
     spec = {k: tf.TensorSpec(v.shape, tf.as_dtype(v.dtype)) for k, v in first.items()}
 
-    def gen() -> _Iterator[dict[str, np.ndarray]]:
+    def gen() -> Iterator[Batch]:
         yield first
         yield from batches
 
-    dataset = tf.data.Dataset.from_generator(gen, output_signature=spec)
-    model.compile(optimizer=make_training_optimizer(model, args))
-    out_dir = _Path(args.output_dir) if args.output_dir else None
-    result = TrainResult()
-    rows = int(np.prod(first["input_ids"].shape))
-    start = _time.perf_counter()
-
-    class _Steps(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            loss = float((logs or {})["loss"])
-            if not _math.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss} at step {epoch}; lower the learning rate")
-            lr = args.learning_rate_at(epoch)
-            result.losses.append(loss)
-            result.learning_rates.append(lr)
-            result.tokens += rows * args.gradient_accumulation_steps
-            done = epoch + 1
-            if log and (done % args.log_every == 0 or done == args.max_steps):
-                elapsed = _time.perf_counter() - start
-                log(f"step {done}/{args.max_steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                    f"{result.tokens / elapsed:,.0f} tok/s  {elapsed:.0f} s")
-            if evaluate and ((args.eval_every and done % args.eval_every == 0) or done == args.max_steps):
-                ev = evaluate()
-                result.evals.append({"step": done, **ev})
-                if log:
-                    log(f"step {done}  validation loss {ev['loss']:.4f}  perplexity {ev['perplexity']:.2f}  "
-                        f"({ev['tokens']} tokens)")
-            if out_dir and args.save_every and done % args.save_every == 0 and done != args.max_steps:
-                _save(model, out_dir / f"checkpoint-{done}", tokenizer, args, result)
-
-    model.fit(dataset, epochs=args.max_steps, steps_per_epoch=args.gradient_accumulation_steps, verbose=0,
-              callbacks=[_Steps()])
-    result.seconds = _time.perf_counter() - start
-    if out_dir:
-        _save(model, out_dir, tokenizer, args, result)
-    return result
-
-
-def _save(model: Any, folder: _Path, tokenizer: Any, args: TrainingArguments, result: TrainResult) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    args.save(folder)
-    (folder / "trainer_log.json").write_text(_json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
+    return tf.data.Dataset.from_generator(gen, output_signature=spec), int(np.prod(first["input_ids"].shape))

@@ -15,7 +15,7 @@ from opt_core.training_args import TrainingArguments
 from opt_torch import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from opt_torch.training import (
     evaluate_causal_lm,
-    make_optimizer,
+    make_training_optimizer,
     train_causal_lm,
     train_question_answering,
     train_sequence_classification,
@@ -80,7 +80,7 @@ def test_gradient_checkpointing_and_bf16_autocast():
 
 def test_weight_decay_only_on_matrices():
     model = _model()
-    opt = make_optimizer(model, ARGS)
+    opt = make_training_optimizer(model, ARGS)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.ndim >= 2), name
