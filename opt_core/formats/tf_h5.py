@@ -32,8 +32,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -172,6 +172,14 @@ def _entries(f, path: Path) -> Iterator[tuple[str, str]]:
             yield (name if name is not None else weight), f"{layer}/{weight}"
 
 
+@dataclass(frozen=True)
+class _Dataset:
+    path: str  # inside the file
+    shape: tuple[int, ...]  # as stored
+    stored: np.dtype  # as h5py reports it (bfloat16 is `|V2`)
+    kernel: bool  # a Keras [in, out] kernel, transposed on read
+
+
 class TFH5Reader:
     """A `tf_model.h5` opened once, read one tensor at a time in canonical (torch) layout.
 
@@ -201,14 +209,17 @@ class TFH5Reader:
         except OSError as e:
             raise CheckpointError(f"cannot read {self.path} as HDF5: {e}") from None
         self._extras = identity_extras(config) if config is not None else {}
-        # key -> (dataset, whether it is a Keras [in, out] kernel), in file order
-        self._datasets: dict[str, tuple[Any, bool]] = {}
+        # Key -> its dataset, in file order. Paths, not h5py Dataset objects: every open dataset
+        # keeps HDF5 metadata in memory (measured: 7 MB more peak RSS over opt-1.3b's 390).
+        self._datasets: dict[str, _Dataset] = {}
         try:
             for key, ds_path in _entries(self._h5, self.path):
                 if key in self._datasets:
                     raise CheckpointError(f"{self.path} holds {key} twice")
                 ds = self._h5[ds_path]
-                self._datasets[key] = (ds, _is_kernel(ds_path) and len(ds.shape) == 2)
+                shape = tuple(int(d) for d in ds.shape)
+                kernel = _is_kernel(ds_path) and len(shape) == 2
+                self._datasets[key] = _Dataset(ds_path, shape, np.dtype(ds.dtype), kernel)
         except BaseException:
             self.close()
             raise
@@ -230,18 +241,17 @@ class TFH5Reader:
         """Key -> shape in canonical layout, in file order, without reading data. Keys are
         canonical names; variables that are not OPT parameters keep their TF path (so
         `account_keys` lists them as unexpected)."""
-        out: dict[str, tuple[int, ...]] = {}
-        for key, (ds, kernel) in self._datasets.items():
-            if key not in self._extras:
-                shape = tuple(int(d) for d in ds.shape)
-                out[key] = shape[::-1] if kernel else shape
-        return out
+        return {
+            key: (ds.shape[::-1] if ds.kernel else ds.shape)
+            for key, ds in self._datasets.items()
+            if key not in self._extras
+        }
 
     def dtype(self, key: str) -> np.dtype:
         """The stored dtype of `key` (bfloat16 for h5py's 2-byte opaque type)."""
-        return _stored_dtype(np.dtype(self._dataset(key)[0].dtype))
+        return _stored_dtype(self._dataset(key).stored)
 
-    def _dataset(self, key: str) -> tuple[Any, bool]:
+    def _dataset(self, key: str) -> _Dataset:
         if self._h5 is None:
             raise ValueError(f"{self.path} is closed")
         if key not in self._datasets or key in self._extras:
@@ -254,19 +264,17 @@ class TFH5Reader:
         `out` is filled and returned when it is C-contiguous with the tensor's canonical shape and
         dtype; otherwise a new array is returned. Raises KeyError for an unknown key.
         """
-        return self._read(key, *self._dataset(key), out)
+        return self._read(self._dataset(key), out)
 
-    def _read(self, key: str, ds: Any, kernel: bool, out: np.ndarray | None) -> np.ndarray:
-        stored = np.dtype(ds.dtype)
-        dtype = _stored_dtype(stored)
-        shape = tuple(int(d) for d in ds.shape)
-        target = shape[::-1] if kernel else shape
+    def _read(self, ds: _Dataset, out: np.ndarray | None) -> np.ndarray:
+        dtype = _stored_dtype(ds.stored)
+        target = ds.shape[::-1] if ds.kernel else ds.shape
         if out is None or out.shape != target or out.dtype != dtype or not out.flags.c_contiguous:
             out = np.empty(target, dtype=dtype)
-        raw = self._scratch.array(shape, stored) if kernel else out.view(stored)
+        raw = self._scratch.array(ds.shape, ds.stored) if ds.kernel else out.view(ds.stored)
         if raw.size:
-            ds.read_direct(raw)
-        if kernel:
+            self._h5[ds.path].read_direct(raw)  # type: ignore[index]
+        if ds.kernel:
             fast_transpose(raw.view(dtype), out=out)  # Keras kernel [in, out] -> canonical [out, in]
         return out
 
@@ -280,11 +288,11 @@ class TFH5Reader:
         for key, (shape, value) in self._extras.items():
             if key not in self._datasets:
                 continue  # absent extras are not ours to require (key accounting reports them)
-            ds, kernel = self._datasets[key]
-            arr = self._read(key, ds, kernel, None)
+            ds = self._datasets[key]
+            arr = self._read(ds, None)
             if arr.size != int(np.prod(shape)) or not np.all(arr == value):
                 raise CheckpointError(
-                    f"{self.path}: {ds.name.lstrip('/')} must be all {value:g} (the config has enable_bias="
+                    f"{self.path}: {ds.path} must be all {value:g} (the config has enable_bias="
                     f"{self.config.enable_bias}, layer_norm_elementwise_affine="  # type: ignore[union-attr]
                     f"{self.config.layer_norm_elementwise_affine}), but it holds other values"  # type: ignore[union-attr]
                 )
