@@ -32,6 +32,7 @@ and writes each tensor straight from its buffer.
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import struct
@@ -291,7 +292,7 @@ class FlaxMsgpackReader:
                     f"{self.path}: {'/'.join(self._table[name][2])} and {'/'.join(fpath)} both map to {name}"
                 )
             self._table[name] = (ref, transposed, fpath)
-        self._file = open(self.path, "rb")  # noqa: SIM115 (closed in close())
+        self._file: io.BufferedReader | None = open(self.path, "rb")  # noqa: SIM115 (closed in close())
         self._scratch = Scratch()
 
     def __enter__(self) -> FlaxMsgpackReader:
@@ -302,8 +303,9 @@ class FlaxMsgpackReader:
 
     def close(self) -> None:
         """Close the file; safe to call twice."""
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
             self._file = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -351,7 +353,7 @@ class FlaxMsgpackReader:
         for offset, n in ref.spans:  # one span, or Flax's chunks in order
             if n:
                 self._file.seek(offset)
-                got = self._file.readinto(memoryview(flat[pos : pos + n]))
+                got = self._file.readinto(flat[pos : pos + n].data)
                 if got != n:
                     raise CheckpointError(f"{self.path} is truncated: {name} needs {n} bytes at {offset}, read {got}")
             pos += n
@@ -446,7 +448,7 @@ def _write_array(out: Any, packer: Any, arr: np.ndarray) -> None:
     arr = np.ascontiguousarray(arr)
     prefix = b"\x93" + packer.pack(list(arr.shape)) + packer.pack(arr.dtype.name) + _bin_header(arr.nbytes)
     out.write(_ext_header(len(prefix) + arr.nbytes, _EXT_NDARRAY) + prefix)
-    out.write(memoryview(arr.reshape(-1).view(np.uint8)))
+    out.write(arr.reshape(-1).view(np.uint8).data)
 
 
 def _write_tree(out: Any, packer: Any, tree: dict[str, Any]) -> None:
