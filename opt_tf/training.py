@@ -39,6 +39,7 @@ from opt_core.training import (
 from opt_core.training_args import TrainingArguments, decays
 
 __all__ = [
+    "AdamW",
     "KerasTrainingMixin",
     "TableSchedule",
     "TrainResult",
@@ -115,7 +116,13 @@ class KerasTrainingMixin:
                 raise ValueError("the batch has no labels, so the model computed no loss")
             loss = out.loss
         variables = self.trainable_variables  # type: ignore[attr-defined]
-        grads = tape.gradient(loss, variables)
+        # The gradient of an embedding lookup is a tf.IndexedSlices with one slice per looked-up
+        # token, repeated indices not yet summed. Keras squares those slices as they are, both in
+        # `global_clipnorm` (a wrong norm once clipping bites) and in Adam's second moment (wrong
+        # updates for embedding rows), so the gradients are made dense (duplicates summed) first,
+        # which is what torch and optax see.
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                 for g in tape.gradient(loss, variables)]
         self.optimizer.apply(grads, variables)  # type: ignore[attr-defined]
         self._loss_tracker.update_state(loss)
         return {"loss": self._loss_tracker.result()}
@@ -145,10 +152,38 @@ class TableSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return {"rates": self.rates, "accumulation": self.accumulation}
 
 
-def make_training_optimizer(model: Any, args: TrainingArguments) -> keras.optimizers.AdamW:
-    """Keras AdamW with the shared schedule, global-norm clipping and decay on 2+-dim variables."""
+@keras.saving.register_keras_serializable(package="opt_tf")
+class AdamW(keras.optimizers.AdamW):
+    """Keras AdamW with the update written as torch.optim.AdamW and optax.adamw write it.
+
+    Keras adds epsilon to sqrt(v) before bias correction, `lr * sqrt(1 - b2^t) / (1 - b1^t) * m /
+    (sqrt(v) + eps)`, which is torch's formula with epsilon scaled by 1 / sqrt(1 - b2^t) (4.5x at
+    the first step for b2 = 0.95). For the near-zero gradients of early training (q/k projections
+    at initialisation), Adam's update is m / (|m| + eps)-like, so that changes the first update
+    of such entries by up to ~30% of the learning rate. Here: `lr / (1 - b1^t) * m /
+    (sqrt(v) / sqrt(1 - b2^t) + eps)`. Weight decay, clipping and accumulation are Keras' own
+    (decoupled decay `w -= lr * wd * w` before the update, as torch does).
+    """
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        lr = keras.ops.cast(learning_rate, variable.dtype)
+        gradient = keras.ops.cast(gradient, variable.dtype)
+        step = keras.ops.cast(self.iterations + 1, variable.dtype)
+        bias_correction1 = 1 - keras.ops.power(keras.ops.cast(self.beta_1, variable.dtype), step)
+        bias_correction2 = 1 - keras.ops.power(keras.ops.cast(self.beta_2, variable.dtype), step)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        self.assign_add(m, keras.ops.multiply(keras.ops.subtract(gradient, m), 1 - self.beta_1))
+        self.assign_add(v, keras.ops.multiply(keras.ops.subtract(keras.ops.square(gradient), v), 1 - self.beta_2))
+        denom = keras.ops.add(keras.ops.sqrt(v) / keras.ops.sqrt(bias_correction2), self.epsilon)
+        self.assign_sub(variable, keras.ops.divide(m, denom) * (lr / bias_correction1))
+
+
+def make_training_optimizer(model: Any, args: TrainingArguments) -> AdamW:
+    """AdamW (torch's formula) with the shared schedule, global-norm clipping and decay on 2+-dim
+    variables."""
     accum = args.gradient_accumulation_steps
-    optimizer = keras.optimizers.AdamW(
+    optimizer = AdamW(
         learning_rate=TableSchedule([args.learning_rate_at(s) for s in range(args.max_steps)], accum),
         weight_decay=args.weight_decay, beta_1=args.adam_beta1, beta_2=args.adam_beta2,
         epsilon=args.adam_epsilon, global_clipnorm=args.max_grad_norm,
