@@ -84,11 +84,3 @@ def _demo(p: argparse.ArgumentParser):
         return 0 if same and not failed else 1
 
     return run
-
-
-import opt_cli.commands_convert  # noqa: F401
-import opt_cli.commands_eval  # noqa: E402,F401  (opt eval-ppl)
-import opt_cli.commands_generate  # noqa: E402,F401  (opt generate)
-import opt_cli.commands_info  # noqa: E402,F401  (opt info)
-import opt_cli.commands_train  # noqa: E402,F401  (opt train)
-import opt_cli.commands_verify  # noqa: F401

@@ -29,7 +29,14 @@ def register(name: str, help_text: str) -> Callable[[Setup], Setup]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import opt_cli.commands  # noqa: F401  (registers the subcommands)
+    # Importing a command module registers its subcommand (each imports its backend lazily).
+    import opt_cli.commands  # noqa: F401  (opt demo)
+    import opt_cli.commands_convert  # noqa: F401  (opt convert)
+    import opt_cli.commands_eval  # noqa: F401  (opt eval-ppl)
+    import opt_cli.commands_generate  # noqa: F401  (opt generate)
+    import opt_cli.commands_info  # noqa: F401  (opt info)
+    import opt_cli.commands_train  # noqa: F401  (opt train)
+    import opt_cli.commands_verify  # noqa: F401  (opt verify)
 
     parser = argparse.ArgumentParser(prog="opt", description="OPT models in PyTorch, TensorFlow and JAX/Flax")
     sub = parser.add_subparsers(dest="command", required=True)
