@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opt_core.inputs import validate_inputs
+from opt_core.inputs import validate_generation_args, validate_inputs
 from opt_flax.cache import KVCache
 
 # How many times each jitted function has been traced (= compiled); the no-recompile test reads it.
@@ -244,14 +244,10 @@ def generate(
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     validate_inputs(ids, mask, cfg)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if do_sample and num_beams > 1:
-        raise ValueError("beam sampling is not supported: use do_sample=True or num_beams > 1, not both")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    validate_generation_args(
+        cfg, ids.shape[1], max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+        temperature=temperature, top_p=top_p,
+    )
     b, t = ids.shape
     width = min(_bucket(t, pad_to_multiple_of), cfg.max_position_embeddings - max_new_tokens)
     width = max(width, t)

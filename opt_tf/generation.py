@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 
-from opt_core.inputs import validate_inputs
+from opt_core.inputs import validate_generation_args, validate_inputs
 from opt_tf.cache import StaticCache, init_cache
 from opt_tf.modeling import positions_from_mask
 
@@ -300,21 +300,10 @@ def generate(
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     validate_inputs(ids, mask, cfg)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens is longer than "
-            f"max_position_embeddings ({cfg.max_position_embeddings})"
-        )
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if num_beams > 1 and do_sample:
-        raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    validate_generation_args(
+        cfg, ids.shape[1], max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+        temperature=temperature, top_p=top_p,
+    )
     eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
     pad = cfg.pad_token_id if pad_token_id == -1 else pad_token_id
     if seed is None:

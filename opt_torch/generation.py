@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from opt_core.inputs import validate_inputs
+from opt_core.inputs import validate_generation_args, validate_inputs
 from opt_torch.cache import Cache, DynamicCache, StaticCache
 
 Streamer = Callable[[torch.Tensor], None]
@@ -169,14 +169,6 @@ def generate(
     pad = config.pad_token_id if pad_token_id == -1 else pad_token_id
     if pad is None and eos_ids:
         pad = eos_ids[0]
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if cache_implementation not in ("static", "dynamic"):
@@ -189,12 +181,10 @@ def generate(
         is_tensor = isinstance(attention_mask, torch.Tensor)
         mask_np = attention_mask.detach().cpu().numpy() if is_tensor else np.asarray(attention_mask)
     validate_inputs(ids_np, mask_np, config)
-    total = ids_np.shape[1] + max_new_tokens
-    if total > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {ids_np.shape[1]} tokens + max_new_tokens {max_new_tokens} = {total} exceeds "
-            f"max_position_embeddings ({config.max_position_embeddings})"
-        )
+    validate_generation_args(
+        config, ids_np.shape[1], max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, allow_zero_new_tokens=True,
+    )
     device = model.device
     ids = torch.as_tensor(ids_np, dtype=torch.long, device=device)
     mask = torch.as_tensor(mask_np, dtype=torch.long, device=device)
@@ -204,8 +194,6 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
 
     if num_beams > 1:
-        if do_sample:
-            raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported")
         return beam_search(
             model, ids, mask, max_new_tokens, num_beams, length_penalty, early_stopping, eos_ids, pad,
             repetition_penalty, min_new_tokens, streamer, cache_implementation,
