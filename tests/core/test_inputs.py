@@ -77,7 +77,8 @@ def test_no_weights(tmp_path):
     "kwargs, message",
     [
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-        (dict(max_new_tokens=60), r"prompt of 5 tokens \+ max_new_tokens 60 = 65 exceeds max_position_embeddings \(64\)"),
+        (dict(max_new_tokens=60),
+         r"prompt of 5 tokens \+ max_new_tokens 60 = 65 exceeds max_position_embeddings \(64\)"),
         (dict(max_new_tokens=4, num_beams=0), "num_beams must be >= 1"),
         (dict(max_new_tokens=4, num_beams=2, do_sample=True), "beam sampling"),
         (dict(max_new_tokens=4, do_sample=True, temperature=0.0), "temperature must be > 0"),
