@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -116,6 +117,53 @@ class Reader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FrameworkFileReader(Reader):
+    """A folder holding one Hugging Face TF or Flax weight file (or the file itself), read through
+    the streaming reader `opt_core.formats` has for it (`reader_class`), opened once. The converter
+    sets `layout_config` before calling `shapes()`: with it, the identity biases/scales Hugging Face
+    TF and Flax store for no-bias / no-affine configs are hidden, and verified before the first
+    tensor is read."""
+
+    file_name = "?"
+    reader_class: Callable[[Path, OPTConfig | None], Any]
+
+    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None):
+        path = Path(path)
+        file = path if path.is_file() else path / self.file_name
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} holds no {self.file_name}")
+        super().__init__(path, [file])
+        self._file = file
+        self.layout_config = config
+        self._reader: Any = None
+        self._checked = False
+
+    def _open(self) -> Any:
+        if self._reader is not None and self._reader.config is not self.layout_config:
+            self.close()  # opened before the converter set the config: hide the extras now
+        if self._reader is None:
+            self._reader = self.reader_class(self._file, self.layout_config)
+        return self._reader
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._open().shapes()
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._open().dtype(key)
+
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        reader = self._open()
+        if not self._checked:
+            reader.check_identity_extras()
+            self._checked = True
+        return reader.read(key, out)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 @dataclass(frozen=True)

@@ -9,60 +9,22 @@ a time and writing its bytes straight from its buffer.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from conversion.formats.base import Reader, Writer
+from conversion.formats.base import FrameworkFileReader, Writer
 from opt_core.checkpoint import FLAX_MSGPACK
-from opt_core.config import OPTConfig
 from opt_core.formats import flax_msgpack
 
 
-class FlaxMsgpackReader(Reader):
-    """A folder holding `flax_model.msgpack`, or the file itself. The converter sets `layout_config`
-    before calling `shapes()`: with it, the identity biases/scales Hugging Face Flax stores for
-    no-bias / no-affine configs are hidden, and verified before the first tensor is read."""
+class FlaxMsgpackReader(FrameworkFileReader):
+    """A folder holding `flax_model.msgpack`, or the file itself (see `FrameworkFileReader`)."""
 
     fmt = "flax-msgpack"
-
-    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None):
-        path = Path(path)
-        file = path if path.is_file() else path / FLAX_MSGPACK
-        if not file.is_file():
-            raise FileNotFoundError(f"{path} holds no {FLAX_MSGPACK}")
-        super().__init__(path, [file])
-        self._file = file
-        self.layout_config = config
-        self._reader: flax_msgpack.FlaxMsgpackReader | None = None
-        self._checked = False
-
-    def _open(self) -> flax_msgpack.FlaxMsgpackReader:
-        if self._reader is not None and self._reader.config is not self.layout_config:
-            self.close()  # opened before the converter set the config: hide the extras now
-        if self._reader is None:
-            self._reader = flax_msgpack.FlaxMsgpackReader(self._file, self.layout_config)
-        return self._reader
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return self._open().shapes()
-
-    def dtype(self, key: str) -> np.dtype:
-        return self._open().dtype(key)
-
-    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
-        reader = self._open()
-        if not self._checked:
-            reader.check_identity_extras()
-            self._checked = True
-        return reader.read(key, out)
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+    file_name = FLAX_MSGPACK
+    reader_class = flax_msgpack.FlaxMsgpackReader
 
 
 class FlaxMsgpackWriter(Writer):

@@ -8,61 +8,24 @@ LM head.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from conversion.formats.base import LazyTensors, Reader, Writer
+from conversion.formats.base import FrameworkFileReader, LazyTensors, Writer
 from opt_core.checkpoint import TF_H5
 from opt_core.config import OPTConfig
 from opt_core.formats.tf_h5 import TFH5Reader, write_tf_h5
 from opt_core.params import Head
 
 
-class TfH5Reader(Reader):
-    """A folder holding `tf_model.h5`, or the `.h5` file itself. The converter sets `layout_config`
-    before calling `shapes()`: with it, the identity biases/gammas Hugging Face TF stores for configs
-    without them are hidden, and verified before the first tensor is read."""
+class TfH5Reader(FrameworkFileReader):
+    """A folder holding `tf_model.h5`, or the `.h5` file itself (see `FrameworkFileReader`)."""
 
     fmt = "tf-h5"
-
-    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None):
-        path = Path(path)
-        file = path if path.is_file() else path / TF_H5
-        if not file.is_file():
-            raise FileNotFoundError(f"{path} holds no {TF_H5}")
-        super().__init__(path, [file])
-        self._file = file
-        self.layout_config = config
-        self._reader: TFH5Reader | None = None
-        self._checked = False
-
-    def _open(self) -> TFH5Reader:
-        if self._reader is not None and self._reader.config is not self.layout_config:
-            self.close()  # opened before the converter set the config: hide the extras now
-        if self._reader is None:
-            self._reader = TFH5Reader(self._file, self.layout_config)
-        return self._reader
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return self._open().shapes()
-
-    def dtype(self, key: str) -> np.dtype:
-        return self._open().dtype(key)
-
-    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
-        reader = self._open()
-        if not self._checked:
-            reader.check_identity_extras()
-            self._checked = True
-        return reader.read(key, out)
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+    file_name = TF_H5
+    reader_class = TFH5Reader
 
 
 class TfH5Writer(Writer):
