@@ -155,6 +155,14 @@ def _read_exact(f: Any, buffer: memoryview, path: Path, key: str) -> None:
         got += n
 
 
+_CHUNK_BYTES = 2 << 20  # bounded read buffer for tensors that cannot be read in place
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
 def fill_from_safetensors(files: list[Path], targets: dict[str, torch.Tensor]) -> None:
     """Read each wanted tensor of `files` straight into `targets[key]` with plain file reads.
 
@@ -175,13 +183,20 @@ def fill_from_safetensors(files: list[Path], targets: dict[str, torch.Tensor]) -
                 numel = math.prod(info["shape"])
                 if end - begin != numel * dtype.itemsize:
                     raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for shape {info['shape']}")
-                direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
-                buf = target.detach() if direct else torch.empty(info["shape"], dtype=dtype)
                 f.seek(data_start + begin)
-                if numel:
-                    _read_exact(f, memoryview(buf.view(-1).view(torch.uint8).numpy()), path, key)
-                if not direct:
-                    target.copy_(buf.view(target.shape))
+                if not numel:
+                    continue
+                if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
+                    _read_exact(f, _bytes_of(target.detach()), path, key)
+                    continue
+                # Another dtype, device or layout (input-major weights): through a bounded buffer.
+                rows = target.view(-1) if target.dim() < 2 else target  # dim 0 chunked
+                per_row = math.prod(rows.shape[1:]) * dtype.itemsize
+                step = max(1, _CHUNK_BYTES // max(per_row, 1))
+                for r in range(0, rows.shape[0], step):
+                    buf = torch.empty((min(step, rows.shape[0] - r), *rows.shape[1:]), dtype=dtype)
+                    _read_exact(f, _bytes_of(buf), path, key)
+                    rows[r : r + buf.shape[0]].copy_(buf)
 
 
 # ---------------------------------------------------------------- loading
@@ -243,6 +258,7 @@ def from_pretrained(
 
     with empty_weights(dtype, device):  # uninitialised storage, filled below tensor by tensor
         model = cls(config, attn_implementation=attn_implementation)
+        model.optimize_layout(copy=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     source_to_name = {src: name for name, src in acc.mapping.items()}
     head = cls.head
@@ -276,7 +292,6 @@ def from_pretrained(
     unfilled = [s.name for s in parameter_table(config, head) if s.name not in filled]
     if unfilled:  # account_keys guarantees this cannot happen; never hand out uninitialised memory
         raise CheckpointError(f"{folder}: tensors left unfilled after loading: {unfilled}")
-    model.fuse_qkv()
     model.loading_info = acc
     return model.eval()
 

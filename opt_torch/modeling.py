@@ -144,6 +144,17 @@ def build_attention_mask(
 _INIT_ENABLED = [True]
 
 
+def column_major(weight: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """`weight` [out, in] as a transposed view of [in, out] storage: same shape and values, other
+    strides. MKL's CPU GEMM runs x @ W faster from this layout than from nn.Linear's own, the more
+    so for few rows (decode): measured on the opt-125m matrices at 2 threads, batch 8 takes 0.66x
+    the time and batch 1 0.8x. `copy=False` only allocates."""
+    store = weight.new_empty(weight.shape[::-1])
+    if copy:
+        store.copy_(weight.t())
+    return store.t()
+
+
 @contextlib.contextmanager
 def empty_weights(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
     """Build modules with uninitialised parameters of `dtype` on `device` (for loaders that fill
@@ -205,19 +216,27 @@ class OPTAttention(nn.Module):
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @torch.no_grad()
-    def fuse_qkv(self) -> None:
-        """Store q/k/v weights (and biases) in one [3C, C] tensor and make the three parameters
-        views of it: inference then runs one matmul instead of three, while `state_dict` keeps the
-        canonical names and training still updates the same memory. Anything that replaces the
-        parameters (`.to(dtype)`, `load_state_dict(assign=True)`) silently returns to three matmuls."""
+    def fuse_qkv(self, copy: bool = True) -> None:
+        """Store q/k/v weights (and biases) in one buffer and make the three parameters views of
+        it: inference then runs one matmul instead of three, while `state_dict` keeps the canonical
+        names and training still updates the same memory. The buffer is [C, 3C] (input-major, see
+        `column_major`), viewed as the [3C, C] weight. `copy=False` only allocates (for loaders
+        that fill the parameters next). Anything that replaces the parameters (`.to(dtype)`,
+        `load_state_dict(assign=True)`) silently returns to three matmuls."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projs])  # [3C, C]
-        bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None  # [3C]
+        c_out, c_in = self.q_proj.weight.shape
+        store = self.q_proj.weight.new_empty(c_in, 3 * c_out)  # [C, 3C]
+        bias = self.q_proj.bias.new_empty(3 * c_out) if self.q_proj.bias is not None else None  # [3C]
+        if copy:
+            for i, p in enumerate(projs):
+                store[:, i * c_out : (i + 1) * c_out].copy_(p.weight.t())
+                if bias is not None:
+                    bias[i * c_out : (i + 1) * c_out].copy_(p.bias)
+        weight = store.t()  # [3C, C] view
         for i, p in enumerate(projs):
-            c = p.weight.shape[0]
-            p.weight = nn.Parameter(weight[i * c : (i + 1) * c], requires_grad=p.weight.requires_grad)
+            p.weight = nn.Parameter(weight[i * c_out : (i + 1) * c_out], requires_grad=p.weight.requires_grad)
             if bias is not None:
-                p.bias = nn.Parameter(bias[i * c : (i + 1) * c], requires_grad=p.bias.requires_grad)
+                p.bias = nn.Parameter(bias[i * c_out : (i + 1) * c_out], requires_grad=p.bias.requires_grad)
         self._qkv = (weight, bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> OPTAttention:
@@ -490,9 +509,31 @@ class OPTPreTrainedModel(nn.Module):
         for layer in self.get_decoder().layers:
             layer.self_attn.attn_implementation = name
 
+    @torch.no_grad()
+    def optimize_layout(self, copy: bool = True) -> None:
+        """Lay the weights out for fast inference; `from_pretrained` does this on load.
+
+        Fuses each layer's q/k/v projections (`OPTAttention.fuse_qkv`) and stores every other
+        matmul weight (and a token embedding tied to `lm_head`) input-major (`column_major`).
+        Parameter names, shapes, values and training are unchanged; only strides differ.
+        `copy=False` only allocates (a loader fills every tensor next)."""
+        for layer in self.get_decoder().layers:
+            layer.self_attn.fuse_qkv(copy)
+        fused = {id(getattr(layer.self_attn, name).weight) for layer in self.get_decoder().layers
+                 for name in ("q_proj", "k_proj", "v_proj")}
+        replaced: dict[int, nn.Parameter] = {}
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and id(m.weight) not in fused:
+                w = m.weight
+                if id(w) not in replaced:
+                    replaced[id(w)] = nn.Parameter(column_major(w, copy), requires_grad=w.requires_grad)
+                m.weight = replaced[id(w)]
+        embed = self.get_decoder().embed_tokens
+        if id(embed.weight) in replaced:  # tied to lm_head: keep one parameter
+            embed.weight = replaced[id(embed.weight)]
+
     def fuse_qkv(self) -> None:
-        """Fuse each layer's q/k/v projections for inference (see `OPTAttention.fuse_qkv`);
-        `from_pretrained` does this on load. State dict names and values are unchanged."""
+        """Fuse each layer's q/k/v projections only (see `OPTAttention.fuse_qkv`)."""
         for layer in self.get_decoder().layers:
             layer.self_attn.fuse_qkv()
 

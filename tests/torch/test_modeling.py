@@ -310,6 +310,38 @@ def test_fused_qkv_is_exact_keeps_names_and_trains():
         assert model(input_ids=ids, attention_mask=mask).logits.dtype == torch.float64
 
 
+@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj"])
+def test_optimize_layout_changes_strides_only(variant):
+    """Input-major weights: same names, shapes, values and logits; the lm_head stays tied; training
+    still updates the tied and fused parameters; saving writes the canonical layout."""
+    config = VARIANTS[variant]
+    model, _ = model_and_reference(config, Head.CAUSAL_LM)
+    ids, mask = left_padded_batch(config.vocab_size)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.optimize_layout()
+    layer = model.model.decoder.layers[0]
+    for w in (layer.fc1.weight, layer.fc2.weight, layer.self_attn.out_proj.weight, layer.self_attn.q_proj.weight,
+              model.lm_head.weight):
+        assert w.stride() == (1, w.shape[0] if w is not layer.self_attn.q_proj.weight else 3 * w.shape[0])
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    state = model.state_dict()
+    assert list(state) == list(state_before)
+    assert all(torch.equal(state[k], v) for k, v in state_before.items())
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert relative_error(after.numpy(), before.numpy(), mask) < 1e-6
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(input_ids=ids, attention_mask=mask, labels=np.where(mask == 1, ids, -100)).loss.backward()
+    grad = model.lm_head.weight.grad.clone()
+    opt.step()
+    embed_before = state_before["model.decoder.embed_tokens.weight"]
+    assert torch.equal(model.model.decoder.embed_tokens.weight, embed_before - grad)
+    model.eval()
+
+
 def _naive_flash(q, k, v, dropout_p, softmax_scale, causal):
     """flash_attn_func's contract on CPU: [B, T, H, D], causal aligned bottom-right."""
     t, s = q.shape[1], k.shape[1]
