@@ -52,6 +52,8 @@ def run_point(p: dict) -> dict:
     if hasattr(model, "init_weights"):
         model.init_weights()
     model.to(device=device, dtype=dtype)
+    if hasattr(model, "optimize_layout"):
+        model.optimize_layout()  # the weight layout from_pretrained gives every loaded model
     b, s = p["batch"], p["seq"]
     ids = torch.randint(4, cfg.vocab_size, (b, s), device=device)
     mask = torch.ones_like(ids)
