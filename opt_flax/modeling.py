@@ -138,6 +138,18 @@ class OPTLearnedPositionalEmbedding(nnx.Module):
         return jnp.take(self.embedding[...], position_ids + POSITION_OFFSET, axis=0).astype(self.dtype)
 
 
+def _write_slot(cache: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
+    """cache [B, N, S, H] with `new` [B, N, T, H] written at slots [slot, slot + T).
+
+    A batch of one is updated without its batch axis: XLA drops that size-1 axis around the
+    attention einsums anyway, and an update in the 4-D shape then ends in a reshape that keeps it
+    from happening in place (a copy of the whole buffer per layer and decode step)."""
+    new = new.astype(cache.dtype)
+    if cache.shape[0] == 1:
+        return jax.lax.dynamic_update_slice(cache[0], new[0], (0, slot, 0))[None]
+    return jax.lax.dynamic_update_slice(cache, new, (0, 0, slot, 0))
+
+
 class OPTAttention(nnx.Module):
     """Multi-head self-attention with an optional static KV cache."""
 
@@ -174,8 +186,7 @@ class OPTAttention(nnx.Module):
             # The cache is [B, N, S, H], the layout both attention matmuls read without a transpose
             # (a [B, S, N, H] cache made XLA copy the whole cache every decode step).
             cache_k, cache_v, slot = cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, slot, 0))  # [B, N, S, H]
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, slot, 0))
+            k, v = (_write_slot(c, y, slot) for c, y in ((cache_k, k), (cache_v, v)))  # [B, N, S, H]
             k, v = (constrain(y, "data", "model", None, None) for y in (k, v))
             new_kv = (k, v)
         # Scores and softmax in float32 whatever the compute dtype (the fp16/bf16 NaN fix).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -80,3 +82,33 @@ def test_generate_rejects_too_long_requests():
     g = hf_golden("pre_ln")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         golden_model("pre_ln").generate(g.ids, attention_mask=g.mask, max_new_tokens=60)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_loop_updates_the_cache_in_place(batch):
+    """The compiled while loop holds no copy of a key/value buffer: each step writes one slot in
+    place. (At batch 1, XLA CPU used to copy every buffer twice per step: ~300 MB per token for
+    opt-125m at 2048 slots.)"""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from opt_flax import generation
+
+    model = golden_model("pre_ln")
+    cfg = model.config
+    slots, new = 24, 8
+    ids = jnp.full((batch, slots - new), 5, jnp.int32)
+    mask = jnp.ones((batch, slots), jnp.int32)
+    graphdef, state = nnx.split(model)
+    logits, cache = generation.prefill(graphdef, state, ids, mask, slots)
+    args = (graphdef, state, logits, cache, mask, new, False, jnp.int32(-1), jnp.int32(1), jax.random.key(0),
+            jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0))
+    hlo = generation.greedy_or_sample_loop.lower(*args).compile().as_text()
+    body_name = re.search(r"body=(%[\w.\-]+)", hlo).group(1)
+    body = hlo[hlo.index(f"\n{body_name} ") :]
+    body = body[: body.index("\n}")]  # the while body computation
+    heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+    shapes = (f"[{batch},{heads},{slots},{head_dim}]", f"[{heads},{slots},{head_dim}]")
+    copies = [ln.strip() for ln in body.splitlines() if " copy(" in ln and any(x in ln for x in shapes)]
+    assert "dynamic-update-slice" in body
+    assert copies == [], f"{len(copies)} cache copies per step, e.g. {copies[0][:120]}"
