@@ -87,11 +87,14 @@ def run_point(p: dict) -> dict:
             model.eval()
             with torch.inference_mode():
                 model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)  # warm-up
-                sync()
-                t0 = time.perf_counter()
-                gen = model.generate(ids, attention_mask=mask, max_new_tokens=p["new_tokens"], do_sample=False)
-                sync()
-                dt = time.perf_counter() - t0
+                times = []
+                for _ in range(3):  # median of 3: single timings here varied by up to 2x
+                    sync()
+                    t0 = time.perf_counter()
+                    gen = model.generate(ids, attention_mask=mask, max_new_tokens=p["new_tokens"], do_sample=False)
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                dt = sorted(times)[1]
             new = int(gen.shape[1]) - s
             out["new_tokens"] = new
             out["ms_per_token"] = 1000 * dt / max(new, 1)
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{args.shape} shape, random weights, {device} ({gpu_name}), {dtype}, torch {torch.__version__}, "
               f"{torch.get_num_threads() if not args.threads else args.threads} threads, "
               f"{time.strftime('%Y-%m-%d', time.gmtime())}; training: {steps} timed step(s) after one warm-up; "
-              f"inference: {new_tokens} new tokens; memory: "
+              f"inference: {new_tokens} new tokens, median of 3 timed calls; memory: "
               f"{'torch.cuda.max_memory_allocated' if gpu else 'peak RSS of the process'}")
     text = header + "\n\n" + tables(results)
     print()
