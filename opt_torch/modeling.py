@@ -146,9 +146,10 @@ _INIT_ENABLED = [True]
 
 def column_major(weight: torch.Tensor, copy: bool = True) -> torch.Tensor:
     """`weight` [out, in] as a transposed view of [in, out] storage: same shape and values, other
-    strides. MKL's CPU GEMM runs x @ W faster from this layout than from nn.Linear's own, the more
-    so for few rows (decode): measured on the opt-125m matrices at 2 threads, batch 8 takes 0.66x
-    the time and batch 1 0.8x. `copy=False` only allocates."""
+    strides. MKL's CPU GEMM runs x @ W faster from this layout than from nn.Linear's own when there
+    are few rows (decode): on the opt-125m matrices at 2 threads, the matmuls of a step took about
+    0.8x the time at batch 1 and 0.66-0.83x at batch 8 (benchmarks/bench_floor.py and earlier
+    runs of the same chain). `copy=False` only allocates."""
     store = weight.new_empty(weight.shape[::-1])
     if copy:
         store.copy_(weight.t())
