@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, format_table, ratio, run_worker, time_call, worker_main  # noqa: E402
 
 OUT = ROOT / "bench-out"
-SHARED = ROOT.parent / "shared"
-CONFIGS = SHARED / "data" / "opt-configs"
-TOKENIZER = SHARED / "data" / "opt-tokenizer"
+CONFIGS = ROOT / "data" / "opt-configs"
+TOKENIZER = ROOT / "data" / "opt-tokenizer"
 PYTHONS = {"opt_torch": ROOT / ".venv" / "bin" / "python", "hf": ROOT / ".venv-bench" / "bin" / "python",
            "ct2": ROOT / ".venv-bench" / "bin" / "python"}
 LABELS = {"opt_torch": "opt_torch (this project)", "hf": "HF transformers 5.x (sdpa)", "ct2": "CTranslate2 fp32"}

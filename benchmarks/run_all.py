@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"
-TOKENIZER_DIR = Path(os.environ.get("OPT_SHARED", ROOT.parent / "shared")) / "data" / "opt-tokenizer"
+TOKENIZER_DIR = ROOT / "data" / "opt-tokenizer"
 VENVS = {"main": ROOT / ".venv", "bench": ROOT / ".venv-bench", "oracle": ROOT / ".venv-oracle"}
 VENV_HINT = {
     "main": "make venv",

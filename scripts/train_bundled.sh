@@ -7,7 +7,7 @@
 #   scripts/train_bundled.sh [CORPUS] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CORPUS="${1:-../shared/data/corpus/tinyshakespeare.txt}"
+CORPUS="${1:-data/corpus/tinyshakespeare.txt}"
 OUT="${2:-opt_core/bundled/opt-shakespeare}"
 exec .venv/bin/opt train --corpus "$CORPUS" --out "$OUT" \
     --vocab-size 4096 --hidden-size 256 --layers 4 --heads 4 --ffn-dim 1024 --context 256 --dropout 0.1 \

@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to ../shared data, tiny random checkpoints on disk."""
+"""Shared fixtures: paths to the data carried in the repository (data/), tiny random checkpoints."""
 
 from __future__ import annotations
 
@@ -12,19 +12,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("OPT_SHARED", ROOT.parent / "shared"))
-TOKENIZER_DIR = SHARED / "data" / "opt-tokenizer"
-CONFIGS_DIR = SHARED / "data" / "opt-configs"
-CORPUS_DIR = SHARED / "data" / "corpus"
+DATA = ROOT / "data"
+TOKENIZER_DIR = DATA / "opt-tokenizer"
+CONFIGS_DIR = DATA / "opt-configs"
+CORPUS_DIR = DATA / "corpus"
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"the shared data folder is missing: {SHARED} (set OPT_SHARED)")
-    return SHARED
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(shared_dir: Path) -> Path:
+def tokenizer_dir() -> Path:
     return TOKENIZER_DIR

@@ -14,7 +14,7 @@ REAL = ["opt-125m.config.json", "opt-350m.config.json"]
 
 
 @pytest.mark.parametrize("name", REAL)
-def test_real_config_round_trip_keeps_every_key(name, tmp_path, shared_dir):
+def test_real_config_round_trip_keeps_every_key(name, tmp_path):
     original = json.loads((CONFIGS_DIR / name).read_text())
     cfg = OPTConfig.from_pretrained(CONFIGS_DIR / name)
     cfg.save_pretrained(tmp_path)
@@ -25,7 +25,7 @@ def test_real_config_round_trip_keeps_every_key(name, tmp_path, shared_dir):
     assert OPTConfig.from_pretrained(tmp_path).to_dict() == saved
 
 
-def test_real_350m_reads_its_quirks(shared_dir):
+def test_real_350m_reads_its_quirks():
     cfg = OPTConfig.from_pretrained(CONFIGS_DIR / "opt-350m.config.json")
     assert not cfg.do_layer_norm_before and cfg.embed_dim == 512 and cfg.hidden_size == 1024
     assert cfg.has_projections and not cfg.has_final_layer_norm
@@ -52,7 +52,7 @@ def test_num_labels_from_id2label(tmp_path):
     assert OPTConfig.from_pretrained(tmp_path).num_labels == 5
 
 
-def test_presets_match_real_configs(shared_dir):
+def test_presets_match_real_configs():
     for name in ("opt-125m", "opt-350m"):
         real = OPTConfig.from_pretrained(CONFIGS_DIR / f"{name}.config.json")
         preset = OPTConfig.from_preset(name)
