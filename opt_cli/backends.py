@@ -55,6 +55,10 @@ def resolve_model_dir(model: str) -> Path:
         from opt_core import bundled
 
         return bundled.path()
+    from opt_core.hub import is_hub_id, resolve_pretrained
+
+    if is_hub_id(model):  # a Hugging Face Hub id (its cache, HF_HOME, HF_HUB_OFFLINE)
+        return resolve_pretrained(model)
     folder = Path(model)
     if not folder.exists():
         raise FileNotFoundError(f"model folder {folder} does not exist (use --model bundled for the shipped one)")

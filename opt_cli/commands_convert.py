@@ -23,16 +23,18 @@ def _convert(p: argparse.ArgumentParser):
     p.add_argument("--verify", action="store_true", help="re-read the output and compare every tensor with the source")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-non-finite", action="store_true", help="convert NaN/inf weights instead of refusing them")
 
     def run(args: argparse.Namespace) -> int:
         from conversion import convert
         from opt_core.checkpoint import CheckpointError
+        from opt_core.hub import resolve_pretrained
 
         try:
             report = convert(
-                args.src, args.dst, to=args.to, dtype=args.dtype, shard_size=args.shard_size, config=args.config,
-                overwrite=args.overwrite, verify=args.verify, progress=not args.no_progress,
-                src_format=args.src_format,
+                resolve_pretrained(args.src), args.dst, to=args.to, dtype=args.dtype, shard_size=args.shard_size,
+                config=args.config, overwrite=args.overwrite, verify=args.verify, progress=not args.no_progress,
+                src_format=args.src_format, allow_non_finite=args.allow_non_finite,
             )
         except FileExistsError as e:
             raise UsageError(str(e)) from None

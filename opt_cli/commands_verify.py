@@ -63,6 +63,10 @@ def _verify(p: argparse.ArgumentParser):
         if unknown or not backends:
             raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; "
                              f"choose from {', '.join(BACKENDS)}")
+        from opt_core.hub import is_hub_id, resolve_pretrained
+
+        if is_hub_id(str(args.model_dir)):  # a Hugging Face Hub id
+            args.model_dir = resolve_pretrained(str(args.model_dir))
         if not args.model_dir.is_dir():
             raise UsageError(f"model folder {args.model_dir} does not exist")
         prompts, ids = read_prompts(args.prompts) if args.prompts else (None, None)
