@@ -135,6 +135,8 @@ def from_pretrained(
     attn_implementation: str = "sdpa",
     config: OPTConfig | None = None,
     torch_dtype: Any = None,
+    tp_plan: str | None = None,
+    device_mesh: Any = None,
     *,
     format: str | None = None,
     revision: str | None = None,
@@ -151,6 +153,8 @@ def from_pretrained(
         attn_implementation: "eager", "sdpa" (default) or "flash_attention_2".
         config: use this config instead of the folder's config.json.
         torch_dtype: Hugging Face's old name for `dtype`.
+        tp_plan: "auto" shards the model over the ranks of a torchrun job (`opt_torch.parallel`).
+        device_mesh: a torch DeviceMesh to shard over instead (implies tensor parallelism).
         format: read this format when the folder holds several (default: safetensors, bin,
             tf-h5, flax-msgpack, the first present).
         revision: branch, tag or commit of a Hub id.
@@ -166,6 +170,10 @@ def from_pretrained(
     config = config if config is not None else OPTConfig.from_pretrained(folder)
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if tp_plan is not None or device_mesh is not None:
+        from opt_torch.parallel import from_pretrained_tp
+
+        return from_pretrained_tp(model_class, folder, config, dtype, attn_implementation, tp_plan, device_mesh)
     with open_checkpoint(folder, config, model_class.head, fmt=format, allow_non_finite=allow_non_finite) as ckpt:
         model = model_class.empty(config, dtype, device, attn_implementation)
         fill_parameters(model, ckpt)

@@ -167,7 +167,7 @@ def test_hostile_input_is_refused_everywhere(case, tmp_path, capsys):
     for backend in (opt_torch, opt_tf, opt_flax):
         with pytest.raises(CheckpointError, match=message):
             backend.OPTForCausalLM.from_pretrained(folder)
-    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "safetensors", "--no-progress"]) == 2
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "safetensors", "--no-progress"]) != 0
     assert re.search(message, capsys.readouterr().err), case
     assert not (tmp_path / "out").exists()
     prompts = tmp_path / "prompts.json"
