@@ -46,7 +46,7 @@ LOAD_FORMATS = ("safetensors", "bin", "tf-h5", "flax-msgpack")
 
 
 # ---------------------------------------------------------------- key accounting
-@dataclass
+@dataclass(eq=False)  # hashed by identity: Flax keeps it as a static attribute of the model (jit hashes those)
 class KeyAccounting:
     """How a checkpoint's keys map onto the canonical table for one model kind.
 
