@@ -39,6 +39,7 @@ def test_demo_in_tf_and_flax_prints_no_framework_noise(tiny_model_dir):
 @pytest.mark.parametrize("backend", ["tf", "flax"])
 def test_every_command_is_quiet_and_verbose_lets_the_noise_through(tiny_model_dir, tmp_path, backend):
     text = tiny_model_dir / "text.txt"
+    (tmp_path / "prompts.txt").write_text("ROMEO:\n")
     runs = {
         "generate": ["generate", "--model", tiny_model_dir, "--backend", backend, "--max-new-tokens", "4", "--stream"],
         "eval-ppl": ["eval-ppl", "--model", tiny_model_dir, "--backend", backend, "--text", text,
@@ -46,7 +47,8 @@ def test_every_command_is_quiet_and_verbose_lets_the_noise_through(tiny_model_di
         "train": ["train", "--corpus", text, "--out", tmp_path / "run", "--backend", backend, "--vocab-size", "300",
                   "--hidden-size", "16", "--layers", "1", "--heads", "2", "--ffn-dim", "32", "--context", "16",
                   "--steps", "3", "--batch-size", "2", "--warmup", "1", "--eval-every", "2"],
-        "verify": ["verify", tiny_model_dir, "--backends", f"torch,{backend}", "--new-tokens", "2"],
+        "verify": ["verify", tiny_model_dir, "--backends", f"torch,{backend}", "--new-tokens", "2",
+                   "--prompts", tmp_path / "prompts.txt"],
     }
     for name, argv in runs.items():
         proc = opt(*argv)
