@@ -75,3 +75,33 @@ def test_transformers5_dtype_key_and_file_modes(tmp_path):
     assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["torch_dtype"] == "float16" and saved.get("dtype", "float16") == "float16"
+
+
+@pytest.mark.parametrize("backend", ["torch", "tf", "flax"])
+def test_dtype_choices_and_saved_paths(backend, tmp_path):
+    """`from_pretrained(dtype="auto"/"float16"/"bfloat16"/"fp16")` in every backend (bf16 logits
+    within tolerance); `save_pretrained` returns the written paths and records one dtype."""
+    import json
+
+    from tests.conversion.helpers import write_hf_checkpoint
+    from tests.variants import VARIANTS, left_padded_batch
+
+    config = VARIANTS["pre_ln"]
+    write_hf_checkpoint(tmp_path / "src", config)
+    cls = importlib.import_module(f"opt_{backend}").OPTForCausalLM
+    io = importlib.import_module(f"opt_{backend}.io")
+
+    def stored_dtype(model):
+        return io.canonical_tensors(model)["decoder.embed_tokens.weight"].dtype.name
+
+    assert stored_dtype(cls.from_pretrained(tmp_path / "src", dtype="fp16")) == "float16"
+    ids, mask = left_padded_batch(config.vocab_size)
+    want = ReferenceOPTForCausalLM.from_pretrained(tmp_path / "src")(ids, mask).logits
+    half = cls.from_pretrained(tmp_path / "src", dtype="bf16")
+    assert stored_dtype(half) == "bfloat16"
+    logits = to_numpy(half(input_ids=ids, attention_mask=mask).logits)
+    assert relative_error(logits, want, mask) < TOLERANCE["bfloat16"]
+    written = half.save_pretrained(tmp_path / "half")
+    assert [p.name for p in written] == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert stored_dtype(cls.from_pretrained(tmp_path / "half", dtype="auto")) == "bfloat16"
