@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from opt_core import CheckpointError, Head, OPTConfig, account_keys
+from opt_core import CheckpointError, GenerationConfig, Head, OPTConfig, account_keys
 from opt_core.checkpoint import (
     DEFAULT_SHARD_BYTES,
     SAFETENSORS,
@@ -293,6 +293,8 @@ def from_pretrained(
     if unfilled:  # account_keys guarantees this cannot happen; never hand out uninitialised memory
         raise CheckpointError(f"{folder}: tensors left unfilled after loading: {unfilled}")
     model.loading_info = acc
+    if hasattr(model, "generation_config"):  # generate's defaults, as Hugging Face reads them
+        model.generation_config = GenerationConfig.from_pretrained(folder, config)
     return model.eval()
 
 
@@ -318,6 +320,8 @@ def save_pretrained(
     extra = dict(config.extra)
     extra["architectures"] = [type(model).__name__]
     config.replace(torch_dtype=_dtype_name(model.dtype), extra=extra).save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
 
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
