@@ -254,7 +254,8 @@ generate.__doc__ = "`model.generate(input_ids, ...)` as a function of the model.
 
 
 def _new_cache(model: Any, batch: int, max_length: int) -> Cache:
-    return kv_cache.init(model.config, batch, max_length, dtype=model.dtype, device=model.device)
+    heads = model.get_decoder().layers[0].self_attn.num_heads  # local heads under tensor parallelism
+    return kv_cache.init(model.config, batch, max_length, dtype=model.dtype, device=model.device, num_heads=heads)
 
 
 def greedy_or_sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
