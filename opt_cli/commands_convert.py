@@ -45,7 +45,6 @@ def _convert(p: argparse.ArgumentParser):
     p.add_argument("--allow-non-finite", action="store_true", help="convert NaN/inf weights instead of refusing them")
 
     def run(args: argparse.Namespace) -> int:
-
         from conversion import convert
         from opt_core.checkpoint import CheckpointError
 

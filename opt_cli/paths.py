@@ -15,7 +15,8 @@ from pathlib import Path
 from opt_cli.errors import UsageError
 
 BUNDLED = "bundled"
-MODEL_FOLDER = "a model folder holding config.json (Hugging Face layout), or 'bundled' for the shipped model"
+MODEL_FOLDER = ("a model folder holding config.json (Hugging Face layout), a Hugging Face Hub id like "
+                "facebook/opt-125m, or 'bundled' for the shipped model")
 
 
 def bundled_folder() -> Path:
