@@ -2,7 +2,8 @@
 model sharded on ("data", "model") meshes spanning every process, compared with this process alone.
 
 Reads PROCESS_ID, NUM_PROCESSES, COORDINATOR and LOCAL_DEVICES from the environment; arguments are
-mesh shapes ("2x2", "1x4"). Prints one JSON line.
+mesh shapes ("2x2", "1x4") and `--quick` (greedy generation and one training step only: each
+generation mode and step is one more compilation). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -44,35 +45,36 @@ def forward(model, ids, mask):
     return model(ids, attention_mask=mask, validate=False).logits
 
 
-def run(mesh=None):
+def run(mesh=None, quick=False):
     ids, mask = batch()
     model = OPTForCausalLM(CONFIG, rngs=nnx.Rngs(0))  # the same weights on every process
     put = np.asarray if mesh is None else (lambda x: shard_batch(x, mesh))
     if mesh is not None:
         shard_model(model, mesh)
     logits = gather(forward(model, put(ids), put(mask)))
-    tokens = {
-        "greedy": gather(model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=-1)),
-        "beam": gather(model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, eos_token_id=-1)),
-        "sample": gather(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, seed=3,
-                                        eos_token_id=-1)),
-    }
+    tokens = {"greedy": gather(model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=-1))}
+    if not quick:
+        tokens["beam"] = gather(model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2,
+                                               eos_token_id=-1))
+        tokens["sample"] = gather(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, seed=3,
+                                                 eos_token_id=-1))
     opt = make_optimizer(model, learning_rate=1e-2)
-    losses = [float(gather(train_step(model, opt, put(ids), put(mask), put(ids)))) for _ in range(2)]
+    losses = [float(gather(train_step(model, opt, put(ids), put(mask), put(ids)))) for _ in range(1 if quick else 2)]
     return mask, logits, tokens, losses
 
 
 def main():
     jax.distributed.initialize(os.environ["COORDINATOR"], int(os.environ["NUM_PROCESSES"]),
                                int(os.environ["PROCESS_ID"]))
+    quick = "--quick" in sys.argv
     with jax.default_device(jax.local_devices()[0]):
-        mask, logits, tokens, losses = run()  # this process alone, on one device
+        mask, logits, tokens, losses = run(quick=quick)  # this process alone, on one device
     results = {"process": jax.process_index(), "devices": jax.device_count(), "local": jax.local_device_count()}
-    for shape in sys.argv[1:] or ["2x2"]:
+    for shape in [a for a in sys.argv[1:] if not a.startswith("--")] or ["2x2"]:
         mesh = make_mesh(*(int(x) for x in shape.split("x")))
         start = time.perf_counter()
         with jax.set_mesh(mesh):
-            _, lg, tk, ls = run(mesh)
+            _, lg, tk, ls = run(mesh, quick)
         results[shape] = {
             "logits_rel_err": relative_error(lg, logits, mask),
             "tokens_equal": {k: bool(np.array_equal(tk[k], tokens[k])) for k in tokens},
