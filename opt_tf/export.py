@@ -19,7 +19,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from opt_tf.generation import GenerationSettings, compiled_generate_fn
+from opt_tf.generation import GenerationSettings, compiled_generate_fn, seed_words
 
 SERVING_KEY = "serving_default"
 
@@ -55,8 +55,8 @@ def export_saved_model(
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
     settings = GenerationSettings(
         total_length=max_length, do_sample=do_sample, top_k=top_k if do_sample else 0, num_beams=num_beams,
-        eos_token_id=cfg.eos_token_id, pad_token_id=pad, length_penalty=length_penalty,
-        early_stopping=early_stopping,
+        eos_token_ids=() if cfg.eos_token_id is None else (int(cfg.eos_token_id),), pad_token_id=pad,
+        length_penalty=length_penalty, early_stopping=early_stopping,
     )
     generate_fn = compiled_generate_fn(model, settings)
 
@@ -72,8 +72,9 @@ def export_saved_model(
     )
     def serve(input_ids: tf.Tensor, attention_mask: tf.Tensor, max_new_tokens: tf.Tensor) -> dict[str, tf.Tensor]:
         tokens, produced = generate_fn(
-            input_ids, attention_mask, max_new_tokens, tf.constant(seed, tf.int32),
-            tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
+            input_ids, attention_mask, max_new_tokens, tf.constant(seed_words(seed), tf.uint32),
+            tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32), tf.constant(1.0, tf.float32),
+            tf.constant(0, tf.int32),
         )
         return {"sequences": tokens[:, : tf.shape(input_ids)[1] + produced]}
 

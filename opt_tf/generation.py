@@ -1,19 +1,28 @@
 """Generation for `OPTForCausalLM`: greedy, sampling and beam search, each one XLA-compiled function.
 
 The whole decode loop is a `tf.while_loop` inside `tf.function(jit_compile=True)`: the prompt is
-run once into a static cache (`opt_tf.cache`), then each step picks the next tokens and runs them.
-Compiled functions are kept per model and per static setting (shape-independent arguments such as
-temperature, top_p and the seed are tensors), so a second call with the same shapes does not retrace.
+run once into a static cache (`opt_tf.cache`), then each step processes the logits, picks the next
+tokens and runs them. Compiled functions are kept per model and per static setting (values such as
+temperature, top_p, repetition_penalty, min_new_tokens and the seed are tensors), so a second call
+with the same shapes does not retrace.
 
-Semantics follow Hugging Face 4.57.6 (torch): finished rows are padded with the pad id and the
-loop stops when every row has finished; sampling applies temperature, then top-k, then top-p;
-beam search is Hugging Face's vectorised beam search (length penalty, early stopping).
+Semantics follow Hugging Face 4.57.6 (torch): logits processors in its order (repetition penalty
+over the prompt and the generated tokens, no-repeat n-grams, eos forbidden before min_new_tokens),
+then temperature, top-k, top-p; finished rows are padded with the pad id and the loop stops when
+every row has finished; beam search is Hugging Face's vectorised beam search. Sampling draws from
+the counter-based stream of `opt_core.sampling` (Gumbel-max), computed here with tf.uint32
+arithmetic, so a seed samples the same tokens as the torch and Flax backends.
+
+A streamer (`put`/`end`) gets each step's tokens through a `tf.numpy_function` inside the loop;
+XLA cannot compile a host call, so that one variant runs the same loop as a plain graph function
+(the no-streamer path is compiled exactly as before).
 
 Letters in shape comments: B batch, K beams, T prompt, N max new tokens, S = T + N, V vocab.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +30,13 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 
+from opt_core import sampling as stream
 from opt_core.inputs import validate_generation_args, validate_inputs
-from opt_tf.cache import StaticCache, init_cache
+from opt_tf.cache import StaticCache, init
 from opt_tf.modeling import positions_from_mask
 
 NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
+INF = float("inf")
 
 
 @dataclass(frozen=True)
@@ -34,12 +45,58 @@ class GenerationSettings:
 
     total_length: int  # S: slots of the static cache (prompt + new tokens)
     do_sample: bool = False
-    top_k: int = 50
+    top_k: int = 0  # 0 = off
     num_beams: int = 1
-    eos_token_id: int | None = 2
+    eos_token_ids: tuple[int, ...] = (2,)  # () = never stop early
     pad_token_id: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    repetition_penalty: bool = False  # whether the penalty runs (its value is a tensor)
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: bool = False  # whether eos can be forbidden (the count is a tensor)
+    stream: bool = False  # deliver each step's tokens to the host (graph mode, not XLA)
+
+
+# ---------------------------------------------------------------- the random stream (opt_core.sampling)
+def _u32(value: int) -> tf.Tensor:
+    return tf.constant(value, tf.uint32)
+
+
+def fmix32(x: tf.Tensor) -> tf.Tensor:
+    """MurmurHash3's 32-bit finaliser on a tf.uint32 tensor (wrapping multiply, xor, shift)."""
+    xor, shr = tf.bitwise.bitwise_xor, tf.bitwise.right_shift
+    x = xor(x, shr(x, _u32(16)))
+    x = x * _u32(0x85EBCA6B)
+    x = xor(x, shr(x, _u32(13)))
+    x = x * _u32(0xC2B2AE35)
+    return xor(x, shr(x, _u32(16)))
+
+
+def seed_words(seed: int) -> np.ndarray:
+    """The seed (0 <= seed < 2**64) as its low and high 32-bit words, uint32 [2]."""
+    seed = stream.check_seed(seed)
+    return np.array([seed & stream.MASK32, seed >> 32], np.uint32)
+
+
+def random_bits(words: tf.Tensor, step: tf.Tensor, rows: Any, vocab_size: int) -> tf.Tensor:
+    """`opt_core.sampling.random_bits` in TF: uint32 [rows, V] for seed words [2] and step `step`."""
+    xor = tf.bitwise.bitwise_xor
+    r = fmix32(xor(fmix32(xor(words[0], _u32(stream.SEED_SALT))), words[1]))
+    r = fmix32(xor(r, tf.cast(step, tf.uint32)))
+    r = fmix32(xor(r, tf.cast(tf.range(rows), tf.uint32)))  # [rows]
+    salt = fmix32(tf.cast(tf.range(vocab_size), tf.uint32) + _u32(stream.VOCAB_SALT))  # [V]
+    return fmix32(xor(r[:, None], salt[None, :]))
+
+
+def uniforms(words: tf.Tensor, step: tf.Tensor, rows: Any, vocab_size: int) -> tf.Tensor:
+    """float32 (0, 1) [rows, V]: ((bits >> 8) + 0.5) / 2**24, bit-identical to opt_core.sampling."""
+    bits = tf.bitwise.right_shift(random_bits(words, step, rows, vocab_size), _u32(8))
+    return (tf.cast(bits, tf.float32) + 0.5) * (2.0**-24)
+
+
+def gumbel_noise(words: tf.Tensor, step: tf.Tensor, rows: Any, vocab_size: int) -> tf.Tensor:
+    """Gumbel(0, 1) noise [rows, V]: -log(-log(u))."""
+    return -tf.math.log(-tf.math.log(uniforms(words, step, rows, vocab_size)))
 
 
 # ---------------------------------------------------------------- model steps (graph code)
@@ -63,16 +120,68 @@ def _dims(ids: tf.Tensor) -> tuple[Any, Any]:
     return (ids.shape[0] if ids.shape[0] is not None else dyn[0], ids.shape[1] if ids.shape[1] is not None else dyn[1])
 
 
-def _prefill(
+def prefill(
     model: Any, ids: tf.Tensor, mask: tf.Tensor, total: int
 ) -> tuple[tf.Tensor, StaticCache, tf.Tensor, tf.Tensor]:
     """Run the prompt into a fresh cache of `total` slots -> (last logits, cache, key mask [B, S],
     next position [B])."""
     b, t = _dims(ids)
-    cache = init_cache(model.config, b, total, model.get_decoder().embed_tokens.dtype)
+    cache = init(model.config, b, total, model.get_decoder().embed_tokens.dtype)
     key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; new slots are switched on as they fill
     logits, cache = _run(model, ids, positions_from_mask(mask, 0, t), key_mask, cache)
     return logits, cache, key_mask, tf.reduce_sum(mask, axis=1)
+
+
+# ---------------------------------------------------------------- logits processors (Hugging Face order)
+def _is_any(tokens: tf.Tensor, ids: tuple[int, ...]) -> tf.Tensor:
+    """bool, same shape as `tokens`: the token is one of `ids`."""
+    return tf.reduce_any(tf.equal(tokens[..., None], tf.constant(ids, tokens.dtype)), axis=-1)
+
+
+def seen_tokens(tokens: tf.Tensor, vocab_size: int) -> tf.Tensor:
+    """bool [R, V]: which ids occur in each row of `tokens` [R, L]."""
+    r, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
+    rows = tf.repeat(tf.range(r), length)
+    idx = tf.stack([rows, tf.reshape(tf.cast(tokens, tf.int32), [-1])], axis=1)
+    hits = tf.tensor_scatter_nd_max(tf.zeros([r, vocab_size], tf.int32), idx, tf.ones([r * length], tf.int32))
+    return hits > 0
+
+
+def banned_ngram_tokens(tokens: tf.Tensor, length: tf.Tensor, n: int, vocab_size: int) -> tf.Tensor:
+    """bool [R, V]: Hugging Face's no-repeat-n-gram bans for rows `tokens` [R, C] of which the first
+    `length` columns are filled: the ids that would repeat an n-gram already in the row."""
+    r, c = tf.shape(tokens)[0], tokens.shape[1]
+    windows = c - n + 1  # n-gram start columns
+    if windows <= 0:
+        return tf.zeros([r, vocab_size], tf.bool)
+    last = tf.gather(tokens, tf.maximum(length - (n - 1) + tf.range(n - 1), 0), axis=1)  # [R, n-1]
+    match = tf.tile((tf.range(windows) <= length - n)[None, :], [r, 1])  # [R, W] complete n-grams only
+    for m in range(n - 1):
+        match &= tf.equal(tokens[:, m : m + windows], last[:, m : m + 1])
+    follow = tf.cast(tokens[:, n - 1 : n - 1 + windows], tf.int32)  # [R, W]: the n-gram's last token
+    idx = tf.stack([tf.repeat(tf.range(r), windows), tf.reshape(follow, [-1])], axis=1)
+    flags = tf.reshape(tf.cast(match, tf.int32), [-1])
+    hits = tf.tensor_scatter_nd_max(tf.zeros([r, vocab_size], tf.int32), idx, flags)
+    return hits > 0
+
+
+def process_logits(
+    logits: tf.Tensor, s: GenerationSettings, new_tokens: tf.Tensor, seen: tf.Tensor | None, tokens: tf.Tensor,
+    length: tf.Tensor, repetition_penalty: tf.Tensor, min_new_tokens: tf.Tensor,
+) -> tf.Tensor:
+    """Hugging Face's processors in its order on logits [R, V]: repetition penalty over `seen`
+    (prompt and generated ids), no-repeat n-grams over `tokens` [R, C] (first `length` filled),
+    then eos forbidden while fewer than `min_new_tokens` tokens are new."""
+    vocab = logits.shape[-1]
+    if s.repetition_penalty:
+        penalised = tf.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = tf.where(seen, penalised, logits)
+    if s.no_repeat_ngram_size:
+        logits = tf.where(banned_ngram_tokens(tokens, length, s.no_repeat_ngram_size, vocab), -INF, logits)
+    if s.min_new_tokens and s.eos_token_ids:
+        is_eos = _is_any(tf.range(vocab), s.eos_token_ids)  # [V]
+        logits = tf.where(is_eos[None, :] & (new_tokens < min_new_tokens), -INF, logits)
+    return logits
 
 
 # ---------------------------------------------------------------- logits warpers (Hugging Face order)
@@ -83,7 +192,7 @@ def warp_logits(logits: tf.Tensor, temperature: tf.Tensor, top_k: int, top_p: tf
     vocab = logits.shape[-1]
     if top_k and top_k < vocab:
         kth = tf.math.top_k(logits, k=top_k).values[:, -1:]  # [B, 1]
-        logits = tf.where(logits < kth, -np.inf, logits)
+        logits = tf.where(logits < kth, -INF, logits)
     # Top-p: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, keep >= 1.
     order = tf.argsort(logits, axis=-1, direction="ASCENDING", stable=True)
     sorted_logits = tf.gather(logits, order, batch_dims=1)
@@ -95,43 +204,83 @@ def warp_logits(logits: tf.Tensor, temperature: tf.Tensor, top_k: int, top_p: tf
         tf.reshape(remove_sorted, [-1]),
         tf.shape(logits),
     )
-    return tf.where(remove, -np.inf, logits)
+    return tf.where(remove & (top_p < 1.0), -INF, logits)
+
+
+def sample(logits: tf.Tensor, s: GenerationSettings, step: tf.Tensor, words: tf.Tensor, temperature: tf.Tensor,
+           top_p: tf.Tensor) -> tf.Tensor:
+    """The next token [B] (int32) from processed logits [B, V]: argmax, or Gumbel-max over the
+    warped logits with the noise of `opt_core.sampling` for (seed, step, row)."""
+    if not s.do_sample:
+        return tf.argmax(logits, axis=-1, output_type=tf.int32)
+    warped = warp_logits(logits, temperature, s.top_k, top_p)
+    noise = gumbel_noise(words, step, tf.shape(logits)[0], logits.shape[-1])
+    return tf.argmax(warped + noise, axis=-1, output_type=tf.int32)
+
+
+# ---------------------------------------------------------------- streaming (host callback)
+class _StreamSlot:
+    """The streamer of the call in progress; the compiled graph calls `deliver` with each step's tokens."""
+
+    def __init__(self) -> None:
+        self.streamer: Any = None
+
+    def deliver(self, tokens: np.ndarray) -> np.int32:
+        emit(self.streamer, np.asarray(tokens, np.int64))
+        return np.int32(0)
+
+
+def emit(streamer: Any, tokens: np.ndarray) -> None:
+    """Hand tokens to a streamer (an object with `put`, or a plain callable)."""
+    if streamer is None:
+        return
+    if hasattr(streamer, "put"):
+        streamer.put(tokens)
+    else:
+        streamer(tokens)
+
+
+def _stream_step(model: Any, tokens: tf.Tensor) -> tf.Tensor:
+    """Send `tokens` [B] to the host streamer; returns an op to depend on."""
+    slot = model.__dict__.setdefault("_opt_stream_slot", _StreamSlot())
+    return tf.numpy_function(slot.deliver, [tf.cast(tokens, tf.int64)], tf.int32, stateful=True)
 
 
 # ---------------------------------------------------------------- greedy and sampling
 def _sample_loop(
-    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, seed: tf.Tensor, temperature: tf.Tensor,
-    top_p: tf.Tensor, s: GenerationSettings,
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, words: tf.Tensor, temperature: tf.Tensor,
+    top_p: tf.Tensor, repetition_penalty: tf.Tensor, min_new_tokens: tf.Tensor, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """-> (tokens [B, S] padded with the pad id, number of new columns produced (<= limit))."""
     b, t = _dims(ids)
+    vocab = model.config.vocab_size
     n = tf.minimum(limit, s.total_length - t)
-    logits, cache, key_mask, next_pos = _prefill(model, ids, mask, s.total_length)
+    logits, cache, key_mask, next_pos = prefill(model, ids, mask, s.total_length)
     tokens = tf.pad(ids, [[0, 0], [0, s.total_length - t]], constant_values=s.pad_token_id)  # [B, S]
     unfinished = tf.ones([b], tf.bool)
+    seen = seen_tokens(ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
 
-    def pick(logits: tf.Tensor, i: tf.Tensor) -> tf.Tensor:
-        if not s.do_sample:
-            return tf.argmax(logits, axis=-1, output_type=tf.int32)
-        warped = warp_logits(logits, temperature, s.top_k, top_p)
-        step_seed = tf.stack([seed, tf.cast(i, seed.dtype)])
-        return tf.cast(tf.random.stateless_categorical(warped, 1, step_seed)[:, 0], tf.int32)
-
-    def body(i, tokens, key_mask, cache, logits, next_pos, unfinished):
-        nxt = pick(logits, i)  # [B]
+    def body(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen):
+        logits = process_logits(logits, s, i, seen, tokens, t + i, repetition_penalty, min_new_tokens)
+        nxt = sample(logits, s, i, words, temperature, top_p)  # [B]
         nxt = tf.where(unfinished, nxt, s.pad_token_id)
+        if s.stream:
+            with tf.control_dependencies([_stream_step(model, nxt)]):
+                nxt = tf.identity(nxt)
         tokens = _set_column(tokens, t + i, nxt)
-        if s.eos_token_id is not None:
-            unfinished = unfinished & tf.not_equal(nxt, s.eos_token_id)
+        if s.eos_token_ids:
+            unfinished = unfinished & ~_is_any(nxt, s.eos_token_ids)
+        if s.repetition_penalty:
+            seen = seen | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
         key_mask = _set_column(key_mask, t + i, tf.ones([b], key_mask.dtype))
         logits, cache = _run(model, nxt[:, None], next_pos[:, None], key_mask, cache)
-        return i + 1, tokens, key_mask, cache, logits, next_pos + 1, unfinished
+        return i + 1, tokens, key_mask, cache, logits, next_pos + 1, unfinished, seen
 
-    def cond(i, tokens, key_mask, cache, logits, next_pos, unfinished):
+    def cond(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen):
         return (i < n) & tf.reduce_any(unfinished)
 
     i, tokens, *_ = tf.while_loop(
-        cond, body, (tf.constant(0), tokens, key_mask, cache, logits, next_pos, unfinished),
+        cond, body, (tf.constant(0), tokens, key_mask, cache, logits, next_pos, unfinished, seen),
     )
     return tokens, i
 
@@ -143,7 +292,8 @@ def _gather_beams(x: tf.Tensor, idx: tf.Tensor) -> tf.Tensor:
 
 
 def _beam_loop(
-    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, s: GenerationSettings
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, repetition_penalty: tf.Tensor,
+    min_new_tokens: tf.Tensor, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Hugging Face's vectorised beam search -> (best sequence per row [B, S], new columns)."""
     b, t = _dims(ids)
@@ -151,13 +301,14 @@ def _beam_loop(
     n = tf.minimum(limit, cap)
     max_length = t + n
     vocab = model.config.vocab_size
-    keep = max(2, 1 + (1 if s.eos_token_id is not None else 0)) * k  # candidates per step
-    top_num_beam_mask = tf.constant([True] * k + [False] * (keep - k))  # [2K]
+    keep = max(2, 1 + len(s.eos_token_ids)) * k  # candidates per step
+    top_num_beam_mask = tf.constant([True] * k + [False] * (keep - k))  # [keep]
     early_true = s.early_stopping is True
 
     flat_ids = tf.repeat(ids, k, axis=0)  # [B*K, T]
     flat_mask = tf.repeat(mask, k, axis=0)
-    logits, cache, key_mask, next_pos = _prefill(model, flat_ids, flat_mask, s.total_length)
+    logits, cache, key_mask, next_pos = prefill(model, flat_ids, flat_mask, s.total_length)
+    seen = seen_tokens(flat_ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
 
     running_sequences = tf.pad(tf.reshape(flat_ids, [b, k, t]), [[0, 0], [0, 0], [0, cap]],
                                constant_values=s.pad_token_id)  # [B, K, S]
@@ -173,22 +324,24 @@ def _beam_loop(
     cols_n = tf.range(cap)[None, None, :]
 
     def body(i, running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-             running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, go_on):
+             running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, seen, go_on):
         cur_len = t + i
         log_probs = tf.nn.log_softmax(logits, axis=-1)  # [B*K, V]
+        flat_running = tf.reshape(running_sequences, [b * k, s.total_length])
+        log_probs = process_logits(log_probs, s, i, seen, flat_running, cur_len, repetition_penalty, min_new_tokens)
         log_probs = tf.reshape(log_probs, [b, k, vocab]) + running_scores[:, :, None]
         log_probs = tf.reshape(log_probs, [b, k * vocab])
-        topk_log_probs, topk_indices = tf.math.top_k(log_probs, k=keep)  # [B, 2K]
+        topk_log_probs, topk_indices = tf.math.top_k(log_probs, k=keep)  # [B, keep]
         topk_beam = topk_indices // vocab
         topk_ids = topk_indices % vocab
-        topk_sequences = _gather_beams(running_sequences, topk_beam)  # [B, 2K, S]
+        topk_sequences = _gather_beams(running_sequences, topk_beam)  # [B, keep, S]
         topk_sequences = tf.where(cols_s == cur_len, topk_ids[:, :, None], topk_sequences)
-        topk_beam_indices = _gather_beams(running_beam_indices, topk_beam)  # [B, 2K, N]
+        topk_beam_indices = _gather_beams(running_beam_indices, topk_beam)  # [B, keep, N]
         topk_beam_indices = tf.where(cols_n == i, (topk_beam + batch_offset)[:, :, None], topk_beam_indices)
 
         hits = tf.fill([b, keep], cur_len + 1 >= max_length)  # max-length criterion
-        if s.eos_token_id is not None:
-            hits = hits | tf.equal(topk_ids, s.eos_token_id)
+        if s.eos_token_ids:
+            hits = hits | _is_any(topk_ids, s.eos_token_ids)
 
         # The best K continuations that did not stop keep running.
         topk_running = topk_log_probs + tf.cast(hits, tf.float32) * NEG
@@ -204,14 +357,15 @@ def _beam_loop(
         scores += tf.cast(full, tf.float32) * NEG
         scores += tf.cast(~early_unsat, tf.float32) * NEG
         scores += tf.cast(~just_finished, tf.float32) * NEG
-        merged_scores = tf.concat([beam_scores, scores], axis=1)  # [B, 3K]
+        merged_scores = tf.concat([beam_scores, scores], axis=1)  # [B, K + keep]
         best = tf.math.top_k(merged_scores, k=k).indices
         sequences = _gather_beams(tf.concat([sequences, topk_sequences], axis=1), best)
         beam_scores = _gather_beams(merged_scores, best)
         beam_indices = _gather_beams(tf.concat([beam_indices, topk_beam_indices], axis=1), best)
         is_sent_finished = _gather_beams(tf.concat([is_sent_finished, just_finished], axis=1), best)
 
-        cache = cache.reorder(tf.reshape(running_beam_indices[:, :, i], [b * k]))
+        rows = tf.reshape(running_beam_indices[:, :, i], [b * k])  # each beam's parent row
+        cache = cache.reorder(rows)
         cur_len = cur_len + 1
         if s.early_stopping == "never" and s.length_penalty > 0.0:
             best_len = tf.cast(max_length - t, tf.float32)
@@ -227,10 +381,12 @@ def _beam_loop(
         )
 
         nxt = tf.reshape(running_sequences[:, :, t + i], [b * k])  # [B*K]
+        if s.repetition_penalty:
+            seen = tf.gather(seen, rows) | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
         key_mask = _set_column(key_mask, t + i, tf.ones([b * k], key_mask.dtype))
         logits, cache = _run(model, nxt[:, None], next_pos[:, None], key_mask, cache)
         return (i + 1, running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-                running_beam_indices, beam_indices, cache, key_mask, logits, next_pos + 1, go_on)
+                running_beam_indices, beam_indices, cache, key_mask, logits, next_pos + 1, seen, go_on)
 
     def cond(i, *state):
         return (i < n) & state[-1]
@@ -238,7 +394,7 @@ def _beam_loop(
     state = tf.while_loop(
         cond, body,
         (tf.constant(0), running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-         running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, tf.constant(True)),
+         running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, seen, tf.constant(True)),
     )
     sequences, beam_indices = state[2], state[8]
     best = sequences[:, 0]  # [B, S]
@@ -248,51 +404,87 @@ def _beam_loop(
 
 # ---------------------------------------------------------------- compiled entry points
 def compiled_generate_fn(model: Any, settings: GenerationSettings) -> tf.types.experimental.GenericFunction:
-    """The XLA-compiled generation function of `model` for `settings` (built once, then reused).
+    """The compiled generation function of `model` for `settings` (built once, then reused).
 
-    It takes (input_ids [B, T] int32, attention_mask [B, T] int32, max_new_tokens int32, seed int32,
-    temperature float32, top_p float32) and returns (tokens [B, S], new columns produced). Shapes may
-    be unknown when traced (an exported signature): XLA then compiles once per concrete shape.
+    It takes (input_ids [B, T] int32, attention_mask [B, T] int32, max_new_tokens int32, seed words
+    [2] uint32 (see `seed_words`), temperature float32, top_p float32, repetition_penalty float32,
+    min_new_tokens int32) and returns (tokens [B, S] int32, new columns produced). Shapes may be
+    unknown when traced (an exported signature): XLA then compiles once per concrete shape.
+    XLA-compiled unless `settings.stream` (a host callback per step runs as a plain graph).
     """
     fns = model.__dict__.setdefault("_opt_generate_fns", {})
     if settings not in fns:
-        def generate_fn(input_ids, attention_mask, max_new_tokens, seed, temperature, top_p):
+        def generate_fn(input_ids, attention_mask, max_new_tokens, seed, temperature, top_p, repetition_penalty,
+                        min_new_tokens):
             if settings.num_beams > 1:
-                return _beam_loop(model, input_ids, attention_mask, max_new_tokens, settings)
-            return _sample_loop(model, input_ids, attention_mask, max_new_tokens, seed, temperature, top_p, settings)
+                return _beam_loop(model, input_ids, attention_mask, max_new_tokens, repetition_penalty,
+                                  min_new_tokens, settings)
+            return _sample_loop(model, input_ids, attention_mask, max_new_tokens, seed, temperature, top_p,
+                                repetition_penalty, min_new_tokens, settings)
 
-        fns[settings] = tf.function(generate_fn, jit_compile=True, reduce_retracing=False)
+        fns[settings] = tf.function(generate_fn, jit_compile=not settings.stream, reduce_retracing=False)
     return fns[settings]
+
+
+def _check_options(top_k: Any, min_new_tokens: Any, repetition_penalty: Any, no_repeat_ngram_size: Any,
+                   num_beams: int, streamer: Any) -> None:
+    """The checks opt_core.inputs does not make yet (the same messages as opt_torch)."""
+    for name, value in (("top_k", top_k), ("min_new_tokens", min_new_tokens),
+                        ("no_repeat_ngram_size", no_repeat_ngram_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if streamer is not None and num_beams > 1:
+        raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in Hugging Face")
+
+
+def _eos_ids(eos: Any) -> tuple[int, ...]:
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple, np.ndarray)) else [eos]))
 
 
 def generate(
     model: Any,
     input_ids: Any,
     attention_mask: Any = None,
+    *,
     max_new_tokens: int = 20,
+    min_new_tokens: int = 0,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int = 50,
     top_p: float = 1.0,
     num_beams: int = 1,
-    seed: int | None = None,
-    eos_token_id: int | None = -1,
-    pad_token_id: int | None = -1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    eos_token_id: int | list[int] | None = -1,
+    pad_token_id: int | None = -1,
+    seed: int | None = None,
+    streamer: Any = None,
 ) -> tf.Tensor:
     """Continue `input_ids` [B, T] (left-padded when rows differ in length) by up to
     `max_new_tokens` tokens under XLA.
 
     Args:
         attention_mask: [B, T] 0/1 (default: all ones).
-        do_sample: sample (temperature, top_k (0 = off), top_p) instead of greedy; `seed` makes it
-            reproducible (None: a fresh random seed).
+        min_new_tokens: eos is forbidden before this many new tokens.
+        do_sample: sample (temperature, top_k (0 = off), top_p) instead of greedy, from the
+            counter-based stream of `opt_core.sampling`: `seed` (0 <= seed < 2**64) gives the same
+            tokens as the other backends; None draws a fresh seed.
         num_beams: > 1 for beam search (with `length_penalty`, `early_stopping` as Hugging Face).
-        eos_token_id / pad_token_id: -1 (default) takes them from the config; a row that emitted eos is padded with
-            the pad id, and generation stops early when every row is done.
+        repetition_penalty: > 1 discourages ids already in the row, prompt included (Hugging Face's rule).
+        no_repeat_ngram_size: > 0 forbids repeating any n-gram of that size.
+        eos_token_id: one id or a list; -1 (default) takes the config's; None never stops early. A
+            row that emitted eos is padded with the pad id, and generation stops when every row is done.
+        pad_token_id: -1 (default) takes the config's (then the first eos id).
+        streamer: an object with `put`/`end` (Hugging Face's streamers) or a callable: gets the
+            prompt, then each step's tokens [B] (int64 NumPy).
     Returns:
-        int32 tf.Tensor [B, T + generated] (prompt included); `generated` <= max_new_tokens.
+        int64 tf.Tensor [B, T + generated] (prompt included); `generated` <= max_new_tokens.
     Raises:
         ValueError: bad inputs or settings (named).
     """
@@ -302,24 +494,41 @@ def generate(
     validate_inputs(ids, mask, cfg)
     validate_generation_args(
         cfg, ids.shape[1], max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        temperature=temperature, top_p=top_p,
+        temperature=temperature, top_p=top_p, allow_zero_new_tokens=True,
     )
-    eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+    _check_options(top_k, min_new_tokens, repetition_penalty, no_repeat_ngram_size, num_beams, streamer)
+    eos_ids = _eos_ids(cfg.eos_token_id if eos_token_id == -1 else eos_token_id)
     pad = cfg.pad_token_id if pad_token_id == -1 else pad_token_id
-    if seed is None:
-        seed = int(np.random.default_rng().integers(0, 2**31 - 1))
     if pad is None:
-        pad = eos if eos is not None else 0  # Hugging Face pads with eos when there is no pad id
+        pad = eos_ids[0] if eos_ids else 0  # Hugging Face pads with eos when there is no pad id
+    if seed is None:
+        seed = secrets.randbits(64)  # fresh randomness, still drawn from the shared stream
+    words = seed_words(seed)
+    out_ids = tf.constant(ids, tf.int64)
+    emit(streamer, ids.astype(np.int64))
+    if max_new_tokens == 0:
+        if streamer is not None and hasattr(streamer, "end"):
+            streamer.end()
+        return out_ids
     settings = GenerationSettings(
         total_length=int(ids.shape[1] + max_new_tokens), do_sample=bool(do_sample),
         top_k=int(top_k) if do_sample else 0,
-        num_beams=int(num_beams), eos_token_id=eos, pad_token_id=int(pad), length_penalty=float(length_penalty),
-        early_stopping=early_stopping,
+        num_beams=int(num_beams), eos_token_ids=eos_ids, pad_token_id=int(pad), length_penalty=float(length_penalty),
+        early_stopping=early_stopping, repetition_penalty=float(repetition_penalty) != 1.0,
+        no_repeat_ngram_size=int(no_repeat_ngram_size), min_new_tokens=int(min_new_tokens) > 0,
+        stream=streamer is not None,
     )
     fn = compiled_generate_fn(model, settings)
-    tokens, produced = fn(
-        tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(max_new_tokens, tf.int32),
-        tf.constant(seed, tf.int32),
-        tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
-    )
-    return tokens[:, : ids.shape[1] + int(produced)]
+    slot = model.__dict__.setdefault("_opt_stream_slot", _StreamSlot())
+    slot.streamer = streamer
+    try:
+        tokens, produced = fn(
+            tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(max_new_tokens, tf.int32),
+            tf.constant(words, tf.uint32), tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
+            tf.constant(repetition_penalty, tf.float32), tf.constant(min_new_tokens, tf.int32),
+        )
+    finally:
+        slot.streamer = None
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+    return tf.cast(tokens[:, : ids.shape[1] + int(produced)], tf.int64)
