@@ -145,9 +145,7 @@ def generate(
     if backend == "tf":
         out = model.generate(input_ids, attention_mask=attention_mask, seed=seed, **kw)
         return np.asarray(out).astype(np.int64)
-    import jax
-
-    out = model.generate(input_ids, attention_mask=attention_mask, prng_key=jax.random.key(seed), **kw)
+    out = model.generate(input_ids, attention_mask=attention_mask, seed=seed, **kw)
     return np.asarray(out).astype(np.int64)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import secrets
 from typing import Any
 
 import jax
@@ -34,7 +33,8 @@ import numpy as np
 from flax import nnx
 
 from opt_core import sampling as stream
-from opt_core.inputs import validate_generation_args, validate_inputs
+from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
+from opt_core.inputs import validate_inputs
 from opt_flax.cache import KVCache
 
 # How many times each jitted function has been traced (= compiled); the no-recompile test reads it.
@@ -369,84 +369,54 @@ def _bucket(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple if multiple > 1 else length
 
 
-def _check_options(top_k: Any, min_new_tokens: Any, repetition_penalty: Any, no_repeat_ngram_size: Any,
-                   num_beams: int, streamer: Any) -> None:
-    """The checks opt_core.inputs does not make yet (the same messages as opt_torch)."""
-    for name, value in (("top_k", top_k), ("min_new_tokens", min_new_tokens),
-                        ("no_repeat_ngram_size", no_repeat_ngram_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if streamer is not None and num_beams > 1:
-        raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in Hugging Face")
-
-
-def _eos_ids(eos: Any) -> list[int]:
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple, np.ndarray)) else [eos])]
-
-
 def generate(
     model: Any,
     input_ids: Any,
     attention_mask: Any = None,
     *,
-    max_new_tokens: int = 20,
-    min_new_tokens: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    eos_token_id: int | list[int] | None = -1,
-    pad_token_id: int | None = -1,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Any = None,
 ) -> np.ndarray:
-    """Continue each row of `input_ids` [B, T] (left-padded when `attention_mask` has zeros).
-
-    Args:
-        max_new_tokens: tokens to add per row (the output stops earlier once every row hit eos).
-        min_new_tokens: eos is forbidden before this many new tokens.
-        do_sample: sample (with `temperature`, `top_k` (0 = off), `top_p`) instead of greedy, from
-            the counter-based stream of `opt_core.sampling`: `seed` (0 <= seed < 2**64) gives the
-            same tokens as the other backends; None draws a fresh seed.
-        num_beams: > 1 for beam search (deterministic; `length_penalty`, `early_stopping` as in HF).
-        repetition_penalty: > 1 discourages ids already in the row, prompt included (Hugging Face's rule).
-        no_repeat_ngram_size: > 0 forbids repeating any n-gram of that size.
-        eos_token_id: one id or a list; -1 (default) takes the config's; None never stops early.
-        pad_token_id: -1 (default) takes the config's (then the first eos id).
-        streamer: an object with `put`/`end` (Hugging Face's streamers) or a callable: gets the
-            prompt, then each step's tokens [B] (int64 NumPy), through a host callback.
-    Returns:
-        int64 NumPy [B, T + generated]: the prompt followed by the new tokens (pad after a row's eos).
-    Raises:
-        ValueError: bad inputs or settings (named).
-    """
     cfg = model.config
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     validate_inputs(ids, mask, cfg)
-    validate_generation_args(
-        cfg, ids.shape[1], max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, allow_zero_new_tokens=True,
+    o = resolve_generation_options(
+        cfg, getattr(model, "generation_config", None), prompt_length=ids.shape[1], max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+        streamer=streamer,
     )
-    _check_options(top_k, min_new_tokens, repetition_penalty, no_repeat_ngram_size, num_beams, streamer)
-    eos = _eos_ids(cfg.eos_token_id if eos_token_id == -1 else eos_token_id)
-    pad = cfg.pad_token_id if pad_token_id == -1 else pad_token_id
-    pad = pad if pad is not None else (eos[0] if eos else 0)
-    if seed is None:
-        seed = secrets.randbits(64)  # fresh randomness, still drawn from the shared stream
-    words = jnp.asarray(seed_words(seed))
+    return run(model, ids, mask, o)
+
+
+generate.__doc__ = GENERATE_DOC + """
+Flax: prefill and the decode loop are `jax.jit`s (one `lax.while_loop`), compiled once per shape
+bucket and mode; a streamer is fed by an ordered `jax.debug.callback`. Returns NumPy int64.
+"""
+
+
+def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> np.ndarray:
+    """Generate with resolved options `o` (`opt_core.generation_config.resolve_generation_options`)
+    from checked inputs ids / mask [B, T]; returns NumPy int64 [B, T + generated]."""
+    cfg = model.config
+    streamer, max_new_tokens, eos, pad = o.streamer, o.max_new_tokens, list(o.eos_token_ids), o.pad_token_id
     emit(streamer, ids.astype(np.int64))
     if max_new_tokens == 0:
-        if streamer is not None and hasattr(streamer, "end"):
+        if streamer is not None:
             streamer.end()
         return ids.astype(np.int64)
 
@@ -459,28 +429,29 @@ def generate(
     graphdef, state = nnx.split(model)
     max_length = width + max_new_tokens
     logits, cache = prefill(graphdef, state, jnp.asarray(ids_b), jnp.asarray(mask_full), max_length)
-    seen = jnp.asarray(seen_tokens(ids, cfg.vocab_size)) if repetition_penalty != 1.0 else None
+    seen = jnp.asarray(seen_tokens(ids, cfg.vocab_size)) if o.repetition_penalty != 1.0 else None
     eos_ids = jnp.asarray(eos if eos else [-1], jnp.int32)
     common = dict(prompt=jnp.asarray(ids_b), first=jnp.int32(extra), seen=seen, max_new_tokens=max_new_tokens,
-                  eos_ids=eos_ids, pad_token_id=jnp.int32(pad), repetition_penalty=jnp.float32(repetition_penalty),
-                  min_new_tokens=jnp.int32(min_new_tokens), ngram=int(no_repeat_ngram_size),
-                  min_new=bool(min_new_tokens > 0 and eos))
-    if num_beams > 1:
-        new, count = beam_search_loop(graphdef, state, logits, cache, jnp.asarray(mask_full), num_beams=num_beams,
-                                      early_stopping=early_stopping, length_penalty=jnp.float32(length_penalty),
+                  eos_ids=eos_ids, pad_token_id=jnp.int32(pad), repetition_penalty=jnp.float32(o.repetition_penalty),
+                  min_new_tokens=jnp.int32(o.min_new_tokens), ngram=o.no_repeat_ngram_size,
+                  min_new=bool(o.min_new_tokens > 0 and eos))
+    if o.num_beams > 1:
+        new, count = beam_search_loop(graphdef, state, logits, cache, jnp.asarray(mask_full), num_beams=o.num_beams,
+                                      early_stopping=o.early_stopping, length_penalty=jnp.float32(o.length_penalty),
                                       **common)
     else:
         _STREAMER[0] = streamer
         try:
             new, count = greedy_or_sample_loop(
-                graphdef, state, logits, cache, jnp.asarray(mask_full), do_sample=bool(do_sample), seed=words,
-                temperature=jnp.float32(temperature), top_k=jnp.int32(top_k if do_sample else 0),
-                top_p=jnp.float32(top_p), stream=streamer is not None, **common)
+                graphdef, state, logits, cache, jnp.asarray(mask_full), do_sample=o.do_sample,
+                seed=jnp.asarray(seed_words(o.seed or 0)), temperature=jnp.float32(o.temperature),
+                top_k=jnp.int32(o.top_k if o.do_sample else 0), top_p=jnp.float32(o.top_p),
+                stream=streamer is not None, **common)
             count = int(count)
             if streamer is not None:
                 jax.effects_barrier()  # every callback has run
         finally:
             _STREAMER[0] = None
-    if streamer is not None and hasattr(streamer, "end"):
+    if streamer is not None:
         streamer.end()
     return np.concatenate([ids.astype(np.int64), np.asarray(new[:, : int(count)], np.int64)], axis=1)

@@ -27,6 +27,7 @@ from opt_core.checkpoint import (
 )
 from opt_core.config import OPTConfig
 from opt_core.formats.flax_msgpack import flax_msgpack_shapes, flax_path, read_flax_msgpack, write_flax_msgpack
+from opt_core.generation_config import GenerationConfig
 from opt_core.layout import from_layout, to_layout
 from opt_core.params import Head, hf_name, parameter_table
 
@@ -105,6 +106,8 @@ def from_pretrained(
     if unfilled:
         raise CheckpointError(f"{folder}: parameters left unloaded: {', '.join(unfilled)}")
     nnx.update(model, nnx.from_flat_state(flat))
+    if head == Head.CAUSAL_LM:  # generate's defaults, as Hugging Face reads them
+        model.generation_config = GenerationConfig.from_pretrained(folder, config)
     return model
 
 
@@ -139,6 +142,8 @@ def save_pretrained(
     config: OPTConfig = model.config
     head = Head(model.head)
     written = [config.save_pretrained(folder)]
+    if head == Head.CAUSAL_LM:
+        written.append(model.generation_config.save_pretrained(folder))
     tensors = canonical_tensors(model)
     if safetensors:
         written += save_numpy_safetensors(folder, {hf_name(k, head): v for k, v in tensors.items()}, max_shard_size)

@@ -9,6 +9,7 @@ C hidden_size, E word_embed_proj_dim, V vocab, L labels.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from opt_core.config import OPTConfig
+from opt_core.generation_config import GenerationConfig
 from opt_core.inputs import validate_inputs
 from opt_core.masks import POSITION_OFFSET
 from opt_core.params import Head
@@ -317,6 +319,9 @@ def _is_concrete(x: Any) -> bool:
     return x is not None and not isinstance(x, jax.core.Tracer)
 
 
+_GENERATION_CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> GenerationConfig
+
+
 class OPTPreTrainedModel(nnx.Module):
     """What the four models share: config, input checks, loading, saving.
 
@@ -343,6 +348,17 @@ class OPTPreTrainedModel(nnx.Module):
 
     def get_decoder(self) -> OPTDecoder:
         raise NotImplementedError
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """`generate`'s defaults (generation_config.json; else the config's special tokens). Kept
+        outside the module's attributes: nnx puts those in the GraphDef, which jit hashes."""
+        gen = _GENERATION_CONFIGS.get(self)
+        return gen if gen is not None else GenerationConfig.from_model_config(self.config)
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig) -> None:
+        _GENERATION_CONFIGS[self] = value
 
     def _prepare_inputs(
         self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: KVCache | None, validate: bool

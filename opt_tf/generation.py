@@ -22,7 +22,6 @@ Letters in shape comments: B batch, K beams, T prompt, N max new tokens, S = T +
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,8 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 
 from opt_core import sampling as stream
-from opt_core.inputs import validate_generation_args, validate_inputs
+from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
+from opt_core.inputs import validate_inputs
 from opt_tf.cache import StaticCache, init
 from opt_tf.modeling import positions_from_mask
 
@@ -426,109 +426,74 @@ def compiled_generate_fn(model: Any, settings: GenerationSettings) -> tf.types.e
     return fns[settings]
 
 
-def _check_options(top_k: Any, min_new_tokens: Any, repetition_penalty: Any, no_repeat_ngram_size: Any,
-                   num_beams: int, streamer: Any) -> None:
-    """The checks opt_core.inputs does not make yet (the same messages as opt_torch)."""
-    for name, value in (("top_k", top_k), ("min_new_tokens", min_new_tokens),
-                        ("no_repeat_ngram_size", no_repeat_ngram_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if streamer is not None and num_beams > 1:
-        raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in Hugging Face")
-
-
-def _eos_ids(eos: Any) -> tuple[int, ...]:
-    if eos is None:
-        return ()
-    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple, np.ndarray)) else [eos]))
-
-
 def generate(
     model: Any,
     input_ids: Any,
     attention_mask: Any = None,
     *,
-    max_new_tokens: int = 20,
-    min_new_tokens: int = 0,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    eos_token_id: int | list[int] | None = -1,
-    pad_token_id: int | None = -1,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Any = None,
 ) -> tf.Tensor:
-    """Continue `input_ids` [B, T] (left-padded when rows differ in length) by up to
-    `max_new_tokens` tokens under XLA.
-
-    Args:
-        attention_mask: [B, T] 0/1 (default: all ones).
-        min_new_tokens: eos is forbidden before this many new tokens.
-        do_sample: sample (temperature, top_k (0 = off), top_p) instead of greedy, from the
-            counter-based stream of `opt_core.sampling`: `seed` (0 <= seed < 2**64) gives the same
-            tokens as the other backends; None draws a fresh seed.
-        num_beams: > 1 for beam search (with `length_penalty`, `early_stopping` as Hugging Face).
-        repetition_penalty: > 1 discourages ids already in the row, prompt included (Hugging Face's rule).
-        no_repeat_ngram_size: > 0 forbids repeating any n-gram of that size.
-        eos_token_id: one id or a list; -1 (default) takes the config's; None never stops early. A
-            row that emitted eos is padded with the pad id, and generation stops when every row is done.
-        pad_token_id: -1 (default) takes the config's (then the first eos id).
-        streamer: an object with `put`/`end` (Hugging Face's streamers) or a callable: gets the
-            prompt, then each step's tokens [B] (int64 NumPy).
-    Returns:
-        int64 tf.Tensor [B, T + generated] (prompt included); `generated` <= max_new_tokens.
-    Raises:
-        ValueError: bad inputs or settings (named).
-    """
     cfg = model.config
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     validate_inputs(ids, mask, cfg)
-    validate_generation_args(
-        cfg, ids.shape[1], max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, allow_zero_new_tokens=True,
+    o = resolve_generation_options(
+        cfg, getattr(model, "generation_config", None), prompt_length=ids.shape[1], max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+        streamer=streamer,
     )
-    _check_options(top_k, min_new_tokens, repetition_penalty, no_repeat_ngram_size, num_beams, streamer)
-    eos_ids = _eos_ids(cfg.eos_token_id if eos_token_id == -1 else eos_token_id)
-    pad = cfg.pad_token_id if pad_token_id == -1 else pad_token_id
-    if pad is None:
-        pad = eos_ids[0] if eos_ids else 0  # Hugging Face pads with eos when there is no pad id
-    if seed is None:
-        seed = secrets.randbits(64)  # fresh randomness, still drawn from the shared stream
-    words = seed_words(seed)
-    out_ids = tf.constant(ids, tf.int64)
+    return run(model, ids, mask, o)
+
+
+generate.__doc__ = GENERATE_DOC + """
+TF: the decode loop is one XLA-compiled `tf.while_loop` (compiled once per shape and mode); with a
+streamer it runs as a plain graph with a host callback per step. Returns a tf.int64 tf.Tensor.
+"""
+
+
+def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> tf.Tensor:
+    """Generate with resolved options `o` (`opt_core.generation_config.resolve_generation_options`)
+    from checked inputs ids / mask [B, T]; returns tf.int64 [B, T + generated]."""
+    streamer = o.streamer
     emit(streamer, ids.astype(np.int64))
-    if max_new_tokens == 0:
-        if streamer is not None and hasattr(streamer, "end"):
+    if o.max_new_tokens == 0:
+        if streamer is not None:
             streamer.end()
-        return out_ids
+        return tf.constant(ids, tf.int64)
     settings = GenerationSettings(
-        total_length=int(ids.shape[1] + max_new_tokens), do_sample=bool(do_sample),
-        top_k=int(top_k) if do_sample else 0,
-        num_beams=int(num_beams), eos_token_ids=eos_ids, pad_token_id=int(pad), length_penalty=float(length_penalty),
-        early_stopping=early_stopping, repetition_penalty=float(repetition_penalty) != 1.0,
-        no_repeat_ngram_size=int(no_repeat_ngram_size), min_new_tokens=int(min_new_tokens) > 0,
-        stream=streamer is not None,
+        total_length=int(ids.shape[1] + o.max_new_tokens), do_sample=o.do_sample,
+        top_k=o.top_k if o.do_sample else 0, num_beams=o.num_beams, eos_token_ids=o.eos_token_ids,
+        pad_token_id=o.pad_token_id, length_penalty=o.length_penalty, early_stopping=o.early_stopping,
+        repetition_penalty=o.repetition_penalty != 1.0, no_repeat_ngram_size=o.no_repeat_ngram_size,
+        min_new_tokens=o.min_new_tokens > 0, stream=streamer is not None,
     )
     fn = compiled_generate_fn(model, settings)
     slot = model.__dict__.setdefault("_opt_stream_slot", _StreamSlot())
     slot.streamer = streamer
     try:
         tokens, produced = fn(
-            tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(max_new_tokens, tf.int32),
-            tf.constant(words, tf.uint32), tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
-            tf.constant(repetition_penalty, tf.float32), tf.constant(min_new_tokens, tf.int32),
+            tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(o.max_new_tokens, tf.int32),
+            tf.constant(seed_words(o.seed or 0), tf.uint32), tf.constant(o.temperature, tf.float32),
+            tf.constant(o.top_p, tf.float32), tf.constant(o.repetition_penalty, tf.float32),
+            tf.constant(o.min_new_tokens, tf.int32),
         )
     finally:
         slot.streamer = None
-    if streamer is not None and hasattr(streamer, "end"):
+    if streamer is not None:
         streamer.end()
     return tf.cast(tokens[:, : ids.shape[1] + int(produced)], tf.int64)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from opt_core import CheckpointError, OPTConfig, account_keys
+from opt_core import CheckpointError, GenerationConfig, OPTConfig, account_keys
 from opt_core.checkpoint import (
     DEFAULT_SHARD_BYTES,
     SAFETENSORS,
@@ -135,6 +135,8 @@ def from_pretrained(
     if unfilled:
         raise CheckpointError(f"{folder}: tensors left unfilled after loading: {unfilled}")
     model.loading_info = acc
+    if head == Head.CAUSAL_LM:  # generate's defaults, as Hugging Face reads them
+        model.generation_config = GenerationConfig.from_pretrained(folder, config)
     return model
 
 
@@ -164,6 +166,8 @@ def save_pretrained(
     extra = dict(config.extra)
     extra["architectures"] = [type(model).__name__]
     config.replace(torch_dtype="float32", extra=extra).save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
 
     tensors = state_dict(model)
     for old in folder.glob("model-*-of-*.safetensors"):

@@ -9,13 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from opt_core import sampling
+from opt_core import GenerationConfig, sampling
+from opt_core.generation import reference_generate
+from opt_core.reference import ReferenceOPTForCausalLM
 from opt_flax import generation
 from opt_flax.generation import compilation_count
 from tests.flax.helpers import golden_model
 from tests.golden import NEW_TOKENS, hf_golden
 from tests.oracle import oracle_run
-from tests.sampling_reference import reference_sample
 
 pytestmark = pytest.mark.flax
 
@@ -33,8 +34,13 @@ def test_greedy_matches_hf_torch_and_flax(variant):
 @pytest.mark.parametrize("variant", ["pre_ln", pytest.param("post_ln_proj", marks=pytest.mark.slow)])
 def test_beam_search_matches_hf_torch(variant):
     g = hf_golden(variant)
-    out = golden_model(variant).generate(g.ids, attention_mask=g.mask, max_new_tokens=NEW_TOKENS, num_beams=3,
-                                         early_stopping=True)
+    model = golden_model(variant)
+    saved = model.generation_config
+    try:
+        out = _early_stopping(model, True).generate(g.ids, attention_mask=g.mask, max_new_tokens=NEW_TOKENS,
+                                                    num_beams=3)
+    finally:
+        model.generation_config = saved
     np.testing.assert_array_equal(np.asarray(out), g.torch["beam"])
 
 
@@ -86,7 +92,7 @@ def test_random_stream_is_bit_identical_to_opt_core():
                 np.testing.assert_array_equal(np.asarray(u), want_u)
 
 
-SAMPLING = dict(do_sample=True, temperature=1.5, top_k=20, top_p=0.95, eos_token_id=None, max_new_tokens=8)
+SAMPLING = dict(do_sample=True, temperature=1.5, top_k=20, top_p=0.95, eos_token_id=[], max_new_tokens=8)
 
 
 def test_seeded_sampling_matches_the_numpy_reference_and_no_seed_is_fresh():
@@ -96,7 +102,8 @@ def test_seeded_sampling_matches_the_numpy_reference_and_no_seed_is_fresh():
     for seed in (3, 2**40 + 7):
         out = model.generate(g.ids, attention_mask=g.mask, seed=seed, **SAMPLING)
         assert out.dtype == np.int64
-        want = reference_sample(g.folder, g.ids, g.mask, 8, seed, temperature=1.5, top_k=20, top_p=0.95)
+        want = reference_generate(ReferenceOPTForCausalLM.from_pretrained(g.folder), g.ids, g.mask, seed=seed,
+                                  **SAMPLING)
         np.testing.assert_array_equal(out, want)
         outs.append(out)
     assert not np.array_equal(*outs)
@@ -106,7 +113,14 @@ def test_seeded_sampling_matches_the_numpy_reference_and_no_seed_is_fresh():
 
 def _hf(g, **kw):
     return oracle_run(g.folder, [{"framework": "torch", "input_ids": g.ids, "attention_mask": g.mask,
-                                  "generate": {"do_sample": False, **kw}}])[0]["sequences"]
+                                  "generate": {"do_sample": False, "early_stopping": False, **kw}}])[0]["sequences"]
+
+
+def _early_stopping(model, value):
+    """Use `model` with generation_config.early_stopping = value (a keyword of the file, not of generate)."""
+    model.generation_config = GenerationConfig.from_model_config(model.config)
+    model.generation_config.early_stopping = value
+    return model
 
 
 def _eos_pair(g):
@@ -127,8 +141,8 @@ def test_logits_processors_and_eos_list_match_hf():
 @pytest.mark.oracle
 def test_beam_search_length_penalty_and_eos_list_match_hf():
     g = hf_golden("pre_ln")
-    kw = dict(max_new_tokens=12, num_beams=3, length_penalty=-3.0, early_stopping=False, eos_token_id=_eos_pair(g))
-    out = golden_model("pre_ln").generate(g.ids, attention_mask=g.mask, **kw)
+    kw = dict(max_new_tokens=12, num_beams=3, length_penalty=-3.0, eos_token_id=_eos_pair(g))
+    out = golden_model("pre_ln").generate(g.ids, attention_mask=g.mask, **kw)  # early_stopping False: the default
     np.testing.assert_array_equal(out, _hf(g, **kw))
 
 

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from opt_core import sampling
+from opt_core import GenerationConfig, sampling
+from opt_core.generation import reference_generate
+from opt_core.reference import ReferenceOPTForCausalLM
 from opt_tf import generation
 from opt_tf.generation import GenerationSettings, compiled_generate_fn, warp_logits
 from tests.golden import NEW_TOKENS, NUM_BEAMS, hf_golden
 from tests.oracle import oracle_run
-from tests.sampling_reference import reference_sample
 from tests.tf.helpers import golden_causal_lm
 from tests.variants import CORE_VARIANTS
 
@@ -51,17 +52,21 @@ def test_second_call_with_the_same_shapes_does_not_retrace():
 @pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj"])
 def test_beam_search_under_xla_matches_hf_torch(variant):
     g = hf_golden(variant)
-    out = golden_causal_lm(variant).generate(
-        g.ids, attention_mask=g.mask, max_new_tokens=NEW_TOKENS, num_beams=NUM_BEAMS, early_stopping=True,
-        length_penalty=1.0,
-    )
+    model = golden_causal_lm(variant)
+    saved = model.generation_config if hasattr(model, "generation_config") else None
+    try:
+        out = _early_stopping(model, True).generate(
+            g.ids, attention_mask=g.mask, max_new_tokens=NEW_TOKENS, num_beams=NUM_BEAMS, length_penalty=1.0,
+        )
+    finally:
+        model.generation_config = saved
     np.testing.assert_array_equal(out.numpy(), g.torch["beam"])
 
 
 def test_eos_finishes_rows_and_pads_them():
     g = hf_golden("pre_ln")
     model = golden_causal_lm("pre_ln")
-    free = model.generate(g.ids, attention_mask=g.mask, max_new_tokens=NEW_TOKENS, eos_token_id=None).numpy()
+    free = model.generate(g.ids, attention_mask=g.mask, max_new_tokens=NEW_TOKENS, eos_token_id=[]).numpy()
     t = g.ids.shape[1]
     np.testing.assert_array_equal(free[:, : t + 1], _greedy("pre_ln")[:, : t + 1])
     new = free[:, t:]
@@ -119,7 +124,7 @@ def test_random_stream_is_bit_identical_to_opt_core(jit):
             np.testing.assert_array_equal(u.numpy(), sampling.uniforms(seed, step, 3, 1000))
 
 
-SAMPLING = dict(do_sample=True, temperature=1.5, top_k=20, top_p=0.95, eos_token_id=None, max_new_tokens=8)
+SAMPLING = dict(do_sample=True, temperature=1.5, top_k=20, top_p=0.95, eos_token_id=[], max_new_tokens=8)
 
 
 def test_seeded_sampling_matches_the_numpy_reference_and_no_seed_is_fresh():
@@ -129,7 +134,8 @@ def test_seeded_sampling_matches_the_numpy_reference_and_no_seed_is_fresh():
     for seed in (3, 2**40 + 7):
         out = model.generate(g.ids, attention_mask=g.mask, seed=seed, **SAMPLING)
         assert out.dtype == tf.int64
-        want = reference_sample(g.folder, g.ids, g.mask, 8, seed, temperature=1.5, top_k=20, top_p=0.95)
+        want = reference_generate(ReferenceOPTForCausalLM.from_pretrained(g.folder), g.ids, g.mask, seed=seed,
+                                  **SAMPLING)
         np.testing.assert_array_equal(out.numpy(), want)
         outs.append(out.numpy())
     assert not np.array_equal(*outs)
@@ -139,7 +145,14 @@ def test_seeded_sampling_matches_the_numpy_reference_and_no_seed_is_fresh():
 
 def _hf(g, **kw):
     return oracle_run(g.folder, [{"framework": "torch", "input_ids": g.ids, "attention_mask": g.mask,
-                                  "generate": {"do_sample": False, **kw}}])[0]["sequences"]
+                                  "generate": {"do_sample": False, "early_stopping": False, **kw}}])[0]["sequences"]
+
+
+def _early_stopping(model, value):
+    """Use `model` with generation_config.early_stopping = value (a keyword of the file, not of generate)."""
+    model.generation_config = GenerationConfig.from_model_config(model.config)
+    model.generation_config.early_stopping = value
+    return model
 
 
 def _eos_pair(g):
@@ -158,8 +171,8 @@ def test_logits_processors_and_eos_list_match_hf():
 
 def test_beam_search_length_penalty_and_eos_list_match_hf():
     g = hf_golden("pre_ln")
-    kw = dict(max_new_tokens=12, num_beams=3, length_penalty=-3.0, early_stopping=False, eos_token_id=_eos_pair(g))
-    out = golden_causal_lm("pre_ln").generate(g.ids, attention_mask=g.mask, **kw)
+    kw = dict(max_new_tokens=12, num_beams=3, length_penalty=-3.0, eos_token_id=_eos_pair(g))
+    out = golden_causal_lm("pre_ln").generate(g.ids, attention_mask=g.mask, **kw)  # early_stopping False: the default
     np.testing.assert_array_equal(out.numpy(), _hf(g, **kw))
 
 
