@@ -33,7 +33,6 @@ from opt_core import sampling as stream
 from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
 from opt_core.inputs import validate_inputs
 from opt_tf.cache import StaticCache, init
-from opt_tf.modeling import positions_from_mask
 
 NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
 INF = float("inf")
@@ -128,7 +127,8 @@ def prefill(
     b, t = _dims(ids)
     cache = init(model.config, b, total, model.get_decoder().embed_tokens.dtype)
     key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; new slots are switched on as they fill
-    logits, cache = _run(model, ids, positions_from_mask(mask, 0, t), key_mask, cache)
+    positions = tf.cumsum(mask, axis=-1) * mask - 1  # [B, T] (modeling's positions_from_mask; no import cycle)
+    logits, cache = _run(model, ids, positions, key_mask, cache)
     return logits, cache, key_mask, tf.reduce_sum(mask, axis=1)
 
 
