@@ -23,7 +23,7 @@ Letters in shape comments: B batch, K beams, T prompt, N max new tokens, S = T +
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -46,14 +46,25 @@ class GenerationSettings:
     do_sample: bool = False
     top_k: int = 0  # 0 = off
     num_beams: int = 1
-    eos_token_ids: tuple[int, ...] = (2,)  # () = never stop early
-    pad_token_id: int = 1
-    length_penalty: float = 1.0
+    num_eos: int = 1  # how many eos ids (0 = never stop early); the ids, pad and length_penalty are tensors
     early_stopping: bool | str = False
     repetition_penalty: bool = False  # whether the penalty runs (its value is a tensor)
     no_repeat_ngram_size: int = 0
     min_new_tokens: bool = False  # whether eos can be forbidden (the count is a tensor)
     stream: bool = False  # deliver each step's tokens to the host (graph mode, not XLA)
+
+
+class Knobs(NamedTuple):
+    """The values a compiled function takes as tensors (changing them never retraces)."""
+
+    seed: tf.Tensor  # uint32 [2]: the seed's low and high words (`seed_words`)
+    temperature: tf.Tensor  # float32
+    top_p: tf.Tensor  # float32
+    repetition_penalty: tf.Tensor  # float32
+    min_new_tokens: tf.Tensor  # int32
+    eos_ids: tf.Tensor  # int32 [max(1, num_eos)]; -1 = none
+    pad_token_id: tf.Tensor  # int32
+    length_penalty: tf.Tensor  # float32
 
 
 # ---------------------------------------------------------------- the random stream (opt_core.sampling)
@@ -133,9 +144,10 @@ def prefill(
 
 
 # ---------------------------------------------------------------- logits processors (Hugging Face order)
-def _is_any(tokens: tf.Tensor, ids: tuple[int, ...]) -> tf.Tensor:
-    """bool, same shape as `tokens`: the token is one of `ids`."""
-    return tf.reduce_any(tf.equal(tokens[..., None], tf.constant(ids, tokens.dtype)), axis=-1)
+def _is_any(tokens: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
+    """bool, same shape as `tokens`: the token is one of `ids` [E] (int32; -1 entries match nothing)."""
+    ids = tf.cast(ids, tokens.dtype)
+    return tf.reduce_any(tf.equal(tokens[..., None], ids) & (ids >= 0), axis=-1)
 
 
 def seen_tokens(tokens: tf.Tensor, vocab_size: int) -> tf.Tensor:
@@ -167,7 +179,7 @@ def banned_ngram_tokens(tokens: tf.Tensor, length: tf.Tensor, n: int, vocab_size
 
 def process_logits(
     logits: tf.Tensor, s: GenerationSettings, new_tokens: tf.Tensor, seen: tf.Tensor | None, tokens: tf.Tensor,
-    length: tf.Tensor, repetition_penalty: tf.Tensor, min_new_tokens: tf.Tensor,
+    length: tf.Tensor, repetition_penalty: tf.Tensor, min_new_tokens: tf.Tensor, eos_ids: tf.Tensor,
 ) -> tf.Tensor:
     """Hugging Face's processors in its order on logits [R, V]: repetition penalty over `seen`
     (prompt and generated ids), no-repeat n-grams over `tokens` [R, C] (first `length` filled),
@@ -178,8 +190,8 @@ def process_logits(
         logits = tf.where(seen, penalised, logits)
     if s.no_repeat_ngram_size:
         logits = tf.where(banned_ngram_tokens(tokens, length, s.no_repeat_ngram_size, vocab), -INF, logits)
-    if s.min_new_tokens and s.eos_token_ids:
-        is_eos = _is_any(tf.range(vocab), s.eos_token_ids)  # [V]
+    if s.min_new_tokens and s.num_eos:
+        is_eos = _is_any(tf.range(vocab), eos_ids)  # [V]
         logits = tf.where(is_eos[None, :] & (new_tokens < min_new_tokens), -INF, logits)
     return logits
 
@@ -248,28 +260,27 @@ def _stream_step(model: Any, tokens: tf.Tensor) -> tf.Tensor:
 
 # ---------------------------------------------------------------- greedy and sampling
 def _sample_loop(
-    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, words: tf.Tensor, temperature: tf.Tensor,
-    top_p: tf.Tensor, repetition_penalty: tf.Tensor, min_new_tokens: tf.Tensor, s: GenerationSettings,
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """-> (tokens [B, S] padded with the pad id, number of new columns produced (<= limit))."""
     b, t = _dims(ids)
     vocab = model.config.vocab_size
     n = tf.minimum(limit, s.total_length - t)
     logits, cache, key_mask, next_pos = prefill(model, ids, mask, s.total_length)
-    tokens = tf.pad(ids, [[0, 0], [0, s.total_length - t]], constant_values=s.pad_token_id)  # [B, S]
+    tokens = tf.pad(ids, [[0, 0], [0, s.total_length - t]], constant_values=v.pad_token_id)  # [B, S]
     unfinished = tf.ones([b], tf.bool)
     seen = seen_tokens(ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
 
     def body(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen):
-        logits = process_logits(logits, s, i, seen, tokens, t + i, repetition_penalty, min_new_tokens)
-        nxt = sample(logits, s, i, words, temperature, top_p)  # [B]
-        nxt = tf.where(unfinished, nxt, s.pad_token_id)
+        logits = process_logits(logits, s, i, seen, tokens, t + i, v.repetition_penalty, v.min_new_tokens, v.eos_ids)
+        nxt = sample(logits, s, i, v.seed, v.temperature, v.top_p)  # [B]
+        nxt = tf.where(unfinished, nxt, v.pad_token_id)
         if s.stream:
             with tf.control_dependencies([_stream_step(model, nxt)]):
                 nxt = tf.identity(nxt)
         tokens = _set_column(tokens, t + i, nxt)
-        if s.eos_token_ids:
-            unfinished = unfinished & ~_is_any(nxt, s.eos_token_ids)
+        if s.num_eos:
+            unfinished = unfinished & ~_is_any(nxt, v.eos_ids)
         if s.repetition_penalty:
             seen = seen | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
         key_mask = _set_column(key_mask, t + i, tf.ones([b], key_mask.dtype))
@@ -292,8 +303,7 @@ def _gather_beams(x: tf.Tensor, idx: tf.Tensor) -> tf.Tensor:
 
 
 def _beam_loop(
-    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, repetition_penalty: tf.Tensor,
-    min_new_tokens: tf.Tensor, s: GenerationSettings,
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Hugging Face's vectorised beam search -> (best sequence per row [B, S], new columns)."""
     b, t = _dims(ids)
@@ -301,7 +311,7 @@ def _beam_loop(
     n = tf.minimum(limit, cap)
     max_length = t + n
     vocab = model.config.vocab_size
-    keep = max(2, 1 + len(s.eos_token_ids)) * k  # candidates per step
+    keep = max(2, 1 + s.num_eos) * k  # candidates per step
     top_num_beam_mask = tf.constant([True] * k + [False] * (keep - k))  # [keep]
     early_true = s.early_stopping is True
 
@@ -311,7 +321,7 @@ def _beam_loop(
     seen = seen_tokens(flat_ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
 
     running_sequences = tf.pad(tf.reshape(flat_ids, [b, k, t]), [[0, 0], [0, 0], [0, cap]],
-                               constant_values=s.pad_token_id)  # [B, K, S]
+                               constant_values=v.pad_token_id)  # [B, K, S]
     sequences = running_sequences
     running_scores = tf.tile(tf.constant([[0.0] + [NEG] * (k - 1)]), [b, 1])  # [B, K]
     beam_scores = tf.fill([b, k], NEG)
@@ -328,7 +338,8 @@ def _beam_loop(
         cur_len = t + i
         log_probs = tf.nn.log_softmax(logits, axis=-1)  # [B*K, V]
         flat_running = tf.reshape(running_sequences, [b * k, s.total_length])
-        log_probs = process_logits(log_probs, s, i, seen, flat_running, cur_len, repetition_penalty, min_new_tokens)
+        log_probs = process_logits(log_probs, s, i, seen, flat_running, cur_len, v.repetition_penalty,
+                                   v.min_new_tokens, v.eos_ids)
         log_probs = tf.reshape(log_probs, [b, k, vocab]) + running_scores[:, :, None]
         log_probs = tf.reshape(log_probs, [b, k * vocab])
         topk_log_probs, topk_indices = tf.math.top_k(log_probs, k=keep)  # [B, keep]
@@ -340,8 +351,8 @@ def _beam_loop(
         topk_beam_indices = tf.where(cols_n == i, (topk_beam + batch_offset)[:, :, None], topk_beam_indices)
 
         hits = tf.fill([b, keep], cur_len + 1 >= max_length)  # max-length criterion
-        if s.eos_token_ids:
-            hits = hits | _is_any(topk_ids, s.eos_token_ids)
+        if s.num_eos:
+            hits = hits | _is_any(topk_ids, v.eos_ids)
 
         # The best K continuations that did not stop keep running.
         topk_running = topk_log_probs + tf.cast(hits, tf.float32) * NEG
@@ -352,7 +363,7 @@ def _beam_loop(
 
         # Continuations that stopped among the top K join the finished beams if they score higher.
         just_finished = hits & top_num_beam_mask[None, :]
-        scores = topk_log_probs / (tf.cast(cur_len + 1 - t, tf.float32) ** s.length_penalty)
+        scores = topk_log_probs / (tf.cast(cur_len + 1 - t, tf.float32) ** v.length_penalty)
         full = tf.reduce_all(is_sent_finished, axis=-1, keepdims=True) & early_true
         scores += tf.cast(full, tf.float32) * NEG
         scores += tf.cast(~early_unsat, tf.float32) * NEG
@@ -367,11 +378,10 @@ def _beam_loop(
         rows = tf.reshape(running_beam_indices[:, :, i], [b * k])  # each beam's parent row
         cache = cache.reorder(rows)
         cur_len = cur_len + 1
-        if s.early_stopping == "never" and s.length_penalty > 0.0:
-            best_len = tf.cast(max_length - t, tf.float32)
-        else:
-            best_len = tf.cast(cur_len - t, tf.float32)
-        best_running = running_scores[:, :1] / best_len**s.length_penalty
+        best_len = tf.cast(cur_len - t, tf.float32)
+        if s.early_stopping == "never":
+            best_len = tf.where(v.length_penalty > 0.0, tf.cast(max_length - t, tf.float32), best_len)
+        best_running = running_scores[:, :1] / best_len**v.length_penalty
         worst_finished = tf.where(is_sent_finished, tf.reduce_min(beam_scores, axis=1, keepdims=True), NEG)
         early_unsat = early_unsat & tf.reduce_any(best_running > worst_finished, axis=-1, keepdims=True)
         go_on = (
@@ -406,21 +416,18 @@ def _beam_loop(
 def compiled_generate_fn(model: Any, settings: GenerationSettings) -> tf.types.experimental.GenericFunction:
     """The compiled generation function of `model` for `settings` (built once, then reused).
 
-    It takes (input_ids [B, T] int32, attention_mask [B, T] int32, max_new_tokens int32, seed words
-    [2] uint32 (see `seed_words`), temperature float32, top_p float32, repetition_penalty float32,
-    min_new_tokens int32) and returns (tokens [B, S] int32, new columns produced). Shapes may be
-    unknown when traced (an exported signature): XLA then compiles once per concrete shape.
-    XLA-compiled unless `settings.stream` (a host callback per step runs as a plain graph).
+    It takes (input_ids [B, T] int32, attention_mask [B, T] int32, max_new_tokens int32, the
+    `Knobs` tensors as a tuple (`knobs`)) and returns (tokens [B, S] int32, new columns produced).
+    Shapes may be unknown when traced (an exported signature): XLA then compiles once per concrete
+    shape. XLA-compiled unless `settings.stream` (a host callback per step runs as a plain graph).
     """
     fns = model.__dict__.setdefault("_opt_generate_fns", {})
     if settings not in fns:
-        def generate_fn(input_ids, attention_mask, max_new_tokens, seed, temperature, top_p, repetition_penalty,
-                        min_new_tokens):
+        def generate_fn(input_ids, attention_mask, max_new_tokens, knobs):
+            knobs = Knobs(*knobs)
             if settings.num_beams > 1:
-                return _beam_loop(model, input_ids, attention_mask, max_new_tokens, repetition_penalty,
-                                  min_new_tokens, settings)
-            return _sample_loop(model, input_ids, attention_mask, max_new_tokens, seed, temperature, top_p,
-                                repetition_penalty, min_new_tokens, settings)
+                return _beam_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
+            return _sample_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
 
         fns[settings] = tf.function(generate_fn, jit_compile=not settings.stream, reduce_retracing=False)
     return fns[settings]
@@ -466,6 +473,17 @@ streamer it runs as a plain graph with a host callback per step. Returns a tf.in
 """
 
 
+def knobs(seed: int, temperature: float, top_p: float, repetition_penalty: float, min_new_tokens: int,
+          eos_token_ids: tuple[int, ...], pad_token_id: int, length_penalty: float) -> tuple[tf.Tensor, ...]:
+    """The `Knobs` tensors of one call (a plain tuple: what the compiled function takes)."""
+    return (
+        tf.constant(seed_words(seed), tf.uint32), tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
+        tf.constant(repetition_penalty, tf.float32), tf.constant(min_new_tokens, tf.int32),
+        tf.constant(list(eos_token_ids) or [-1], tf.int32), tf.constant(pad_token_id, tf.int32),
+        tf.constant(length_penalty, tf.float32),
+    )
+
+
 def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> tf.Tensor:
     """Generate with resolved options `o` (`opt_core.generation_config.resolve_generation_options`)
     from checked inputs ids / mask [B, T]; returns tf.int64 [B, T + generated]."""
@@ -477,10 +495,10 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
         return tf.constant(ids, tf.int64)
     settings = GenerationSettings(
         total_length=int(ids.shape[1] + o.max_new_tokens), do_sample=o.do_sample,
-        top_k=o.top_k if o.do_sample else 0, num_beams=o.num_beams, eos_token_ids=o.eos_token_ids,
-        pad_token_id=o.pad_token_id, length_penalty=o.length_penalty, early_stopping=o.early_stopping,
-        repetition_penalty=o.repetition_penalty != 1.0, no_repeat_ngram_size=o.no_repeat_ngram_size,
-        min_new_tokens=o.min_new_tokens > 0, stream=streamer is not None,
+        top_k=o.top_k if o.do_sample else 0, num_beams=o.num_beams, num_eos=len(o.eos_token_ids),
+        early_stopping=o.early_stopping, repetition_penalty=o.repetition_penalty != 1.0,
+        no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens > 0,
+        stream=streamer is not None,
     )
     fn = compiled_generate_fn(model, settings)
     slot = model.__dict__.setdefault("_opt_stream_slot", _StreamSlot())
@@ -488,9 +506,8 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
     try:
         tokens, produced = fn(
             tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(o.max_new_tokens, tf.int32),
-            tf.constant(seed_words(o.seed or 0), tf.uint32), tf.constant(o.temperature, tf.float32),
-            tf.constant(o.top_p, tf.float32), tf.constant(o.repetition_penalty, tf.float32),
-            tf.constant(o.min_new_tokens, tf.int32),
+            knobs(o.seed or 0, o.temperature, o.top_p, o.repetition_penalty, o.min_new_tokens, o.eos_token_ids,
+                  o.pad_token_id, o.length_penalty),
         )
     finally:
         slot.streamer = None

@@ -37,7 +37,7 @@ def test_second_call_with_the_same_shapes_does_not_retrace():
     model = golden_causal_lm("pre_ln")
     g = hf_golden("pre_ln")
     first = _greedy("pre_ln")
-    settings = GenerationSettings(total_length=g.ids.shape[1] + NEW_TOKENS, top_k=0, eos_token_ids=(2,), pad_token_id=1)
+    settings = GenerationSettings(total_length=g.ids.shape[1] + NEW_TOKENS, top_k=0, num_eos=1)
     fn = compiled_generate_fn(model, settings)
     traces = fn.experimental_get_tracing_count()
     assert traces == 1
