@@ -35,6 +35,7 @@ class Adapter:
     package: str = ""  # opt_torch / opt_tf / opt_flax
     framework: str = ""  # the top-level framework module (imported quietly first)
     extra: str = ""  # pip extra that installs it
+    compiles: bool = True  # the first generate call traces / compiles (XLA, tf.function)
 
     # ------------------------------------------------------------ modules
     def prepare(self) -> None:
@@ -101,6 +102,7 @@ class Adapter:
 
 class TorchAdapter(Adapter):
     name, package, framework, extra = "torch", "opt_torch", "torch", "torch"
+    compiles = False  # eager
 
     def load(self, folder: Path, **options: Any) -> Any:
         return super().load(folder, **options).eval()

@@ -31,10 +31,9 @@ def same_everywhere(x) -> bool:
 
 def generations(model, ids, mask) -> dict[str, list]:
     runs = {
-        "greedy": dict(max_new_tokens=6, eos_token_id=None),
-        "greedy_dynamic": dict(max_new_tokens=6, eos_token_id=None, cache_implementation="dynamic"),
-        "beam": dict(max_new_tokens=5, num_beams=3, eos_token_id=None),
-        "sample_seed": dict(max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, seed=7, eos_token_id=None),
+        "greedy": dict(max_new_tokens=6, eos_token_id=[]),
+        "beam": dict(max_new_tokens=5, num_beams=3, eos_token_id=[]),
+        "sample_seed": dict(max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, seed=7, eos_token_id=[]),
     }
     return {k: model.generate(ids, attention_mask=mask, **kw).tolist() for k, kw in runs.items()}
 
