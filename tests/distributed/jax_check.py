@@ -52,12 +52,12 @@ def run(mesh=None, quick=False):
     if mesh is not None:
         shard_model(model, mesh)
     logits = gather(forward(model, put(ids), put(mask)))
-    tokens = {"greedy": gather(model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=-1))}
+    tokens = {"greedy": gather(model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[]))}
     if not quick:
         tokens["beam"] = gather(model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2,
-                                               eos_token_id=-1))
+                                               eos_token_id=[]))
         tokens["sample"] = gather(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, seed=3,
-                                                 eos_token_id=-1))
+                                                 eos_token_id=[]))
     opt = make_optimizer(model, learning_rate=1e-2)
     losses = [float(gather(train_step(model, opt, put(ids), put(mask), put(ids)))) for _ in range(1 if quick else 2)]
     return mask, logits, tokens, losses
