@@ -220,6 +220,15 @@ def _same_rng_on_every_rank(mesh: DeviceMesh) -> None:
     torch.manual_seed(int(seed.cpu()))
 
 
+def rank0_value(mesh: DeviceMesh, value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank of `mesh`; generation uses it for a
+    fresh sampling seed, which every rank must share to draw the same tokens."""
+    box = [value]
+    group = mesh.get_group()
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
 def _local_slice(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """The tensor to fill on this rank and the index of the checkpoint tensor it holds."""
     full = tuple(slice(None) for _ in param.shape)
