@@ -254,6 +254,8 @@ def test_generate_and_demo_speed_lines_exclude_compilation_and_take_threads(tiny
          "--init: {tmp}/text.txt is a file, not a folder"),
         (["convert", "bundled", "{tmp}/text.txt", "--to", "bin"], "convert", "DST: {tmp}/text.txt is a file"),
         (["demo", "--backends", "torch,paddle"], "demo", "unknown backend(s) paddle"),
+        (["train", "--corpus", "{tmp}/text.txt", "--out", "{tmp}/o", "--backend", "flax", "--fsdp"], "train",
+         "--fsdp needs a backend that trains under torchrun (torch), not flax"),
     ],
 )
 def test_bad_arguments_are_one_clear_line(tmp_path, argv, command, message):
