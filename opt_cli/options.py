@@ -7,6 +7,8 @@ model then accepts it and passes it to the adapter's `load(folder, **options)`.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any
 
 from opt_cli.backends import BACKENDS
@@ -76,11 +78,24 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `from_pretrained` that a command passes through (see `load_options`)."""
+    p.add_argument("--tp-plan", choices=("auto",), default=None,
+                   help="torch under torchrun: shard the model over the ranks (tensor parallelism)")
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for `Adapter.load` from the options `add_load_arguments` declared."""
-    return {}
+    return {"tp_plan": args.tp_plan} if getattr(args, "tp_plan", None) else {}
+
+
+def is_first_rank() -> bool:
+    """False on every rank but 0 of a torchrun job (RANK is set by the launcher)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def print_on_first_rank_only() -> None:
+    """Under torchrun every rank runs the same command: let only rank 0 print."""
+    if not is_first_rank():
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 40) -> None:

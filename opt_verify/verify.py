@@ -276,6 +276,12 @@ class _BackendAdapter:
     def __init__(self, name: str, model_dir: Path, dtype: str):
         module = importlib.import_module(f"opt_{name}")
         self.model = module.OPTForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        if hasattr(self.model, "generation_config"):
+            # Plain greedy decoding, as the reference runs it: a folder's generation_config.json
+            # defaults (sampling, penalties) are not part of the numerical check.
+            from opt_core import GenerationConfig
+
+            self.model.generation_config = GenerationConfig.from_model_config(self.model.config)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
