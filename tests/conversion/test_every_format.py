@@ -71,7 +71,7 @@ def test_transformers5_dtype_key_and_file_modes(tmp_path):
     finally:
         os.umask(old)
     assert [p.name for p in written] == ["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5",
-                                         "flax_model.msgpack"]
+                                         "flax_model.msgpack", "generation_config.json"]
     assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["torch_dtype"] == "float16" and saved.get("dtype", "float16") == "float16"
@@ -102,6 +102,6 @@ def test_dtype_choices_and_saved_paths(backend, tmp_path):
     logits = to_numpy(half(input_ids=ids, attention_mask=mask).logits)
     assert relative_error(logits, want, mask) < TOLERANCE["bfloat16"]
     written = half.save_pretrained(tmp_path / "half")
-    assert [p.name for p in written] == ["config.json", "model.safetensors"]
+    assert [p.name for p in written] == ["config.json", "model.safetensors", "generation_config.json"]
     assert json.loads((tmp_path / "half" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert stored_dtype(cls.from_pretrained(tmp_path / "half", dtype="auto")) == "bfloat16"
