@@ -91,10 +91,27 @@ def set_threads(backend: str, threads: int) -> None:
 
 
 # ---------------------------------------------------------------- models
-def load_causal_lm(backend: str, folder: Path) -> Any:
-    """`OPTForCausalLM.from_pretrained(folder)` in the backend, in eval mode."""
+def add_precision_arguments(p: Any) -> None:
+    """--dtype, --quantize and --calibration (passed to `from_pretrained`)."""
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--quantize", default=None, choices=("int8", "w8a8"),
+                   help="int8: int8 weights; w8a8: int8 weights and activations (inference)")
+    p.add_argument("--calibration", default=None,
+                   help="with --quantize w8a8: text file to calibrate SmoothQuant factors on (stored beside the model)")
+
+
+def precision_kwargs(args: Any) -> dict[str, Any]:
+    """The `from_pretrained` keywords of `add_precision_arguments`, only those given."""
+    if getattr(args, "calibration", None) and getattr(args, "quantize", None) != "w8a8":
+        raise UsageError("--calibration needs --quantize w8a8")
+    names = ("dtype", "quantize", "calibration")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def load_causal_lm(backend: str, folder: Path, **kwargs: Any) -> Any:
+    """`OPTForCausalLM.from_pretrained(folder, **kwargs)` in the backend, in eval mode."""
     mod = import_backend(backend)
-    model = mod.OPTForCausalLM.from_pretrained(folder)
+    model = mod.OPTForCausalLM.from_pretrained(folder, **kwargs)
     if backend == "torch":
         model.eval()
     return model

@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from opt_cli.backends import check_backend, load_causal_lm, load_tokenizer, resolve_model_dir, token_nll
+from opt_cli.backends import (
+    add_precision_arguments,
+    check_backend,
+    load_causal_lm,
+    load_tokenizer,
+    precision_kwargs,
+    resolve_model_dir,
+    token_nll,
+)
 from opt_cli.main import UsageError, register
 
 
@@ -70,6 +78,7 @@ def _eval_ppl(p: argparse.ArgumentParser):
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the window)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--no-progress", action="store_true")
+    add_precision_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
         from opt_core import OPTConfig
@@ -88,7 +97,7 @@ def _eval_ppl(p: argparse.ArgumentParser):
                 raise UsageError(f"--max-tokens must be at least 2, got {args.max_tokens}")
             ids = ids[: args.max_tokens]
         windows(len(ids), window, stride)  # argument errors before loading the model
-        model = load_causal_lm(backend, folder)
+        model = load_causal_lm(backend, folder, **precision_kwargs(args))
         t0 = time.perf_counter()
         res = perplexity_of_ids(backend, model, ids, window, stride, progress=not args.no_progress)
         dt = time.perf_counter() - t0

@@ -14,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from opt_cli.backends import check_backend, generate, load_causal_lm, load_tokenizer, resolve_model_dir
+from opt_cli.backends import (
+    add_precision_arguments,
+    check_backend,
+    generate,
+    load_causal_lm,
+    load_tokenizer,
+    precision_kwargs,
+    resolve_model_dir,
+)
 from opt_cli.main import UsageError, register
 
 
@@ -113,6 +121,7 @@ def _generate(p: argparse.ArgumentParser):
     p.add_argument("--prompt", default="ROMEO:", help="text to continue (`</s>` is prepended)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced (torch)")
     p.add_argument("--show-prompt", action="store_true", help="print the prompt before the continuation")
+    add_precision_arguments(p)
     add_sampling_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -126,7 +135,7 @@ def _generate(p: argparse.ArgumentParser):
         config = OPTConfig.from_pretrained(folder)
         tokenizer = load_tokenizer(folder)
         ids = encode_prompt(tokenizer, config, args.prompt, args.max_new_tokens)
-        model = load_causal_lm(backend, folder)
+        model = load_causal_lm(backend, folder, **precision_kwargs(args))
         if args.show_prompt:
             print(args.prompt, end="", flush=True)
         streamer = None

@@ -216,6 +216,8 @@ def from_pretrained(
     attn_implementation: str = "sdpa",
     config: OPTConfig | None = None,
     torch_dtype: Any = None,
+    quantize: str | None = None,
+    calibration: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Load a Hugging Face OPT folder into `model_class` (a model class or a `Head`).
 
@@ -226,6 +228,10 @@ def from_pretrained(
         attn_implementation: "eager", "sdpa" (default) or "flash_attention_2".
         config: use this config instead of the folder's config.json.
         torch_dtype: Hugging Face's old name for `dtype`.
+        quantize: None, "int8" (weight-only) or "w8a8" (int8 weights and activations): inference
+            only, quantized here from the float weights (`opt_torch.quantize`).
+        calibration: w8a8 only: a text file to calibrate SmoothQuant factors on (stored beside the
+            checkpoint and reused); without it, factors already stored there are used if present.
     Returns:
         The model in eval mode; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -293,7 +299,9 @@ def from_pretrained(
     if unfilled:  # account_keys guarantees this cannot happen; never hand out uninitialised memory
         raise CheckpointError(f"{folder}: tensors left unfilled after loading: {unfilled}")
     model.loading_info = acc
-    return model.eval()
+    from opt_torch.quantize import quantize_loaded
+
+    return quantize_loaded(model.eval(), quantize, folder, calibration)
 
 
 # ---------------------------------------------------------------- saving
@@ -311,6 +319,8 @@ def save_pretrained(
     weights exceed `max_shard_size` (bytes or "5GB"). Returns the written weight files."""
     from safetensors.torch import save_file
 
+    if getattr(model, "quantization", None):
+        raise ValueError("a quantized model cannot be saved; save the float model and pass quantize= when loading")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config: OPTConfig = model.config

@@ -215,6 +215,7 @@ class OPTAttention(nn.Module):
         self.q_proj = nn.Linear(c, c, bias=bias)
         self.out_proj = nn.Linear(c, c, bias=bias)
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.qkv_proj: nn.Module | None = None  # one module for q/k/v (set by opt_torch.quantize)
 
     @torch.no_grad()
     def fuse_qkv(self, copy: bool = True) -> None:
@@ -266,7 +267,9 @@ class OPTAttention(nn.Module):
         b, t, c = x.shape
         h, d = self.num_heads, self.head_dim
         fused = self._fused()
-        if fused is not None:
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(c, dim=-1)  # [B, T, 3C] -> 3 x [B, T, C]
+        elif fused is not None:
             q, k, v = F.linear(x, *fused).split(c, dim=-1)  # [B, T, 3C] -> 3 x [B, T, C]
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
