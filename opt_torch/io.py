@@ -216,6 +216,8 @@ def from_pretrained(
     attn_implementation: str = "sdpa",
     config: OPTConfig | None = None,
     torch_dtype: Any = None,
+    tp_plan: str | None = None,
+    device_mesh: Any = None,
     quantize: str | None = None,
     calibration: str | os.PathLike[str] | None = None,
 ) -> Any:
@@ -228,6 +230,8 @@ def from_pretrained(
         attn_implementation: "eager", "sdpa" (default) or "flash_attention_2".
         config: use this config instead of the folder's config.json.
         torch_dtype: Hugging Face's old name for `dtype`.
+        tp_plan: "auto" shards the model over the ranks of a torchrun job (`opt_torch.parallel`).
+        device_mesh: a torch DeviceMesh to shard over instead (implies tensor parallelism).
         quantize: None, "int8" (weight-only) or "w8a8" (int8 weights and activations): inference
             only, quantized here from the float weights (`opt_torch.quantize`).
         calibration: w8a8 only: a text file to calibrate SmoothQuant factors on (stored beside the
@@ -246,6 +250,12 @@ def from_pretrained(
     config = config if config is not None else OPTConfig.from_pretrained(folder)
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if tp_plan is not None or device_mesh is not None:
+        if quantize is not None:
+            raise ValueError("quantize= and tensor parallelism (tp_plan/device_mesh) do not combine")
+        from opt_torch.parallel import from_pretrained_tp
+
+        return from_pretrained_tp(cls, folder, config, dtype, attn_implementation, tp_plan, device_mesh)
 
     present = formats_present(folder) if folder.is_dir() else []
     try:

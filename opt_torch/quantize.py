@@ -151,7 +151,8 @@ class DynamicInt8Linear(nn.Module):
         q, scale = quantize_per_channel(w)
         with warnings.catch_warnings():  # quantized tensors are deprecated; the engines' kernels are what we use
             warnings.simplefilter("ignore", UserWarning)
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            zero = torch.zeros_like(scale, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
         with _engine(engine):
             self._packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float())
         inv = None if smooth is None else (1.0 / smooth.float())

@@ -178,7 +178,7 @@ def test_cli_errors_are_one_paragraph_and_nonzero(src, tmp_path, capsys):
     f.write_bytes(f.read_bytes()[:-8])
     rc = main(["convert", str(src), str(tmp_path / "new"), "--to", "bin", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "truncated" in err and "Traceback" not in err
+    assert rc == 1 and "truncated" in err and "Traceback" not in err  # unusable input: exit 1
     rc = main(["convert", str(tmp_path / "nothing"), str(tmp_path / "new"), "--to", "bin"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     _nothing_written(tmp_path / "new")
