@@ -53,13 +53,18 @@ IMPLS: dict[str, tuple[str, str]] = {
     "opt_torch": ("main", "opt_torch (this project)"),
     "opt_tf": ("main", "opt_tf (this project)"),
     "opt_flax": ("main", "opt_flax (this project)"),
+    "opt_torch_bf16": ("main", "opt_torch dtype=bfloat16"),
+    "opt_torch_int8": ("main", "opt_torch quantize=int8 (weight-only)"),
+    "opt_torch_w8a8": ("main", "opt_torch quantize=w8a8"),
+    "opt_flax_int8": ("main", "opt_flax quantize=int8 (weight-only)"),
     "hf_torch": ("bench", "HF transformers 5.x torch (sdpa)"),
     "ct2_fp32": ("bench", "CTranslate2 fp32"),
     "ct2_int8": ("bench", "CTranslate2 int8"),
     "hf_tf": ("oracle", "HF 4.57.6 TF (XLA generate)"),
     "hf_flax": ("oracle", "HF 4.57.6 Flax"),
 }
-OURS = ("opt_torch", "opt_tf", "opt_flax")
+OURS = ("opt_torch", "opt_tf", "opt_flax", "opt_torch_bf16", "opt_torch_int8", "opt_torch_w8a8", "opt_flax_int8")
+REDUCED = ("opt_torch_bf16", "opt_torch_int8", "opt_torch_w8a8", "opt_flax_int8")  # compared with CTranslate2 only
 PEERS = ("hf_torch", "ct2_fp32", "ct2_int8", "hf_tf", "hf_flax")
 TOKENIZER_VOCAB = 50265  # ids the real tokenizer knows (CTranslate2 works on its token strings)
 
@@ -114,10 +119,14 @@ class _Torchish:
     gen_kwargs: dict = {}
 
 
-def _load_opt_torch(folder, threads):
+def _load_opt_torch(folder, threads, **kwargs):
+    if threads:  # before loading: quantize= times its candidate kernels at this thread count
+        import torch
+
+        torch.set_num_threads(threads)
     from opt_torch import OPTForCausalLM
 
-    return _Torchish(OPTForCausalLM.from_pretrained(folder, dtype="float32"), threads)
+    return _Torchish(OPTForCausalLM.from_pretrained(folder, **{"dtype": "float32", **kwargs}), threads)
 
 
 def _load_hf_torch(folder, threads):
@@ -200,10 +209,10 @@ class _OptFlax:
         return int(self.jax.block_until_ready(out).shape[1]) - ids.shape[1]
 
 
-def _load_opt_flax(folder, threads):
+def _load_opt_flax(folder, threads, **kwargs):
     from opt_flax import OPTForCausalLM
 
-    return _OptFlax(OPTForCausalLM.from_pretrained(folder, dtype="float32"))
+    return _OptFlax(OPTForCausalLM.from_pretrained(folder, **{"dtype": "float32", **kwargs}))
 
 
 class _HFFlax:
@@ -271,6 +280,10 @@ LOADERS = {
     "opt_torch": _load_opt_torch,
     "opt_tf": _load_opt_tf,
     "opt_flax": _load_opt_flax,
+    "opt_torch_bf16": lambda folder, threads: _load_opt_torch(folder, threads, dtype="bfloat16"),
+    "opt_torch_int8": lambda folder, threads: _load_opt_torch(folder, threads, quantize="int8"),
+    "opt_torch_w8a8": lambda folder, threads: _load_opt_torch(folder, threads, quantize="w8a8"),
+    "opt_flax_int8": lambda folder, threads: _load_opt_flax(folder, threads, quantize="int8"),
     "hf_torch": _load_hf_torch,
     "hf_tf": _load_hf_tf,
     "hf_flax": _load_hf_flax,
@@ -492,6 +505,8 @@ def ratio_table(runs: list[dict], shape: str, s: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|---" + "|--:" * (len(head) - 1) + "|"]
     for ours in OURS:
         for peer in PEERS:
+            if ours in REDUCED and not peer.startswith("ct2"):
+                continue
             if ours not in by or peer not in by:
                 continue
             a, p = by[ours], by[peer]
@@ -543,6 +558,8 @@ def markdown(report: dict) -> str:
         f"- threads: {s['threads'] or 'each framework default'} per implementation; fp32 everywhere except "
         "CTranslate2 int8",
         "- versions: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in sorted(versions.items())),
+        "- reduced precision (opt_torch bf16/int8/w8a8, opt_flax int8) is compared with CTranslate2 only; "
+        "int8/w8a8 are quantized at load from the same fp32 folder (kernels chosen by timing on this CPU)",
         "- weights: random (N(0, 0.02), opt_core.reference.random_parameters seed 0), one safetensors "
         "folder per shape loaded by every implementation; eos_token_id null so every row generates every token",
         f"- prefill: forward over [batch, {s['prefill_len']}] tokens, median of {s['repeats']} after a warm-up; "

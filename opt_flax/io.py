@@ -48,6 +48,7 @@ def from_pretrained(
     rngs: nnx.Rngs | None = None,
     remat: bool = False,
     config: OPTConfig | None = None,
+    quantize: str | None = None,
 ) -> Any:
     """Build `cls` (an opt_flax model class) from a Hugging Face folder.
 
@@ -57,6 +58,7 @@ def from_pretrained(
         format: "safetensors" or "flax-msgpack" (default: the first present, in that order).
         rngs: dropout / new-head initialisation keys.
         config: use this config instead of the folder's config.json.
+        quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_flax.quantize`).
     Returns:
         The model, every parameter loaded (a task head missing from the checkpoint is initialised).
     Raises:
@@ -105,7 +107,9 @@ def from_pretrained(
     if unfilled:
         raise CheckpointError(f"{folder}: parameters left unloaded: {', '.join(unfilled)}")
     nnx.update(model, nnx.from_flat_state(flat))
-    return model
+    from opt_flax.quantize import quantize_loaded
+
+    return quantize_loaded(model, quantize)
 
 
 def canonical_tensors(model: Any) -> dict[str, np.ndarray]:

@@ -60,6 +60,7 @@ def from_pretrained(
     dtype: Any = None,
     config: OPTConfig | None = None,
     format: str | None = None,
+    quantize: str | None = None,
 ) -> Any:
     """Load a Hugging Face OPT folder into `model_class` (a model class or a `Head`).
 
@@ -70,6 +71,7 @@ def from_pretrained(
         config: use this config instead of the folder's config.json.
         format: "safetensors", "tf-h5" or "flax-msgpack" to pick one when the folder holds several
             (default: the first present, in that order).
+        quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_tf.quantize`).
     Returns:
         The model; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -135,7 +137,9 @@ def from_pretrained(
     if unfilled:
         raise CheckpointError(f"{folder}: tensors left unfilled after loading: {unfilled}")
     model.loading_info = acc
-    return model
+    from opt_tf.quantize import quantize_loaded
+
+    return quantize_loaded(model, quantize)
 
 
 def state_dict(model: Any) -> dict[str, np.ndarray]:

@@ -242,6 +242,7 @@ def from_pretrained(
         FileNotFoundError: no folder, config or weights.
         CheckpointError: missing, unexpected or misshapen tensors (all listed), unreadable files.
     """
+    from opt_torch.kernels import choose_input_major
     from opt_torch.modeling import check_attn_implementation, empty_weights
 
     cls = _model_class(model_class)
@@ -274,7 +275,7 @@ def from_pretrained(
 
     with empty_weights(dtype, device):  # uninitialised storage, filled below tensor by tensor
         model = cls(config, attn_implementation=attn_implementation)
-        model.optimize_layout(copy=False)
+        model.optimize_layout(copy=False, input_major=choose_input_major(config.hidden_size, config.ffn_dim, dtype))
     params = dict(model.named_parameters(remove_duplicate=False))
     source_to_name = {src: name for name, src in acc.mapping.items()}
     head = cls.head

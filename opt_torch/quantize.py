@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from opt_torch.kernels import bench_inputs, pick_fastest
 
 logger = logging.getLogger("opt_torch")
 
@@ -216,47 +217,6 @@ class _engine:
 
 
 # ---------------------------------------------------------------- choosing kernels by measurement
-_CHOICES: dict[tuple[Any, ...], str] = {}
-
-
-def _time_min(fns: dict[str, Callable[[], Any]], reps: int = 5) -> dict[str, float]:
-    """Best-of-`reps` seconds per function, the functions interleaved so load from other processes
-    falls on all of them alike."""
-    best = {k: float("inf") for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up: first-call packing, allocator, thread pool
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t)
-    return best
-
-
-def _bench_shapes(weight: torch.Tensor, rows: Sequence[int] = (1, 8)) -> list[torch.Tensor]:
-    return [torch.randn(m, weight.shape[1]) for m in rows]
-
-
-def _pick(key: tuple[Any, ...], candidates: dict[str, Callable[[torch.Tensor], Any]],
-          inputs: list[torch.Tensor], env: str) -> str:
-    forced = os.environ.get(env)
-    if forced:
-        if forced not in candidates:
-            raise ValueError(f"{env}={forced!r}; expected one of {sorted(candidates)}")
-        return forced
-    if key in _CHOICES:
-        return _CHOICES[key]
-    if len(candidates) == 1:
-        _CHOICES[key] = next(iter(candidates))
-        return _CHOICES[key]
-    with torch.inference_mode():
-        times = _time_min({name: (lambda fn=fn: [fn(x) for x in inputs]) for name, fn in candidates.items()})
-    choice = min(times, key=times.__getitem__)
-    logger.info("%s: measured %s -> %s", key[0], {k: f"{v * 1e3:.2f} ms" for k, v in times.items()}, choice)
-    _CHOICES[key] = choice
-    return choice
-
-
 def choose_int8_activation(weight: torch.Tensor) -> torch.dtype:
     """bf16 or fp32 activations for `_weight_int8pack_mm`, by timing both on a weight of this shape
     (rows 1 and 8) once per process. `OPT_TORCH_INT8_ACTIVATION=bfloat16|float32` overrides."""
@@ -266,7 +226,7 @@ def choose_int8_activation(weight: torch.Tensor) -> torch.dtype:
 
     cands = {name: product(getattr(torch, name)) for name in INT8_ACTIVATIONS}
     key = ("int8 activations", tuple(weight.shape), torch.get_num_threads())
-    return getattr(torch, _pick(key, cands, _bench_shapes(weight), "OPT_TORCH_INT8_ACTIVATION"))
+    return getattr(torch, pick_fastest(key, cands, bench_inputs(weight), "OPT_TORCH_INT8_ACTIVATION"))
 
 
 def available_w8a8_engines() -> list[str]:
@@ -285,7 +245,7 @@ def choose_w8a8_engine(weight: torch.Tensor) -> str:
         lin = DynamicInt8Linear(weight, None, e)
         cands[e] = lin.forward
     key = ("w8a8 engine", tuple(weight.shape), torch.get_num_threads())
-    return _pick(key, cands, _bench_shapes(weight), "OPT_TORCH_W8A8_ENGINE")
+    return pick_fastest(key, cands, bench_inputs(weight), "OPT_TORCH_W8A8_ENGINE")
 
 
 # ---------------------------------------------------------------- SmoothQuant calibration
