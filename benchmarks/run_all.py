@@ -609,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                          "and report each one's best figures: robust to a transient slowdown of the machine")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown report")
     ap.add_argument("--json", type=Path, metavar="OUT", help="also write the raw results")
+    ap.add_argument("--no-prefill", action="store_true", help="decode only (no prefill latency rows)")
     ap.add_argument("--no-attention", action="store_true", help="skip bench_attention.py (eager vs SDPA)")
     ap.add_argument("--no-scaling", action="store_true", help="skip bench_scaling.py (speed/memory vs length)")
     ap.add_argument("--backend-scripts", action="store_true",
@@ -625,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shapes.split(",") if args.shapes else (["opt-125m"] if args.quick else ["opt-125m", "opt-350m"])
     settings = dict(
         shapes=shapes, quick=args.quick, threads=args.threads,
-        prefill_batches=[1] if args.quick else [1, 8], prefill_len=32 if args.quick else 128,
+        prefill_batches=[] if args.no_prefill else [1] if args.quick else [1, 8],
+        prefill_len=32 if args.quick else 128,
         decode_batches=[1] if args.quick else [1, 8], prompt_len=32,
         new_tokens=args.new_tokens or (16 if args.quick else 128),
         repeats=2 if args.quick else 3, rounds=args.rounds,
