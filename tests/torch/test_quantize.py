@@ -171,3 +171,12 @@ def test_bf16_logits_close_to_fp32():
         got = OPTForCausalLM.from_pretrained(bundled.path(), dtype="bfloat16")(input_ids=ids).logits
     assert got.dtype == torch.bfloat16
     assert float(F.cosine_similarity(got.float().flatten(), want.flatten(), dim=0)) > 0.999
+
+
+def test_verify_reports_quantized_error():
+    from opt_verify import verify
+
+    report = verify(bundled.path(), backends=["torch"], quantize="int8", new_tokens=2)
+    assert report.passed and report.tolerance == 5e-2 and "quantize=int8" in report.tolerance_reason
+    pair = report.pairs[0]
+    assert 0 < pair.logits_rel < 5e-2  # reported: int8 is not float32-exact
