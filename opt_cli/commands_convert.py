@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from opt_cli.errors import InputError, UsageError
-from opt_cli.paths import BUNDLED, bundled_folder, output_folder, remove_stale_siblings
+from opt_cli.paths import BUNDLED, bundled_folder, hub_folder, output_folder, remove_stale_siblings
 from opt_cli.registry import register
 
 FORMATS = ("safetensors", "bin", "tf-h5", "flax-msgpack")
@@ -42,14 +42,13 @@ def _convert(p: argparse.ArgumentParser):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model files in DST (a DST holding anything else is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-non-finite", action="store_true", help="convert NaN/inf weights instead of refusing them")
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from conversion import convert
         from opt_core.checkpoint import CheckpointError
 
-        src = bundled_folder() if args.src == BUNDLED else Path(args.src)
+        src = bundled_folder() if args.src == BUNDLED else hub_folder(args.src, "SRC")
         if not src.exists():
             raise UsageError(f"SRC {src} does not exist; expected a model folder, a weights file, a metaseq "
                              "checkpoint, or 'bundled'")
@@ -60,7 +59,7 @@ def _convert(p: argparse.ArgumentParser):
             report = convert(
                 src, dst, to=args.to, dtype=args.dtype, shard_size=args.shard_size, config=args.config,
                 overwrite=args.overwrite, verify=args.verify, progress=not args.no_progress,
-                src_format=args.src_format,
+                src_format=args.src_format, allow_non_finite=args.allow_non_finite,
             )
         except FileExistsError as e:
             raise UsageError(str(e)) from None

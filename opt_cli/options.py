@@ -58,7 +58,7 @@ positive_int = int_in(1)
 
 def add_model_argument(p: argparse.ArgumentParser, default: str | None = "bundled") -> None:
     p.add_argument("--model", default=default, metavar="DIR",
-                   help="model folder (Hugging Face layout, with config.json), or 'bundled' for the shipped model")
+                   help="model folder (Hugging Face layout, with config.json), a Hugging Face Hub id, or 'bundled'")
 
 
 def add_backend_argument(p: argparse.ArgumentParser) -> None:

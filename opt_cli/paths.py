@@ -15,7 +15,8 @@ from pathlib import Path
 from opt_cli.errors import UsageError
 
 BUNDLED = "bundled"
-MODEL_FOLDER = "a model folder holding config.json (Hugging Face layout), or 'bundled' for the shipped model"
+MODEL_FOLDER = ("a model folder holding config.json (Hugging Face layout), a Hugging Face Hub id like "
+                "facebook/opt-125m, or 'bundled' for the shipped model")
 
 
 def bundled_folder() -> Path:
@@ -51,11 +52,24 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
+def hub_folder(arg: str | os.PathLike[str], what: str) -> Path:
+    """`arg` as a path; a Hugging Face Hub id (`facebook/opt-125m`, not a local path) resolves to its
+    snapshot in the Hub cache (`HF_HOME`, `HF_HUB_OFFLINE`), downloaded where the network allows."""
+    from opt_core.hub import is_hub_id, resolve_pretrained
+
+    if not is_hub_id(arg):
+        return Path(arg)
+    try:
+        return resolve_pretrained(arg)
+    except FileNotFoundError as e:
+        raise UsageError(f"{what}: {e}") from None
+
+
 def model_folder(arg: str | os.PathLike[str], what: str = "--model") -> Path:
     """`bundled` -> the shipped model; otherwise a folder that must hold a regular `config.json`."""
     if str(arg) == BUNDLED:
         return bundled_folder()
-    folder = Path(arg)
+    folder = hub_folder(arg, what)
     kind = _kind(folder)
     if kind == "missing":
         raise UsageError(f"{what}: {folder} does not exist; expected {MODEL_FOLDER}")

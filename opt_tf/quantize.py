@@ -54,14 +54,15 @@ class QuantizedLinear(keras.layers.Layer):
         lead = tf.shape(x)[:-1]
         x2 = tf.reshape(x, [-1, x.shape[-1]])  # [N, in]
         if self.mode == "int8":
-            y = tf.linalg.matmul(x2, tf.cast(self.qkernel, x.dtype)) * self.scale
+            y = tf.linalg.matmul(x2, tf.cast(self.qkernel, x.dtype)) * tf.cast(self.scale, x.dtype)
         else:
-            x_scale = tf.maximum(tf.reduce_max(tf.abs(x2), axis=-1, keepdims=True), 1e-8) / 127.0  # [N, 1]
-            xq = tf.cast(tf.clip_by_value(tf.round(x2 / x_scale), -127.0, 127.0), tf.int8)
+            xf = tf.cast(x2, tf.float32)
+            x_scale = tf.maximum(tf.reduce_max(tf.abs(xf), axis=-1, keepdims=True), 1e-8) / 127.0  # [N, 1]
+            xq = tf.cast(tf.clip_by_value(tf.round(xf / x_scale), -127.0, 127.0), tf.int8)
             acc = tf.linalg.matmul(xq, self.qkernel, output_type=tf.int32)  # [N, out]
-            y = tf.cast(acc, tf.float32) * x_scale * self.scale
+            y = tf.cast(tf.cast(acc, tf.float32) * x_scale * self.scale, x.dtype)
         if self.qbias is not None:
-            y = y + self.qbias
+            y = y + tf.cast(self.qbias, x.dtype)
         return tf.reshape(y, tf.concat([lead, [self.scale.shape[0]]], 0))
 
 

@@ -532,9 +532,9 @@ def verify(
 
     names: list[str] = []
     results: list[BackendResult] = []
-    has_safetensors = "safetensors" in formats_present(model_dir)
+    has_weights = bool(formats_present(model_dir))  # the reference reads every format
     use_reference = reference is True or (
-        reference == "auto" and n_params <= reference_max_params and has_safetensors
+        reference == "auto" and n_params <= reference_max_params and has_weights
     )
     if use_reference:
         names.append(REFERENCE)
@@ -544,7 +544,7 @@ def verify(
         elif n_params > reference_max_params:
             why = f"{n_params / 1e6:.0f}M parameters > the {reference_max_params / 1e6:.0f}M size guard"
         else:
-            why = "it reads safetensors only and the folder has none"
+            why = "the folder holds no weights it can read"
         results.append(BackendResult(REFERENCE, "skipped", f"float64 reference left out: {why}"))
     for name in backends:
         why_not = backend_available(name)

@@ -128,7 +128,7 @@ def test_never_overwrites_an_input(src, tmp_path):
 
 
 def test_a_failure_while_streaming_leaves_nothing(src, tmp_path, monkeypatch):
-    from conversion.formats import safetensors_format
+    from opt_core.formats import safetensors as safetensors_format
 
     calls = {"n": 0}
     real = safetensors_format.SafetensorsReader.read
@@ -154,7 +154,7 @@ def test_bad_arguments(src, tmp_path):
         convert(src, tmp_path / "o", to="onnx")
     with pytest.raises(ValueError, match="shard_size applies to safetensors and bin"):
         convert(src, tmp_path / "o", to="tf-h5", shard_size="1GB")
-    with pytest.raises(FileNotFoundError, match="holds no OPT checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no OPT weights"):
         convert(tmp_path, tmp_path / "o", to="bin")
     _nothing_written(tmp_path / "o")
 
