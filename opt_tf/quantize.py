@@ -66,11 +66,15 @@ class QuantizedLinear(keras.layers.Layer):
         return tf.reshape(y, tf.concat([lead, [self.scale.shape[0]]], 0))
 
 
+def _is_linear(layer: Any) -> bool:
+    """An opt_tf `Linear` (kernel [in, out] and bias), by its variables: importing opt_tf.modeling
+    here would close an import cycle (modeling -> io -> quantize)."""
+    return layer is not None and not isinstance(layer, QuantizedLinear) and hasattr(layer, "kernel")
+
+
 def quantize_model(model: Any, mode: str) -> Any:
     """Swap every `Linear` of the decoder layers, the projections and an untied lm_head for a
     `QuantizedLinear` (in place); returns the model."""
-    from opt_tf.modeling import Linear
-
     check_mode(mode)
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization['mode']})")
@@ -82,9 +86,9 @@ def quantize_model(model: Any, mode: str) -> Any:
         layer.fc1 = QuantizedLinear(layer.fc1, mode)
         layer.fc2 = QuantizedLinear(layer.fc2, mode)
     for name in ("project_in", "project_out"):
-        if isinstance(getattr(decoder, name, None), Linear):
+        if _is_linear(getattr(decoder, name, None)):
             setattr(decoder, name, QuantizedLinear(getattr(decoder, name), mode))
-    if isinstance(getattr(model, "lm_head", None), Linear):
+    if _is_linear(getattr(model, "lm_head", None)):
         model.lm_head = QuantizedLinear(model.lm_head, mode)
     model.quantization = {"mode": mode, "embeddings": False,
                           "kernel": "XLA matmul of the int8 kernel cast in the graph" if mode == "int8"
