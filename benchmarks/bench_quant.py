@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="batch 1, 16 new tokens, 1 round: a smoke run")
     ap.add_argument("--rss", action="store_true", help="also measure each variant's peak RSS in its own process")
     ap.add_argument("--markdown", type=Path, help="write the tables here")
     ap.add_argument("--json", type=Path, help="write the raw results here")
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(rss_worker(json.loads(args.worker))))
         return 0
+    if args.quick:
+        args.batches, args.new_tokens, args.rounds = "1", 16, 1
     args.variants = [v.strip() for v in args.variants.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

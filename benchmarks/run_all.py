@@ -113,12 +113,16 @@ def run_job(job: dict, timeout: int) -> dict:
 
 
 def run_extra(name: str, quick: bool, timeout: int, threads: int) -> dict:
-    """bench_attention.py / bench_scaling.py in .venv; returns their command and Markdown."""
+    """bench_attention.py / bench_scaling.py in .venv, bench_quant.py in .venv-bench (it needs
+    CTranslate2 beside torch); returns their command and Markdown."""
     md = CACHE / f"{name}.md"
     md.unlink(missing_ok=True)
-    cmd = [str(VENVS["main"] / "bin" / "python"), str(ROOT / "benchmarks" / f"bench_{name}.py"),
-           "--markdown", str(md), "--threads", str(threads), *(["--quick"] if quick else [])]
-    shown = f"python benchmarks/bench_{name}.py --threads {threads}" + (" --quick" if quick else "")
+    venv = "bench" if name == "quant" else "main"
+    extra = ["--rss"] if name == "quant" else []
+    cmd = [str(VENVS[venv] / "bin" / "python"), str(ROOT / "benchmarks" / f"bench_{name}.py"),
+           "--markdown", str(md), "--threads", str(threads), *extra, *(["--quick"] if quick else [])]
+    shown = (f"{VENVS[venv].name}/bin/python benchmarks/bench_{name}.py --threads {threads}"
+             + "".join(f" {x}" for x in extra) + (" --quick" if quick else ""))
     try:
         proc = subprocess.run(cmd, text=True, timeout=timeout * 4, cwd=ROOT, stderr=subprocess.PIPE,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -280,7 +284,8 @@ def markdown(report: dict) -> str:
         md += [f"## {shape}", ""] + results_table(report["runs"], shape, s)
         md += ["", "Ratios, this project vs each peer (speed: > 1 means ours is faster; "
                "peak RSS: < 1 means ours uses less):", ""] + ratio_table(report["runs"], shape, s) + [""]
-    titles = {"attention": "Eager vs SDPA attention (opt_torch, opt-350m shape)",
+    titles = {"quant": "Reduced precision vs CTranslate2 (one process, calls interleaved)",
+              "attention": "Eager vs SDPA attention (opt_torch, opt-350m shape)",
               "scaling": "Decode speed and memory vs sequence length"}
     for name, res in report.get("extras", {}).items():
         md += [f"## {titles[name]}", "", f"`{res['command']}`" + (" (plot: benchmarks/results/scaling.png)"
@@ -313,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, metavar="OUT", help="also write the raw results")
     ap.add_argument("--no-prefill", action="store_true", help="decode only (no prefill latency rows)")
     ap.add_argument("--no-attention", action="store_true", help="skip bench_attention.py (eager vs SDPA)")
+    ap.add_argument("--no-quant", action="store_true",
+                    help="skip bench_quant.py (opt_torch bf16/int8/w8a8 vs CTranslate2, interleaved in one process)")
     ap.add_argument("--no-scaling", action="store_true", help="skip bench_scaling.py (speed/memory vs length)")
     ap.add_argument("--backend-scripts", action="store_true",
                     help="also run benchmarks/bench_{torch,tf,flax}.py and keep their JSON")
@@ -366,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend_scripts:
         report["backend_scripts"] = run_backend_scripts(shapes, args.quick, args.timeout, args.threads)
     report["extras"] = {}
-    for name, skip in (("attention", args.no_attention), ("scaling", args.no_scaling)):
+    for name, skip in (("quant", args.no_quant), ("attention", args.no_attention), ("scaling", args.no_scaling)):
         if not skip:
             print(f"== bench_{name}.py", flush=True)
             report["extras"][name] = run_extra(name, args.quick, args.timeout, args.threads)
