@@ -59,10 +59,16 @@ def check_mode(mode: str | None) -> str | None:
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel: weight [out, in] -> (int8 [out, in], float32 scale [out]),
     weight ~= int8 * scale[:, None]. An all-zero row gets scale 1 (and zeros)."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / 127.0  # [out]
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    w = weight.detach()
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    step = max(1, (1 << 20) // max(w.shape[1], 1))  # ~4 MB of float temporaries at a time, not a copy of w
+    for r in range(0, w.shape[0], step):
+        rows = w[r : r + step].float()
+        s = rows.abs().amax(dim=1) / 127.0  # [rows]
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[r : r + step] = torch.round(rows / s[:, None]).clamp_(-127, 127)
+        scale[r : r + step] = s
     return q, scale
 
 
@@ -146,9 +152,9 @@ class DynamicInt8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.engine = engine
         self.reduce_range = (not has_vnni()) if reduce_range is None else reduce_range
-        w = weight.detach().float()
+        w = weight.detach()
         if smooth is not None:
-            w = w * smooth.float()[None, :]  # migrate the activations' range into the weights
+            w = w.float() * smooth.float()[None, :]  # migrate the activations' range into the weights
         q, scale = quantize_per_channel(w)
         with warnings.catch_warnings():  # quantized tensors are deprecated; the engines' kernels are what we use
             warnings.simplefilter("ignore", UserWarning)
