@@ -31,6 +31,7 @@ from opt_core.checkpoint import (
 from opt_core.config import OPTConfig
 from opt_core.formats import dtype_name, resolve_dtype
 from opt_core.formats.flax_msgpack import flax_path
+from opt_core.generation_config import GenerationConfig
 from opt_core.hub import resolve_pretrained
 from opt_core.layout import from_layout, to_layout
 from opt_core.params import Head, parameter_table
@@ -128,6 +129,8 @@ def from_pretrained(
         model = cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
         fill_params(model, ckpt)
     model.loading_info = ckpt.accounting
+    if hasattr(model, "generate"):  # generate's defaults, as Hugging Face reads them
+        model.generation_config = GenerationConfig.from_pretrained(folder, config)
     from opt_flax.quantize import quantize_loaded
 
     return quantize_loaded(model, quantize)
@@ -168,5 +171,8 @@ def save_pretrained(
     """
     if formats is None:
         formats = [*(["safetensors"] if safetensors else []), *(["flax-msgpack"] if flax_msgpack else [])]
-    return save_checkpoint(folder, canonical_tensors(model), model.config, Head(model.head), formats=formats,
-                           max_shard_size=max_shard_size, architecture=type(model).__name__)
+    written = save_checkpoint(folder, canonical_tensors(model), model.config, Head(model.head), formats=formats,
+                              max_shard_size=max_shard_size, architecture=type(model).__name__)
+    if hasattr(model, "generate"):  # generate's defaults beside config.json, as Hugging Face writes them
+        model.generation_config.save_pretrained(folder)
+    return written

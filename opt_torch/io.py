@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from opt_core import CheckpointError, OPTConfig
+from opt_core import CheckpointError, GenerationConfig, OPTConfig
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointLoad, open_checkpoint, save_checkpoint
 from opt_core.formats import Scratch
 from opt_core.hub import resolve_pretrained
@@ -181,7 +181,8 @@ def from_pretrained(
             raise ValueError("quantize= and tensor parallelism (tp_plan/device_mesh) do not combine")
         from opt_torch.parallel import from_pretrained_tp
 
-        return from_pretrained_tp(model_class, folder, config, dtype, attn_implementation, tp_plan, device_mesh)
+        model = from_pretrained_tp(model_class, folder, config, dtype, attn_implementation, tp_plan, device_mesh)
+        return _read_generation_config(model, folder, config)
     with open_checkpoint(folder, config, model_class.head, fmt=format, allow_non_finite=allow_non_finite) as ckpt:
         model = model_class.empty(config, dtype, device, attn_implementation)
         fill_parameters(model, ckpt)
@@ -189,7 +190,15 @@ def from_pretrained(
     model.loading_info = ckpt.accounting
     from opt_torch.quantize import quantize_loaded
 
-    return quantize_loaded(model.eval(), quantize, folder, calibration)
+    model = _read_generation_config(model, folder, config).eval()
+    return quantize_loaded(model, quantize, folder, calibration)
+
+
+def _read_generation_config(model: Any, folder: Any, config: OPTConfig) -> Any:
+    """generate's defaults from the folder's generation_config.json, as Hugging Face reads them."""
+    if hasattr(model, "generation_config"):
+        model.generation_config = GenerationConfig.from_pretrained(folder, config)
+    return model
 
 
 # ---------------------------------------------------------------- saving
@@ -221,5 +230,8 @@ def save_pretrained(
     """
     if getattr(model, "quantization", None):
         raise ValueError("a quantized model cannot be saved; save the float model and pass quantize= when loading")
-    return save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
-                           max_shard_size=max_shard_size, architecture=type(model).__name__)
+    written = save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
+                              max_shard_size=max_shard_size, architecture=type(model).__name__)
+    if getattr(model, "generation_config", None) is not None:  # generate's defaults, as Hugging Face writes them
+        written.append(model.generation_config.save_pretrained(folder))
+    return written

@@ -23,7 +23,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from opt_core import POSITION_OFFSET, Head, OPTConfig
+from opt_core.generation_config import GENERATE_DOC, GenerationConfig
 from opt_core.inputs import validate_inputs
+from opt_torch import generation
 from opt_torch.cache import Cache, DynamicCache
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -721,6 +723,8 @@ class OPTForCausalLM(_WithDecoder):
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
         self.init_weights(self.lm_head)
         self.tie_weights()
+        # generate's defaults; from_pretrained replaces them with the folder's generation_config.json
+        self.generation_config = GenerationConfig.from_model_config(config)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -757,11 +761,35 @@ class OPTForCausalLM(_WithDecoder):
             out.loss = causal_lm_loss(out.logits, labels)
         return out
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> torch.Tensor:
-        """Continue `input_ids`; see `opt_torch.generation.generate` for the arguments."""
-        from opt_torch.generation import generate
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+        streamer: Any = None,
+    ) -> torch.Tensor:
+        return generation.generate(
+            self, input_ids, attention_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+            length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            seed=seed, streamer=streamer,
+        )
 
-        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+    generate.__doc__ = GENERATE_DOC
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

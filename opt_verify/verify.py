@@ -283,6 +283,12 @@ class _BackendAdapter:
         module = importlib.import_module(f"opt_{name}")
         extra = {"quantize": quantize} if quantize else {}
         self.model = module.OPTForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra)
+        if hasattr(self.model, "generation_config"):
+            # Plain greedy decoding, as the reference runs it: a folder's generation_config.json
+            # defaults (sampling, penalties) are not part of the numerical check.
+            from opt_core import GenerationConfig
+
+            self.model.generation_config = GenerationConfig.from_model_config(self.model.config)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
