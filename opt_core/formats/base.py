@@ -81,7 +81,10 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     """True when `a` and `b` have the same dtype, shape and bytes (NaNs with equal payloads match)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+    fa = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    fb = np.ascontiguousarray(b).reshape(-1).view(np.uint8)
+    step = 4 * _FINITE_CHUNK  # bytes per comparison: bounded temporaries, no copy of either array
+    return all(np.array_equal(fa[i : i + step], fb[i : i + step]) for i in range(0, fa.size, step))
 
 
 _FINITE_CHUNK = 1 << 20  # elements per pass: bounded temporary memory

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from opt_core.config import OPTConfig
+from opt_core.formats._transpose import Scratch
 from opt_core.formats.base import CheckpointError, Reader, out_array, same_bits
 from opt_core.formats.files import metaseq_parts
 from opt_core.formats.torch_bin import TensorRef, load_pickle, read_tensor
@@ -177,6 +178,7 @@ class MetaseqReader(Reader):
                 self._shapes[name] = self._merged_shape(name, key, qkv=False)
         self.config = config_from_metaseq(self.cfg, self._shapes) if self.cfg is not None else None
         self._handles: dict[Path, Any] = {}
+        self._scratch = Scratch()  # one reused buffer for parts that are compared or copied, not kept
 
     def _merged_shape(self, name: str, key: str, qkv: bool) -> tuple[int, ...]:
         shapes = [tuple(p[key].shape) for p in self._parts]
@@ -226,7 +228,8 @@ class MetaseqReader(Reader):
         if axis is None or self.n_parts == 1:
             self._read_part(0, self._part_tensor(0, recipe), recipe[1], out)
             for i in range(1, self.n_parts):
-                if not same_bits(out, self._read_part(i, self._part_tensor(i, recipe), recipe[1])):
+                t = self._part_tensor(i, recipe)
+                if not same_bits(out, self._read_part(i, t, recipe[1], self._scratch.array(t.shape, t.dtype))):
                     raise CheckpointError(
                         f"{recipe[1]} should be replicated across model-parallel parts but part {i} differs from part 0"
                     )
@@ -237,11 +240,13 @@ class MetaseqReader(Reader):
                 if axis == 0:  # this part's rows are contiguous in `out`: read them in place
                     self._read_part(i, t, recipe[1], out[i * rows : (i + 1) * rows])
                 else:
-                    out[:, i * rows : (i + 1) * rows] = self._read_part(i, t, recipe[1])
+                    out[:, i * rows : (i + 1) * rows] = self._read_part(i, t, recipe[1],
+                                                                        self._scratch.array(t.shape, t.dtype))
         if key == "decoder.embed_tokens.weight" and self._has_tied_output:
             rows = shape[0] // self.n_parts
             for i in range(self.n_parts):
-                tied = self._read_part(i, self._parts[i][TIED_OUTPUT], TIED_OUTPUT)
+                t = self._parts[i][TIED_OUTPUT]
+                tied = self._read_part(i, t, TIED_OUTPUT, self._scratch.array(t.shape, t.dtype))
                 if not same_bits(tied, out[i * rows : (i + 1) * rows]):
                     raise CheckpointError(
                         f"{TIED_OUTPUT} differs from decoder.embed_tokens.weight: this converter handles OPT's "
