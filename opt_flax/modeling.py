@@ -22,6 +22,7 @@ from opt_core.inputs import validate_inputs
 from opt_core.masks import POSITION_OFFSET
 from opt_core.params import Head
 from opt_flax.cache import KVCache
+from opt_flax.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss
 
 LAYER_NORM_EPS = 1e-5
 # Masked attention scores get this instead of -inf: a row with no visible key (left padding) then
@@ -490,16 +491,6 @@ class OPTForCausalLM(_WithDecoder):
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def causal_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -100) -> jax.Array:
-    """Mean next-token cross-entropy (float32) over labels that are not `ignore_index`."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    target = labels[:, 1:]
-    valid = target != ignore_index
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
-
-
 class OPTForSequenceClassification(_WithDecoder):
     """Decoder + `score`, pooled at the right-most non-pad token of each row: `.logits` [B, L]."""
 
@@ -524,31 +515,8 @@ class OPTForSequenceClassification(_WithDecoder):
             last = jnp.argmax(jnp.arange(ids.shape[1])[None, :] * (ids != pad), axis=1)
         out.logits = scores[jnp.arange(ids.shape[0]), last]  # [B, L]
         if labels is not None:
-            out.loss = classification_loss(out.logits, jnp.asarray(labels), self.config)
+            out.loss = sequence_classification_loss(out.logits, jnp.asarray(labels), self.config)
         return out
-
-
-def classification_loss(logits: jax.Array, labels: jax.Array, config: OPTConfig) -> jax.Array:
-    """Loss by problem type, as Hugging Face infers it when the config does not name one."""
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    logits = logits.astype(jnp.float32)
-    if problem == "regression":
-        target = labels.astype(jnp.float32)
-        if config.num_labels == 1:
-            return jnp.mean((logits.reshape(-1) - target.reshape(-1)) ** 2)
-        return jnp.mean((logits - target) ** 2)
-    if problem == "single_label_classification":
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, labels.reshape(-1, 1).astype(jnp.int32), axis=-1))
-    y = labels.astype(jnp.float32)
-    return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
 
 
 class OPTForQuestionAnswering(_WithDecoder):
@@ -570,23 +538,8 @@ class OPTForQuestionAnswering(_WithDecoder):
         out.start_logits, out.end_logits = both[..., 0], both[..., 1]
         if start_positions is not None and end_positions is not None:
             start, end = jnp.asarray(start_positions), jnp.asarray(end_positions)
-            out.loss = qa_loss(out.start_logits, out.end_logits, start, end)
+            out.loss = question_answering_loss(out.start_logits, out.end_logits, start, end)
         return out
-
-
-def qa_loss(start_logits: jax.Array, end_logits: jax.Array, start: jax.Array, end: jax.Array) -> jax.Array:
-    """Mean of start and end cross-entropy; positions outside the sequence are clamped to T and
-    ignored, as Hugging Face does."""
-    t = start_logits.shape[1]
-
-    def ce(logits: jax.Array, pos: jax.Array) -> jax.Array:
-        pos = jnp.clip(pos.reshape(-1), 0, t)
-        valid = pos != t
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, jnp.where(valid, pos, 0)[:, None], axis=-1)[:, 0]
-        return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
-
-    return (ce(start_logits, start) + ce(end_logits, end)) / 2
 
 
 MODEL_CLASSES = {

@@ -30,6 +30,7 @@ from opt_core.inputs import validate_inputs  # noqa: E402
 from opt_core.masks import POSITION_OFFSET  # noqa: E402
 from opt_core.params import Head  # noqa: E402
 from opt_tf.cache import StaticCache  # noqa: E402
+from opt_tf.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss  # noqa: E402
 from opt_tf.training import KerasTrainingMixin  # noqa: E402
 
 LAYER_NORM_EPS = 1e-5
@@ -551,17 +552,6 @@ class OPTForCausalLM(_WithDecoder):
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def causal_lm_loss(logits: tf.Tensor, labels: tf.Tensor, ignore_index: int = -100) -> tf.Tensor:
-    """Mean cross-entropy of predicting labels[:, t + 1] from logits[:, t] (float32)."""
-    shift_logits = tf.cast(logits[:, :-1], tf.float32)  # [B, T - 1, V]
-    shift_labels = tf.cast(labels[:, 1:], tf.int32)
-    keep = tf.not_equal(shift_labels, ignore_index)
-    safe = tf.where(keep, shift_labels, 0)
-    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=shift_logits)
-    keep_f = tf.cast(keep, tf.float32)
-    return tf.reduce_sum(losses * keep_f) / tf.maximum(tf.reduce_sum(keep_f), 1.0)
-
-
 def last_non_pad_indices(input_ids: tf.Tensor, pad_token_id: int | None) -> tf.Tensor:
     """opt_core.masks.last_non_pad_indices in TF: [B] index of each row's right-most non-pad id."""
     t = tf.shape(input_ids)[1]
@@ -605,32 +595,8 @@ class OPTForSequenceClassification(_WithDecoder):
         last = last_non_pad_indices(ids, self.config.pad_token_id)  # [B]
         out.logits = tf.gather(scores, last, axis=1, batch_dims=1)  # [B, L]
         if labels is not None:
-            out.loss = classification_loss(out.logits, tf.convert_to_tensor(labels), self.config)
+            out.loss = sequence_classification_loss(out.logits, tf.convert_to_tensor(labels), self.config)
         return out
-
-
-def classification_loss(logits: tf.Tensor, labels: tf.Tensor, config: OPTConfig) -> tf.Tensor:
-    """MSE (regression), cross-entropy (single label) or BCE-with-logits (multi label)."""
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype.is_integer:
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    logits = tf.cast(logits, tf.float32)
-    if problem == "regression":
-        if config.num_labels == 1:
-            return tf.reduce_mean(tf.square(tf.reshape(logits, [-1]) - tf.reshape(tf.cast(labels, tf.float32), [-1])))
-        return tf.reduce_mean(tf.square(logits - tf.cast(labels, tf.float32)))
-    if problem == "single_label_classification":
-        return tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tf.reshape(tf.cast(labels, tf.int32), [-1]), logits=tf.reshape(logits, [-1, config.num_labels])
-            )
-        )
-    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=logits))
 
 
 class OPTForQuestionAnswering(_WithDecoder):
@@ -665,24 +631,9 @@ class OPTForQuestionAnswering(_WithDecoder):
         both = self.qa_outputs(out.last_hidden_state)  # [B, T, 2]
         out.start_logits, out.end_logits = both[..., 0], both[..., 1]
         if start_positions is not None and end_positions is not None:
-            out.loss = qa_loss(out.start_logits, out.end_logits, tf.convert_to_tensor(start_positions),
+            out.loss = question_answering_loss(out.start_logits, out.end_logits, tf.convert_to_tensor(start_positions),
                                tf.convert_to_tensor(end_positions))
         return out
-
-
-def qa_loss(start_logits: tf.Tensor, end_logits: tf.Tensor, start: tf.Tensor, end: tf.Tensor) -> tf.Tensor:
-    """(CE(start) + CE(end)) / 2 with positions clamped to [0, T]; position T is ignored."""
-    ignored = tf.shape(start_logits)[1]
-
-    def ce(logits: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
-        pos = tf.clip_by_value(tf.reshape(tf.cast(pos, tf.int32), [-1]), 0, ignored)
-        keep = tf.cast(pos < ignored, tf.float32)
-        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.minimum(pos, ignored - 1), logits=tf.cast(logits, tf.float32)
-        )
-        return tf.reduce_sum(losses * keep) / tf.maximum(tf.reduce_sum(keep), 1.0)
-
-    return (ce(start_logits, start) + ce(end_logits, end)) / 2
 
 
 MODEL_CLASSES = {

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from opt_core import POSITION_OFFSET, Head, OPTConfig
 from opt_core.inputs import validate_inputs
 from opt_torch.cache import Cache, DynamicCache
+from opt_torch.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
@@ -742,13 +743,6 @@ class OPTForCausalLM(_WithDecoder):
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of predicting labels[:, t + 1] from logits[:, t] (float32)."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B * (T - 1), V]
-    shift_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
-
-
 class OPTForSequenceClassification(_WithDecoder):
     """Decoder + `score`, read at the right-most non-pad token of each row (left or right padding)."""
 
@@ -788,28 +782,8 @@ class OPTForSequenceClassification(_WithDecoder):
             last = (torch.arange(t, device=ids.device) * (ids != pad)).argmax(-1)
         out.logits = scores[torch.arange(b, device=ids.device), last]  # [B, L]
         if labels is not None:
-            out.loss = classification_loss(out.logits, _as_tensor(labels, out.logits.device), self.config)
+            out.loss = sequence_classification_loss(out.logits, _as_tensor(labels, out.logits.device), self.config)
         return out
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: OPTConfig) -> torch.Tensor:
-    """MSE (regression), cross-entropy (single label) or BCE-with-logits (multi label)."""
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    logits = logits.float()
-    if problem == "regression":
-        if config.num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.float().squeeze())
-        return F.mse_loss(logits, labels.float())
-    if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, config.num_labels), labels.long().view(-1))
-    return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
 class OPTForQuestionAnswering(_WithDecoder):
@@ -844,24 +818,12 @@ class OPTForQuestionAnswering(_WithDecoder):
         out.start_logits = both[..., 0].contiguous()
         out.end_logits = both[..., 1].contiguous()
         if start_positions is not None and end_positions is not None:
-            out.loss = qa_loss(
+            out.loss = question_answering_loss(
                 out.start_logits, out.end_logits,
                 _as_tensor(start_positions, both.device, torch.long),
                 _as_tensor(end_positions, both.device, torch.long),
             )
         return out
-
-
-def qa_loss(
-    start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor
-) -> torch.Tensor:
-    """(CE(start) + CE(end)) / 2 with positions clamped to [0, T]; position T is ignored."""
-    ignored = start_logits.shape[1]
-    start = start.reshape(-1).clamp(0, ignored)
-    end = end.reshape(-1).clamp(0, ignored)
-    start_loss = F.cross_entropy(start_logits.float(), start, ignore_index=ignored)
-    end_loss = F.cross_entropy(end_logits.float(), end, ignore_index=ignored)
-    return (start_loss + end_loss) / 2
 
 
 MODEL_CLASSES: dict[Head, type[OPTPreTrainedModel]] = {
