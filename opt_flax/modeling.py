@@ -3,8 +3,9 @@
 Module and parameter names follow Hugging Face's Flax OPT, so a model's `nnx.state` paths are the
 Flax checkpoint paths (`model/decoder/layers/0/self_attn/q_proj/kernel`, kernels `[in, out]`).
 
-Einsum letters: B batch, T new tokens, S keys (cache slots or T), N heads, H head_dim,
-C hidden_size, E word_embed_proj_dim, V vocab, L labels.
+Shape letters, the same in opt_torch, opt_tf and opt_flax (comments and einsum subscripts):
+B batch, T new tokens, S keys (cached + new, or a static cache's slots), H heads, D head_dim,
+C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _gelu_fast(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
 
 
-ACT_FNS = {
+ACTIVATIONS = {
     "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -107,6 +108,15 @@ def causal_padding_mask(attention_mask: jax.Array, past_length: jax.Array | int,
     return (k_pos <= q_pos)[None, None] & attention_mask.astype(bool)[:, None, None, :]
 
 
+def last_non_pad_indices(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
+    """[B] index of each row's right-most non-pad id (JAX twin of
+    `opt_core.masks.last_non_pad_indices`); the last position for every row without a pad id."""
+    b, t = input_ids.shape
+    if pad_token_id is None:
+        return jnp.full((b,), t - 1)
+    return jnp.argmax(jnp.arange(t)[None, :] * (input_ids != pad_token_id), axis=1)
+
+
 # ---------------------------------------------------------------- layers
 def _linear(
     cfg: OPTConfig, d_in: int, d_out: int, bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
@@ -140,7 +150,7 @@ class OPTLearnedPositionalEmbedding(nnx.Module):
 
 
 def _write_slot(cache: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
-    """cache [B, N, S, H] with `new` [B, N, T, H] written at slots [slot, slot + T).
+    """cache [B, H, S, D] with `new` [B, H, T, D] written at slots [slot, slot + T).
 
     A batch of one is updated without its batch axis: XLA drops that size-1 axis around the
     attention einsums anyway, and an update in the 4-D shape then ends in a reshape that keeps it
@@ -157,9 +167,10 @@ class OPTAttention(nnx.Module):
     def __init__(self, cfg: OPTConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.q_proj = _linear(cfg, d, d, cfg.enable_bias, dtype, param_dtype, rngs)
+        # Declared in the canonical table's (Hugging Face's) order, as in every backend; run q, k, v.
         self.k_proj = _linear(cfg, d, d, cfg.enable_bias, dtype, param_dtype, rngs)
         self.v_proj = _linear(cfg, d, d, cfg.enable_bias, dtype, param_dtype, rngs)
+        self.q_proj = _linear(cfg, d, d, cfg.enable_bias, dtype, param_dtype, rngs)
         self.out_proj = _linear(cfg, d, d, cfg.enable_bias, dtype, param_dtype, rngs)
         self.attn_dropout = nnx.Dropout(cfg.attention_dropout, deterministic=True, rngs=rngs)
         self.dtype = dtype
@@ -171,12 +182,12 @@ class OPTAttention(nnx.Module):
         cache: tuple[jax.Array, jax.Array, jax.Array] | None,
         deterministic: bool | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, C]; allowed bool [B, 1, T, S]; cache (keys, values [B, N, S, H], write slot) or
+        """x [B, T, C]; allowed bool [B, 1, T, S]; cache (keys, values [B, H, S, D], write slot) or
         None. Returns the output [B, T, C] and the updated (keys, values) when caching."""
         b, t, _ = x.shape
         heads = (b, t, self.num_heads, self.head_dim)
 
-        def split(y: jax.Array) -> jax.Array:  # [B, T, C] -> [B, N, T, H]
+        def split(y: jax.Array) -> jax.Array:  # [B, T, C] -> [B, H, T, D]
             return constrain(y.reshape(heads).transpose(0, 2, 1, 3), "data", "model", None, None)
 
         q = split(self.q_proj(x) * self.head_dim**-0.5)  # scaled after the bias
@@ -184,18 +195,18 @@ class OPTAttention(nnx.Module):
         v = split(self.v_proj(x))
         new_kv = None
         if cache is not None:
-            # The cache is [B, N, S, H], the layout both attention matmuls read without a transpose
-            # (a [B, S, N, H] cache made XLA copy the whole cache every decode step).
+            # The cache is [B, H, S, D], the layout both attention matmuls read without a transpose
+            # (a [B, S, H, D] cache made XLA copy the whole cache every decode step).
             cache_k, cache_v, slot = cache
-            k, v = (_write_slot(c, y, slot) for c, y in ((cache_k, k), (cache_v, v)))  # [B, N, S, H]
+            k, v = (_write_slot(c, y, slot) for c, y in ((cache_k, k), (cache_v, v)))  # [B, H, S, D]
             k, v = (constrain(y, "data", "model", None, None) for y in (k, v))
             new_kv = (k, v)
         # Scores and softmax in float32 whatever the compute dtype (the fp16/bf16 NaN fix).
-        scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("BHTD,BHSD->BHTS", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(allowed, scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
-        out = jnp.einsum("BNTS,BNSH->BTNH", probs, v.astype(self.dtype)).reshape(b, t, -1)  # [B, T, C]
+        out = jnp.einsum("BHTS,BHSD->BTHD", probs, v.astype(self.dtype)).reshape(b, t, -1)  # [B, T, C]
         return self.out_proj(out), new_kv
 
 
@@ -203,7 +214,7 @@ class OPTDecoderLayer(nnx.Module):
     """One decoder layer; pre-LN or post-LN per `config.do_layer_norm_before`."""
 
     def __init__(self, cfg: OPTConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        self.pre_ln = cfg.do_layer_norm_before
+        self.do_layer_norm_before = cfg.do_layer_norm_before
         self.self_attn = OPTAttention(cfg, dtype, param_dtype, rngs)
         self.self_attn_layer_norm = _layer_norm(cfg, cfg.hidden_size, dtype, rngs)
         self.fc1 = _linear(cfg, cfg.hidden_size, cfg.ffn_dim, cfg.enable_bias, dtype, param_dtype, rngs)
@@ -219,17 +230,17 @@ class OPTDecoderLayer(nnx.Module):
         cache: tuple[jax.Array, jax.Array, jax.Array] | None,
         deterministic: bool | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        h = self.self_attn_layer_norm(x) if self.pre_ln else x
+        h = self.self_attn_layer_norm(x) if self.do_layer_norm_before else x
         h, new_kv = self.self_attn(h, allowed, cache, deterministic)
         x = x + self.dropout(h, deterministic=deterministic)
-        if not self.pre_ln:
+        if not self.do_layer_norm_before:
             x = self.self_attn_layer_norm(x)
 
-        h = self.final_layer_norm(x) if self.pre_ln else x
-        h = constrain(ACT_FNS[self.activation](self.fc1(h)), "data", None, "model")  # [B, T, F] column-parallel
+        h = self.final_layer_norm(x) if self.do_layer_norm_before else x
+        h = constrain(ACTIVATIONS[self.activation](self.fc1(h)), "data", None, "model")  # [B, T, F] column-parallel
         h = self.fc2(h)
         x = x + self.dropout(h, deterministic=deterministic)
-        if not self.pre_ln:
+        if not self.do_layer_norm_before:
             x = self.final_layer_norm(x)
         return x, new_kv
 
@@ -508,11 +519,7 @@ class OPTForSequenceClassification(_WithDecoder):
                                 deterministic, validate)
         scores = self.score(out.last_hidden_state)  # [B, T, L]
         ids = jnp.asarray(input_ids)
-        pad = self.config.pad_token_id
-        if pad is None:
-            last = jnp.full((ids.shape[0],), ids.shape[1] - 1)
-        else:  # same rule as opt_core.masks.last_non_pad_indices
-            last = jnp.argmax(jnp.arange(ids.shape[1])[None, :] * (ids != pad), axis=1)
+        last = last_non_pad_indices(ids, self.config.pad_token_id)  # [B]
         out.logits = scores[jnp.arange(ids.shape[0]), last]  # [B, L]
         if labels is not None:
             out.loss = sequence_classification_loss(out.logits, jnp.asarray(labels), self.config)

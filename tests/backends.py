@@ -118,6 +118,10 @@ class Backend:
     def _call(self, model: Any, input_ids: np.ndarray, kwargs: dict[str, Any]) -> Any:
         return model(input_ids, **kwargs)
 
+    def tensor(self, x: np.ndarray) -> Any:
+        """A NumPy array as this framework's array type."""
+        raise NotImplementedError
+
     def to_numpy(self, x: Any) -> np.ndarray:
         arr = np.asarray(x)
         return arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr
@@ -181,6 +185,11 @@ class TorchBackend(Backend):
         with torch.no_grad():
             return model(input_ids, **kwargs)
 
+    def tensor(self, x):
+        import torch
+
+        return torch.from_numpy(np.asarray(x))
+
     def to_numpy(self, x):
         import torch
 
@@ -225,6 +234,11 @@ class TFBackend(Backend):
         for name, var in model.named_weights().items():
             var.assign(to_layout(params[name], specs[name].layout("tf")))
 
+    def tensor(self, x):
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(x)
+
     def train_step(self, model, batch, learning_rate=1e-2):
         import tensorflow as tf
 
@@ -267,6 +281,11 @@ class FlaxBackend(Backend):
             var = flat[path]
             var.set_value(jnp.asarray(to_layout(params[spec.name], spec.layout("flax")), var.get_value().dtype))
         nnx.update(model, nnx.from_flat_state(flat))
+
+    def tensor(self, x):
+        import jax.numpy as jnp
+
+        return jnp.asarray(x)
 
     def train_step(self, model, batch, learning_rate=1e-2):
         import jax
