@@ -4,8 +4,7 @@ and inferred) and for QA positions outside the sequence; then one training step 
 the same weights and data reports the same loss (the heads' own, so `problem_type` and the QA clamp
 reach training too).
 
-Tolerance: float32 losses of O(1) against a float64 reference: 1e-5 absolute (float32 rounding of a
-log-sum-exp over a few classes is ~1e-7).
+Tolerance: `opt_verify.tolerances.LOSS` (1e-5 nats; float32 losses against a float64 reference).
 """
 
 from __future__ import annotations
@@ -17,11 +16,12 @@ import pytest
 
 from opt_core import losses as reference
 from opt_core.training_args import TrainingArguments
+from opt_verify.tolerances import LOSS
 from tests.training.tasks import TINY_TRAIN, classification_task, qa_task
 
 pytestmark = [pytest.mark.torch, pytest.mark.tf, pytest.mark.flax]
 
-TOLERANCE = 1e-5
+TOLERANCE = LOSS.nats
 RNG = np.random.default_rng(0)
 LOGITS_2 = RNG.normal(size=(4, 2)).astype(np.float32)
 LOGITS_1 = RNG.normal(size=(4, 1)).astype(np.float32)
