@@ -4,7 +4,6 @@ back, forward, save/load and one training step mean the same thing in every back
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from opt_core import losses as reference_losses
 from opt_core.params import Head, parameter_table
