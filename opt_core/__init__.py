@@ -2,6 +2,7 @@
 
 from opt_core.checkpoint import CheckpointError, KeyAccounting, account_keys
 from opt_core.config import OPTConfig
+from opt_core.generation_config import GenerationConfig, GenerationOptions, resolve_generation_options
 from opt_core.masks import POSITION_OFFSET, causal_padding_mask, last_non_pad_indices, positions_from_mask
 from opt_core.params import Head, Layout, ParamSpec, Role, parameter_count, parameter_table
 from opt_core.presets import PRESETS
@@ -11,6 +12,8 @@ __all__ = [
     "POSITION_OFFSET",
     "PRESETS",
     "CheckpointError",
+    "GenerationConfig",
+    "GenerationOptions",
     "Head",
     "KeyAccounting",
     "Layout",
@@ -24,4 +27,5 @@ __all__ = [
     "parameter_count",
     "parameter_table",
     "positions_from_mask",
+    "resolve_generation_options",
 ]

@@ -102,13 +102,16 @@ class StaticCache(Cache):
         max_length: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        num_heads: int | None = None,
     ) -> None:
+        """`num_heads`: the heads this process holds (fewer under tensor parallelism); default all."""
         if max_length > config.max_position_embeddings:
             raise ValueError(
                 f"StaticCache max_length {max_length} exceeds max_position_embeddings "
                 f"({config.max_position_embeddings})"
             )
-        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # [B, H, S_max, D]
+        heads = config.num_attention_heads if num_heads is None else num_heads
+        shape = (batch_size, heads, max_length, config.head_dim)  # [B, H, S_max, D]
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self._lengths = [0] * config.num_hidden_layers

@@ -211,7 +211,8 @@ def generate(
 
 def _new_cache(model: Any, kind: str, batch: int, max_length: int) -> Cache:
     if kind == "static":
-        return StaticCache(model.config, batch, max_length, dtype=model.dtype, device=model.device)
+        heads = model.get_decoder().layers[0].self_attn.num_heads  # local heads under tensor parallelism
+        return StaticCache(model.config, batch, max_length, dtype=model.dtype, device=model.device, num_heads=heads)
     return DynamicCache()
 
 

@@ -216,6 +216,8 @@ def from_pretrained(
     attn_implementation: str = "sdpa",
     config: OPTConfig | None = None,
     torch_dtype: Any = None,
+    tp_plan: str | None = None,
+    device_mesh: Any = None,
 ) -> Any:
     """Load a Hugging Face OPT folder into `model_class` (a model class or a `Head`).
 
@@ -226,6 +228,8 @@ def from_pretrained(
         attn_implementation: "eager", "sdpa" (default) or "flash_attention_2".
         config: use this config instead of the folder's config.json.
         torch_dtype: Hugging Face's old name for `dtype`.
+        tp_plan: "auto" shards the model over the ranks of a torchrun job (`opt_torch.parallel`).
+        device_mesh: a torch DeviceMesh to shard over instead (implies tensor parallelism).
     Returns:
         The model in eval mode; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -240,6 +244,10 @@ def from_pretrained(
     config = config if config is not None else OPTConfig.from_pretrained(folder)
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if tp_plan is not None or device_mesh is not None:
+        from opt_torch.parallel import from_pretrained_tp
+
+        return from_pretrained_tp(cls, folder, config, dtype, attn_implementation, tp_plan, device_mesh)
 
     present = formats_present(folder) if folder.is_dir() else []
     try:

@@ -294,12 +294,12 @@ class OPTAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask.allowed, dropout_p=dropout, is_causal=mask.is_causal, scale=1.0
             )  # [B, H, T, D]
-            out = out.transpose(1, 2).reshape(b, t, c)  # [B, T, C]
+            out = out.transpose(1, 2).reshape(b, t, h * d)  # [B, T, C] (C/N under tensor parallelism)
         elif impl == "eager":
             out, weights = eager_attention(q, k, v, mask.dense(t, k.shape[2], x.device), dropout, self.training)
-            out = out.transpose(1, 2).reshape(b, t, c)
+            out = out.transpose(1, 2).reshape(b, t, h * d)
         else:
-            out = flash_attention(q, k, v, mask, dropout).reshape(b, t, c)
+            out = flash_attention(q, k, v, mask, dropout).reshape(b, t, h * d)
         return self.out_proj(out), weights
 
 

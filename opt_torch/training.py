@@ -15,11 +15,20 @@ on matrices and embeddings only (`opt_core.training_args.decays`), the learning 
 from `TrainingArguments.learning_rate_at` (the schedule every backend shares), global-norm clipping,
 optional bfloat16 autocast and per-layer gradient checkpointing. Losses are computed here from the
 model's logits, so the three backends define them identically.
+
+`fsdp=True` (under `torchrun --nproc-per-node N`) shards parameters, gradients and optimizer state
+with FSDP2 (`opt_torch.parallel.shard_for_training`); every rank draws the same global batch and
+trains on its share of the rows, so the loss curve is one process's on the same global batch. Rank 0
+logs and writes the Hugging Face folders (gathered tensor by tensor); every checkpoint folder also
+holds `distributed/`, a sharded `torch.distributed.checkpoint` of model and optimizer, which
+`resume_from=` continues from on the same number of ranks.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opt_core.data import ArrayDataset, TextDataset
 from opt_core.training import (
+    TRAINER_LOG_NAME,
     Batch,
     Log,
     TrainingProgress,
@@ -162,6 +172,8 @@ def train_causal_lm(
     eval_data: TextDataset | np.ndarray | None = None,
     tokenizer: Any = None,
     log: Log | None = print,
+    fsdp: bool = False,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
     """Train (or fine-tune) a causal LM on packed blocks; returns the losses and validation passes.
 
@@ -175,9 +187,13 @@ def train_causal_lm(
         eval_data: validation blocks, evaluated every `eval_every` steps and at the end.
         tokenizer: saved with every checkpoint when given.
         log: called with one line of progress every `log_every` steps; None for silence.
+        fsdp: shard with FSDP2 over the processes of a torchrun job (see the module docstring).
+        resume_from: a `checkpoint-STEP/` folder written by an FSDP run: continue from its sharded
+            state (same number of ranks) to `args.max_steps`, on the same data stream.
 
     Raises:
-        ValueError: when the blocks are longer than the model's context.
+        ValueError: when the blocks are longer than the model's context, or (fsdp) the batch does
+            not split over the ranks.
         FloatingPointError: when the loss stops being finite.
     """
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -187,7 +203,8 @@ def train_causal_lm(
         assert eval_data is not None
         return evaluate_causal_lm(model, eval_data, args.batch_size, args.eval_batches, args.bf16)
 
-    return _fit(model, batches, _causal_lm_loss, args, evaluate if eval_data is not None else None, tokenizer, log)
+    return _fit(model, batches, _causal_lm_loss, args, evaluate if eval_data is not None else None, tokenizer, log,
+                fsdp, resume_from)
 
 
 def train_sequence_classification(
@@ -224,34 +241,114 @@ def _fit(
     evaluate: Callable[[], dict[str, float]] | None,
     tokenizer: Any,
     log: Log | None,
+    fsdp: bool = False,
+    resume_from: str | Path | None = None,
 ) -> TrainResult:
     torch.manual_seed(args.seed)  # dropout masks
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    mesh = None
+    if fsdp:
+        from opt_torch import parallel
+
+        mesh = parallel.data_parallel_mesh()
+        if args.batch_size % mesh.size():
+            raise ValueError(f"batch_size {args.batch_size} does not split over {mesh.size()} FSDP ranks")
+        parallel.shard_for_training(model, mesh)
+    elif resume_from is not None:
+        raise ValueError("resume_from= continues an FSDP run (its sharded checkpoint); pass fsdp=True")
     device = _device(model)
     optimizer = make_training_optimizer(model, args)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
-    progress = TrainingProgress(model, args, evaluate, tokenizer, log)
-    for step in range(args.max_steps):
+    if mesh is None:
+        progress = TrainingProgress(model, args, evaluate, tokenizer, log)
+    else:
+        progress = _ShardedProgress(model, optimizer, mesh, args, evaluate, tokenizer, log)
+    first = progress.resume(Path(resume_from)) if resume_from is not None else 0
+    for _ in range(first * args.gradient_accumulation_steps):
+        next(batches)  # the same data stream as an uninterrupted run
+    for step in range(first, args.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = args.learning_rate_at(step)
         loss, tokens = 0.0, 0
         for _ in range(args.gradient_accumulation_steps):
-            batch = {k: torch.as_tensor(v, device=device) for k, v in next(batches).items()}
+            batch = next(batches)
+            if mesh is not None:
+                batch = parallel.rows_of_rank(batch, mesh)  # this rank's share of the global batch
+            batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             with _autocast(args.bf16, device):
                 micro_loss = loss_fn(model, batch)
             (micro_loss / args.gradient_accumulation_steps).backward()
             loss += float(micro_loss.detach()) / args.gradient_accumulation_steps
             tokens += int(batch["input_ids"].numel())
+        if mesh is not None:
+            # Every rank's share has as many predicted tokens (packed blocks, or rows of equal
+            # length), so the mean of the ranks' means is the global batch's mean; FSDP averages
+            # the gradients the same way.
+            loss = parallel.mean_over_ranks(loss, mesh)
+            tokens *= mesh.size()
         if args.max_grad_norm is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+            norm = _full(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            norm = _full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         progress.record_step(step, loss, norm, tokens)
     return progress.finish()
+
+
+def _full(norm: torch.Tensor) -> float:
+    """A gradient norm as a float (a DTensor norm of sharded gradients is reduced first)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+class _ShardedProgress(TrainingProgress):
+    """`TrainingProgress` for FSDP: only rank 0 logs and writes files; every rank takes part in
+    gathering the weights for the Hugging Face folder and writes its shards of the sharded
+    checkpoint (`distributed/` in each checkpoint folder)."""
+
+    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, mesh: Any, args: TrainingArguments,
+                 evaluate: Callable[[], dict[str, float]] | None, tokenizer: Any, log: Log | None) -> None:
+        from opt_torch import parallel
+
+        self.rank0 = mesh.get_local_rank() == 0
+        super().__init__(_GatheredSaver(model), args, evaluate, tokenizer, log if self.rank0 else None)
+        self.sharded_model, self.optimizer, self.parallel = model, optimizer, parallel
+        self.step = 0
+
+    def record_step(self, step: int, loss: float, grad_norm: float | None, tokens: int) -> None:
+        self.step = step + 1
+        super().record_step(step, loss, grad_norm, tokens)
+
+    def save(self, folder: Path) -> None:
+        if self.rank0:
+            super().save(folder)  # its model.save_pretrained is the collective gathered save
+        else:
+            self.model.save_pretrained(folder)
+        self.parallel.save_sharded_checkpoint(self.sharded_model, self.optimizer, folder / "distributed", self.step)
+
+    def resume(self, folder: Path) -> int:
+        """Load the sharded state and the log so far from a checkpoint folder; returns its step."""
+        step = self.parallel.load_sharded_checkpoint(self.sharded_model, self.optimizer, folder / "distributed")
+        done = json.loads((folder / TRAINER_LOG_NAME).read_text(encoding="utf-8"))
+        r = self.result
+        r.losses, r.learning_rates, r.grad_norms = done["losses"], done["learning_rates"], done["grad_norms"]
+        r.evals, r.tokens = done["evals"], done["tokens"]
+        self.step = step
+        return step
+
+
+class _GatheredSaver:
+    """What `TrainingProgress` saves under FSDP: `save_pretrained` gathers and rank 0 writes."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def save_pretrained(self, folder: Any) -> None:
+        from opt_torch.parallel import save_pretrained_gathered
+
+        save_pretrained_gathered(self.model, folder)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
