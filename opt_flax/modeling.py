@@ -254,6 +254,9 @@ class OPTDecoder(nnx.Module):
             cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs,
         )
+        if cfg.pad_token_id is not None:  # Hugging Face (torch) zeroes the padding row at init, as torch and TF do
+            table = self.embed_tokens.embedding
+            table.set_value(table.get_value().at[cfg.pad_token_id].set(0))
         self.embed_positions = OPTLearnedPositionalEmbedding(cfg, dtype, param_dtype, rngs)
         if cfg.has_projections:
             self.project_in = _linear(cfg, cfg.embed_dim, cfg.hidden_size, False, dtype, param_dtype, rngs)
