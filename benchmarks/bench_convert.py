@@ -95,8 +95,8 @@ def make_safetensors(folder: Path, preset: str, shard: str) -> tuple[object, int
     """Random fp16 weights with the preset's shapes, streamed into 1 GB safetensors shards."""
     import numpy as np
 
-    from conversion.formats.base import TensorPlan
-    from conversion.formats.safetensors_format import SafetensorsWriter
+    from opt_core.formats import TensorPlan
+    from opt_core.formats.safetensors import SafetensorsWriter
     from opt_core import OPTConfig
     from opt_core.checkpoint import parse_size
     from opt_core.params import Head, hf_name, parameter_table
@@ -125,8 +125,8 @@ def make_metaseq(src: Path, folder: Path, config, parts: int = 2) -> None:
     import numpy as np
     import torch
 
-    from conversion.formats.metaseq import split_axis
-    from conversion.formats.safetensors_format import SafetensorsReader
+    from opt_core.formats.metaseq import split_axis
+    from opt_core.formats.safetensors import SafetensorsReader
     from opt_core.layout import split_model_parallel, split_qkv_model_parallel
 
     folder.mkdir(parents=True)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_torch.py                       # opt-125m and opt-350m shapes
     .venv/bin/python benchmarks/bench_torch.py --shapes opt-125m --repeats 1 --json bench-out/torch.json
 
-Random weights with the real config shapes (shared/data/opt-configs; eos disabled so every
+Random weights with the real config shapes (data/opt-configs; eos disabled so every
 implementation generates every requested token) are written once as a Hugging Face safetensors
 folder under bench-out/; every implementation loads that same folder (CTranslate2 after its own
 converter). Each implementation x shape runs in its own subprocess, so peak RSS is per process

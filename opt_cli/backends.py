@@ -1,178 +1,184 @@
-"""What the `opt` commands share: resolving model folders, importing a backend lazily with a clear
-error, and the few calls whose spelling differs between backends (seeding, generation, scoring).
+"""The one place where `opt` meets the backends: a table from backend name to an adapter.
 
-Every function raises `UsageError` / `FileNotFoundError` / `ValueError` for bad user input, which
-`opt_cli.main` prints as one paragraph (exit code 2).
+    from opt_cli.backends import adapter
+    a = adapter("flax")                      # UsageError listing the names for an unknown one
+    model = a.load(folder)                   # OPTForCausalLM.from_pretrained, inference mode
+    ids = a.generate(model, input_ids, mask, max_new_tokens=8, streamer=s)   # int64 NumPy [B, T + new]
+
+Commands never branch on a backend's name: what differs between frameworks is a method of its
+adapter, and a new backend is one class and one row of `ADAPTERS`. Framework modules are imported
+lazily (so `opt --help` is instant), through `opt_cli.quiet` (so their start-up chatter stays off
+the terminal), and a missing framework is a one-line UsageError naming the pip extra.
+
+New load-time options (dtype, quantization, a tensor-parallel plan) travel as keyword arguments of
+`load(folder, **options)` straight to `from_pretrained`.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from opt_cli.main import UsageError
-
-BACKENDS = ("torch", "tf", "flax")
-
-
-def check_backend(name: str) -> str:
-    """The backend name, or a UsageError listing the valid ones."""
-    if name not in BACKENDS:
-        raise UsageError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
-    return name
+from opt_cli.errors import UsageError
+from opt_cli.quiet import import_quietly
 
 
-def import_backend(backend: str, module: str | None = None) -> Any:
-    """`opt_torch` / `opt_tf` / `opt_flax` (or a submodule), with a clear error when its framework
-    is not installed."""
-    check_backend(backend)
-    name = f"opt_{backend}" + (f".{module}" if module else "")
-    if backend == "tf":
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if backend == "flax":
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        raise UsageError(
-            f"the {backend} backend is not available ({e.msg}); install it with "
-            f"`pip install opt-reference[{backend}]`"
-        ) from None
+class Adapter:
+    """What the `opt` commands need from one backend. Subclasses fill in the framework-specific parts."""
+
+    name: str = ""
+    package: str = ""  # opt_torch / opt_tf / opt_flax
+    framework: str = ""  # the top-level framework module (imported quietly first)
+    extra: str = ""  # pip extra that installs it
+
+    # ------------------------------------------------------------ modules
+    def prepare(self) -> None:
+        """Environment the framework reads at import (before `module`)."""
+
+    def module(self, sub: str | None = None) -> ModuleType:
+        """`opt_torch` (or `opt_torch.<sub>`), or a UsageError when its framework is not installed."""
+        self.prepare()
+        try:
+            import_quietly(self.framework)
+            name = self.package + (f".{sub}" if sub else "")
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise UsageError(
+                f"the {self.name} backend is not available ({e.msg}); install it with "
+                f"`pip install opt-reference[{self.extra}]`"
+            ) from None
+
+    # ------------------------------------------------------------ models
+    def load(self, folder: Path, **options: Any) -> Any:
+        """`OPTForCausalLM.from_pretrained(folder, **options)`, ready for inference."""
+        return self.module().OPTForCausalLM.from_pretrained(folder, **options)
+
+    def new(self, config: Any, seed: int) -> Any:
+        """A freshly initialised `OPTForCausalLM`, its initialisation seeded."""
+        raise NotImplementedError
+
+    def trainer(self) -> Any:
+        """The backend's `training` module (`train_causal_lm`)."""
+        return self.module("training")
+
+    # ------------------------------------------------------------ running
+    def set_threads(self, threads: int) -> None:
+        """Limit the CPU threads the framework computes with."""
+        raise NotImplementedError
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def generate(self, model: Any, input_ids: np.ndarray, attention_mask: np.ndarray, **kwargs: Any) -> np.ndarray:
+        """`model.generate(input_ids, attention_mask=..., **kwargs)` (the contract's keywords: max_new_tokens,
+        do_sample, temperature, top_k, top_p, seed, streamer, ...) as int64 NumPy [B, T + new]."""
+        out = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+        return self.to_numpy(out).astype(np.int64)
+
+    def logits(self, model: Any, input_ids: np.ndarray) -> np.ndarray:
+        """float32 NumPy logits [B, T, V]."""
+        return self.to_numpy(model(input_ids=input_ids).logits).astype(np.float32)
+
+    def token_nll(self, model: Any, input_ids: np.ndarray, score_from: int) -> tuple[float, int]:
+        """Summed negative log-likelihood of `input_ids[0, j]` for j >= max(score_from, 1), each given
+        the tokens before it, and how many tokens that is (one row). Log-softmax in float64 NumPy."""
+        logits = self.logits(model, input_ids)[0, :-1]  # (T-1, V): row t predicts token t + 1
+        targets = np.asarray(input_ids[0, 1:])
+        nll = np.empty(len(logits), dtype=np.float64)
+        for i in range(0, len(logits), 256):  # float64 in row chunks: a 2048 x 50k window stays small
+            rows = logits[i : i + 256].astype(np.float64)
+            top = rows.max(axis=-1, keepdims=True)
+            logz = top[:, 0] + np.log(np.exp(rows - top).sum(axis=-1))
+            nll[i : i + 256] = logz - rows[np.arange(len(rows)), targets[i : i + 256]]
+        keep = nll[max(score_from, 1) - 1 :]
+        return float(np.sum(keep, dtype=np.float64)), int(keep.size)
 
 
-def resolve_model_dir(model: str) -> Path:
-    """`bundled` -> the shipped model folder; otherwise a folder that must hold a `config.json`.
+class TorchAdapter(Adapter):
+    name, package, framework, extra = "torch", "opt_torch", "torch", "torch"
 
-    Raises:
-        FileNotFoundError: the folder or its config.json is missing.
-    """
-    if model == "bundled":
-        from opt_core import bundled
+    def load(self, folder: Path, **options: Any) -> Any:
+        return super().load(folder, **options).eval()
 
-        return bundled.path()
-    folder = Path(model)
-    if not folder.exists():
-        raise FileNotFoundError(f"model folder {folder} does not exist (use --model bundled for the shipped one)")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is a file, not a model folder")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no config.json; is it an OPT model folder?")
-    return folder
+    def new(self, config: Any, seed: int) -> Any:
+        import torch
 
+        self.module()
+        torch.manual_seed(seed)
+        return self.module().OPTForCausalLM(config)
 
-def load_tokenizer(folder: Path) -> Any:
-    """The folder's `OPTTokenizer`; FileNotFoundError naming the missing files."""
-    from opt_core import OPTTokenizer
-
-    missing = [f for f in ("vocab.json", "merges.txt") if not (Path(folder) / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"tokenizer files missing in {folder}: {', '.join(missing)} (a model folder needs vocab.json "
-            "and merges.txt to read and write text)"
-        )
-    return OPTTokenizer.from_pretrained(folder)
-
-
-def set_threads(backend: str, threads: int) -> None:
-    """Limit the framework's CPU threads (torch and TF; JAX reads XLA_FLAGS at import)."""
-    if backend == "torch":
+    def set_threads(self, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    elif backend == "tf":
-        import tensorflow as tf
 
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
 
-
-# ---------------------------------------------------------------- models
-def load_causal_lm(backend: str, folder: Path) -> Any:
-    """`OPTForCausalLM.from_pretrained(folder)` in the backend, in eval mode."""
-    mod = import_backend(backend)
-    model = mod.OPTForCausalLM.from_pretrained(folder)
-    if backend == "torch":
-        model.eval()
-    return model
-
-
-def new_causal_lm(backend: str, config: Any, seed: int = 0) -> Any:
-    """A freshly initialised `OPTForCausalLM` in the backend, seeded."""
-    mod = import_backend(backend)
-    if backend == "torch":
+    def logits(self, model: Any, input_ids: np.ndarray) -> np.ndarray:
         import torch
 
-        torch.manual_seed(seed)
+        with torch.inference_mode():
+            return super().logits(model, input_ids)
+
+
+class TFAdapter(Adapter):
+    name, package, framework, extra = "tf", "opt_tf", "tensorflow", "tf"
+
+    def new(self, config: Any, seed: int) -> Any:
+        mod = self.module()
+        import keras
+
+        keras.utils.set_random_seed(seed)
         return mod.OPTForCausalLM(config)
-    if backend == "flax":
+
+    def set_threads(self, threads: int) -> None:
+        import_quietly("tensorflow").config.threading.set_intra_op_parallelism_threads(threads)
+
+
+class FlaxAdapter(Adapter):
+    name, package, framework, extra = "flax", "opt_flax", "jax", "flax"
+
+    def prepare(self) -> None:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    def new(self, config: Any, seed: int) -> Any:
+        mod = self.module()
         from flax import nnx
 
         return mod.OPTForCausalLM(config, rngs=nnx.Rngs(seed))
-    import keras
 
-    keras.utils.set_random_seed(seed)
-    return mod.OPTForCausalLM(config)
-
-
-def generate(
-    backend: str,
-    model: Any,
-    input_ids: np.ndarray,
-    attention_mask: np.ndarray,
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    seed: int = 0,
-    streamer: Callable[[Any], None] | None = None,
-) -> np.ndarray:
-    """The backend's `generate`, its seeding spelled the backend's way; int64 [B, T + new] NumPy.
-
-    `streamer` (torch only) is called with each step's new tokens; the other backends compile the
-    whole loop, so their text arrives at the end.
-    """
-    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                              top_k=top_k, top_p=top_p)
-    if backend == "torch":
-        out = model.generate(input_ids, attention_mask=attention_mask, seed=seed, streamer=streamer, **kw)
-        return out.detach().cpu().numpy().astype(np.int64)
-    if backend == "tf":
-        out = model.generate(input_ids, attention_mask=attention_mask, seed=seed, **kw)
-        return np.asarray(out).astype(np.int64)
-    import jax
-
-    out = model.generate(input_ids, attention_mask=attention_mask, prng_key=jax.random.key(seed), **kw)
-    return np.asarray(out).astype(np.int64)
+    def set_threads(self, threads: int) -> None:
+        # JAX has no thread-count setting: pin the process to `threads` of the CPUs it may use.
+        if threads == 1:
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        if hasattr(os, "sched_setaffinity"):
+            cpus = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, cpus[: max(threads, 1)])
 
 
-def token_nll(backend: str, model: Any, input_ids: np.ndarray, score_from: int) -> tuple[float, int]:
-    """Summed negative log-likelihood of `input_ids[0, j]` for j >= max(score_from, 1), each given
-    the tokens before it, and how many tokens that is (one row)."""
-    if backend == "torch":
-        import torch
-        import torch.nn.functional as F
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in (TorchAdapter(), TFAdapter(), FlaxAdapter())}
+BACKENDS = tuple(ADAPTERS)
 
-        with torch.no_grad():
-            logits = model(input_ids=input_ids).logits[0, :-1].float()  # (T-1, V) predicts 1..T-1
-            targets = torch.as_tensor(input_ids[0, 1:], dtype=torch.long)
-            nll = F.cross_entropy(logits, targets, reduction="none").numpy()
-    elif backend == "tf":
-        import tensorflow as tf
 
-        logits = tf.cast(model(input_ids=input_ids).logits[0, :-1], tf.float32)
-        nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=input_ids[0, 1:], logits=logits).numpy()
-    else:
-        import jax
-        import jax.numpy as jnp
+def adapter(name: str) -> Adapter:
+    """The adapter for a backend name, or a UsageError listing the valid ones."""
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise UsageError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None
 
-        logits = jnp.asarray(model(input_ids=input_ids).logits[0, :-1], jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(input_ids[0, 1:, None]), axis=-1)[:, 0])
-    keep = nll[max(score_from, 1) - 1 :]
-    return float(np.sum(keep, dtype=np.float64)), int(keep.size)
+
+def adapters(names: str) -> list[Adapter]:
+    """Adapters for a comma-separated list (`--backends torch,tf`), in order, without repeats."""
+    wanted = list(dict.fromkeys(b.strip() for b in names.split(",") if b.strip()))
+    unknown = [b for b in wanted if b not in ADAPTERS]
+    if unknown or not wanted:
+        raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from: {', '.join(BACKENDS)}")
+    return [ADAPTERS[b] for b in wanted]

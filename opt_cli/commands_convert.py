@@ -1,18 +1,36 @@
-"""`opt convert SRC DST --to FORMAT`: the command-line face of `conversion.convert`."""
+"""`opt convert SRC DST --to FORMAT`: the command-line face of `conversion.convert`.
+
+`conversion.convert` writes into a temporary folder `.DST.tmp-PID` beside DST and renames it at the
+end (removed on any error or Ctrl-C). A conversion killed outright leaves that folder behind; the next
+`opt convert` to the same DST removes it. `--overwrite` replaces a DST that holds only what a
+conversion writes (weights, config, tokenizer and generation files) and refuses anything else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from opt_cli.main import UsageError, register
+from opt_cli.errors import InputError, UsageError
+from opt_cli.paths import BUNDLED, bundled_folder, hub_folder, output_folder, remove_stale_siblings
+from opt_cli.registry import register
 
 FORMATS = ("safetensors", "bin", "tf-h5", "flax-msgpack")
+
+# What a conversion writes into DST (names or glob patterns).
+CONVERT_OUTPUTS = (
+    "config.json", "generation_config.json", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json", "tf_model.h5",
+    "flax_model.msgpack",
+)
 
 
 @register("convert", "Convert an OPT checkpoint (HF safetensors/bin/tf-h5/flax-msgpack or metaseq) to another format")
 def _convert(p: argparse.ArgumentParser):
-    p.add_argument("src", help="input: a Hugging Face model folder, a weights file, or a metaseq folder/file")
-    p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("src", help="input: a Hugging Face model folder, a weights file, a metaseq folder/file, "
+                   "or 'bundled'")
+    p.add_argument("dst", help="output folder (new or empty, unless --overwrite)")
     p.add_argument("--to", required=True, choices=FORMATS, help="output format")
     p.add_argument("--from", dest="src_format", choices=(*FORMATS, "metaseq"), default=None,
                    help="read SRC as this format (default: detected; safetensors first when a folder has several)")
@@ -21,25 +39,34 @@ def _convert(p: argparse.ArgumentParser):
                    help="max shard size for safetensors/bin, e.g. 2GB or 500MB (default 5GB, as Hugging Face)")
     p.add_argument("--config", default=None, help="config.json (or its folder) to use instead of the source's")
     p.add_argument("--verify", action="store_true", help="re-read the output and compare every tensor with the source")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model files in DST (a DST holding anything else is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-non-finite", action="store_true", help="convert NaN/inf weights instead of refusing them")
 
     def run(args: argparse.Namespace) -> int:
         from conversion import convert
         from opt_core.checkpoint import CheckpointError
 
+        src = bundled_folder() if args.src == BUNDLED else hub_folder(args.src, "SRC")
+        if not src.exists():
+            raise UsageError(f"SRC {src} does not exist; expected a model folder, a weights file, a metaseq "
+                             "checkpoint, or 'bundled'")
+        dst = output_folder(args.dst, args.overwrite, CONVERT_OUTPUTS, what="DST")
+        for stale in remove_stale_siblings(dst):
+            print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
         try:
             report = convert(
-                args.src, args.dst, to=args.to, dtype=args.dtype, shard_size=args.shard_size, config=args.config,
+                src, dst, to=args.to, dtype=args.dtype, shard_size=args.shard_size, config=args.config,
                 overwrite=args.overwrite, verify=args.verify, progress=not args.no_progress,
-                src_format=args.src_format,
+                src_format=args.src_format, allow_non_finite=args.allow_non_finite,
             )
         except FileExistsError as e:
             raise UsageError(str(e)) from None
         except CheckpointError as e:
-            raise UsageError(str(e)) from None
-        except OSError as e:  # permissions, disk full: one paragraph, not a traceback
-            raise UsageError(f"{type(e).__name__}: {e}") from None
+            raise InputError(str(e)) from None
+        except OSError as e:  # permissions, disk full: one line, not a traceback
+            raise InputError(f"{type(e).__name__}: {e}") from None
         print(report.summary())
         return 0
 

@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from typing import Any
 
 import numpy as np
 
-from opt_cli.backends import check_backend, load_causal_lm, load_tokenizer, resolve_model_dir, token_nll
-from opt_cli.main import UsageError, register
+from opt_cli.backends import Adapter, adapter
+from opt_cli.errors import UsageError
+from opt_cli.options import (
+    add_backend_argument,
+    add_load_arguments,
+    add_model_argument,
+    add_threads_argument,
+    int_in,
+    load_options,
+)
+from opt_cli.paths import input_file, model_folder, tokenizer_folder
+from opt_cli.registry import register
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -45,15 +56,16 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
 
 
 def perplexity_of_ids(
-    backend: str, model: Any, ids: np.ndarray, window: int, stride: int, progress: bool = True
+    backend: Adapter | str, model: Any, ids: np.ndarray, window: int, stride: int, progress: bool = True
 ) -> dict[str, float]:
     """{"perplexity", "nll", "tokens", "windows"} of a token stream `ids` [n] under `model`."""
     from tqdm import tqdm
 
+    backend = adapter(backend) if isinstance(backend, str) else backend
     spans = windows(len(ids), window, stride)
     total, count = 0.0, 0
     for begin, end, score_from in tqdm(spans, desc="eval-ppl", unit="window", disable=not progress):
-        nll, n = token_nll(backend, model, ids[None, begin:end], score_from)
+        nll, n = backend.token_nll(model, ids[None, begin:end], score_from)
         total += nll
         count += n
     if count == 0:
@@ -63,37 +75,47 @@ def perplexity_of_ids(
 
 @register("eval-ppl", "Perplexity of a model on a text file (OPT protocol: windows of the model's context)")
 def _eval_ppl(p: argparse.ArgumentParser):
-    p.add_argument("--model", default="bundled", help="model folder, or 'bundled'")
-    p.add_argument("--text", required=True, help="UTF-8 text file")
-    p.add_argument("--backend", default="torch", help="torch | tf | flax (default torch)")
-    p.add_argument("--window", type=int, default=2048, help="tokens per window (capped at the model's context)")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: the window)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--no-progress", action="store_true")
+    add_model_argument(p)
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file")
+    add_backend_argument(p)
+    p.add_argument("--window", type=int_in(2), default=None, metavar="N",
+                   help="tokens per window (default: the model's context, which also caps it)")
+    p.add_argument("--stride", type=int_in(1), default=None, metavar="N",
+                   help="tokens between window starts, 1..window (default: the window)")
+    p.add_argument("--max-tokens", type=int_in(2), default=None, metavar="N",
+                   help="evaluate only the first N tokens (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(p)
+    add_load_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
-        from opt_core import OPTConfig
+        from opt_core import OPTConfig, OPTTokenizer
         from opt_core.data import read_text
 
-        backend = check_backend(args.backend)
-        text = read_text(args.text)
-        folder = resolve_model_dir(args.model)
+        backend = adapter(args.backend)
+        text = read_text(input_file(args.text, "--text"))
+        folder = model_folder(args.model)
         config = OPTConfig.from_pretrained(folder)
-        tokenizer = load_tokenizer(folder)
-        window = min(args.window, config.max_position_embeddings)
-        stride = args.stride or window
+        tokenizer = OPTTokenizer.from_pretrained(tokenizer_folder(folder, what="--model"))
+        context = config.max_position_embeddings
+        window = context if args.window is None else args.window
+        if window > context:
+            print(f"note: --window {window} is longer than the model's context; using {context}", file=sys.stderr)
+            window = context
+        stride = window if args.stride is None else args.stride
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
         if args.max_tokens is not None:
-            if args.max_tokens < 2:
-                raise UsageError(f"--max-tokens must be at least 2, got {args.max_tokens}")
             ids = ids[: args.max_tokens]
         windows(len(ids), window, stride)  # argument errors before loading the model
-        model = load_causal_lm(backend, folder)
+        backend.module()
+        if args.threads:
+            backend.set_threads(args.threads)
+        model = backend.load(folder, **load_options(args))
         t0 = time.perf_counter()
         res = perplexity_of_ids(backend, model, ids, window, stride, progress=not args.no_progress)
         dt = time.perf_counter() - t0
         print(f"perplexity {res['perplexity']:.3f}  (mean NLL {res['nll']:.4f} nats over {res['tokens']:,} "
-              f"predicted tokens; {res['windows']} windows of {window}, stride {stride}; {backend}, {dt:.1f} s)")
+              f"predicted tokens; {res['windows']} windows of {window}, stride {stride}; {backend.name}, {dt:.1f} s)")
         return 0
 
     return run

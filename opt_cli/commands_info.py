@@ -1,30 +1,84 @@
-"""`opt info MODEL_DIR`: what a model folder holds, without loading any framework.
+"""`opt info MODEL`: what a model folder holds, without loading any framework.
 
 Config summary, parameter count (from the canonical table), the weight formats present, the
 stored dtypes (read from safetensors headers), the tokenizer files and the size on disk.
+
+Everything read is validated first: a weight file that is a folder, a FIFO or another special file,
+or a safetensors header that is truncated or malformed, is a one-line error (exit 1). No file is
+opened before `stat` says it is a regular file, so a FIFO never blocks the command.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import stat
 import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from opt_cli.backends import resolve_model_dir
-from opt_cli.main import register
+from opt_cli.errors import InputError
+from opt_cli.paths import MODEL_FOLDER, model_folder
+from opt_cli.registry import register
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.h5", "*.msgpack", "*.index.json", "*.pt")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+
+def _regular(path: Path) -> Any:
+    """`os.stat_result` of `path`, or an InputError when it is not a regular file."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{path} is a folder, not a weights file")
+    if stat.S_ISFIFO(st.st_mode):
+        raise InputError(f"{path} is a FIFO (named pipe), not a weights file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path} is not a regular file")
+    return st
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, validated (InputError otherwise)."""
+    size = _regular(path).st_size
+    if size < 8:
+        raise InputError(f"{path}: truncated safetensors file ({size} bytes; the header length alone is 8)")
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise InputError(f"{path}: truncated or malformed safetensors header (it claims {n:,} bytes; "
+                             f"the file has {size - 8:,} after the length)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: malformed safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: malformed safetensors header (a JSON {type(header).__name__}, not an object)")
+    data_bytes = size - 8 - n
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+              and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)
+              and len(entry["data_offsets"]) == 2 and all(isinstance(o, int) for o in entry["data_offsets"]))
+        if not ok:
+            raise InputError(f"{path}: malformed safetensors header (entry {key!r} lacks dtype/shape/data_offsets)")
+        begin, end = entry["data_offsets"]
+        if not 0 <= begin <= end <= data_bytes:
+            raise InputError(f"{path}: truncated safetensors file: {key!r} ends at byte {end:,} of a data "
+                             f"section of {data_bytes:,}")
+    return header
 
 
 def safetensors_dtypes(folder: Path) -> dict[str, int]:
     """{dtype: tensor count} over the folder's safetensors files (headers only)."""
     counts: Counter[str] = Counter()
     for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for key, entry in header.items():
+        for key, entry in safetensors_header(path).items():
             if key != "__metadata__":
                 counts[entry["dtype"]] += 1
     return dict(counts)
@@ -35,8 +89,20 @@ def describe(folder: Path) -> dict[str, Any]:
     from opt_core import OPTConfig, parameter_count
     from opt_core.checkpoint import formats_present
 
-    config = OPTConfig.from_pretrained(folder)
-    files = [p for p in folder.rglob("*") if p.is_file()]
+    for pattern in WEIGHT_PATTERNS:  # weight-named entries must be regular files
+        for path in sorted(folder.glob(pattern)):
+            _regular(path)
+    try:
+        config = OPTConfig.from_pretrained(folder)
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{folder / 'config.json'}: not a usable OPT config ({e})") from None
+    files = []
+    for p in folder.rglob("*"):
+        try:
+            if stat.S_ISREG(p.stat().st_mode):
+                files.append(p)
+        except OSError:
+            continue
     return {
         "folder": str(folder),
         "config": config,
@@ -60,11 +126,11 @@ def _human(n: float) -> str:
 
 @register("info", "Describe a model folder: config, parameter count, formats, dtype, size on disk")
 def _info(p: argparse.ArgumentParser):
-    p.add_argument("model", help="model folder, or 'bundled'")
+    p.add_argument("model", metavar="MODEL", help=MODEL_FOLDER)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     def run(args: argparse.Namespace) -> int:
-        folder = resolve_model_dir(args.model)
+        folder = model_folder(args.model, what="MODEL")
         info = describe(folder)
         c = info["config"]
         if args.json:

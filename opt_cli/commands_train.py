@@ -18,85 +18,98 @@ import time
 from pathlib import Path
 from typing import Any
 
-from opt_cli.backends import (
-    check_backend,
-    import_backend,
-    load_causal_lm,
-    load_tokenizer,
-    new_causal_lm,
-    resolve_model_dir,
-    set_threads,
+from opt_cli.backends import adapter
+from opt_cli.errors import UsageError
+from opt_cli.options import add_backend_argument, add_threads_argument, float_in, int_in, positive_int
+from opt_cli.paths import clear_owned, input_file, model_folder, output_folder, tokenizer_folder
+from opt_cli.registry import register
+
+# Everything `opt train --out DIR` writes (names or glob patterns): `--overwrite` replaces these and
+# refuses a folder that holds anything else.
+TRAIN_OUTPUTS = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+    "special_tokens_map.json", "training_args.json", "trainer_log.json", "training_summary.json",
+    "checkpoint-*",
 )
-from opt_cli.main import UsageError, register
 
 
 def add_model_shape_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("a new model (ignored with --init)")
-    g.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary of a newly trained tokenizer")
-    g.add_argument("--hidden-size", type=int, default=256)
-    g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--ffn-dim", type=int, default=1024)
-    g.add_argument("--context", type=int, default=256, help="max_position_embeddings")
-    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--vocab-size", type=int_in(260), default=4096, help="BPE vocabulary of a newly trained tokenizer")
+    g.add_argument("--hidden-size", type=positive_int, default=256, help="model width")
+    g.add_argument("--layers", type=positive_int, default=4, help="decoder layers")
+    g.add_argument("--heads", type=positive_int, default=4, help="attention heads (divide --hidden-size)")
+    g.add_argument("--ffn-dim", type=positive_int, default=1024, help="feed-forward width")
+    g.add_argument("--context", type=int_in(2), default=256, help="max_position_embeddings")
+    g.add_argument("--dropout", type=float_in(0.0, 1.0), default=0.1, help="dropout probability")
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation (opt_core.training_args.TrainingArguments)")
-    g.add_argument("--steps", type=int, default=400, help="optimiser steps")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
-    g.add_argument("--block-size", type=int, default=None,
+    g.add_argument("--steps", type=positive_int, default=400, help="optimiser steps")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="rows per micro-batch")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimiser step")
+    g.add_argument("--block-size", type=int_in(2), default=None,
                    help="tokens per row (default: the model's context)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1)
-    g.add_argument("--warmup", type=int, default=40, help="linear warm-up steps")
-    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--validation-fraction", type=float, default=0.1, help="held-out tail of the text")
-    g.add_argument("--eval-every", type=int, default=100,
+    g.add_argument("--lr", type=float_in(0.0, lo_open=True), default=1e-3, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float_in(0.0, 1.0), default=0.1, help="final learning rate / peak")
+    g.add_argument("--warmup", type=int_in(0), default=40, help="linear warm-up steps (at most --steps)")
+    g.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine", help="decay after warm-up")
+    g.add_argument("--weight-decay", type=float_in(0.0), default=0.1, help="AdamW decoupled weight decay")
+    g.add_argument("--max-grad-norm", type=float_in(0.0), default=1.0, help="global-norm clipping (0: off)")
+    g.add_argument("--seed", type=int_in(0, 2**32 - 1, "an integer seed"), default=0,
+                   help="initialisation and data-order seed")
+    g.add_argument("--validation-fraction", type=float_in(0.0, 0.9), default=0.1, help="held-out tail of the text")
+    g.add_argument("--eval-every", type=int_in(0), default=100,
                    help="steps between validation passes (0: end only)")
-    g.add_argument("--eval-batches", type=int, default=None, help="validation batches per pass (default all)")
-    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: end only)")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--eval-batches", type=positive_int, default=None, help="validation batches per pass (default: all)")
+    g.add_argument("--save-every", type=int_in(0), default=0, help="steps between checkpoints (0: end only)")
+    g.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (torch) / compute (flax, tf)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
 
 
 @register("train", "Train or fine-tune a causal-LM OPT on a text file (tokenizer too, when new)")
 def _train(p: argparse.ArgumentParser):
-    p.add_argument("--corpus", required=True, help="UTF-8 text file to train on")
-    p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--backend", default="torch", help="torch | tf | flax (default torch)")
-    p.add_argument("--init", default=None,
+    p.add_argument("--corpus", required=True, metavar="FILE", help="UTF-8 text file to train on")
+    p.add_argument("--out", required=True, metavar="DIR", help="output model folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model files of a previous run in --out (a folder holding other files is refused)")
+    add_backend_argument(p)
+    p.add_argument("--init", default=None, metavar="DIR",
                    help="model folder (or 'bundled') to fine-tune instead of a new model")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer folder for a new model (default: train a BPE)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the framework's)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder (or 'bundled') for a new model (default: train a BPE)")
+    add_threads_argument(p)
     add_model_shape_arguments(p)
     add_training_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
-        from opt_core import OPTConfig
+        from opt_core import OPTConfig, OPTTokenizer
         from opt_core.data import load_text_datasets, read_text, split_text, train_tokenizer
         from opt_core.training_args import TrainingArguments
 
-        backend = check_backend(args.backend)
-        read_text(args.corpus)  # clear errors for a missing or empty corpus before any heavy import
-        out = Path(args.out)
-        init = resolve_model_dir(args.init) if args.init else None
+        backend = adapter(args.backend)
+        corpus = input_file(args.corpus, "--corpus")
+        read_text(corpus)  # clear errors for an empty or non-UTF-8 corpus before any heavy import
+        out = output_folder(args.out, args.overwrite, TRAIN_OUTPUTS)
+        init = model_folder(args.init, "--init") if args.init else None
         if init is not None:
-            tokenizer = load_tokenizer(init)
+            tokenizer = OPTTokenizer.from_pretrained(tokenizer_folder(init, "--init"))
             config = OPTConfig.from_pretrained(init)
         else:
             if args.tokenizer:
-                tokenizer = load_tokenizer(Path(args.tokenizer))
+                tokenizer = OPTTokenizer.from_pretrained(tokenizer_folder(args.tokenizer))
             else:
-                train_text, _ = split_text(read_text(args.corpus), args.validation_fraction)
+                train_text, _ = split_text(read_text(corpus), args.validation_fraction)
                 print(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on the training split")
                 tokenizer = train_tokenizer(train_text, vocab_size=args.vocab_size)
+                if len(tokenizer) < args.vocab_size:
+                    print(f"note: the BPE vocabulary has {len(tokenizer)} tokens, fewer than --vocab-size "
+                          f"{args.vocab_size}: the corpus has no more merges to learn", file=sys.stderr)
+            if args.hidden_size % args.heads:
+                raise UsageError(f"--hidden-size {args.hidden_size} is not divisible by --heads {args.heads}")
             config = OPTConfig(
                 vocab_size=len(tokenizer),
                 hidden_size=args.hidden_size,
@@ -111,35 +124,43 @@ def _train(p: argparse.ArgumentParser):
         if block > config.max_position_embeddings:
             raise UsageError(f"--block-size {block} is longer than the model's context "
                              f"({config.max_position_embeddings})")
+        warmup = args.warmup
+        if warmup > args.steps:
+            print(f"note: --warmup {warmup} is longer than the run (--steps {args.steps}); warming up for "
+                  f"{args.steps} steps", file=sys.stderr)
+            warmup = args.steps
         targs = TrainingArguments(
             max_steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
             block_size=block, learning_rate=args.lr, min_lr_ratio=args.min_lr_ratio,
-            warmup_steps=min(args.warmup, args.steps), lr_schedule=args.schedule,
+            warmup_steps=warmup, lr_schedule=args.schedule,
             weight_decay=args.weight_decay,
             max_grad_norm=args.max_grad_norm or None, seed=args.seed,
             validation_fraction=args.validation_fraction, eval_every=args.eval_every,
             eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
             output_dir=str(out), bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         )
-        train, val = load_text_datasets(args.corpus, tokenizer, block, args.validation_fraction)
-        print(f"data: {args.corpus}: {train.num_tokens:,} training tokens in {len(train)} blocks of {block}, "
+        train, val = load_text_datasets(corpus, tokenizer, block, args.validation_fraction)
+        print(f"data: {corpus}: {train.num_tokens:,} training tokens in {len(train)} blocks of {block}, "
               f"{val.num_tokens:,} validation tokens ({len(val)} blocks)")
+        backend.module()
         if args.threads:
-            set_threads(backend, args.threads)
-        model = load_causal_lm(backend, init) if init else new_causal_lm(backend, config, seed=args.seed)
+            backend.set_threads(args.threads)
+        model = backend.load(init) if init else backend.new(config, seed=args.seed)
         from opt_core.params import parameter_count
 
         print(f"model: {parameter_count(config):,} parameters, {config.num_hidden_layers} layers x "
-              f"{config.hidden_size} wide, context {config.max_position_embeddings}; backend {backend}")
-        training = import_backend(backend, "training")
+              f"{config.hidden_size} wide, context {config.max_position_embeddings}; backend {backend.name}")
+        removed = clear_owned(out, TRAIN_OUTPUTS)
+        if removed:
+            print(f"--overwrite: replacing {len(removed)} files of a previous run in {out}")
         t0 = time.perf_counter()
-        result = training.train_causal_lm(model, train, targs, eval_data=val if len(val) else None,
-                                          tokenizer=tokenizer, log=lambda line: print(line, flush=True))
+        result = backend.trainer().train_causal_lm(model, train, targs, eval_data=val if len(val) else None,
+                                                   tokenizer=tokenizer, log=lambda line: print(line, flush=True))
         write_generation_config(out, config)
         summary: dict[str, Any] = {
             "command": "opt " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "opt" else None,
             "arguments": {k: v for k, v in vars(args).items() if k != "handler"},
-            "backend": backend,
+            "backend": backend.name,
             "parameters": parameter_count(config),
             "steps": result.steps,
             "tokens_seen": result.tokens,

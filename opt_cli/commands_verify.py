@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 from pathlib import Path
 
-from opt_cli.main import UsageError, register
+from opt_cli.backends import adapters
+from opt_cli.errors import UsageError
+from opt_cli.options import add_backends_argument, int_in
+from opt_cli.paths import input_file, model_folder, tokenizer_folder
+from opt_cli.registry import register
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def read_prompts(path: Path) -> tuple[list[str] | None, list[list[int]] | None]:
     """Prompts from a file: one text per line, or a JSON list of texts or of token-id lists."""
-    if not path.is_file():
-        raise UsageError(f"prompts file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    input_file(path, "prompts file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -37,12 +43,12 @@ def read_prompts(path: Path) -> tuple[list[str] | None, list[list[int]] | None]:
 
 @register("verify", "Check that the backends (and the float64 reference) compute the same model")
 def _verify(p: argparse.ArgumentParser):
-    p.add_argument("model_dir", type=Path, help="Hugging Face-layout OPT folder")
-    p.add_argument("--backends", default="torch,tf,flax", help="comma-separated (default: torch,tf,flax)")
+    p.add_argument("model_dir", metavar="MODEL", help="model folder (Hugging Face layout), or 'bundled'")
+    add_backends_argument(p)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="backends' compute dtype")
-    p.add_argument("--prompts", type=Path, help="file: one prompt per line, or JSON texts / token-id lists")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer folder when MODEL_DIR has none")
-    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens to compare (default 16)")
+    p.add_argument("--prompts", metavar="FILE", help="file: one prompt per line, or JSON texts / token-id lists")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (or 'bundled') when MODEL has none")
+    p.add_argument("--new-tokens", type=int_in(0), default=16, metavar="N", help="greedy tokens to compare")
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--reference", dest="reference", action="store_const", const=True, default="auto",
                      help="always include the float64 reference (default: only up to 400M parameters)")
@@ -52,25 +58,30 @@ def _verify(p: argparse.ArgumentParser):
                    help="report backends that are not installed without failing")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON")
     p.add_argument("--markdown", type=Path, metavar="OUT", help="also write the report as Markdown")
+    p.add_argument("--quiet-progress", action="store_true", help="no per-backend progress lines on stderr")
 
     def run(args: argparse.Namespace) -> int:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
-        from opt_verify import VerifyError, format_table, verify, write_json, write_markdown
-        from opt_verify.verify import BACKENDS
+        chosen = adapters(args.backends)
+        folder = model_folder(args.model_dir, what="MODEL")
+        tokenizer = tokenizer_folder(args.tokenizer) if args.tokenizer else None
+        prompts, ids = read_prompts(Path(args.prompts)) if args.prompts else (None, None)
 
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-        unknown = [b for b in backends if b not in BACKENDS]
-        if unknown or not backends:
-            raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; "
-                             f"choose from {', '.join(BACKENDS)}")
-        if not args.model_dir.is_dir():
-            raise UsageError(f"model folder {args.model_dir} does not exist")
-        prompts, ids = read_prompts(args.prompts) if args.prompts else (None, None)
+        def progress(line: str) -> None:
+            if not args.quiet_progress:
+                print(f"verify: {line}", file=sys.stderr, flush=True)
+
+        for backend in chosen:  # import each framework up front, its start-up chatter filtered
+            try:
+                backend.module()
+            except UsageError:
+                pass  # verify reports a missing backend itself
+        from opt_verify import VerifyError, format_table, verify, write_json, write_markdown
+
         try:
             report = verify(
-                args.model_dir, backends=backends, dtype=args.dtype, prompts=prompts, input_ids=ids,
-                new_tokens=args.new_tokens, reference=args.reference, tokenizer_dir=args.tokenizer,
-                allow_missing=args.allow_missing,
+                folder, backends=[b.name for b in chosen], dtype=args.dtype, prompts=prompts, input_ids=ids,
+                new_tokens=args.new_tokens, reference=args.reference, tokenizer_dir=tokenizer,
+                allow_missing=args.allow_missing, progress=progress,
             )
         except VerifyError as e:
             raise UsageError(str(e)) from None

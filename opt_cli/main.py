@@ -1,60 +1,73 @@
-"""`opt`: the command line. Subcommands live in `opt_cli.commands` and import their backend lazily,
-so `opt --help` is instant and a missing backend is a clear message, not a traceback."""
+"""`opt`: the command line. Subcommands live in `opt_cli/commands_*.py` (listed in
+`opt_cli.registry.COMMAND_MODULES`) and import their backend lazily, so `opt --help` is instant and a
+missing backend is a clear message, not a traceback.
+
+Exit codes: 0 success, 1 the work failed or an input was unusable, 2 a bad argument, 130 Ctrl-C.
+Every failure is one line on stderr, `opt CMD: ...`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-Handler = Callable[[argparse.Namespace], int]
-Setup = Callable[[argparse.ArgumentParser], Handler]
+from opt_cli import quiet, version
+from opt_cli.errors import InputError, UsageError
+from opt_cli.registry import COMMAND_MODULES, COMMANDS, ArgumentParser, HelpFormatter
 
-# name -> (help text, setup); setup adds the subcommand's arguments and returns its handler.
-COMMANDS: dict[str, tuple[str, Setup]] = {}
-
-
-class UsageError(Exception):
-    """A bad input from the user: printed as one paragraph, exit code 2."""
-
-
-def register(name: str, help_text: str) -> Callable[[Setup], Setup]:
-    """Decorator: `@register("info", "...")` on a function `(subparser) -> handler`."""
-
-    def wrap(setup: Setup) -> Setup:
-        COMMANDS[name] = (help_text, setup)
-        return setup
-
-    return wrap
+VERBOSE_HELP = "let the frameworks' own log lines and warnings through (TensorFlow, absl, XLA, Keras, JAX)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Importing a command module registers its subcommand (each imports its backend lazily).
-    import opt_cli.commands  # noqa: F401  (opt demo)
-    import opt_cli.commands_convert  # noqa: F401  (opt convert)
-    import opt_cli.commands_eval  # noqa: F401  (opt eval-ppl)
-    import opt_cli.commands_generate  # noqa: F401  (opt generate)
-    import opt_cli.commands_info  # noqa: F401  (opt info)
-    import opt_cli.commands_train  # noqa: F401  (opt train)
-    import opt_cli.commands_verify  # noqa: F401  (opt verify)
-
-    parser = argparse.ArgumentParser(prog="opt", description="OPT models in PyTorch, TensorFlow and JAX/Flax")
-    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:  # importing a command module registers its subcommand
+        importlib.import_module(module)
+    parser = ArgumentParser(prog="opt", description="OPT models in PyTorch, TensorFlow and JAX/Flax",
+                            formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"opt (opt-reference) {version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
     for name, (help_text, setup) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        # also accepted after the command: `opt demo --verbose`
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         p.set_defaults(handler=setup(p))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad argument (already printed in one line)
+        return e.code if isinstance(e.code, int) else 2
+    quiet.configure(verbose=args.verbose)  # before any framework is imported
     try:
         return int(args.handler(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        print(f"\nopt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, InputError) as e:
+        print(f"opt {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         print(f"opt {args.command}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # permissions, a full disk: the system's words, one line
+        print(f"opt {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def entry_point() -> None:
+    """The `opt` console script: `main`, then exit with its code (Ctrl-C during start-up included)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("\nopt: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

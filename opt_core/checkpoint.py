@@ -1,13 +1,15 @@
-"""Hugging Face checkpoint folders: which files hold the weights, and strict key accounting.
+"""Checkpoints as the models see them: strict key accounting against the canonical table, and
+`open_checkpoint`, the one way every backend, the reference model and the converter read weights.
 
-Framework-free. Backends and converters call `account_keys` with the names and shapes a
-checkpoint holds; it maps them onto the canonical table and lists everything that does not fit,
-so no loader ever renames by guesswork or skips a tensor silently.
+Framework-free. `open_checkpoint` resolves the files once (`opt_core.formats`), opens the reader
+once with the config, maps every key onto the canonical table (`account_keys`) and refuses, naming
+file and tensor: non-float weights, an untied `lm_head` under a tied config, and (on read) NaN or
+infinite values unless `allow_non_finite=True`. Loaders then read one canonical tensor at a time
+(`read`, into their own buffer when they can) or a part of one (`get_slice`, for tensor parallelism).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -16,90 +18,31 @@ from pathlib import Path
 import numpy as np
 
 from opt_core.config import OPTConfig
+from opt_core.formats.base import CheckpointError, Reader, TensorSlice, first_non_finite, is_float, same_bits
+from opt_core.formats.files import (
+    DEFAULT_SHARD_BYTES,
+    FLAX_MSGPACK,
+    FORMATS,
+    READ_FORMATS,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    TF_H5,
+    TORCH_BIN,
+    TORCH_BIN_INDEX,
+    detect_format,
+    formats_present,
+    parse_size,
+    plan_shards,
+    read_index,
+    shard_file_names,
+    weight_files,
+    write_index,
+)
+from opt_core.formats.safetensors import save_numpy_safetensors
 from opt_core.params import Head, ParamSpec, canonical_name, head_table, parameter_table
 
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TORCH_BIN = "pytorch_model.bin"
-TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
-TF_H5 = "tf_model.h5"
-FLAX_MSGPACK = "flax_model.msgpack"
-
-# Format name -> (single file, index file or None); the order is the load preference.
-FORMATS: dict[str, tuple[str, str | None]] = {
-    "safetensors": (SAFETENSORS, SAFETENSORS_INDEX),
-    "bin": (TORCH_BIN, TORCH_BIN_INDEX),
-    "tf-h5": (TF_H5, None),
-    "flax-msgpack": (FLAX_MSGPACK, None),
-}
-
-DEFAULT_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default max_shard_size ("5GB")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked: the message names files, keys and shapes."""
-
-
-# ---------------------------------------------------------------- which files
-def formats_present(folder: str | os.PathLike[str]) -> list[str]:
-    """Weight formats found in `folder`, in load-preference order."""
-    folder = Path(folder)
-    return [
-        fmt
-        for fmt, (single, index) in FORMATS.items()
-        if (folder / single).is_file() or (index is not None and (folder / index).is_file())
-    ]
-
-
-def detect_format(folder: str | os.PathLike[str], prefer: Iterable[str] | None = None) -> str:
-    """The weight format to load from `folder`: the first of `prefer` (default: all formats in
-    preference order) that is present.
-
-    Raises:
-        FileNotFoundError: the folder does not exist or holds none of the wanted formats.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {folder} does not exist")
-    present = formats_present(folder)
-    wanted = list(prefer) if prefer is not None else list(FORMATS)
-    for fmt in wanted:
-        if fmt in present:
-            return fmt
-    names = ", ".join(f for fmt in wanted for f in FORMATS[fmt] if f)
-    raise FileNotFoundError(f"{folder} holds no OPT weights (looked for {names})")
-
-
-def weight_files(folder: str | os.PathLike[str], fmt: str) -> list[Path]:
-    """The files holding format `fmt` in `folder`: the single file, or every shard of its index.
-
-    Raises:
-        CheckpointError: an index that is not valid JSON, lacks `weight_map`, or names missing shards.
-    """
-    folder = Path(folder)
-    single, index = FORMATS[fmt]
-    if index is not None and (folder / index).is_file():
-        weight_map = read_index(folder / index)
-        shards = list(dict.fromkeys(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{folder / index} names shards that do not exist: {missing}")
-        return [folder / s for s in shards]
-    if (folder / single).is_file():
-        return [folder / single]
-    raise FileNotFoundError(f"{folder} has no {single}")
-
-
-def read_index(path: Path) -> dict[str, str]:
-    """`weight_map` (tensor key -> shard file name) of a sharded checkpoint's index."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{path} has no 'weight_map' object")
-    return {str(k): str(v) for k, v in weight_map.items()}
+# Hugging Face formats a model folder may hold, in load-preference order (metaseq needs `fmt=`).
+LOAD_FORMATS = ("safetensors", "bin", "tf-h5", "flax-msgpack")
 
 
 # ---------------------------------------------------------------- key accounting
@@ -198,142 +141,281 @@ def account_keys(
     return acc
 
 
-# ---------------------------------------------------------------- safetensors, NumPy side
-def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Key -> shape over safetensors files, read from the headers only."""
-    from safetensors import safe_open
+# ---------------------------------------------------------------- reading for a model
+def check_tensors(reader: Reader, acc: KeyAccounting, config: OPTConfig) -> list[str]:
+    """The checks every load and conversion makes once the keys are accounted for.
 
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"cannot read {path}: {e}") from None
-    return shapes
+    Returns the canonical names of tied parameters the checkpoint stores anyway with the same bits
+    as their target (safe to drop).
+    Raises:
+        CheckpointError: a non-float tensor; a stored `lm_head.weight` that differs from the
+            embedding it is tied to by the config (it would be silently replaced).
+    """
+    bad = [f"{key} ({reader.dtype(key)}, in {reader.where(key)})" for key in acc.mapping.values()
+           if not is_float(reader.dtype(key))]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {reader.source}: OPT weights are floating point (float16, bfloat16, float32, float64), "
+            f"but these are not: {', '.join(bad)}"
+        )
+    duplicates = []
+    for spec in parameter_table(config, Head.CAUSAL_LM):
+        if spec.tied_to is None or spec.name not in acc.mapping or spec.tied_to not in acc.mapping:
+            continue
+        key, target = acc.mapping[spec.name], acc.mapping[spec.tied_to]
+        if not same_bits(reader.read(key), reader.read(target)):
+            raise CheckpointError(
+                f"checkpoint {reader.source}: {key} (in {reader.where(key)}) differs from {target}, but the config "
+                "ties them (tie_word_embeddings=true), so the stored head would be silently replaced by the "
+                "embedding; set tie_word_embeddings to false in config.json to load it as a separate head"
+            )
+        duplicates.append(spec.name)
+    return duplicates
 
 
-def iter_safetensors(files: list[Path], keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (key, NumPy array) one tensor at a time from safetensors files."""
-    from safetensors import safe_open
+def check_finite(array: np.ndarray, name: str, where: str) -> None:
+    """Raise CheckpointError naming the tensor and file when `array` holds a NaN or infinity."""
+    i = first_non_finite(array)
+    if i is not None:
+        index = np.unravel_index(i, array.shape) if array.ndim else ()
+        raise CheckpointError(
+            f"{where}: {name} holds {array.reshape(-1)[i]} at index {list(map(int, index))}; weights must be "
+            "finite (pass allow_non_finite=True, or --allow-non-finite, to inspect such a file anyway)"
+        )
 
-    wanted = set(keys) if keys is not None else None
-    for path in files:
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                for key in f.keys():
-                    if wanted is None or key in wanted:
-                        yield key, f.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from None
+
+class _CheckedSlice(TensorSlice):
+    def __init__(self, inner: TensorSlice, name: str, where: str, check: bool):
+        self.inner, self.name, self.where_, self.check = inner, name, where, check
+        self.shape, self.dtype = inner.shape, inner.dtype
+
+    def __getitem__(self, index: object) -> np.ndarray:
+        out = self.inner[index]
+        if self.check:
+            check_finite(out, self.name, self.where_)
+        return out
+
+
+@dataclass
+class CheckpointLoad:
+    """A checkpoint opened for one model: read canonical tensors one at a time.
+
+    Attributes:
+        reader: the format's reader (opened once, with the config).
+        config, head: the model being loaded.
+        accounting: how the checkpoint's keys map onto the canonical table.
+        names: canonical names to read, in file order (a tied head stored with the embedding's
+            bits is left out: it is the embedding).
+        allow_non_finite: skip the NaN/infinity check.
+    """
+
+    reader: Reader
+    config: OPTConfig
+    head: Head
+    accounting: KeyAccounting
+    names: list[str] = field(default_factory=list)
+    allow_non_finite: bool = False
+
+    @property
+    def source(self) -> str:
+        return self.reader.source
+
+    @property
+    def fmt(self) -> str:
+        return self.reader.fmt
+
+    def key(self, name: str) -> str:
+        """The checkpoint key canonical `name` is read from."""
+        return self.accounting.mapping[name]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.reader.dtype(self.key(name))
+
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Canonical tensor `name` (canonical layout, stored dtype), into `out` when it fits.
+
+        Raises:
+            CheckpointError: NaN or infinite values (unless allowed), a truncated file.
+        """
+        key = self.key(name)
+        arr = self.reader.read(key, out)
+        if not self.allow_non_finite:
+            check_finite(arr, key, self.reader.where(key))
+        return arr
+
+    def get_slice(self, name: str) -> TensorSlice:
+        """A lazily read part of canonical tensor `name`: `load.get_slice(n)[a:b]` reads only rows
+        a..b where the format allows (safetensors), for loaders that shard tensors."""
+        key = self.key(name)
+        return _CheckedSlice(self.reader.get_slice(key), key, self.reader.where(key), not self.allow_non_finite)
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(canonical name, fresh array) for every name in `names`."""
+        for name in self.names:
+            yield name, self.read(name)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> CheckpointLoad:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    config: OPTConfig,
+    head: Head | str,
+    *,
+    fmt: str | None = None,
+    allow_non_finite: bool = False,
+) -> CheckpointLoad:
+    """Open the weights at `path` (a folder in any Hugging Face format, one weight file, or with
+    `fmt="metaseq"` metaseq parts) for a model of `config` and `head`, with every key accounted for.
+
+    Args:
+        path: the folder or file.
+        config: the model's config (shapes are checked against it).
+        head: the model kind being loaded.
+        fmt: "safetensors", "bin", "tf-h5", "flax-msgpack" or "metaseq"; default: the first of
+            safetensors, bin, tf-h5, flax-msgpack present.
+        allow_non_finite: read NaN/infinite weights instead of refusing them.
+    Returns:
+        A `CheckpointLoad` (a context manager; close it when done).
+    Raises:
+        FileNotFoundError: no weights at `path`.
+        CheckpointError: unknown/missing/misshapen/duplicated tensors (all listed), hostile or
+            corrupt files, non-float weights, an untied head under a tied config.
+    """
+    from opt_core.formats import open_reader
+
+    head = Head(head)
+    path = Path(path)
+    if fmt is not None and fmt not in READ_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(READ_FORMATS)}")
+    fmt = fmt or detect_format(path, prefer=LOAD_FORMATS)
+    reader = open_reader(path, fmt, config)
+    try:
+        acc = account_keys(reader.shapes(), config, head)
+        acc.raise_for_errors(str(path))
+        duplicates = set(check_tensors(reader, acc, config))
+        order = {key: i for i, key in enumerate(reader.shapes())}
+        names = sorted((n for n in acc.mapping if n not in duplicates), key=lambda n: order[acc.mapping[n]])
+        acc.tied += sorted(duplicates)
+        return CheckpointLoad(reader, config, head, acc, names, allow_non_finite)
+    except BaseException:
+        reader.close()
+        raise
 
 
 def load_numpy_state_dict(
-    folder: str | os.PathLike[str], config: OPTConfig, head: Head | str
+    folder: str | os.PathLike[str], config: OPTConfig, head: Head | str, *, fmt: str | None = None,
+    allow_non_finite: bool = False,
 ) -> tuple[dict[str, np.ndarray], KeyAccounting]:
-    """Canonical name -> NumPy array for every parameter of `head` found in a safetensors folder
-    (tied parameters filled from their target; new head parameters absent).
+    """Canonical name -> NumPy array (canonical layout) for every parameter of `head` in a
+    checkpoint of any format (tied parameters filled from their target; new head parameters absent).
 
     Raises:
-        CheckpointError: key accounting failed or a file is unreadable.
-        FileNotFoundError: no safetensors weights in `folder`.
+        CheckpointError, FileNotFoundError: as `open_checkpoint`.
     """
-    files = weight_files(folder, detect_format(folder, prefer=["safetensors"]))
-    acc = account_keys(safetensors_shapes(files), config, head)
-    acc.raise_for_errors(str(folder))
-    source_to_name = {v: k for k, v in acc.mapping.items()}
-    state = {source_to_name[key]: arr for key, arr in iter_safetensors(files, source_to_name)}
+    with open_checkpoint(folder, config, head, fmt=fmt, allow_non_finite=allow_non_finite) as ckpt:
+        state = dict(ckpt.tensors())
+        acc = ckpt.accounting
     for spec in parameter_table(config, head):
-        if spec.name in acc.tied:
-            assert spec.tied_to is not None
+        if spec.name in acc.tied and spec.tied_to is not None:
             state[spec.name] = state[spec.tied_to]
     return state, acc
 
 
-# ---------------------------------------------------------------- sharding
-def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
-    """Group tensors (name -> bytes, in write order) into shards of at most `max_shard_bytes`
-    (a tensor larger than the limit gets a shard of its own), as Hugging Face does."""
-    if max_shard_bytes <= 0:
-        raise ValueError(f"shard size must be positive, got {max_shard_bytes}")
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, size in sizes.items():
-        if shards[-1] and used + size > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += size
-    return shards
-
-
-def shard_file_names(base: str, count: int) -> list[str]:
-    """`model.safetensors` -> `model-00001-of-00003.safetensors`, ... (single file kept as is)."""
-    if count == 1:
-        return [base]
-    stem, ext = base.rsplit(".", 1)
-    return [f"{stem}-{i + 1:05d}-of-{count:05d}.{ext}" for i in range(count)]
-
-
-def write_index(path: Path, weight_map: Mapping[str, str], total_size: int) -> None:
-    """Write a Hugging Face `*.index.json` (atomically)."""
-    data = {"metadata": {"total_size": int(total_size)}, "weight_map": dict(sorted(weight_map.items()))}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "5GB", "500MB", "2GiB"."""
-    if isinstance(size, int):
-        return size
-    s = str(size).strip().upper()
-    units = {"GIB": 1024**3, "MIB": 1024**2, "KIB": 1024, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            number = s[: -len(unit)].strip()
-            try:
-                return int(float(number) * factor)
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise ValueError(f"cannot parse size {size!r}; use bytes or a value like '2GB', '500MB'") from None
-
-
-def save_numpy_safetensors(
+def save_checkpoint(
     folder: str | os.PathLike[str],
     tensors: Mapping[str, np.ndarray],
-    max_shard_bytes: int | str = DEFAULT_SHARD_BYTES,
-    base_name: str = SAFETENSORS,
+    config: OPTConfig,
+    head: Head | str,
+    *,
+    formats: Iterable[str] = ("safetensors",),
+    max_shard_size: int | str = DEFAULT_SHARD_BYTES,
+    architecture: str | None = None,
 ) -> list[Path]:
-    """Write NumPy tensors (Hugging Face keys, canonical layout) as Hugging Face safetensors:
-    one file, or shards plus `model.safetensors.index.json` above `max_shard_bytes`.
+    """Write a Hugging Face model folder: `config.json` (its `torch_dtype` the weights' dtype) and
+    the weights in each of `formats` ("safetensors", "bin", "tf-h5", "flax-msgpack"), streamed one
+    tensor at a time. Stale files of a written format (old shards, index) are removed first.
 
-    Each file is written under a temporary name and renamed, so a crash never leaves a
-    half-written checkpoint under the final name. Returns the written paths.
+    Args:
+        tensors: canonical name -> array in canonical layout for every stored parameter (the tied
+            LM head may be absent; Hugging Face leaves it out).
+        max_shard_size: safetensors/bin shard limit (bytes or "5GB").
+        architecture: the class name written to `architectures`.
+    Returns:
+        Every written path, config.json first.
+    Raises:
+        CheckpointError: a tensor missing or misshapen; ValueError: a format that cannot hold the model.
     """
-    from safetensors.numpy import save_file
+    from opt_core.formats import TensorPlan, dtype_name, writer_class
+    from opt_core.formats.base import final_permissions
+    from opt_core.params import hf_name
 
     folder = Path(folder)
+    head = Head(head)
+    stored = [s for s in parameter_table(config, head) if s.tied_to is None]
+    missing = [s.name for s in stored if s.name not in tensors]
+    if missing:
+        raise CheckpointError(f"cannot save to {folder}: tensors missing: {', '.join(missing)}")
+    formats = list(formats)
+    extra = dict(config.extra)
+    extra.pop("dtype", None)
+    if architecture is not None:
+        extra["architectures"] = [architecture]
+    dtype = np.asarray(tensors[stored[0].name]).dtype
+    config = config.replace(torch_dtype=dtype_name(dtype), extra=extra)
+    for fmt in formats:
+        writer_class(fmt).check_model(config, head)
     folder.mkdir(parents=True, exist_ok=True)
-    sizes = {k: int(v.nbytes) for k, v in tensors.items()}
-    shards = plan_shards(sizes, parse_size(max_shard_bytes))
-    names = shard_file_names(base_name, len(shards))
-    written = []
-    for shard, name in zip(shards, names):
-        tmp = folder / f".{name}.tmp"
-        save_file({k: np.ascontiguousarray(tensors[k]) for k in shard}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / name)
-        written.append(folder / name)
-    index = folder / (base_name + ".index.json")
-    if len(shards) > 1:
-        write_index(index, {k: n for shard, n in zip(shards, names) for k in shard}, sum(sizes.values()))
-        written.append(index)
-    elif index.exists():
-        index.unlink()  # a stale index would point at shards that no longer match
+    written = [config.save_pretrained(folder)]
+    final_permissions(written[0])
+    for fmt in formats:
+        single, index = FORMATS[fmt]
+        stem, ext = single.rsplit(".", 1)
+        for old in [*folder.glob(f"{stem}-*-of-*.{ext}"), folder / single, *([folder / index] if index else [])]:
+            if old.is_file():
+                old.unlink()
+        plan = [TensorPlan(s, hf_name(s.name, head), np.asarray(tensors[s.name]).dtype) for s in stored]
+        writer = writer_class(fmt)(folder, plan, config, head, parse_size(max_shard_size))
+        try:
+            writer.write_all(lambda name: np.asarray(tensors[name]))
+            written += writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
     return written
+
+
+def iter_safetensors(files: list[Path], keys: Mapping[str, object] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (key, NumPy array) one tensor at a time from safetensors files (no accounting)."""
+    from opt_core.formats.safetensors import SafetensorsReader
+
+    wanted = set(keys) if keys is not None else None
+    for path in files:
+        with SafetensorsReader(path, files=[Path(path)]) as reader:
+            for key in reader.shapes():
+                if wanted is None or key in wanted:
+                    yield key, reader.read(key)
+
+
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape over safetensors files, read from the headers only."""
+    from opt_core.formats.safetensors import read_header
+
+    return {k: e.shape for path in files for k, e in read_header(Path(path))[0].items()}
+
+
+__all__ = [
+    "DEFAULT_SHARD_BYTES", "FLAX_MSGPACK", "FORMATS", "LOAD_FORMATS", "SAFETENSORS", "SAFETENSORS_INDEX", "TF_H5",
+    "TORCH_BIN", "TORCH_BIN_INDEX", "CheckpointError", "CheckpointLoad", "KeyAccounting", "account_keys",
+    "check_finite", "check_tensors", "detect_format", "formats_present", "iter_safetensors", "load_numpy_state_dict",
+    "open_checkpoint", "parse_size", "plan_shards", "read_index", "safetensors_shapes", "save_checkpoint",
+    "save_numpy_safetensors",
+    "shard_file_names", "weight_files", "write_index",
+]

@@ -163,6 +163,10 @@ class OPTConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
+        d = dict(d)
+        if "dtype" in d:  # transformers 5 writes `dtype` where 4.x wrote `torch_dtype`; one field here
+            dtype = d.pop("dtype")
+            d["torch_dtype"] = dtype if dtype is not None else d.get("torch_dtype")
         for key, value in d.items():
             attr = _JSON_TO_ATTR.get(key, key)
             if attr in names:

@@ -83,10 +83,15 @@ class ReferenceOPTModel:
         self.params = {s.name: np.asarray(params[s.name], dtype=np.float64) for s in table}
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike[str]) -> ReferenceOPTModel:
-        """Load `config.json` and safetensors weights from a Hugging Face-layout folder."""
+    def from_pretrained(cls, folder: str | os.PathLike[str], *, revision: str | None = None,
+                        format: str | None = None, allow_non_finite: bool = False) -> ReferenceOPTModel:
+        """Load `config.json` and weights in any format (safetensors, bin, tf-h5, flax-msgpack)
+        from a Hugging Face-layout folder or Hub id (see `opt_core.checkpoint.open_checkpoint`)."""
+        from opt_core.hub import resolve_pretrained
+
+        folder = resolve_pretrained(folder, revision)
         config = OPTConfig.from_pretrained(folder)
-        state, acc = load_numpy_state_dict(folder, config, cls.head)
+        state, acc = load_numpy_state_dict(folder, config, cls.head, fmt=format, allow_non_finite=allow_non_finite)
         if acc.new_head:
             raise ValueError(f"{folder} lacks the {cls.head.value} head: {acc.new_head}")
         return cls(config, state)

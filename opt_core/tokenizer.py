@@ -66,6 +66,10 @@ class OPTTokenizer:
             FileNotFoundError: a tokenizer file is missing (the message names it).
             ValueError: a file is malformed.
         """
+        from opt_core.hub import is_hub_id, resolve_pretrained
+
+        if is_hub_id(folder):  # a Hugging Face Hub id: its tokenizer files from the cache or the Hub
+            folder = resolve_pretrained(folder, overrides.pop("revision", None), weights=False)
         folder = Path(folder)
         vocab_path, merges_path = folder / VOCAB_FILE, folder / MERGES_FILE
         for path in (vocab_path, merges_path):

@@ -1,5 +1,10 @@
 """Loading and saving Hugging Face OPT folders through the canonical parameter table.
 
+Loading reads every checkpoint format through `opt_core.checkpoint.open_checkpoint` (safetensors,
+`pytorch_model.bin` with no code run, `tf_model.h5`, `flax_model.msgpack`, single or sharded, a
+local folder or a Hub id), which accounts for every key and refuses hostile or broken files.
+`io` takes the model class as an argument and never imports `modeling`.
+
 The model's `nnx.state` paths are Hugging Face Flax paths, so `opt_core.formats.flax_msgpack.flax_path`
 is the one mapping used for both safetensors (canonical names) and `flax_model.msgpack` files.
 """
@@ -7,6 +12,7 @@ is the one mapping used for both safetensors (canonical names) and `flax_model.m
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +22,18 @@ import numpy as np
 from flax import nnx
 
 from opt_core.checkpoint import (
-    FLAX_MSGPACK,
+    DEFAULT_SHARD_BYTES,
     CheckpointError,
-    account_keys,
-    detect_format,
-    iter_safetensors,
-    safetensors_shapes,
-    save_numpy_safetensors,
-    weight_files,
+    CheckpointLoad,
+    open_checkpoint,
+    save_checkpoint,
 )
 from opt_core.config import OPTConfig
-from opt_core.formats.flax_msgpack import flax_msgpack_shapes, flax_path, read_flax_msgpack, write_flax_msgpack
+from opt_core.formats import dtype_name, resolve_dtype
+from opt_core.formats.flax_msgpack import flax_path
+from opt_core.hub import resolve_pretrained
 from opt_core.layout import from_layout, to_layout
-from opt_core.params import Head, hf_name, parameter_table
-
-LOADABLE_FORMATS = ("safetensors", "flax-msgpack")
+from opt_core.params import Head, parameter_table
 
 
 def _state_path(spec_path: tuple[str, ...]) -> tuple[Any, ...]:
@@ -38,73 +41,91 @@ def _state_path(spec_path: tuple[str, ...]) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in spec_path)
 
 
-def from_pretrained(
-    cls: type,
-    folder: str | os.PathLike[str],
-    *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = None,
-    format: str | None = None,
-    rngs: nnx.Rngs | None = None,
-    remat: bool = False,
-    config: OPTConfig | None = None,
-) -> Any:
-    """Build `cls` (an opt_flax model class) from a Hugging Face folder.
+def jax_dtype(dtype: Any, config: OPTConfig | None = None) -> Any:
+    """A JAX dtype from a name ("float16", "bf16", ...), a dtype, None (float32) or "auto" (the
+    config's torch_dtype).
 
-    Args:
-        folder: holds config.json and `model.safetensors` (or shards) or `flax_model.msgpack`.
-        dtype: computation dtype; param_dtype: storage dtype (default: `dtype`).
-        format: "safetensors" or "flax-msgpack" (default: the first present, in that order).
-        rngs: dropout / new-head initialisation keys.
-        config: use this config instead of the folder's config.json.
-    Returns:
-        The model, every parameter loaded (a task head missing from the checkpoint is initialised).
     Raises:
-        CheckpointError: a tensor is missing, unexpected or misshapen (all are listed).
-        FileNotFoundError: no config or no supported weights in `folder`.
+        ValueError: an unknown dtype.
     """
-    folder = Path(folder)
-    config = config if config is not None else OPTConfig.from_pretrained(folder)
-    param_dtype = dtype if param_dtype is None else param_dtype
-    head = Head(cls.head)
-    fmt = format or detect_format(folder, prefer=LOADABLE_FORMATS)
-    if fmt not in LOADABLE_FORMATS:
-        raise ValueError(f"opt_flax reads {LOADABLE_FORMATS}, not {fmt!r}; convert the folder first (opt convert)")
-    if fmt == "safetensors":
-        files = weight_files(folder, fmt)
-        shapes = safetensors_shapes(files)
-    else:
-        msgpack_path = folder / FLAX_MSGPACK
-        shapes = flax_msgpack_shapes(msgpack_path, config)
-    acc = account_keys(shapes, config, head)
-    acc.raise_for_errors(str(folder))
+    if dtype is None:
+        return jnp.float32
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            dtype = (config.torch_dtype if config is not None else None) or "float32"
+        return jnp.dtype(dtype_name(resolve_dtype(dtype)))  # type: ignore[arg-type]
+    return jnp.dtype(dtype)
 
-    model = cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
+
+def fill_params(model: Any, ckpt: CheckpointLoad) -> None:
+    """Set every parameter of `model` from `ckpt` (Flax layout, the parameter's dtype).
+
+    Raises:
+        CheckpointError: a parameter left unloaded.
+    """
+    head, config = ckpt.head, ckpt.config
     table = {s.name: s for s in parameter_table(config, head)}
-    params = nnx.state(model, nnx.Param)
-    flat = dict(nnx.to_flat_state(params))
-    source_to_name = {v: k for k, v in acc.mapping.items()}
-    if fmt == "safetensors":
-        stream = ((source_to_name[k], a) for k, a in iter_safetensors(files, source_to_name))
-    else:
-        stream = read_flax_msgpack(msgpack_path, names=acc.mapping, config=config)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     filled = set()
-    for name, arr in stream:
+    for name, arr in ckpt.tensors():
         spec = table[name]
         if spec.tied_to is not None and config.tie_word_embeddings:
             continue  # the tied lm_head is the embedding itself; nothing to store
         path = _state_path(flax_path(spec, head))
         var = flat.get(path)
         if var is None:
-            raise CheckpointError(f"{folder}: {name} has no parameter in {cls.__name__} (path {path})")
-        arr = to_layout(np.asarray(arr), spec.layout("flax"))
-        var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
+            raise CheckpointError(f"{ckpt.source}: {name} has no parameter in {type(model).__name__} (path {path})")
+        var.set_value(jnp.asarray(to_layout(arr, spec.layout("flax")), dtype=var.get_value().dtype))
         filled.add(path)
-    needed = set(flat) - {_state_path(flax_path(table[n], head)) for n in acc.new_head}
+    needed = set(flat) - {_state_path(flax_path(table[n], head)) for n in ckpt.accounting.new_head}
     unfilled = sorted("/".join(map(str, p)) for p in needed - filled)
     if unfilled:
-        raise CheckpointError(f"{folder}: parameters left unloaded: {', '.join(unfilled)}")
+        raise CheckpointError(f"{ckpt.source}: parameters left unloaded: {', '.join(unfilled)}")
     nnx.update(model, nnx.from_flat_state(flat))
+
+
+def from_pretrained(
+    cls: type,
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    format: str | None = None,
+    rngs: nnx.Rngs | None = None,
+    remat: bool = False,
+    config: OPTConfig | None = None,
+    revision: str | None = None,
+    allow_non_finite: bool = False,
+) -> Any:
+    """Build `cls` (an opt_flax model class) from a Hugging Face folder or Hub id.
+
+    Args:
+        name_or_path: a folder holding config.json and weights in any format (safetensors, bin,
+            tf-h5, flax-msgpack; single or sharded), or a Hub id (`facebook/opt-125m`).
+        dtype: computation dtype: None (float32), "auto" (config's torch_dtype), "float16"/"fp16",
+            "bfloat16"/"bf16", "float32" or a dtype; param_dtype: storage dtype (default: `dtype`).
+        format: read this format when the folder holds several (default: safetensors, bin,
+            tf-h5, flax-msgpack, the first present).
+        rngs: dropout / new-head initialisation keys.
+        config: use this config instead of the folder's config.json.
+        revision: branch, tag or commit of a Hub id.
+        allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
+    Returns:
+        The model, every parameter loaded (a task head missing from the checkpoint is initialised);
+        `model.loading_info` is the `KeyAccounting` of the load.
+    Raises:
+        CheckpointError: missing, unexpected or misshapen tensors (all listed), hostile or
+            unreadable files, non-float or non-finite weights, an untied head under a tied config.
+        FileNotFoundError: no config or no weights.
+    """
+    folder = resolve_pretrained(name_or_path, revision)
+    config = config if config is not None else OPTConfig.from_pretrained(folder)
+    dtype = jax_dtype(dtype, config)
+    param_dtype = dtype if param_dtype is None else jax_dtype(param_dtype, config)
+    with open_checkpoint(folder, config, Head(cls.head), fmt=format, allow_non_finite=allow_non_finite) as ckpt:
+        model = cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
+        fill_params(model, ckpt)
+    model.loading_info = ckpt.accounting
     return model
 
 
@@ -130,18 +151,18 @@ def save_pretrained(
     *,
     flax_msgpack: bool = False,
     safetensors: bool = True,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_SHARD_BYTES,
+    formats: Iterable[str] | None = None,
 ) -> list[Path]:
-    """Write config.json, `model.safetensors` (Hugging Face torch names; sharded above
-    `max_shard_size`) and, with `flax_msgpack=True`, a `flax_model.msgpack` that Hugging Face's
-    `FlaxOPTForCausalLM` loads. Returns the written paths."""
-    folder = Path(folder)
-    config: OPTConfig = model.config
-    head = Head(model.head)
-    written = [config.save_pretrained(folder)]
-    tensors = canonical_tensors(model)
-    if safetensors:
-        written += save_numpy_safetensors(folder, {hf_name(k, head): v for k, v in tensors.items()}, max_shard_size)
-    if flax_msgpack:
-        written.append(write_flax_msgpack(folder / FLAX_MSGPACK, tensors, config, head))
-    return written
+    """Write config.json and the weights (Hugging Face torch names) to `folder`: safetensors
+    (sharded above `max_shard_size`) and, with `flax_msgpack=True`, a `flax_model.msgpack` that
+    Hugging Face's `FlaxOPTForCausalLM` loads; or exactly `formats` ("safetensors", "bin",
+    "tf-h5", "flax-msgpack").
+
+    Returns:
+        Every written path, config.json first.
+    """
+    if formats is None:
+        formats = [*(["safetensors"] if safetensors else []), *(["flax-msgpack"] if flax_msgpack else [])]
+    return save_checkpoint(folder, canonical_tensors(model), model.config, Head(model.head), formats=formats,
+                           max_shard_size=max_shard_size, architecture=type(model).__name__)

@@ -421,11 +421,11 @@ class OPTPreTrainedModel(nnx.Module):
 
         return from_pretrained(cls, folder, **kwargs)
 
-    def save_pretrained(self, folder: Any, **kwargs: Any) -> None:
+    def save_pretrained(self, folder: Any, **kwargs: Any) -> list[Any]:
         """Write config.json + safetensors (and flax_model.msgpack on request); see `opt_flax.io`."""
         from opt_flax.io import save_pretrained
 
-        save_pretrained(self, folder, **kwargs)
+        return save_pretrained(self, folder, **kwargs)
 
 
 class OPTModel(OPTPreTrainedModel):

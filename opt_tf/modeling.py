@@ -450,11 +450,11 @@ class OPTPreTrainedModel(KerasTrainingMixin, keras.Model):
 
         return from_pretrained(cls, folder, **kwargs)
 
-    def save_pretrained(self, folder: Any, **kwargs: Any) -> None:
+    def save_pretrained(self, folder: Any, **kwargs: Any) -> list[Any]:
         """Write config.json and safetensors weights (tf_model.h5 on request); see `opt_tf.io`."""
         from opt_tf.io import save_pretrained
 
-        save_pretrained(self, folder, **kwargs)
+        return save_pretrained(self, folder, **kwargs)
 
 
 class OPTModel(OPTPreTrainedModel):

@@ -31,6 +31,6 @@ __all__ = [
 ]
 
 from opt_torch.generation import generate  # noqa: E402
-from opt_torch.io import from_pretrained, read_torch_bin, save_pretrained, torch_bin_shapes  # noqa: E402
+from opt_torch.io import from_pretrained, save_pretrained  # noqa: E402
 
-__all__ += ["from_pretrained", "generate", "read_torch_bin", "save_pretrained", "torch_bin_shapes"]
+__all__ += ["from_pretrained", "generate", "save_pretrained"]

@@ -1,46 +1,38 @@
 """Loading and saving Hugging Face OPT folders with PyTorch models.
 
-Loading reads `model.safetensors`, sharded safetensors (`model.safetensors.index.json`),
-`pytorch_model.bin` or sharded `.bin` (only through `torch.load(weights_only=True)`), with either key
-prefix (`model.decoder.*` or `decoder.*`) and with or without `lm_head.weight`. Every key is
-accounted for by `opt_core.checkpoint.account_keys` before a byte is copied. The model is built on
-uninitialised storage (`modeling.empty_weights`) and filled one tensor at a
-time, so peak memory stays near one copy of the weights.
+Loading reads every checkpoint format through `opt_core.checkpoint.open_checkpoint` (safetensors,
+`pytorch_model.bin` with no code run, `tf_model.h5`, `flax_model.msgpack`, single or sharded, a
+local folder or a Hub id), which accounts for every key and refuses hostile or broken files before
+a byte is copied. The model is built on uninitialised storage (`OPTPreTrainedModel.empty`) and
+filled one tensor at a time, straight into a parameter's memory when its dtype and layout allow,
+so peak memory stays near one copy of the weights.
 
-Saving writes `config.json` plus safetensors (sharded above `max_shard_size`) in Hugging Face's
-layout, which `transformers` loads unchanged.
+`io` takes the model class as an argument and never imports `modeling` (no import cycle).
+
+Saving writes `config.json` plus safetensors (sharded above `max_shard_size`, or other formats on
+request) in Hugging Face's layout, which `transformers` loads unchanged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
 
-from opt_core import CheckpointError, Head, OPTConfig, account_keys
-from opt_core.checkpoint import (
-    DEFAULT_SHARD_BYTES,
-    SAFETENSORS,
-    SAFETENSORS_INDEX,
-    detect_format,
-    formats_present,
-    parse_size,
-    plan_shards,
-    safetensors_shapes,
-    shard_file_names,
-    weight_files,
-    write_index,
-)
+from opt_core import CheckpointError, OPTConfig
+from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointLoad, open_checkpoint, save_checkpoint
+from opt_core.formats import Scratch
+from opt_core.hub import resolve_pretrained
 from opt_core.params import hf_name, parameter_table
 
 logger = logging.getLogger("opt_torch")
+_CHUNK_BYTES = 2 << 20  # bounded read buffer for parameters that cannot be read in place
 
 _DTYPES = {
     "float32": torch.float32,
@@ -55,162 +47,89 @@ _DTYPES = {
 
 
 def resolve_dtype(dtype: Any, config: OPTConfig | None = None) -> torch.dtype:
-    """A torch dtype from a dtype, a name ("float16", "bf16"...) or "auto" (the config's torch_dtype)."""
+    """A torch dtype from a dtype, a name ("float16", "bf16"...) or "auto" (the config's
+    `torch_dtype`, or `dtype` in transformers 5 configs; float32 when it has none)."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         name = config.torch_dtype if config is not None else None
-        return _DTYPES.get(str(name), torch.float32)
+        return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[name]
 
 
-# ---------------------------------------------------------------- .bin reading (also for converters)
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # unpickling errors, truncated zips, disallowed globals
-        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a flat dict of tensors (a PyTorch state_dict)")
-    return state
-
-
-def torch_bin_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
-    """Key -> shape over PyTorch `.bin` files (memory-mapped; no tensor data is read)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        for key, t in _torch_load(Path(path)).items():
-            shapes[key] = tuple(t.shape)
-    return shapes
-
-
-def _iter_torch_bin_tensors(
-    files: Iterable[Path], keys: Iterable[str] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    wanted = set(keys) if keys is not None else None
-    for path in files:
-        state = _torch_load(Path(path))
-        for key in list(state):
-            if wanted is None or key in wanted:
-                yield key, state[key]
-        del state
-
-
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A CPU NumPy copy-free view where possible; bfloat16 becomes ml_dtypes.bfloat16."""
-    t = t.detach().cpu()
+    """A NumPy view of a CPU tensor (bfloat16 as ml_dtypes.bfloat16), no copy."""
+    t = t.detach()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
 
-def read_torch_bin(files: Iterable[Path], keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (key, NumPy array) one tensor at a time from PyTorch `.bin` files, loaded with
-    `torch.load(weights_only=True, mmap=True)`: arbitrary pickles are refused.
-
-    Raises:
-        CheckpointError: a file that is not a weights-only state_dict.
-    """
-    for key, t in _iter_torch_bin_tensors(files, keys):
-        yield key, tensor_to_numpy(t)
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise CheckpointError(f"{path} is too short to be a safetensors file")
-        n = int.from_bytes(prefix, "little")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def _read_exact(f: Any, buffer: memoryview, path: Path, key: str) -> None:
-    view, got = buffer, 0
-    while got < len(buffer):
-        n = f.readinto(view[got:])
-        if not n:
-            raise CheckpointError(f"{path} ends inside tensor {key}")
-        got += n
-
-
-_CHUNK_BYTES = 2 << 20  # bounded read buffer for tensors that cannot be read in place
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, writable."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
-
-
-def fill_from_safetensors(files: list[Path], targets: dict[str, torch.Tensor]) -> None:
-    """Read each wanted tensor of `files` straight into `targets[key]` with plain file reads.
-
-    No mmap: the file's pages stay in the page cache instead of this process's RSS, and a tensor
-    whose dtype and device already match is read into the parameter's own memory (no second copy).
-    """
-    for path in files:
-        header, data_start = _safetensors_header(path)
-        with open(path, "rb", buffering=0) as f:
-            for key, info in header.items():
-                target = targets.get(key)
-                if target is None:
-                    continue
-                dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-                if dtype is None:
-                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info.get('dtype')!r}")
-                begin, end = info["data_offsets"]
-                numel = math.prod(info["shape"])
-                if end - begin != numel * dtype.itemsize:
-                    raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for shape {info['shape']}")
-                f.seek(data_start + begin)
-                if not numel:
-                    continue
-                if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
-                    _read_exact(f, _bytes_of(target.detach()), path, key)
-                    continue
-                # Another dtype, device or layout (input-major weights): through a bounded buffer.
-                rows = target.view(-1) if target.dim() < 2 else target  # dim 0 chunked
-                per_row = math.prod(rows.shape[1:]) * dtype.itemsize
-                step = max(1, _CHUNK_BYTES // max(per_row, 1))
-                for r in range(0, rows.shape[0], step):
-                    buf = torch.empty((min(step, rows.shape[0] - r), *rows.shape[1:]), dtype=dtype)
-                    _read_exact(f, _bytes_of(buf), path, key)
-                    rows[r : r + buf.shape[0]].copy_(buf)
+def numpy_to_tensor(x: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing `x`'s memory (bfloat16 through a bit view)."""
+    if x.dtype == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
 
 
 # ---------------------------------------------------------------- loading
-def _model_class(cls_or_head: Any) -> type:
-    from opt_torch.modeling import MODEL_CLASSES, OPTPreTrainedModel
+def fill_parameters(model: Any, ckpt: CheckpointLoad) -> None:
+    """Copy every tensor of `ckpt` into `model`'s parameters, one at a time: read straight into
+    the parameter's memory when it is a contiguous CPU tensor of the stored dtype, else through
+    one reused buffer. Tied parameters absent from the checkpoint are re-tied; head parameters
+    the checkpoint lacks are initialised (with a warning).
 
-    if isinstance(cls_or_head, type) and issubclass(cls_or_head, OPTPreTrainedModel):
-        return cls_or_head
-    return MODEL_CLASSES[Head(cls_or_head)]
+    Raises:
+        CheckpointError: a parameter left unfilled (never hands out uninitialised memory).
+    """
+    config, head, acc = ckpt.config, ckpt.head, ckpt.accounting
+    params = dict(model.named_parameters(remove_duplicate=False))
+    scratch = Scratch()
+    filled: set[str] = set()
+    with torch.no_grad():
+        for name in ckpt.names:
+            target = params[hf_name(name, head)]
+            stored = ckpt.dtype(name)
+            if (target.device.type == "cpu" and target.is_contiguous()
+                    and tensor_to_numpy(target[:0].reshape(-1)).dtype == stored):
+                ckpt.read(name, out=tensor_to_numpy(target))  # into the parameter itself
+            elif ckpt.reader.reads_row_slices and target.dim() >= 1 and target.shape[0] > 1:
+                # Another dtype, device or layout (input-major weights): a few rows at a time.
+                rows = ckpt.get_slice(name)
+                step = max(1, _CHUNK_BYTES // max(1, target[0].numel() * stored.itemsize))
+                for r in range(0, target.shape[0], step):
+                    target[r : r + step].copy_(numpy_to_tensor(rows[r : r + step]))
+            else:
+                arr = ckpt.read(name, out=scratch.array(tuple(target.shape), stored))
+                target.copy_(numpy_to_tensor(arr))
+            filled.add(name)
+        for name in acc.tied:
+            spec = next(s for s in parameter_table(config, head) if s.name == name)
+            target, source = params[hf_name(name, head)], params[hf_name(spec.tied_to, head)]
+            if target.data_ptr() != source.data_ptr():
+                target.copy_(source)
+            filled.add(name)
+        if acc.new_head:
+            for name in acc.new_head:
+                model.init_weights(model.get_submodule(hf_name(name, head).rsplit(".", 1)[0]))
+                filled.add(name)
+            logger.warning(
+                "%s has no %s head; initialised %s from N(0, %s) (biases 0): train them before use",
+                ckpt.source, head.value, ", ".join(acc.new_head), config.init_std,
+            )
+    unfilled = [s.name for s in parameter_table(config, head) if s.name not in filled]
+    if unfilled:  # account_keys guarantees this cannot happen
+        raise CheckpointError(f"{ckpt.source}: tensors left unfilled after loading: {unfilled}")
 
 
 def from_pretrained(
-    model_class: Any,
-    folder: str | os.PathLike[str],
+    model_class: type,
+    name_or_path: str | os.PathLike[str],
     dtype: Any = None,
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
@@ -218,142 +137,77 @@ def from_pretrained(
     torch_dtype: Any = None,
     tp_plan: str | None = None,
     device_mesh: Any = None,
+    *,
+    format: str | None = None,
+    revision: str | None = None,
+    allow_non_finite: bool = False,
 ) -> Any:
-    """Load a Hugging Face OPT folder into `model_class` (a model class or a `Head`).
+    """Load a Hugging Face OPT folder or Hub id into `model_class` (an `OPTPreTrainedModel` subclass).
 
     Args:
-        folder: holds `config.json` and safetensors or `.bin` weights (single or sharded).
-        dtype: parameter dtype (default float32, like Hugging Face); "auto" uses config.torch_dtype.
+        name_or_path: a folder holding `config.json` and weights in any format (safetensors, bin,
+            tf-h5, flax-msgpack; single or sharded), or a Hub id (`facebook/opt-125m`).
+        dtype: parameter dtype: None (float32, like Hugging Face), "auto" (config's torch_dtype),
+            "float16"/"fp16", "bfloat16"/"bf16", "float32", or a torch.dtype.
         device: where the parameters live (default CPU).
         attn_implementation: "eager", "sdpa" (default) or "flash_attention_2".
         config: use this config instead of the folder's config.json.
         torch_dtype: Hugging Face's old name for `dtype`.
         tp_plan: "auto" shards the model over the ranks of a torchrun job (`opt_torch.parallel`).
         device_mesh: a torch DeviceMesh to shard over instead (implies tensor parallelism).
+        format: read this format when the folder holds several (default: safetensors, bin,
+            tf-h5, flax-msgpack, the first present).
+        revision: branch, tag or commit of a Hub id.
+        allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
     Returns:
         The model in eval mode; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
         FileNotFoundError: no folder, config or weights.
-        CheckpointError: missing, unexpected or misshapen tensors (all listed), unreadable files.
+        CheckpointError: missing, unexpected or misshapen tensors (all listed), hostile or
+            unreadable files, non-float or non-finite weights, an untied head under a tied config.
     """
-    from opt_torch.modeling import check_attn_implementation, empty_weights
-
-    cls = _model_class(model_class)
-    folder = Path(folder)
-    check_attn_implementation(attn_implementation)
+    folder = resolve_pretrained(name_or_path, revision)
     config = config if config is not None else OPTConfig.from_pretrained(folder)
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if tp_plan is not None or device_mesh is not None:
         from opt_torch.parallel import from_pretrained_tp
 
-        return from_pretrained_tp(cls, folder, config, dtype, attn_implementation, tp_plan, device_mesh)
-
-    present = formats_present(folder) if folder.is_dir() else []
-    try:
-        fmt = detect_format(folder, prefer=["safetensors", "bin"])
-    except FileNotFoundError:
-        if present:
-            raise FileNotFoundError(
-                f"{folder} holds only {present} weights; convert them to safetensors first "
-                f"(opt convert {folder} OUT --to safetensors)"
-            ) from None
-        raise
-    files = weight_files(folder, fmt)
-    shapes = safetensors_shapes(files) if fmt == "safetensors" else torch_bin_shapes(files)
-    acc = account_keys(shapes, config, cls.head)
-    acc.raise_for_errors(str(folder))
-
-    with empty_weights(dtype, device):  # uninitialised storage, filled below tensor by tensor
-        model = cls(config, attn_implementation=attn_implementation)
-        model.optimize_layout(copy=False)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    source_to_name = {src: name for name, src in acc.mapping.items()}
-    head = cls.head
-    filled: set[str] = set()
-    with torch.no_grad():
-        if fmt == "safetensors":
-            fill_from_safetensors(files, {src: params[hf_name(name, head)] for src, name in source_to_name.items()})
-            filled.update(source_to_name.values())
-        else:
-            for key, tensor in _iter_torch_bin_tensors(files, source_to_name):
-                name = source_to_name[key]
-                params[hf_name(name, head)].copy_(tensor)
-                filled.add(name)
-                del tensor
-        for name in acc.tied:
-            spec = next(s for s in parameter_table(config, head) if s.name == name)
-            target = params[hf_name(name, head)]
-            source = params[hf_name(spec.tied_to, head)]
-            if target.data_ptr() != source.data_ptr():
-                target.copy_(source)
-            filled.add(name)
-        if acc.new_head:
-            for name in acc.new_head:
-                module_name = hf_name(name, head).rsplit(".", 1)[0]
-                model.init_weights(model.get_submodule(module_name))
-                filled.add(name)
-            logger.warning(
-                "%s has no %s head; initialised %s from N(0, %s) (biases 0): train them before use",
-                folder, head.value, ", ".join(acc.new_head), config.init_std,
-            )
-    unfilled = [s.name for s in parameter_table(config, head) if s.name not in filled]
-    if unfilled:  # account_keys guarantees this cannot happen; never hand out uninitialised memory
-        raise CheckpointError(f"{folder}: tensors left unfilled after loading: {unfilled}")
-    model.loading_info = acc
+        return from_pretrained_tp(model_class, folder, config, dtype, attn_implementation, tp_plan, device_mesh)
+    with open_checkpoint(folder, config, model_class.head, fmt=format, allow_non_finite=allow_non_finite) as ckpt:
+        model = model_class.empty(config, dtype, device, attn_implementation)
+        fill_parameters(model, ckpt)
+    # Post-load transforms (tensor parallelism, quantization) apply to `model` here.
+    model.loading_info = ckpt.accounting
     return model.eval()
 
 
 # ---------------------------------------------------------------- saving
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def canonical_tensors(model: Any) -> dict[str, np.ndarray]:
+    """Canonical name -> NumPy array (canonical layout, the model's dtype) of every stored
+    parameter; views of the parameters where possible (the tied LM head left out)."""
+    state = model.state_dict()
+    out: dict[str, np.ndarray] = {}
+    for spec in parameter_table(model.config, model.head):
+        if spec.tied_to is not None:
+            continue  # Hugging Face re-ties on load
+        out[spec.name] = tensor_to_numpy(state[hf_name(spec.name, model.head)].detach().cpu())
+    return out
 
 
 def save_pretrained(
     model: Any,
     folder: str | os.PathLike[str],
     max_shard_size: int | str = DEFAULT_SHARD_BYTES,
+    *,
+    formats: Iterable[str] = ("safetensors",),
 ) -> list[Path]:
-    """Write `config.json` and safetensors weights (Hugging Face names; the tied `lm_head.weight`
-    left out as Hugging Face does) to `folder`; shards plus `model.safetensors.index.json` when the
-    weights exceed `max_shard_size` (bytes or "5GB"). Returns the written weight files."""
-    from safetensors.torch import save_file
+    """Write `config.json` and the weights (Hugging Face names; the tied `lm_head.weight` left out
+    as Hugging Face does) to `folder`, in each of `formats` ("safetensors" default, "bin", "tf-h5",
+    "flax-msgpack"); safetensors/bin are sharded above `max_shard_size` (bytes or "5GB").
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config: OPTConfig = model.config
-    head = model.head
-    extra = dict(config.extra)
-    extra["architectures"] = [type(model).__name__]
-    config.replace(torch_dtype=_dtype_name(model.dtype), extra=extra).save_pretrained(folder)
-
-    state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for spec in parameter_table(config, head):
-        if spec.tied_to is not None:
-            continue  # Hugging Face re-ties on load
-        t = state[hf_name(spec.name, head)].detach().cpu()
-        # Fused q/k/v parameters are views of one buffer; safetensors wants each tensor on its own.
-        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.contiguous().clone()
-        tensors[hf_name(spec.name, head)] = t
-    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
-    shards = plan_shards(sizes, parse_size(max_shard_size))
-    names = shard_file_names(SAFETENSORS, len(shards))
-    for old in folder.glob("model-*-of-*.safetensors"):
-        old.unlink()  # stale shards of an earlier save would confuse a reader
-    written: list[Path] = []
-    for shard, name in zip(shards, names):
-        tmp = folder / f".{name}.tmp"
-        save_file({k: tensors[k] for k in shard}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / name)
-        written.append(folder / name)
-    index = folder / SAFETENSORS_INDEX
-    if len(shards) > 1:
-        if (folder / SAFETENSORS).exists():
-            (folder / SAFETENSORS).unlink()
-        write_index(index, {k: n for shard, n in zip(shards, names) for k in shard}, sum(sizes.values()))
-        written.append(index)
-    elif index.exists():
-        index.unlink()
-    return written
+    Returns:
+        Every written path, config.json first.
+    """
+    return save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
+                           max_shard_size=max_shard_size, architecture=type(model).__name__)

@@ -647,17 +647,27 @@ class OPTPreTrainedModel(nn.Module):
 
     # ------------------------------------------------------------ IO and generation
     @classmethod
+    def empty(cls, config: OPTConfig, dtype: torch.dtype, device: torch.device | str,
+              attn_implementation: str = "sdpa") -> OPTPreTrainedModel:
+        """The model on uninitialised storage of `dtype` on `device`, in its optimised layout, for
+        loaders that fill every tensor next (`opt_torch.io`)."""
+        with empty_weights(dtype, device):
+            model = cls(config, attn_implementation=attn_implementation)
+            model.optimize_layout(copy=False)
+        return model
+
+    @classmethod
     def from_pretrained(cls, folder: Any, **kwargs: Any) -> OPTPreTrainedModel:
-        """Load a Hugging Face OPT folder; see `opt_torch.io.from_pretrained` for the arguments."""
+        """Load a Hugging Face OPT folder or Hub id; see `opt_torch.io.from_pretrained` for the arguments."""
         from opt_torch.io import from_pretrained
 
         return from_pretrained(cls, folder, **kwargs)
 
-    def save_pretrained(self, folder: Any, **kwargs: Any) -> None:
-        """Write config.json and safetensors weights; see `opt_torch.io.save_pretrained`."""
+    def save_pretrained(self, folder: Any, **kwargs: Any) -> list[Any]:
+        """Write config.json and weights; returns the written paths (see `opt_torch.io.save_pretrained`)."""
         from opt_torch.io import save_pretrained
 
-        save_pretrained(self, folder, **kwargs)
+        return save_pretrained(self, folder, **kwargs)
 
 
 class OPTModel(OPTPreTrainedModel):

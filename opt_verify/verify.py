@@ -26,7 +26,7 @@ import importlib.util
 import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,7 @@ def verify(
     reference_max_params: int = REFERENCE_MAX_PARAMS,
     tokenizer_dir: str | os.PathLike[str] | None = None,
     allow_missing: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> VerifyReport:
     """Check that every requested backend computes the same model from `model_dir`.
 
@@ -169,6 +170,8 @@ def verify(
         reference: "auto" includes the float64 reference when the model has at most
             `reference_max_params` parameters; True or False force it in or out.
         allow_missing: a backend that is not installed is reported but does not fail the run.
+        progress: called with one line as each implementation starts and finishes (`opt verify`
+            prints them).
     Returns:
         A `VerifyReport`; `report.passed` is False when any pair fails, any backend errors, fewer
         than two implementations ran, or a requested backend is missing (unless allow_missing).
@@ -207,9 +210,9 @@ def verify(
 
     names: list[str] = []
     results: list[BackendResult] = []
-    has_safetensors = "safetensors" in formats_present(model_dir)
+    has_weights = bool(formats_present(model_dir))  # the reference reads every format
     use_reference = reference is True or (
-        reference == "auto" and n_params <= reference_max_params and has_safetensors
+        reference == "auto" and n_params <= reference_max_params and has_weights
     )
     if use_reference:
         names.append(REFERENCE)
@@ -219,7 +222,7 @@ def verify(
         elif n_params > reference_max_params:
             why = f"{n_params / 1e6:.0f}M parameters > the {reference_max_params / 1e6:.0f}M size guard"
         else:
-            why = "it reads safetensors only and the folder has none"
+            why = "the folder holds no weights it can read"
         results.append(BackendResult(REFERENCE, "skipped", f"float64 reference left out: {why}"))
     for name in backends:
         why_not = backend_available(name)
@@ -231,8 +234,14 @@ def verify(
                 errors.append(f"backend {name} is missing: {why_not}")
 
     runs: dict[str, _Run] = {}
-    for name in names:
+    for i, name in enumerate(names, 1):
+        if progress is not None:
+            progress(f"[{i}/{len(names)}] {name}: loading, forward pass and {new_tokens} greedy tokens ...")
         res, run = _run_one(name, model_dir, dtype, ids, mask, new_tokens)
+        if progress is not None:
+            progress(f"[{i}/{len(names)}] {name}: {res.status}" + (
+                f" ({res.message})" if res.status != "ok" else
+                f" (load {res.load_s:.1f} s, forward {res.forward_s:.1f} s, generate {res.generate_s:.1f} s)"))
         results.append(res)
         if run is not None:
             runs[name] = run

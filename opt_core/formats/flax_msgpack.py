@@ -36,23 +36,37 @@ import io
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from opt_core.checkpoint import CheckpointError
 from opt_core.config import OPTConfig
 from opt_core.formats._transpose import Scratch, fast_transpose, kernel_layout
+from opt_core.formats.base import (
+    CheckpointError,
+    Reader,
+    Writer,
+    check_regular_file,
+    final_permissions,
+    out_array,
+)
+from opt_core.formats.files import FLAX_MSGPACK
 from opt_core.params import Head, ParamSpec, Role, parameter_table
 
-FLAX_MSGPACK = "flax_model.msgpack"
 _EXT_NDARRAY = 1
 _EXT_NPSCALAR = 3
 _CHUNKED = "__msgpack_chunked_array__"
 MAX_CHUNK_BYTES = 2**30  # flax.serialization.MAX_CHUNK_SIZE
+# Bounds on what a parameter tree may look like: a Hugging Face OPT tree is 6 maps deep, its arrays
+# have rank <= 2, its keys are short. Anything far beyond is refused before it costs recursion or memory.
+MAX_DEPTH = 32
+MAX_RANK = 8
+MAX_KEY_BYTES = 1024
+# The dtype names Flax writes that a checkpoint may hold (non-float ones are refused later by name).
+DTYPE_NAMES = ("float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "bool")
 
 
 # ---------------------------------------------------------------- path mapping
@@ -121,20 +135,23 @@ class _ArrayRef:
     spans: list[tuple[int, int]]  # (file offset, byte count)
 
 
-def _dtype(name: str) -> np.dtype:
+def _dtype(name: object, source: str, offset: int) -> np.dtype:
+    if name not in DTYPE_NAMES:
+        raise CheckpointError(f"{source}: the array record at offset {offset} has dtype {str(name)[:100]!r}, "
+                              f"expected one of {', '.join(DTYPE_NAMES)}")
     if name == "bfloat16":
         import ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+    return np.dtype(str(name))
 
 
 class _Parser:
     """A minimal msgpack decoder over a buffer: maps, arrays, scalars, strings; `bin` payloads are
     returned as `_Blob`s (file offset + zero-copy view) and ext ndarrays as `_ArrayRef`s."""
 
-    def __init__(self, buf: memoryview, source: str, base: int = 0):
-        self.buf, self.pos, self.source, self.base = buf, 0, source, base
+    def __init__(self, buf: memoryview, source: str, base: int = 0, depth: int = 0):
+        self.buf, self.pos, self.source, self.base, self.depth = buf, 0, source, base, depth
 
     def _take(self, n: int) -> memoryview:
         if self.pos + n > len(self.buf):
@@ -153,6 +170,31 @@ class _Parser:
         offset = self.base + self.pos
         return _Blob(offset, self._take(n))
 
+    def _str(self, n: int) -> str:
+        try:
+            return str(self._take(n), "utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.source}: invalid UTF-8 string at offset {self.base + self.pos - n}") from None
+
+    def _array(self, n: int) -> list:
+        self._check_count(n)
+        self.depth += 1
+        try:
+            return [self.value() for _ in range(n)]
+        finally:
+            self.depth -= 1
+
+    def _check_count(self, n: int) -> None:
+        if self.depth >= MAX_DEPTH:
+            raise CheckpointError(
+                f"{self.source}: msgpack nesting deeper than {MAX_DEPTH} at offset {self.base + self.pos}"
+            )
+        if n > len(self.buf) - self.pos:  # every element takes at least one byte
+            raise CheckpointError(
+                f"{self.source}: a container at offset {self.base + self.pos} claims {n} elements, more than "
+                "the bytes left"
+            )
+
     def value(self) -> Any:
         b = self._uint(1)
         if b <= 0x7F:
@@ -162,9 +204,9 @@ class _Parser:
         if 0x80 <= b <= 0x8F:
             return self._map(b & 0x0F)
         if 0x90 <= b <= 0x9F:
-            return [self.value() for _ in range(b & 0x0F)]
+            return self._array(b & 0x0F)
         if 0xA0 <= b <= 0xBF:
-            return str(self._take(b & 0x1F), "utf-8")
+            return self._str(b & 0x1F)
         simple = {0xC0: None, 0xC2: False, 0xC3: True}
         if b in simple:
             return simple[b]
@@ -185,39 +227,71 @@ class _Parser:
             code = self._int(1)
             return self._ext(code, self._blob(1 << (b - 0xD4)))
         if 0xD9 <= b <= 0xDB:
-            return str(self._take(self._uint(1 << (b - 0xD9))), "utf-8")
+            return self._str(self._uint(1 << (b - 0xD9)))
         if b in (0xDC, 0xDD):
-            return [self.value() for _ in range(self._uint(2 if b == 0xDC else 4))]
+            return self._array(self._uint(2 if b == 0xDC else 4))
         if b in (0xDE, 0xDF):
             return self._map(self._uint(2 if b == 0xDE else 4))
         raise CheckpointError(f"{self.source}: unsupported msgpack byte 0x{b:02x} at offset {self.base + self.pos - 1}")
 
     def _map(self, n: int) -> dict:
+        self._check_count(n)
+        self.depth += 1
         out = {}
-        for _ in range(n):
-            key = self.value()
-            out[str(key)] = self.value()
+        try:
+            for _ in range(n):
+                at = self.base + self.pos
+                key = self.value()
+                if not isinstance(key, (str, int)) or len(str(key)) > MAX_KEY_BYTES:
+                    raise CheckpointError(f"{self.source}: a map key at offset {at} is not a short string")
+                if str(key) in out:
+                    raise CheckpointError(f"{self.source}: the map key {str(key)!r} appears twice (offset {at})")
+                out[str(key)] = self.value()
+        finally:
+            self.depth -= 1
         return out
 
     def _ext(self, code: int, payload: _Blob) -> Any:
         if code not in (_EXT_NDARRAY, _EXT_NPSCALAR):
-            raise CheckpointError(f"{self.source}: unsupported msgpack ext type {code}")
-        inner = _Parser(payload.view, self.source, payload.offset).value()
-        if not (isinstance(inner, list) and len(inner) == 3 and isinstance(inner[2], _Blob)):
+            raise CheckpointError(f"{self.source}: unsupported msgpack ext type {code} at offset {payload.offset}")
+        inner = _Parser(payload.view, self.source, payload.offset, self.depth + 1).value()
+        if not (isinstance(inner, list) and len(inner) == 3 and isinstance(inner[2], _Blob)
+                and isinstance(inner[0], list) and all(isinstance(d, int) and d >= 0 for d in inner[0])
+                and len(inner[0]) <= MAX_RANK):
             raise CheckpointError(f"{self.source}: malformed array record at offset {payload.offset}")
         shape, dtype_name, data = inner
         if isinstance(dtype_name, _Blob):
-            dtype_name = str(dtype_name.view, "utf-8")
-        return _ArrayRef(tuple(int(d) for d in shape), _dtype(dtype_name), [(data.offset, data.view.nbytes)])
+            try:
+                dtype_name = str(dtype_name.view, "utf-8")
+            except UnicodeDecodeError:
+                dtype_name = repr(bytes(dtype_name.view[:50]))
+        dtype = _dtype(dtype_name, self.source, payload.offset)
+        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != data.view.nbytes:
+            raise CheckpointError(
+                f"{self.source}: the array record at offset {payload.offset} is {list(shape)} {dtype} but holds "
+                f"{data.view.nbytes} bytes"
+            )
+        return _ArrayRef(tuple(shape), dtype, [(data.offset, data.view.nbytes)])
 
 
-def _unchunk(tree: Any) -> Any:
+def _unchunk(tree: Any, source: str, prefix: tuple[str, ...] = ()) -> Any:
     if isinstance(tree, dict):
         if tree.get(_CHUNKED) is True:
-            shape = tuple(int(tree["shape"][str(i)]) for i in range(len(tree["shape"])))
-            chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
-            return _ArrayRef(shape, chunks[0].dtype, [span for c in chunks for span in c.spans])
-        return {k: _unchunk(v) for k, v in tree.items()}
+            where = "/".join(prefix)
+            try:
+                shape = tuple(int(tree["shape"][str(i)]) for i in range(len(tree["shape"])))
+                chunks = [tree["chunks"][str(i)] for i in range(len(tree["chunks"]))]
+                if (not chunks or not all(isinstance(c, _ArrayRef) and c.dtype == chunks[0].dtype for c in chunks)
+                        or len(shape) > MAX_RANK or any(d < 0 for d in shape)
+                        or set(tree) != {_CHUNKED, "shape", "chunks"}):
+                    raise ValueError
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise CheckpointError(f"{source}: {where} is a malformed chunked array") from None
+            ref = _ArrayRef(shape, chunks[0].dtype, [span for c in chunks for span in c.spans])
+            if sum(n for _, n in ref.spans) != int(np.prod(shape, dtype=np.int64)) * ref.dtype.itemsize:
+                raise CheckpointError(f"{source}: {where}: its chunks do not add up to shape {list(shape)}")
+            return ref
+        return {k: _unchunk(v, source, (*prefix, k)) for k, v in tree.items()}
     return tree
 
 
@@ -234,17 +308,19 @@ def _leaves(tree: Any, prefix: tuple[str, ...], source: str) -> Iterator[tuple[t
 def _parse(path: Path) -> list[tuple[tuple[str, ...], _ArrayRef]]:
     """(Flax path, where its bytes are) for every leaf, from one parse of the file mapped
     read-only; no tensor byte is touched and the map is closed before returning."""
-    try:
-        file = open(path, "rb")  # noqa: SIM115 (closed below)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no Flax checkpoint at {path}") from None
+    if not path.exists():
+        raise FileNotFoundError(f"no Flax checkpoint at {path}")
+    file = open(check_regular_file(path), "rb")  # noqa: SIM115 (closed below)
     with file:
         if os.fstat(file.fileno()).st_size == 0:
             raise CheckpointError(f"{path} is empty")
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         view = memoryview(mapped)
         try:
-            tree = _unchunk(_Parser(view, str(path)).value())
+            parser = _Parser(view, str(path))
+            tree = _unchunk(parser.value(), str(path))
+            if parser.pos != len(view):
+                raise CheckpointError(f"{path} has {len(view) - parser.pos} bytes after its parameter tree")
             if not isinstance(tree, dict):
                 raise CheckpointError(f"{path} does not hold a parameter tree")
             if "params" in tree and isinstance(tree["params"], dict) and len(tree) == 1:
@@ -259,7 +335,7 @@ def _parse(path: Path) -> list[tuple[tuple[str, ...], _ArrayRef]]:
                 pass
 
 
-class FlaxMsgpackReader:
+class FlaxMsgpackReader(Reader):
     """A `flax_model.msgpack` parsed once, read one tensor at a time in canonical (torch) layout.
 
     The constructor parses the msgpack structure through a read-only memory map (no tensor byte is
@@ -277,9 +353,17 @@ class FlaxMsgpackReader:
         CheckpointError: malformed or truncated file, or two Flax paths mapping to one name.
     """
 
-    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None):
-        self.path = Path(path)
-        self.config = config
+    fmt = "flax-msgpack"
+
+    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None, *,
+                 files: list[Path] | None = None, weight_map: object = None):
+        path = Path(path)
+        file = files[0] if files else path / FLAX_MSGPACK if path.is_dir() else path
+        super().__init__(path, [file])
+        self.path = file
+        self.layout_config = config
+        self._checked = False
+        self._file: io.BufferedReader | None = None
         self._extras = identity_extras(config) if config is not None else {}
         # canonical name -> (where its bytes are, stored as an [in, out] kernel, Flax path)
         self._table: dict[str, tuple[_ArrayRef, bool, tuple[str, ...]]] = {}
@@ -292,14 +376,8 @@ class FlaxMsgpackReader:
                     f"{self.path}: {'/'.join(self._table[name][2])} and {'/'.join(fpath)} both map to {name}"
                 )
             self._table[name] = (ref, transposed, fpath)
-        self._file: io.BufferedReader | None = open(self.path, "rb")  # noqa: SIM115 (closed in close())
+        self._file = open(self.path, "rb")  # noqa: SIM115 (closed in close())
         self._scratch = Scratch()
-
-    def __enter__(self) -> FlaxMsgpackReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the file; safe to call twice."""
@@ -334,14 +412,15 @@ class FlaxMsgpackReader:
         Raises:
             KeyError: an unknown name. CheckpointError: the file is shorter than its header says.
         """
+        if not self._checked:
+            self._checked = True
+            self.check_identity_extras()
         return self._read(name, *self._entry(name)[:2], out)
 
     def _read(self, name: str, ref: _ArrayRef, transposed: bool, out: np.ndarray | None) -> np.ndarray:
         if self._file is None:
             raise ValueError(f"{self.path} is closed")
-        target = ref.shape[::-1] if transposed else ref.shape
-        if out is None or out.shape != target or out.dtype != ref.dtype or not out.flags.c_contiguous:
-            out = np.empty(target, dtype=ref.dtype)
+        out = out_array(out, ref.shape[::-1] if transposed else ref.shape, ref.dtype)
         raw = self._scratch.array(ref.shape, ref.dtype) if transposed else out
         flat = raw.reshape(-1).view(np.uint8)
         total = sum(n for _, n in ref.spans)
@@ -376,8 +455,8 @@ class FlaxMsgpackReader:
             if arr.shape != shape or not np.all(arr == value):
                 raise CheckpointError(
                     f"{self.path}: {'/'.join(fpath)} must be all {value:g} (the config has "
-                    f"enable_bias={self.config.enable_bias}, layer_norm_elementwise_affine="  # type: ignore[union-attr]
-                    f"{self.config.layer_norm_elementwise_affine}), but it holds other values"  # type: ignore[union-attr]
+                    f"enable_bias={self.layout_config.enable_bias}, layer_norm_elementwise_affine="  # type: ignore[union-attr]
+                    f"{self.layout_config.layer_norm_elementwise_affine}), but it holds other values"  # type: ignore[union-attr]
                 )
 
 
@@ -560,6 +639,7 @@ def write_flax_msgpack(
     try:
         with open(tmp, "wb") as out:
             _write_tree(out, msgpack.Packer(use_bin_type=True), _nest(flat))
+        final_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -573,3 +653,27 @@ def _first_dtype(tensors: Mapping[str, Any], load_embedding: Any) -> np.dtype:
         if not callable(value):
             return np.asarray(value).dtype
     return load_embedding().dtype
+
+
+class FlaxMsgpackWriter(Writer):
+    """Writes `flax_model.msgpack` in Hugging Face's tree layout, one tensor at a time, with no copy
+    of a tensor beyond one reused [in, out] kernel buffer (see `write_flax_msgpack`)."""
+
+    fmt = "flax-msgpack"
+    stores_tied_lm_head = False
+
+    def write_all(self, fetch: Callable[[str], np.ndarray]) -> None:
+        def lazy(name: str) -> Callable[[], np.ndarray]:
+            def load() -> np.ndarray:
+                arr = fetch(name)
+                self._check(name, arr)
+                return arr
+
+            return load
+
+        write_flax_msgpack(self.folder / FLAX_MSGPACK, {p.spec.name: lazy(p.spec.name) for p in self.plan},
+                           self.config, self.head)
+
+    def commit(self) -> list[Path]:
+        self._require_complete()
+        return [self.folder / FLAX_MSGPACK]

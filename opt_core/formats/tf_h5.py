@@ -31,15 +31,24 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from opt_core.checkpoint import CheckpointError
 from opt_core.config import OPTConfig
 from opt_core.formats._transpose import Scratch, fast_transpose, kernel_layout
+from opt_core.formats.base import (
+    CheckpointError,
+    LazyTensors,
+    Reader,
+    Writer,
+    check_regular_file,
+    final_permissions,
+    out_array,
+)
+from opt_core.formats.files import TF_H5
 from opt_core.formats.flax_msgpack import identity_extras
 from opt_core.params import Head, ParamSpec, parameter_table
 
@@ -152,6 +161,43 @@ def _read_names(group, attr: str) -> list[str]:
     return names
 
 
+def _hard_object(f, ds_path: str, path: Path):
+    """The object at `ds_path`, reached through hard links only: soft and external links (which
+    could point at another file's bytes) are refused, as is anything that is not a group or dataset."""
+    import h5py
+
+    node = f
+    parts = [p for p in ds_path.split("/") if p]
+    for i, part in enumerate(parts):
+        link = node.get(part, getlink=True) if isinstance(node, h5py.Group) else None
+        where = "/".join(parts[: i + 1])
+        if link is None:
+            return None
+        if not isinstance(link, h5py.HardLink):
+            kind = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
+            raise CheckpointError(f"{path}: {where} is {kind}; weights must be stored in the file itself")
+        node = node[part]
+    return node
+
+
+def _check_dataset(ds, ds_path: str, path: Path) -> None:
+    """Refuse datasets whose bytes live elsewhere (HDF5 external storage, virtual datasets) or
+    that are not plain numeric arrays."""
+    import h5py
+
+    if not isinstance(ds, h5py.Dataset):
+        raise CheckpointError(f"{path}: {ds_path} is not a dataset")
+    if ds.external:
+        raise CheckpointError(
+            f"{path}: {ds_path} is stored in external files ({', '.join(str(e[0]) for e in ds.external)}); "
+            "weights must be stored in the file itself"
+        )
+    if ds.is_virtual:
+        raise CheckpointError(f"{path}: {ds_path} is a virtual dataset; weights must be stored in the file itself")
+    if ds.dtype.kind not in "fiubV" or ds.dtype.fields is not None:
+        raise CheckpointError(f"{path}: {ds_path} has dtype {ds.dtype}, not a numeric array")
+
+
 def _entries(f, path: Path) -> Iterator[tuple[str, str]]:
     """(checkpoint key, HDF5 dataset path) for every weight the file lists.
 
@@ -162,11 +208,13 @@ def _entries(f, path: Path) -> Iterator[tuple[str, str]]:
     if not layer_names:
         raise CheckpointError(f"{path} is not a Keras-2 weights file (no 'layer_names' attribute)")
     for layer in layer_names:
-        if layer not in f:
+        if _hard_object(f, layer, path) is None:
             raise CheckpointError(f"{path} lists layer {layer!r} but has no group for it")
         for weight in _read_names(f[layer], "weight_names"):
-            if weight not in f[layer]:
+            ds = _hard_object(f, f"{layer}/{weight}", path)
+            if ds is None:
                 raise CheckpointError(f"{path}: layer {layer!r} lists {weight!r} but the dataset is missing")
+            _check_dataset(ds, f"{layer}/{weight}", path)
             scope, _, below = weight.partition("/")
             name = canonical_from_tf(below) if below else None
             yield (name if name is not None else weight), f"{layer}/{weight}"
@@ -180,7 +228,7 @@ class _Dataset:
     kernel: bool  # a Keras [in, out] kernel, transposed on read
 
 
-class TFH5Reader:
+class TFH5Reader(Reader):
     """A `tf_model.h5` opened once, read one tensor at a time in canonical (torch) layout.
 
     The file is opened and its weight list walked once, in the constructor; `read` then costs one
@@ -197,18 +245,24 @@ class TFH5Reader:
         CheckpointError: not a readable Keras-2 weights file, or a key stored twice.
     """
 
-    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None):
+    fmt = "tf-h5"
+
+    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None, *,
+                 files: list[Path] | None = None, weight_map: object = None):
         import h5py
 
-        self.path = Path(path)
-        self.config = config
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path} does not exist")
+        path = Path(path)
+        file = files[0] if files else path / TF_H5 if path.is_dir() else path
+        super().__init__(path, [file])
+        self.path = check_regular_file(file)
+        self.layout_config = config
+        self._h5 = None
         try:
             self._h5 = h5py.File(self.path, "r")
         except OSError as e:
             raise CheckpointError(f"cannot read {self.path} as HDF5: {e}") from None
         self._extras = identity_extras(config) if config is not None else {}
+        self._checked = False
         # Key -> its dataset, in file order. Paths, not h5py Dataset objects: every open dataset
         # keeps HDF5 metadata in memory (measured: 7 MB more peak RSS over opt-1.3b's 390).
         self._datasets: dict[str, _Dataset] = {}
@@ -224,12 +278,6 @@ class TFH5Reader:
             self.close()
             raise
         self._scratch = Scratch()
-
-    def __enter__(self) -> TFH5Reader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the file; safe to call twice."""
@@ -264,13 +312,14 @@ class TFH5Reader:
         `out` is filled and returned when it is C-contiguous with the tensor's canonical shape and
         dtype; otherwise a new array is returned. Raises KeyError for an unknown key.
         """
+        if not self._checked:
+            self._checked = True
+            self.check_identity_extras()
         return self._read(self._dataset(key), out)
 
     def _read(self, ds: _Dataset, out: np.ndarray | None) -> np.ndarray:
         dtype = _stored_dtype(ds.stored)
-        target = ds.shape[::-1] if ds.kernel else ds.shape
-        if out is None or out.shape != target or out.dtype != dtype or not out.flags.c_contiguous:
-            out = np.empty(target, dtype=dtype)
+        out = out_array(out, ds.shape[::-1] if ds.kernel else ds.shape, dtype)
         raw = self._scratch.array(ds.shape, ds.stored) if ds.kernel else out.view(ds.stored)
         if raw.size:
             self._h5[ds.path].read_direct(raw)  # type: ignore[index]
@@ -293,8 +342,8 @@ class TFH5Reader:
             if arr.size != int(np.prod(shape)) or not np.all(arr == value):
                 raise CheckpointError(
                     f"{self.path}: {ds.path} must be all {value:g} (the config has enable_bias="
-                    f"{self.config.enable_bias}, layer_norm_elementwise_affine="  # type: ignore[union-attr]
-                    f"{self.config.layer_norm_elementwise_affine}), but it holds other values"  # type: ignore[union-attr]
+                    f"{self.layout_config.enable_bias}, layer_norm_elementwise_affine="  # type: ignore[union-attr]
+                    f"{self.layout_config.layer_norm_elementwise_affine}), but it holds other values"  # type: ignore[union-attr]
                 )
 
 
@@ -455,8 +504,38 @@ def write_tf_h5(
                     del arr
             top = f.create_group(TOP_LEVEL_GROUP)
             top.attrs["weight_names"] = np.asarray([], dtype=np.float64)
+        final_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+class TFH5Writer(Writer):
+    """Writes `tf_model.h5` in Hugging Face's Keras-2 layout (through `write_tf_h5`). Memory: one
+    tensor and one reused transposed kernel buffer. Hugging Face's TF OPT never stores the tied LM head."""
+
+    fmt = "tf-h5"
+    stores_tied_lm_head = False
+
+    def write_all(self, fetch: Callable[[str], np.ndarray]) -> None:
+        def checked(name: str) -> np.ndarray:
+            arr = fetch(name)
+            self._check(name, arr)
+            return arr
+
+        write_tf_h5(self.folder / TF_H5, LazyTensors((p.spec.name for p in self.plan), checked), self.config,
+                    self.head)
+
+    @classmethod
+    def check_model(cls, config: OPTConfig, head: Head) -> None:
+        if head is Head.CAUSAL_LM and not config.tie_word_embeddings:
+            raise ValueError(
+                "Hugging Face's TFOPTForCausalLM always ties lm_head to embed_tokens; a model with "
+                "tie_word_embeddings=false cannot be written as tf_model.h5 (use safetensors, bin or flax-msgpack)"
+            )
+
+    def commit(self) -> list[Path]:
+        self._require_complete()
+        return [self.folder / TF_H5]  # write_tf_h5 already renamed its temporary file

@@ -36,9 +36,7 @@ def read_canonical(folder: Path, fmt: str | None = None, config: OPTConfig | Non
                    head: str = "causal_lm") -> dict[str, np.ndarray]:
     """Every tensor of a converted folder by canonical name, strictly accounted."""
     config = config or OPTConfig.from_pretrained(folder)
-    reader = open_reader(folder, fmt)
-    reader.layout_config = config
-    with reader:
+    with open_reader(folder, fmt, config) as reader:
         acc = account_keys(reader.shapes(), config, Head(head))
         acc.raise_for_errors(str(folder))
         return {name: reader.read(key) for name, key in acc.mapping.items()}

@@ -1,17 +1,18 @@
 """metaseq (and fairseq) OPT checkpoints: read only.
 
 Layout on disk: one file per model-parallel part, `reshard-model_part-{i}.pt` (or a single
-`consolidated.pt`), each a pickle `{"model": state_dict, "cfg": {...}}` loaded with
-`torch.load(weights_only=True, mmap=True)`. Per part, attention q/k/v are fused into
-`self_attn.qkv_proj` in **K, V, Q** order; across parts (Megatron tensor parallelism) the token
-embedding, qkv and fc1 are split on dim 0, out_proj/fc2 weights on dim 1, and LayerNorms,
-positions, out_proj/fc2 biases are replicated. Old files (350m) say `project_in_dim`,
-`project_out_dim` and `decoder.layer_norm`. `decoder.version` is bookkeeping and
+`consolidated.pt`), each a pickle `{"model": state_dict, "cfg": {...}}`, read like `.bin` files by
+the restricted unpickler of `opt_core.formats.torch_bin` (no code runs, no torch needed). Per part,
+attention q/k/v are fused into `self_attn.qkv_proj` in **K, V, Q** order; across parts (Megatron
+tensor parallelism) the token embedding, qkv and fc1 are split on dim 0, out_proj/fc2 weights on
+dim 1, and LayerNorms, positions, out_proj/fc2 biases are replicated. Old files (350m) say
+`project_in_dim`, `project_out_dim` and `decoder.layer_norm`. `decoder.version` is bookkeeping and
 `decoder.output_projection.weight` is the tied embedding again; both are dropped (the latter after
 checking that it equals the embedding).
 
-This module is the one place metaseq names appear. Each part's tensors stay memory-mapped; a merged
-tensor is assembled from the parts' slices on request, one at a time.
+This module is the one place metaseq names appear. A merged tensor is read from the parts' files
+on request, one at a time, each part's rows straight into the caller's buffer where they are
+contiguous there.
 """
 
 from __future__ import annotations
@@ -21,17 +22,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-from conversion.formats.base import Reader, same_bits
-from conversion.formats.torch_bin import load_torch_file, release_pages
-from opt_core.checkpoint import CheckpointError
 from opt_core.config import OPTConfig
-from opt_core.layout import merge_model_parallel, split_qkv
-
-PART_PATTERN = re.compile(r"model_part-(\d+)\.pt$")
-CONSOLIDATED = "consolidated.pt"
+from opt_core.formats.base import CheckpointError, Reader, out_array, same_bits
+from opt_core.formats.files import metaseq_parts
+from opt_core.formats.torch_bin import TensorRef, load_pickle, read_tensor
 
 # metaseq name -> canonical name (whole-key renames of the old 350m files).
 RENAMES = {
@@ -58,52 +54,23 @@ def split_axis(name: str) -> int | None:
     return None
 
 
-def find_parts(path: Path) -> list[Path]:
-    """The model-parallel part files of a metaseq checkpoint folder (or the file itself).
-
-    Raises:
-        FileNotFoundError: no part files; CheckpointError: part numbers with gaps.
-    """
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist")
-    parts = {}
-    for f in path.iterdir():
-        m = PART_PATTERN.search(f.name)
-        if m and f.is_file():
-            parts.setdefault(int(m.group(1)), []).append(f)
-    if parts:
-        dup = {i: [f.name for f in fs] for i, fs in parts.items() if len(fs) > 1}
-        if dup:
-            raise CheckpointError(f"{path} holds several files for the same model-parallel part: {dup}")
-        numbers = sorted(parts)
-        if numbers != list(range(len(numbers))):
-            raise CheckpointError(f"{path}: model-parallel parts {numbers} are not numbered 0..{len(numbers) - 1}")
-        return [parts[i][0] for i in numbers]
-    if (path / CONSOLIDATED).is_file():
-        return [path / CONSOLIDATED]
-    raise FileNotFoundError(f"{path} holds no metaseq checkpoint (looked for *model_part-N.pt and {CONSOLIDATED})")
-
-
 def is_metaseq(path: Path) -> bool:
     """Whether `path` looks like a metaseq checkpoint (a .pt file or a folder of part files)."""
     if path.is_file():
         return path.suffix == ".pt"
     try:
-        find_parts(path)
+        metaseq_parts(path)
         return True
     except (FileNotFoundError, CheckpointError):
         return False
 
 
-def _numpy_view(t) -> np.ndarray:
-    """A NumPy view of a CPU torch tensor (no copy; bfloat16 through ml_dtypes)."""
-    import torch
-
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+def _qkv_rows(t: TensorRef, j: int) -> TensorRef:
+    """Rows of q (j=0), k (1) or v (2) inside a K,V,Q-fused tensor, as a tensor of its own."""
+    n = t.shape[0] // 3
+    block = (2, 0, 1)[j]  # fused order K, V, Q
+    step = t.stride[0] if t.shape else 1
+    return TensorRef(t.storage, t.storage_offset + block * n * step, (n, *t.shape[1:]), t.stride)
 
 
 def config_from_metaseq(cfg: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]]) -> OPTConfig:
@@ -160,26 +127,29 @@ def config_from_metaseq(cfg: dict[str, Any] | None, shapes: dict[str, tuple[int,
     )
 
 
+
 class MetaseqReader(Reader):
     """A metaseq checkpoint: one or several model-parallel part files, merged on the fly."""
 
     fmt = "metaseq"
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], config: Any = None, *, files: list[Path] | None = None,
+                 weight_map: Any = None):
         path = Path(path)
-        files = find_parts(path)
+        files = files if files is not None else metaseq_parts(path)
         super().__init__(path, files)
-        self._parts: list[dict] = []
+        self._parts: list[dict[str, TensorRef]] = []
         cfgs = []
         for f in files:
-            obj, _ = load_torch_file(f)
-            if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
+            obj, _ = load_pickle(f)
+            model = obj.get("model") if isinstance(obj, dict) else None
+            if not isinstance(model, dict) or not all(isinstance(v, TensorRef) for v in model.values()):
                 raise CheckpointError(f"{f} is not a metaseq checkpoint: expected a dict with a 'model' state dict")
-            self._parts.append(obj["model"])
+            self._parts.append(model)
             cfgs.append(obj.get("cfg"))
         self.cfg = cfgs[0] if isinstance(cfgs[0], dict) else None
         self.n_parts = len(files)
-        # canonical name -> (how to build it): ("qkv", fused key, index in (q, k, v)) or ("plain", key)
+        # canonical name -> ("qkv", fused key, index in (q, k, v)) or ("plain", key)
         self._recipe: dict[str, tuple] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         keys0 = list(self._parts[0])
@@ -206,13 +176,14 @@ class MetaseqReader(Reader):
                 self._recipe[name] = ("plain", key)
                 self._shapes[name] = self._merged_shape(name, key, qkv=False)
         self.config = config_from_metaseq(self.cfg, self._shapes) if self.cfg is not None else None
+        self._handles: dict[Path, Any] = {}
 
     def _merged_shape(self, name: str, key: str, qkv: bool) -> tuple[int, ...]:
         shapes = [tuple(p[key].shape) for p in self._parts]
         shape = list(shapes[0])
         if qkv:
-            if shape[0] % 3:
-                raise CheckpointError(f"{key} has dim 0 = {shape[0]}, not divisible by 3 (fused K, V, Q)")
+            if not shape or shape[0] % 3:
+                raise CheckpointError(f"{key} has shape {shapes[0]}, dim 0 not divisible by 3 (fused K, V, Q)")
             shape[0] //= 3
         axis = split_axis(name)
         if any(s != shapes[0] for s in shapes):
@@ -227,47 +198,58 @@ class MetaseqReader(Reader):
         return dict(self._shapes)
 
     def dtype(self, key: str) -> np.dtype:
-        return _numpy_view(self._parts[0][self._recipe[key][1]].reshape(-1)[:0]).dtype
+        return self._parts[0][self._recipe[key][1]].dtype
 
     def source_key(self, name: str) -> str:
         """The metaseq key a canonical name is read from."""
         return self._recipe[name][1]
 
+    def where(self, key: str) -> str:
+        return str(self.files[0]) if self.n_parts == 1 else f"{self.source} ({self.n_parts} parts)"
+
+    def _read_part(self, i: int, t: TensorRef, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        path = self.files[i]
+        f = self._handles.get(path)
+        if f is None:
+            f = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
+        return read_tensor(f, path, key, t, out)
+
+    def _part_tensor(self, i: int, recipe: tuple) -> TensorRef:
+        t = self._parts[i][recipe[1]]
+        return _qkv_rows(t, recipe[2]) if recipe[0] == "qkv" else t
+
     def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         recipe = self._recipe[key]
         shape, dtype = self._shapes[key], self.dtype(key)
-        if out is None or out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
-            out = np.empty(shape, dtype=dtype)
-        tensors = [p[recipe[1]] for p in self._parts]
-        views = [_numpy_view(t) for t in tensors]
-        if recipe[0] == "qkv":
-            views = [split_qkv(v)[recipe[2]] for v in views]  # (q, k, v) of each part, views
+        out = out_array(out, shape, dtype)
         axis = split_axis(key)
         if axis is None or self.n_parts == 1:
-            np.copyto(out, views[0])
-            for i, v in enumerate(views[1:], start=1):
-                if not same_bits(out, v):
+            self._read_part(0, self._part_tensor(0, recipe), recipe[1], out)
+            for i in range(1, self.n_parts):
+                if not same_bits(out, self._read_part(i, self._part_tensor(i, recipe), recipe[1])):
                     raise CheckpointError(
                         f"{recipe[1]} should be replicated across model-parallel parts but part {i} differs from part 0"
                     )
         else:
-            # merge_model_parallel's concatenation, into the caller's buffer (part shapes were
-            # checked to agree when the checkpoint was opened)
-            np.concatenate(views, axis=axis, out=out)
+            rows = shape[axis] // self.n_parts
+            for i in range(self.n_parts):
+                t = self._part_tensor(i, recipe)
+                if axis == 0:  # this part's rows are contiguous in `out`: read them in place
+                    self._read_part(i, t, recipe[1], out[i * rows : (i + 1) * rows])
+                else:
+                    out[:, i * rows : (i + 1) * rows] = self._read_part(i, t, recipe[1])
         if key == "decoder.embed_tokens.weight" and self._has_tied_output:
-            tied = merge_model_parallel([_numpy_view(p[TIED_OUTPUT]) for p in self._parts], 0) \
-                if self.n_parts > 1 else np.array(_numpy_view(self._parts[0][TIED_OUTPUT]))
-            if not same_bits(tied, out):
-                raise CheckpointError(
-                    f"{TIED_OUTPUT} differs from decoder.embed_tokens.weight: this converter handles OPT's tied "
-                    "output projection only"
-                )
-            del tied
-            for p in self._parts:
-                release_pages(p[TIED_OUTPUT])
-        for t in tensors:
-            release_pages(t)
+            rows = shape[0] // self.n_parts
+            for i in range(self.n_parts):
+                tied = self._read_part(i, self._parts[i][TIED_OUTPUT], TIED_OUTPUT)
+                if not same_bits(tied, out[i * rows : (i + 1) * rows]):
+                    raise CheckpointError(
+                        f"{TIED_OUTPUT} differs from decoder.embed_tokens.weight: this converter handles OPT's "
+                        "tied output projection only"
+                    )
         return out
 
     def close(self) -> None:
-        self._parts = []
+        for f in self._handles.values():
+            f.close()
+        self._handles = {}

@@ -1,10 +1,10 @@
 """Hugging Face safetensors, single file or sharded with `model.safetensors.index.json`.
 
-Read and written with plain file reads and writes at known offsets, not through a memory map: the
-pages of a memory-mapped file count towards the process's resident set once touched, so reading a
-2.6 GB checkpoint through `safe_open` shows 2.6 GB of RSS even though only one tensor is live.
-Headers are checked as strictly as `safe_open` does (offsets contiguous, sizes consistent, the file
-as long as the header says) before any tensor is read.
+Read with plain file reads at known offsets, not through a memory map: the pages of a memory-mapped
+file count towards the process's resident set once touched, so reading a 2.6 GB checkpoint through
+`safe_open` shows 2.6 GB of RSS even though only one tensor is live. Headers are checked as strictly
+as `safe_open` does (offsets tile the data, sizes consistent, the file as long as the header says)
+before any tensor is read. `get_slice` reads only the rows a tensor-parallel shard needs.
 
 Writing streams: every shard's header is known from the plan before the first tensor arrives, so
 each tensor goes straight to its offset in its shard. Peak memory: one tensor.
@@ -15,18 +15,29 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from conversion.formats.base import Reader, Writer, tmp_name
-from opt_core.checkpoint import (
-    SAFETENSORS,
-    SAFETENSORS_INDEX,
+from opt_core.formats.base import (
     CheckpointError,
+    Reader,
+    TensorPlan,
+    TensorSlice,
+    Writer,
+    check_regular_file,
+    final_permissions,
+    out_array,
+    read_exact,
+    tmp_name,
+)
+from opt_core.formats.files import (
+    SAFETENSORS,
     plan_shards,
-    read_index,
+    resolve_files,
     shard_file_names,
     write_index,
 )
@@ -60,7 +71,7 @@ def read_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
     Raises:
         CheckpointError: naming the file, when the header is corrupt or the file is truncated.
     """
-    size = path.stat().st_size
+    size = check_regular_file(path).stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -82,9 +93,13 @@ def read_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
     entries: dict[str, _Entry] = {}
     for key, info in header.items():
         try:
+            if info["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{path}: {key} has dtype {info['dtype']!r}, which OPT weights never use")
             dtype = _DTYPES[info["dtype"]]
             shape = tuple(int(d) for d in info["shape"])
             start, end = (int(o) for o in info["data_offsets"])
+            if any(d < 0 for d in shape) or start < 0:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: header entry for {key} is malformed: {info!r}") from None
         want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -110,27 +125,37 @@ def read_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
 
+class _Slice(TensorSlice):
+    """Rows of a safetensors tensor read straight from the file (`[a:b]` or `[a:b, c:d]`)."""
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        e = self.reader._entries[self.key]  # type: ignore[attr-defined]
+        index = index if isinstance(index, tuple) else (index,)
+        rows = index[0] if index else slice(None)
+        if not self.shape or not isinstance(rows, slice) or rows.step not in (None, 1):
+            return super().__getitem__(index)
+        lo, hi, _ = rows.indices(self.shape[0])
+        hi = max(lo, hi)
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * e.dtype.itemsize
+        out = np.empty((hi - lo, *self.shape[1:]), dtype=e.dtype)
+        f = self.reader._file(e.path)  # type: ignore[attr-defined]
+        f.seek(e.start + lo * row_bytes)
+        read_exact(f, memoryview(out.reshape(-1).view(np.uint8)), e.path, self.key)
+        rest = (slice(None), *index[1:])
+        return np.ascontiguousarray(out[rest]) if len(index) > 1 else out
+
+
 class SafetensorsReader(Reader):
-    """A safetensors checkpoint folder (single file or index + shards), or a single `.safetensors` file."""
+    """A safetensors checkpoint: one file, or the shards of an index (resolved by `resolve_files`)."""
 
     fmt = "safetensors"
+    reads_row_slices = True
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], config: Any = None, *, files: list[Path] | None = None,
+                 weight_map: Mapping[str, str] | None = None):
         path = Path(path)
-        if path.is_file():
-            files, folder, weight_map = [path], path.parent, None
-        elif (path / SAFETENSORS_INDEX).is_file():
-            folder = path
-            weight_map = read_index(path / SAFETENSORS_INDEX)
-            shards = list(dict.fromkeys(weight_map.values()))
-            missing = [s for s in shards if not (path / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{path / SAFETENSORS_INDEX} names shards that do not exist: {missing}")
-            files = [path / s for s in shards]
-        elif (path / SAFETENSORS).is_file():
-            files, folder, weight_map = [path / SAFETENSORS], path, None
-        else:
-            raise FileNotFoundError(f"{path} holds no {SAFETENSORS} or {SAFETENSORS_INDEX}")
+        if files is None:
+            files, weight_map = resolve_files(path, self.fmt)
         super().__init__(path, files)
         self._entries: dict[str, _Entry] = {}
         for file in files:
@@ -140,21 +165,8 @@ class SafetensorsReader(Reader):
                     raise CheckpointError(f"{key} is stored twice: in {self._entries[key].path.name} and {file.name}")
                 self._entries[key] = entry
         if weight_map is not None:
-            index = folder / SAFETENSORS_INDEX
-            wrong = [f"{k} (index: {v}, found in {self._entries[k].path.name})"
-                     for k, v in weight_map.items() if k in self._entries and self._entries[k].path.name != v]
-            absent = [f"{k} (index: {v})" for k, v in weight_map.items() if k not in self._entries]
-            unlisted = [f"{k} (in {e.path.name})" for k, e in self._entries.items() if k not in weight_map]
-            problems = []
-            if absent:
-                problems.append(f"listed but not in their shard: {', '.join(absent)}")
-            if wrong:
-                problems.append(f"in a different shard than listed: {', '.join(wrong)}")
-            if unlisted:
-                problems.append(f"in a shard but not in the index: {', '.join(unlisted)}")
-            if problems:
-                raise CheckpointError(f"{index} disagrees with its shards: " + "; ".join(problems))
-        self._files: dict[Path, object] = {}
+            check_index(path, weight_map, {k: e.path.name for k, e in self._entries.items()})
+        self._handles: dict[Path, Any] = {}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: e.shape for k, e in self._entries.items()}
@@ -162,24 +174,46 @@ class SafetensorsReader(Reader):
     def dtype(self, key: str) -> np.dtype:
         return self._entries[key].dtype
 
+    def where(self, key: str) -> str:
+        return str(self._entries[key].path)
+
+    def _file(self, path: Path) -> Any:
+        f = self._handles.get(path)
+        if f is None:
+            f = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
+        return f
+
     def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         e = self._entries[key]
-        f = self._files.get(e.path)
-        if f is None:
-            f = self._files[e.path] = open(e.path, "rb")  # noqa: SIM115 (closed in close())
-        if out is None or out.shape != e.shape or out.dtype != e.dtype or not out.flags.c_contiguous:
-            out = np.empty(e.shape, dtype=e.dtype)
-        f.seek(e.start)  # type: ignore[attr-defined]
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        got = f.readinto(view)  # type: ignore[attr-defined]
-        if got != e.end - e.start:
-            raise CheckpointError(f"{e.path} is truncated: {key} needs {e.end - e.start} bytes, read {got}")
+        out = out_array(out, e.shape, e.dtype)
+        f = self._file(e.path)
+        f.seek(e.start)
+        read_exact(f, memoryview(out.reshape(-1).view(np.uint8)), e.path, key)
         return out
 
+    def get_slice(self, key: str) -> TensorSlice:
+        return _Slice(self, key)
+
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()  # type: ignore[attr-defined]
-        self._files = {}
+        for f in self._handles.values():
+            f.close()
+        self._handles = {}
+
+
+def check_index(folder: Path, weight_map: Mapping[str, str], found: Mapping[str, str]) -> None:
+    """Raise when an index (key -> shard name) disagrees with where the shards hold each key."""
+    absent = [f"{k} (index: {v})" for k, v in weight_map.items() if k not in found]
+    wrong = [f"{k} (index: {v}, found in {found[k]})" for k, v in weight_map.items() if k in found and found[k] != v]
+    unlisted = [f"{k} (in {v})" for k, v in found.items() if k not in weight_map]
+    problems = []
+    if absent:
+        problems.append(f"listed but not in their shard: {', '.join(absent)}")
+    if wrong:
+        problems.append(f"in a different shard than listed: {', '.join(wrong)}")
+    if unlisted:
+        problems.append(f"in a shard but not in the index: {', '.join(unlisted)}")
+    if problems:
+        raise CheckpointError(f"the index in {folder} disagrees with its shards: " + "; ".join(problems))
 
 
 class SafetensorsWriter(Writer):
@@ -190,26 +224,28 @@ class SafetensorsWriter(Writer):
 
     fmt = "safetensors"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, base_name: str = SAFETENSORS, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.base_name = base_name
         limit = self.shard_bytes if self.shard_bytes else 1 << 62
         sizes = {p.spec.name: p.nbytes for p in self.plan}
         self._shards = plan_shards(sizes, limit)
-        self._names = shard_file_names(SAFETENSORS, len(self._shards))
+        self._names = shard_file_names(self.base_name, len(self._shards))
         self._where: dict[str, tuple[int, int]] = {}  # canonical name -> (shard index, absolute offset)
-        self._handles: list = []
+        self._handles: list[Any] = []
         for i, (shard, name) in enumerate(zip(self._shards, self._names)):
             header: dict[str, object] = {"__metadata__": {"format": "pt"}}
             offset = 0
             for cname in shard:
                 p = self._by_name[cname]
+                if p.dtype not in _NAMES:
+                    raise CheckpointError(f"safetensors cannot store {cname} as {p.dtype}")
                 header[p.key] = {"dtype": _NAMES[p.dtype], "shape": list(p.spec.shape),
                                  "data_offsets": [offset, offset + p.nbytes]}
                 offset += p.nbytes
             raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
             raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
-            base = 8 + len(raw)
-            off = base
+            off = 8 + len(raw)
             for cname in shard:
                 self._where[cname] = (i, off)
                 off += self._by_name[cname].nbytes
@@ -232,13 +268,15 @@ class SafetensorsWriter(Writer):
             f.flush()
             os.fsync(f.fileno())
             f.close()
+            final_permissions(tmp_name(self.folder, name))
             os.replace(tmp_name(self.folder, name), self.folder / name)
             out.append(self.folder / name)
         self._handles = []
+        index = self.folder / (self.base_name + ".index.json")
         if len(self._shards) > 1:
             weight_map = {self._by_name[c].key: n for shard, n in zip(self._shards, self._names) for c in shard}
-            write_index(self.folder / SAFETENSORS_INDEX, weight_map, sum(p.nbytes for p in self.plan))
-            out.append(self.folder / SAFETENSORS_INDEX)
+            write_index(index, weight_map, sum(p.nbytes for p in self.plan))
+            out.append(index)
         return out
 
     def abort(self) -> None:
@@ -248,3 +286,36 @@ class SafetensorsWriter(Writer):
         super().abort()
 
 
+def save_numpy_safetensors(
+    folder: str | os.PathLike[str],
+    tensors: Mapping[str, np.ndarray],
+    max_shard_bytes: int | str | None = None,
+    base_name: str = SAFETENSORS,
+) -> list[Path]:
+    """Write NumPy tensors (Hugging Face keys, canonical layout) as Hugging Face safetensors: one
+    file, or shards plus `model.safetensors.index.json` above `max_shard_bytes` (default 5GB).
+
+    Each file is written under a temporary name and renamed; stale shards and index of an earlier
+    save in `folder` are removed. Returns the written paths.
+    """
+    from opt_core.formats.files import DEFAULT_SHARD_BYTES, parse_size
+    from opt_core.params import ParamSpec, Role
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = base_name.rsplit(".", 1)[0]
+    for old in [*folder.glob(f"{stem}-*-of-*.safetensors"), folder / (base_name + ".index.json"),
+                folder / base_name]:
+        if old.is_file():
+            old.unlink()  # a stale shard or index would confuse a reader
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}
+    plan = [TensorPlan(ParamSpec(k, tuple(a.shape), Role.LINEAR_BIAS), k, a.dtype) for k, a in arrays.items()]
+    limit = parse_size(max_shard_bytes if max_shard_bytes is not None else DEFAULT_SHARD_BYTES)
+    writer = SafetensorsWriter(folder, plan, None, None, limit, base_name=base_name)  # type: ignore[arg-type]
+    try:
+        for k, a in arrays.items():
+            writer.write(k, a)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise

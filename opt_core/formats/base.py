@@ -1,14 +1,16 @@
-"""The reader/writer interface every checkpoint format implements, and dtype handling.
+"""What every checkpoint format shares: the reader and writer interface, dtypes, and the checks on
+files handed to us (plain files only, shard names inside their folder).
 
-A reader exposes a checkpoint as Hugging Face torch keys (either prefix variant) with shapes in the
-canonical (torch) layout, one tensor at a time; a writer takes canonical tensors by canonical name
-and stores them in its format. Layout and name translation live inside each format's module, so
-the converter only ever sees the canonical table.
+A `Reader` exposes a checkpoint as Hugging Face torch keys (either prefix variant) with shapes in
+the canonical (torch) layout, one tensor at a time; a `Writer` takes canonical tensors by canonical
+name and stores them in its format. Layout and name translation live inside each format's module,
+so loaders and the converter only ever see the canonical table.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +19,15 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from opt_core.checkpoint import CheckpointError
 from opt_core.config import OPTConfig
 from opt_core.params import Head, ParamSpec
 
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: the message names files, keys and shapes."""
+
+
+# ---------------------------------------------------------------- dtypes
 # Short dtype names accepted everywhere (CLI, API), and what they mean.
 DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
@@ -29,11 +36,11 @@ DTYPES: dict[str, np.dtype] = {
     "float64": np.dtype(np.float64),
 }
 _ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
-            "bf16": "bfloat16", "fp64": "float64", "f64": "float64"}
+            "bf16": "bfloat16", "fp64": "float64", "f64": "float64", "float": "float32", "double": "float64"}
 
 
 def resolve_dtype(dtype: str | np.dtype | None) -> np.dtype | None:
-    """A NumPy dtype from a name ("fp16", "bfloat16", ...) or dtype; None stays None.
+    """A NumPy dtype from a name ("fp16", "bfloat16", "torch.float16", ...) or dtype; None stays None.
 
     Raises:
         ValueError: an unknown name.
@@ -42,7 +49,7 @@ def resolve_dtype(dtype: str | np.dtype | None) -> np.dtype | None:
         return None
     if isinstance(dtype, np.dtype):
         return dtype
-    name = str(dtype).strip().lower()
+    name = str(dtype).strip().lower().removeprefix("torch.").removeprefix("<dtype: '").removesuffix("'>")
     name = _ALIASES.get(name, name)
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of fp32, fp16, bf16 (or float32, float16, bfloat16)")
@@ -56,6 +63,11 @@ def dtype_name(dtype: np.dtype) -> str:
         if d == dtype:
             return name
     return dtype.name
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """Whether checkpoint tensors of `dtype` may become weights (float16/32/64, bfloat16)."""
+    return np.dtype(dtype) in DTYPES.values()
 
 
 def cast(x: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
@@ -72,26 +84,95 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
 
-# ---------------------------------------------------------------- interface
+_FINITE_CHUNK = 1 << 20  # elements per isfinite pass: bounded temporary memory
+
+
+def first_non_finite(x: np.ndarray) -> int | None:
+    """The flat index of the first NaN or infinity in `x`, or None. Works in bounded memory."""
+    flat = x.reshape(-1)
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        ok = np.isfinite(flat[start : start + _FINITE_CHUNK])
+        if not ok.all():
+            return start + int(np.argmin(ok))
+    return None
+
+
+# ---------------------------------------------------------------- files handed to us
+def check_regular_file(path: Path) -> Path:
+    """`path` if it is a regular file (symlinks followed, as in a Hugging Face cache).
+
+    Raises:
+        FileNotFoundError: nothing there.
+        CheckpointError: a FIFO, device, socket or folder, which reading could block on or misread.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    if not stat.S_ISREG(mode):
+        kind = ("folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode)
+                else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "socket" if stat.S_ISSOCK(mode) else "special file")
+        raise CheckpointError(f"{path} is a {kind}, not a regular file; refusing to read it")
+    return path
+
+
+def is_regular_file(path: Path) -> bool:
+    """Whether `path` exists and is a regular file (no stat of a FIFO ever opens it)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def shard_path(folder: Path, name: object, index: Path) -> Path:
+    """The shard `name` of index file `index`: a plain file name inside `folder`, nothing else.
+
+    Raises:
+        CheckpointError: a path with a separator, `..`, an absolute path or an empty name.
+    """
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\x00" in name or os.path.isabs(name)):
+        raise CheckpointError(
+            f"{index} names shard {name!r}; shard entries must be plain file names inside {folder}"
+        )
+    return folder / name
+
+
+# ---------------------------------------------------------------- reading
+class TensorSlice:
+    """Part of one tensor, read on indexing (`reader.get_slice(key)[rows, cols]`), in canonical
+    layout. The base version reads the whole tensor; formats that can read a part do better."""
+
+    def __init__(self, reader: Reader, key: str):
+        self.reader, self.key = reader, key
+        self.shape = reader.shapes()[key]
+        self.dtype = reader.dtype(key)
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return np.ascontiguousarray(self.reader.read(self.key)[index])
+
+
 class Reader:
     """A checkpoint opened for reading, one tensor at a time.
 
     Attributes:
+        fmt: the format name ("safetensors", "bin", "tf-h5", "flax-msgpack", "metaseq").
         source: a human-readable description (the folder or file) for error messages.
         files: every file the reader reads (the converter never writes over them).
-        config: the config found next to the weights (config.json or a metaseq cfg), or None.
-        fmt: the format name ("safetensors", "bin", "tf-h5", "flax-msgpack", "metaseq").
+        config: the config found inside the weights (a metaseq cfg), or None.
     """
 
     fmt = "?"
+    reads_row_slices = False  # whether `get_slice(key)[a:b]` reads only rows a..b
 
     def __init__(self, source: str | os.PathLike[str], files: Iterable[Path]):
         self.source = str(source)
         self.files = [Path(f) for f in files]
         self.config: OPTConfig | None = None
-        # The model's config, for formats whose layout depends on it (TF/Flax store identity biases
-        # for no-bias configs); set by the converter before `shapes()`.
-        self.layout_config: OPTConfig | None = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Key (HF torch name, with or without `model.`) -> canonical (torch-layout) shape."""
@@ -103,11 +184,22 @@ class Reader:
 
     def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
         """The tensor `key` in canonical layout and its stored dtype: a fresh array the caller
-        owns, or `out` (shape and dtype of the tensor) filled in, for readers that can."""
+        owns, or `out` filled in when it is C-contiguous with the tensor's shape and dtype."""
         raise NotImplementedError
+
+    def where(self, key: str) -> str:
+        """The file holding `key`, for error messages."""
+        return str(self.files[0]) if len(self.files) == 1 else self.source
+
+    def get_slice(self, key: str) -> TensorSlice:
+        """A lazily read view of `key` (`[...]` reads only what it selects where the format allows)."""
+        return TensorSlice(self, key)
 
     def nbytes(self, key: str) -> int:
         return int(np.prod(self.shapes()[key], dtype=np.int64)) * self.dtype(key).itemsize
+
+    def check_identity_extras(self) -> None:
+        """For TF/Flax files: verify the identity tensors hidden for no-bias configs (no-op here)."""
 
     def close(self) -> None:
         """Release open files; safe to call twice."""
@@ -119,53 +211,24 @@ class Reader:
         self.close()
 
 
-class FrameworkFileReader(Reader):
-    """A folder holding one Hugging Face TF or Flax weight file (or the file itself), read through
-    the streaming reader `opt_core.formats` has for it (`reader_class`), opened once. The converter
-    sets `layout_config` before calling `shapes()`: with it, the identity biases/scales Hugging Face
-    TF and Flax store for no-bias / no-affine configs are hidden, and verified before the first
-    tensor is read."""
-
-    file_name = "?"
-    reader_class: Callable[[Path, OPTConfig | None], Any]
-
-    def __init__(self, path: str | os.PathLike[str], config: OPTConfig | None = None):
-        path = Path(path)
-        file = path if path.is_file() else path / self.file_name
-        if not file.is_file():
-            raise FileNotFoundError(f"{path} holds no {self.file_name}")
-        super().__init__(path, [file])
-        self._file = file
-        self.layout_config = config
-        self._reader: Any = None
-        self._checked = False
-
-    def _open(self) -> Any:
-        if self._reader is not None and self._reader.config is not self.layout_config:
-            self.close()  # opened before the converter set the config: hide the extras now
-        if self._reader is None:
-            self._reader = self.reader_class(self._file, self.layout_config)
-        return self._reader
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return self._open().shapes()
-
-    def dtype(self, key: str) -> np.dtype:
-        return self._open().dtype(key)
-
-    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
-        reader = self._open()
-        if not self._checked:
-            reader.check_identity_extras()
-            self._checked = True
-        return reader.read(key, out)
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+def out_array(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """`out` when it can take a tensor of `shape` and `dtype` in place, else a new array."""
+    if out is None or out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        return np.empty(shape, dtype=dtype)
+    return out
 
 
+def read_exact(f: Any, buffer: memoryview, path: Path | str, key: str) -> None:
+    """Fill `buffer` from file `f` at its position, or raise naming the file and tensor."""
+    got, n = 0, len(buffer)
+    while got < n:
+        k = f.readinto(buffer[got:])
+        if not k:
+            raise CheckpointError(f"{path} is truncated: {key} needs {n} bytes, the file ends after {got}")
+        got += k
+
+
+# ---------------------------------------------------------------- writing
 @dataclass(frozen=True)
 class TensorPlan:
     """One tensor a writer will receive: canonical spec, the HF torch key it is stored under, dtype."""
@@ -179,12 +242,17 @@ class TensorPlan:
         return self.spec.numel * self.dtype.itemsize
 
 
+def tmp_name(folder: Path, name: str) -> Path:
+    """The temporary name a writer uses for `name` until `commit`."""
+    return folder / f".{name}.tmp"
+
+
 class Writer:
-    """Writes one format into `folder` (an empty temporary folder the converter owns).
+    """Writes one format into `folder`.
 
     Files are written under temporary names and renamed by `commit`; `abort` removes everything
-    written so far. Tensors arrive through `write` in the plan's order, in canonical layout and in
-    the planned dtype.
+    written so far. Tensors arrive through `write` (or are pulled by `write_all`) in canonical
+    layout and in the planned dtype.
     """
 
     fmt = "?"
@@ -225,7 +293,8 @@ class Writer:
     def write_all(self, fetch: Callable[[str], np.ndarray]) -> None:
         """Write every planned tensor, getting each from `fetch(canonical name)` when the writer
         needs it. Push writers take them in plan order; formats whose writer decides the order
-        (HDF5 groups, msgpack trees) pull through `fetch` in theirs."""
+        (HDF5 groups, msgpack trees) pull through `fetch` in theirs. Each array from `fetch` is
+        consumed before the next fetch, so the caller may reuse one buffer."""
         for p in self.plan:
             self.write(p.spec.name, fetch(p.spec.name))
 
@@ -242,26 +311,15 @@ class Writer:
         for path in self.folder.glob(".*.tmp"):
             path.unlink(missing_ok=True)
 
-    def reuses_fetched_arrays(self) -> bool:
-        """Whether every array from `fetch` is consumed before the next fetch, so the converter may
-        read each tensor into the same buffer. True for every writer here unless it says otherwise."""
-        return True
-
     def _require_complete(self) -> None:
         missing = [p.spec.name for p in self.plan if p.spec.name not in self._written]
         if missing:
             raise CheckpointError(f"{self.fmt} writer: planned tensors never written: {', '.join(missing)}")
 
 
-def tmp_name(folder: Path, name: str) -> Path:
-    """The temporary name a writer uses for `name` until `commit`."""
-    return folder / f".{name}.tmp"
-
-
 class LazyTensors(Mapping[str, np.ndarray]):
     """A read-only mapping canonical name -> tensor that fetches each tensor only when indexed, for
-    writers that take a mapping (`write_tf_h5`) and pull tensors in their own order. `in` and
-    iteration never fetch."""
+    writers that take a mapping and pull tensors in their own order. `in` and iteration never fetch."""
 
     def __init__(self, names: Iterable[str], fetch: Callable[[str], np.ndarray]):
         self._names = list(names)
@@ -281,3 +339,11 @@ class LazyTensors(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def final_permissions(path: Path) -> None:
+    """Give a file written through a private temporary name the usual 0666 & ~umask mode
+    (`tempfile`-style creation leaves 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -1,0 +1,107 @@
+"""Arguments several commands share, declared once: the model folder, the backend, load options,
+threads, decoding. A new load-time flag (a dtype, a quantization, a parallel plan) is one
+`add_argument` in `add_load_arguments` and one entry in `load_options`; every command that loads a
+model then accepts it and passes it to the adapter's `load(folder, **options)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from opt_cli.backends import BACKENDS
+
+MAX_SEED = 2**64 - 1
+
+
+def int_in(lo: int, hi: int | None = None, what: str = "an integer") -> Any:
+    """argparse `type=`: an integer in [lo, hi] (a float spelling like 1e20 is rejected, not truncated)."""
+    span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]" if hi < 2**32 else f"in [{lo}, 2**{hi.bit_length()})"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} {span}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {what} {span}, got {text}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
+    """argparse `type=`: a finite float within the bounds."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {text}")
+        if hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+seed_type = int_in(0, MAX_SEED, "an integer seed")
+positive_int = int_in(1)
+
+
+def add_model_argument(p: argparse.ArgumentParser, default: str | None = "bundled") -> None:
+    p.add_argument("--model", default=default, metavar="DIR",
+                   help="model folder (Hugging Face layout, with config.json), a Hugging Face Hub id, or 'bundled'")
+
+
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="torch", metavar="NAME", help=f"one of: {', '.join(BACKENDS)}")
+
+
+def add_backends_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backends", default=",".join(BACKENDS), metavar="LIST",
+                   help=f"comma-separated, any of: {', '.join(BACKENDS)}")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads to compute with (default: the framework's own choice)")
+
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `from_pretrained` that a command passes through (see `load_options`)."""
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for `Adapter.load` from the options `add_load_arguments` declared."""
+    return {}
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 40) -> None:
+    g = p.add_argument_group("decoding (unset values: the model's generation_config.json, else greedy)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
+                   help="tokens to generate")
+    g.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample instead of greedy decoding (default: the generation config's, else greedy)")
+    g.add_argument("--temperature", type=float_in(0.0, lo_open=True), default=None, metavar="T",
+                   help="> 0; with --do-sample (default: the generation config's, else 1.0)")
+    g.add_argument("--top-k", type=int_in(0), default=None, metavar="K",
+                   help=">= 0, 0 disables; with --do-sample (default: the generation config's, else 50)")
+    g.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=None, metavar="P",
+                   help="in (0, 1]; with --do-sample (default: the generation config's, else 1.0)")
+    g.add_argument("--repetition-penalty", type=float_in(0.0, lo_open=True), default=None, metavar="R",
+                   help="> 0; 1 disables (default: the generation config's, else 1.0)")
+    g.add_argument("--seed", type=seed_type, default=None,
+                   help="sampling seed, an integer in [0, 2**64) (default: fresh randomness each run)")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding keywords the user set (unset ones are left to the model's generation config)."""
+    names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}

@@ -1,0 +1,471 @@
+"""PyTorch `pytorch_model.bin` (and metaseq `.pt`) files, without PyTorch and without running code.
+
+A `torch.save` file is a pickle whose tensors point at storages kept beside it: in the zip format
+(torch >= 1.6) as `archive/data/<key>` records, in the legacy format as sections after the pickle.
+`load_pickle` unpickles with a restricted unpickler that knows only the names a state dict needs
+(`torch._utils._rebuild_tensor_v2`, `_rebuild_parameter`, the typed storage classes,
+`collections.OrderedDict`); every other global is refused, so no pickled code ever runs. Tensors
+come out as `TensorRef`s (shape, stride, dtype, and where their bytes are in the file); `read`
+fetches the bytes with plain file reads into the caller's buffer, one tensor at a time.
+
+Writing (`TorchBinWriter`) streams too, with the standard library only: each tensor's bytes go to
+`archive/data/<i>` of a stored (uncompressed) zip as they arrive, 64-byte aligned as `torch.save`
+aligns them, and the pickle (protocol 2, the opcodes `torch.save` emits), which only references
+them, comes last. `torch.load(weights_only=True, mmap=True)` and Hugging Face read the result.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from opt_core.formats.base import (
+    CheckpointError,
+    Reader,
+    Writer,
+    final_permissions,
+    out_array,
+    read_exact,
+    tmp_name,
+)
+from opt_core.formats.files import TORCH_BIN, plan_shards, resolve_files, shard_file_names, write_index
+
+# torch's typed storage class names <-> NumPy dtypes.
+STORAGE_DTYPES = {
+    "DoubleStorage": np.dtype(np.float64),
+    "FloatStorage": np.dtype(np.float32),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
+}
+_STORAGE_NAMES = {v: k for k, v in STORAGE_DTYPES.items()}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_ALIGN = 64  # torch.save's storage alignment
+_MAX_PICKLE = 256 * 1024 * 1024  # a state dict's pickle is kilobytes; refuse absurd ones
+
+
+@dataclass
+class _StorageRef:
+    """One storage: its dtype, element count and where its bytes start in the file."""
+
+    key: str
+    dtype: np.dtype
+    numel: int
+    offset: int = -1  # file offset of the bytes (set once known)
+
+
+@dataclass
+class TensorRef:
+    """A tensor of a torch file, not yet read: storage, offset into it, shape and strides (elements)."""
+
+    storage: _StorageRef
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.storage.dtype
+
+
+class _Marker:
+    """What a refused-nothing global resolves to inside the restricted unpickler."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _rebuild_tensor(storage: _StorageRef, storage_offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
+    if not isinstance(storage, _StorageRef):
+        raise CheckpointError("a tensor in the pickle does not point at a storage")
+    shape = tuple(int(d) for d in size)
+    strides = tuple(int(s) for s in stride)
+    if len(shape) != len(strides) or any(d < 0 for d in shape) or any(s < 0 for s in strides):
+        raise CheckpointError(f"a tensor in the pickle has shape {shape} and strides {strides}")
+    extent = 1 + sum((d - 1) * s for d, s in zip(shape, strides)) if all(shape) else 0
+    if storage_offset < 0 or storage_offset + extent > storage.numel:
+        raise CheckpointError(
+            f"a tensor of shape {list(shape)} at offset {storage_offset} overruns its storage of "
+            f"{storage.numel} elements"
+        )
+    return TensorRef(storage, int(storage_offset), shape, strides)
+
+
+def _rebuild_parameter(data: Any, *_: Any) -> Any:
+    return data
+
+
+_ALLOWED = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "OrderedDict"): OrderedDict,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Knows tensors and storages, plain containers and scalars; refuses every other global."""
+
+    def __init__(self, file: Any, source: str, storages: dict[str, _StorageRef]):
+        super().__init__(file)
+        self.source = source
+        self.storages = storages
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _Marker(name)
+        raise CheckpointError(
+            f"{self.source}: the pickle asks for {module}.{name}; only tensors, storages and plain "
+            "containers are read from torch files (no pickled code is ever run)"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _Marker)):
+            raise CheckpointError(f"{self.source}: unsupported persistent id in the pickle: {str(pid)[:200]}")
+        _, marker, key, _location, numel = pid[:5]
+        dtype = STORAGE_DTYPES[marker.name]
+        key = str(key)
+        ref = self.storages.get(key)
+        if ref is None:
+            ref = self.storages[key] = _StorageRef(key, dtype, int(numel))
+        elif ref.dtype != dtype:
+            raise CheckpointError(f"{self.source}: storage {key} is used as {ref.dtype} and as {dtype}")
+        return ref
+
+
+def _local_data_offset(f: Any, info: zipfile.ZipInfo, source: Path) -> int:
+    """Where the bytes of a stored zip member start (after its local header)."""
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"{source}: corrupt zip entry {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
+    """Unpickle a `torch.save` file (zip or legacy) restrictedly: the object, with `TensorRef`s
+    for tensors, and every storage with its file offset.
+
+    Raises:
+        CheckpointError: not a torch file, a refused global, storages missing or out of bounds.
+    """
+    size = path.stat().st_size
+    storages: dict[str, _StorageRef] = {}
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            try:
+                zf = zipfile.ZipFile(f)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise CheckpointError(f"{path} is a corrupt zip file ({e})") from None
+            members = {i.filename: i for i in zf.infolist()}
+            pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkl) != 1:
+                raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no single data.pkl)")
+            prefix = pkl[0][: -len("data.pkl")]
+            if members[pkl[0]].file_size > _MAX_PICKLE:
+                raise CheckpointError(f"{path}: its pickle is {members[pkl[0]].file_size} bytes; refusing")
+            try:
+                raw = zf.read(pkl[0])
+                obj = _Unpickler(io.BytesIO(raw), str(path), storages).load()
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot unpickle its state dict ({type(e).__name__}: {e})") from None
+            for ref in storages.values():
+                info = members.get(f"{prefix}data/{ref.key}")
+                if info is None:
+                    raise CheckpointError(f"{path} lacks the storage data/{ref.key} its pickle refers to")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(f"{path}: storage data/{ref.key} is compressed; torch files store them raw")
+                if info.file_size != ref.numel * ref.dtype.itemsize:
+                    raise CheckpointError(
+                        f"{path}: storage data/{ref.key} holds {info.file_size} bytes, the pickle says "
+                        f"{ref.numel} x {ref.dtype}"
+                    )
+                ref.offset = _local_data_offset(f, info, path)
+                if ref.offset + info.file_size > size:
+                    raise CheckpointError(f"{path} is truncated inside storage data/{ref.key}")
+            return obj, list(storages.values())
+        # The legacy format: magic, protocol, system info, the object, the storage keys, storages.
+        f.seek(0)
+        try:
+            header = [_Unpickler(f, str(path), {}).load() for _ in range(3)]
+        except CheckpointError:
+            raise
+        except Exception:
+            raise CheckpointError(f"{path} is neither a torch.save zip archive nor a legacy torch file") from None
+        if header[0] != _LEGACY_MAGIC or not isinstance(header[2], dict):
+            raise CheckpointError(f"{path} is not a torch.save file (bad magic number)")
+        if not header[2].get("little_endian", True):
+            raise CheckpointError(f"{path} was written on a big-endian machine; not supported")
+        try:
+            obj = _Unpickler(f, str(path), storages).load()
+            keys = _Unpickler(f, str(path), {}).load()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot unpickle its state dict ({type(e).__name__}: {e})") from None
+        if not isinstance(keys, list):
+            raise CheckpointError(f"{path}: corrupt legacy torch file (no storage key list)")
+        pos = f.tell()
+        for key in keys:
+            ref = storages.get(str(key))
+            f.seek(pos)
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path} is truncated before storage {key}")
+            (numel,) = struct.unpack("<q", raw)
+            if ref is None or numel != ref.numel:
+                raise CheckpointError(f"{path}: storage {key} is not the one its pickle describes")
+            ref.offset = pos + 8
+            pos = ref.offset + numel * ref.dtype.itemsize
+            if pos > size:
+                raise CheckpointError(f"{path} is truncated inside storage {key}")
+        unplaced = [r.key for r in storages.values() if r.offset < 0]
+        if unplaced:
+            raise CheckpointError(f"{path} lacks the storages {unplaced} its pickle refers to")
+        return obj, list(storages.values())
+
+
+def read_tensor(f: Any, path: Path, key: str, t: TensorRef, out: np.ndarray | None = None) -> np.ndarray:
+    """The bytes of `t` from open file `f` as an array of its shape (into `out` when it fits)."""
+    out = out_array(out, t.shape, t.dtype)
+    if not out.size:
+        return out
+    item = t.dtype.itemsize
+    contiguous = [1] * len(t.shape)
+    for i in range(len(t.shape) - 2, -1, -1):
+        contiguous[i] = contiguous[i + 1] * t.shape[i + 1]
+    if all(s == c or d == 1 for s, c, d in zip(t.stride, contiguous, t.shape)):
+        f.seek(t.storage.offset + t.storage_offset * item)
+        read_exact(f, memoryview(out.reshape(-1).view(np.uint8)), path, key)
+        return out
+    # A strided view (rare in state dicts): read the span it covers, then gather.
+    extent = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
+    span = np.empty(extent, dtype=t.dtype)
+    f.seek(t.storage.offset + t.storage_offset * item)
+    read_exact(f, memoryview(span.view(np.uint8)), path, key)
+    view = np.lib.stride_tricks.as_strided(span, t.shape, tuple(s * item for s in t.stride))
+    np.copyto(out, view)
+    return out
+
+
+def state_dict_of(obj: Any, path: Path) -> dict[str, TensorRef]:
+    """The flat key -> tensor dict of a loaded torch file (a training wrapper's `state_dict` unwrapped).
+
+    Raises:
+        CheckpointError: not a dict of tensors.
+    """
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, TensorRef) or not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{path} holds entries that are not tensors: {', '.join(bad[:20])}")
+    return obj
+
+
+class TorchBinReader(Reader):
+    """`pytorch_model.bin`, sharded `.bin` with its index, or one `.bin` file."""
+
+    fmt = "bin"
+
+    def __init__(self, path: str | os.PathLike[str], config: Any = None, *, files: list[Path] | None = None,
+                 weight_map: Mapping[str, str] | None = None):
+        from opt_core.formats.safetensors import check_index
+
+        path = Path(path)
+        if files is None:
+            files, weight_map = resolve_files(path, self.fmt)
+        super().__init__(path, files)
+        self._tensors: dict[str, TensorRef] = {}
+        self._where: dict[str, Path] = {}
+        for file in files:
+            obj, _ = load_pickle(file)
+            for key, t in state_dict_of(obj, file).items():
+                if key in self._tensors:
+                    raise CheckpointError(f"{key} is stored twice: in {self._where[key].name} and {file.name}")
+                self._tensors[key] = t
+                self._where[key] = file
+        if weight_map is not None:
+            check_index(path, weight_map, {k: p.name for k, p in self._where.items()})
+        self._handles: dict[Path, Any] = {}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: t.shape for k, t in self._tensors.items()}
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._tensors[key].dtype
+
+    def where(self, key: str) -> str:
+        return str(self._where[key])
+
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        path = self._where[key]
+        f = self._handles.get(path)
+        if f is None:
+            f = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
+        return read_tensor(f, path, key, self._tensors[key], out)
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles = {}
+
+
+# ---------------------------------------------------------------- writing
+def _pickle_int(n: int) -> bytes:
+    if 0 <= n < 256:
+        return b"K" + bytes([n])
+    if -(2**31) <= n < 2**31:
+        return b"J" + struct.pack("<i", n)
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw
+
+
+def _pickle_str(s: str) -> bytes:
+    raw = s.encode("utf-8")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _pickle_tuple(items: list[bytes]) -> bytes:
+    return b"(" + b"".join(items) + b"t"
+
+
+def state_dict_pickle(entries: list[tuple[str, str, np.dtype, tuple[int, ...]]]) -> bytes:
+    """The protocol-2 pickle `torch.save` writes for an ordered dict of contiguous tensors, each
+    with a storage of its own: entries are (key, storage key, dtype, shape)."""
+    out = [b"\x80\x02", b"ccollections\nOrderedDict\n)R", b"("]
+    for key, storage_key, dtype, shape in entries:
+        numel = int(np.prod(shape, dtype=np.int64))
+        stride, step = [], 1
+        for d in reversed(shape):
+            stride.insert(0, step)
+            step *= d
+        pid = _pickle_tuple([_pickle_str("storage"), f"ctorch\n{_STORAGE_NAMES[dtype]}\n".encode(),
+                             _pickle_str(storage_key), _pickle_str("cpu"), _pickle_int(numel)])
+        args = _pickle_tuple([
+            pid + b"Q", _pickle_int(0), _pickle_tuple([_pickle_int(d) for d in shape]),
+            _pickle_tuple([_pickle_int(s) for s in stride]), b"\x89", b"ccollections\nOrderedDict\n)R",
+        ])
+        out += [_pickle_str(key), b"ctorch._utils\n_rebuild_tensor_v2\n", args, b"R"]
+    out += [b"u", b"."]
+    return b"".join(out)
+
+
+class _StreamingTorchFile:
+    """One `torch.save`-compatible zip archive written tensor by tensor with `zipfile`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.archive = path.name.lstrip(".").split(".")[0] or "archive"
+        self._file = open(path, "wb")  # noqa: SIM115 (closed in finish/close)
+        self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._entries: list[tuple[str, str, np.dtype, tuple[int, ...]]] = []
+
+    def _member(self, name: str, size: int) -> zipfile.ZipInfo:
+        info = zipfile.ZipInfo(f"{self.archive}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_STORED
+        info.file_size = size
+        # Pad the local header's extra field so the data starts 64-byte aligned (as torch.save does,
+        # for memory-mapped loading); zipfile appends a 20-byte zip64 field to it when forced.
+        start = self._file.tell() + 30 + len(info.filename.encode()) + 20 + 4
+        pad = -start % _ALIGN
+        info.extra = struct.pack("<HH", 0xF5F5, pad) + b"\0" * pad
+        return info
+
+    def _write(self, name: str, data: Any, size: int) -> None:
+        with self._zip.open(self._member(name, size), "w", force_zip64=True) as w:
+            w.write(data)
+
+    def add(self, key: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        if array.dtype not in _STORAGE_NAMES:
+            raise CheckpointError(f"cannot write {key} as {array.dtype} to pytorch_model.bin")
+        storage_key = str(len(self._entries))
+        self._write(f"data/{storage_key}", memoryview(array.reshape(-1).view(np.uint8)), array.nbytes)
+        self._entries.append((key, storage_key, array.dtype, tuple(array.shape)))
+
+    def finish(self) -> None:
+        data = state_dict_pickle(self._entries)
+        self._write("data.pkl", data, len(data))
+        self._write("byteorder", b"little", 6)
+        self._write("version", b"3\n", 2)
+        self._zip.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def close(self) -> None:
+        try:
+            self._zip.close()
+        except Exception:  # aborting half-way: the file is deleted anyway
+            pass
+        self._file.close()
+
+
+class TorchBinWriter(Writer):
+    """Writes `pytorch_model.bin`, or shards of at most `shard_bytes` plus the index, in the zip
+    format `torch.save` produces. Memory: one tensor."""
+
+    fmt = "bin"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        limit = self.shard_bytes if self.shard_bytes else 1 << 62
+        self._shards = plan_shards({p.spec.name: p.nbytes for p in self.plan}, limit)
+        self._names = shard_file_names(TORCH_BIN, len(self._shards))
+        self._shard_of = {c: i for i, shard in enumerate(self._shards) for c in shard}
+        self._files: dict[int, _StreamingTorchFile] = {}
+        self._left = [len(s) for s in self._shards]
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        plan = self._check(name, array)
+        i = self._shard_of[name]
+        if i not in self._files:
+            self._files[i] = _StreamingTorchFile(tmp_name(self.folder, self._names[i]))
+        self._files[i].add(plan.key, array)
+        self._left[i] -= 1
+        if self._left[i] == 0:
+            self._files.pop(i).finish()
+
+    def commit(self) -> list[Path]:
+        self._require_complete()
+        out = []
+        for name in self._names:
+            final_permissions(tmp_name(self.folder, name))
+            os.replace(tmp_name(self.folder, name), self.folder / name)
+            out.append(self.folder / name)
+        if len(self._shards) > 1:
+            weight_map = {self._by_name[c].key: n for shard, n in zip(self._shards, self._names) for c in shard}
+            index = self.folder / (TORCH_BIN + ".index.json")
+            write_index(index, weight_map, sum(p.nbytes for p in self.plan))
+            out.append(index)
+        return out
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        super().abort()
