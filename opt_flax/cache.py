@@ -3,6 +3,7 @@
 Explicit data, not module state: `KVCache` is a JAX pytree, so jitted prefill/decode functions take
 it as an argument and return the new one, and it can carry a `NamedSharding` like any array.
 All rows share one write slot (`length`); left padding lives inside the cache, hidden by the mask.
+The module functions `init`, `update` and `reorder` are the names every backend's cache module shares.
 """
 
 from __future__ import annotations
@@ -55,3 +56,22 @@ class KVCache:
     def reorder(self, rows: jax.Array) -> KVCache:
         """Gather rows (beam search: each beam continues from its parent's cache)."""
         return KVCache(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.length)
+
+
+def init(config: OPTConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
+    """Zeroed buffers for `batch_size` rows of up to `max_length` tokens (`KVCache.init`)."""
+    return KVCache.init(config, batch_size, max_length, dtype)
+
+
+def update(cache: KVCache, layer_idx: int, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Layer `layer_idx`'s buffers [B, N, S, H] with `key`/`value` [B, N, T, H] written at slot
+    `cache.length` (the write the attention layer does; the caller advances `length`)."""
+    start = (0, 0, cache.length, 0)
+    keys, values = cache.keys[layer_idx], cache.values[layer_idx]
+    return (jax.lax.dynamic_update_slice(keys, key.astype(keys.dtype), start),
+            jax.lax.dynamic_update_slice(values, value.astype(values.dtype), start))
+
+
+def reorder(cache: KVCache, rows: jax.Array) -> KVCache:
+    """The cache keeping batch rows `rows` (beam search; `KVCache.reorder`)."""
+    return cache.reorder(rows)

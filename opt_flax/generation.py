@@ -2,14 +2,23 @@
 
 Like gpt-fast, the pieces are small functions beside the model: `prefill` runs the prompt and fills
 the cache; `greedy_or_sample_loop` and `beam_search_loop` run the whole decode loop inside one
-`jax.lax.while_loop` (no Python per token). Each is a `jax.jit` with the model's `GraphDef` as a
-static argument and its state as data, so a second `generate` with the same shapes reuses the
-compiled code. Prompts are left-padded up to a multiple of `pad_to_multiple_of` (a shape bucket):
-positions come from the mask, so the extra padding changes nothing but the compile cache key.
+`jax.lax.while_loop` (no Python per token). Each is a `jax.jit` with the model's `GraphDef` and the
+switches that change the graph as static arguments and everything else (state, seed, temperature,
+penalties) as data, so a second `generate` with the same shapes reuses the compiled code. Prompts
+are left-padded up to a multiple of 8 (a shape bucket): positions come from the mask, so the extra
+padding changes nothing but the compile cache key.
 
-Semantics follow Hugging Face: finished rows are padded with `pad_token_id`; the output stops when
-every row has finished (so it may be shorter than `max_new_tokens`); sampling applies temperature,
-then top-k, then top-p; beam search is Hugging Face torch 4.57's vectorised beam search.
+Semantics follow Hugging Face 4.57.6 (torch): logits processors in its order (repetition penalty
+over the prompt and the generated tokens, no-repeat n-grams, eos forbidden before min_new_tokens),
+then temperature, top-k, top-p; finished rows are padded with `pad_token_id`; the output stops
+when every row has finished; beam search is Hugging Face's vectorised beam search. Sampling draws
+from the counter-based stream of `opt_core.sampling` (Gumbel-max), computed here with jnp.uint32
+arithmetic, so a seed samples the same tokens as the torch and TF backends.
+
+A streamer (`put`/`end`) gets each step's tokens through an ordered `jax.debug.callback` inside
+the loop, compiled in only when a streamer is given.
+
+Letters in shape comments: B batch, K beams, W bucketed prompt width, N max new tokens, V vocab.
 """
 
 from __future__ import annotations
@@ -23,13 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opt_core.inputs import validate_generation_args, validate_inputs
+from opt_core import sampling as stream
+from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
+from opt_core.inputs import validate_inputs
 from opt_flax.cache import KVCache
 
 # How many times each jitted function has been traced (= compiled); the no-recompile test reads it.
 COMPILATIONS: collections.Counter[str] = collections.Counter()
 NEG = -1.0e9  # Hugging Face's "impossible" beam score
-FILTERED = float(np.finfo(np.float32).min)  # logits removed by top-k / top-p (finite, never -inf)
+BUCKET = 8  # prompt widths are left-padded up to a multiple of this (compile buckets)
 
 
 def compilation_count(name: str | None = None) -> int:
@@ -37,7 +48,44 @@ def compilation_count(name: str | None = None) -> int:
     return COMPILATIONS[name] if name is not None else sum(COMPILATIONS.values())
 
 
-# ---------------------------------------------------------------- jitted steps
+# ---------------------------------------------------------------- the random stream (opt_core.sampling)
+def fmix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser on a jnp.uint32 array (wrapping multiply, xor, shift)."""
+    x = x ^ (x >> jnp.uint32(16))
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> jnp.uint32(13))
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> jnp.uint32(16))
+
+
+def seed_words(seed: int) -> np.ndarray:
+    """The seed (0 <= seed < 2**64) as its low and high 32-bit words, uint32 [2]."""
+    seed = stream.check_seed(seed)
+    return np.array([seed & stream.MASK32, seed >> 32], np.uint32)
+
+
+def random_bits(words: jax.Array, step: jax.Array, rows: int, vocab_size: int) -> jax.Array:
+    """`opt_core.sampling.random_bits` in JAX: uint32 [rows, V] for seed words [2] and step `step`."""
+    words = jnp.asarray(words, jnp.uint32)
+    r = fmix32(fmix32(words[0] ^ jnp.uint32(stream.SEED_SALT)) ^ words[1])
+    r = fmix32(r ^ jnp.asarray(step).astype(jnp.uint32))
+    r = fmix32(r ^ jnp.arange(rows, dtype=jnp.uint32))  # [rows]
+    salt = fmix32(jnp.arange(vocab_size, dtype=jnp.uint32) + jnp.uint32(stream.VOCAB_SALT))  # [V]
+    return fmix32(r[:, None] ^ salt[None, :])
+
+
+def uniforms(words: jax.Array, step: jax.Array, rows: int, vocab_size: int) -> jax.Array:
+    """float32 (0, 1) [rows, V]: ((bits >> 8) + 0.5) / 2**24, bit-identical to opt_core.sampling."""
+    bits = random_bits(words, step, rows, vocab_size) >> jnp.uint32(8)
+    return (bits.astype(jnp.float32) + jnp.float32(0.5)) * jnp.float32(2.0**-24)
+
+
+def gumbel_noise(words: jax.Array, step: jax.Array, rows: int, vocab_size: int) -> jax.Array:
+    """Gumbel(0, 1) noise [rows, V]: -log(-log(u))."""
+    return -jnp.log(-jnp.log(uniforms(words, step, rows, vocab_size)))
+
+
+# ---------------------------------------------------------------- model steps
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_length"))
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
             max_length: int) -> tuple[jax.Array, KVCache]:
@@ -78,83 +126,171 @@ def _from_carry(carried: KVCache, batch: int) -> KVCache:
     return KVCache(tuple(k[None] for k in carried.keys), tuple(v[None] for v in carried.values), carried.length)
 
 
+# ---------------------------------------------------------------- logits processors (Hugging Face order)
+def _is_any(tokens: jax.Array, ids: jax.Array) -> jax.Array:
+    """bool, same shape as `tokens`: the token is one of `ids` [E] (-1 entries match nothing)."""
+    return jnp.any((tokens[..., None] == ids) & (ids >= 0), axis=-1)
+
+
+def seen_tokens(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """bool [R, V]: which ids occur in each row of `tokens` [R, L] (NumPy, on the host)."""
+    seen = np.zeros((tokens.shape[0], vocab_size), bool)
+    seen[np.arange(tokens.shape[0])[:, None], tokens] = True
+    return seen
+
+
+def banned_ngram_tokens(tokens: jax.Array, length: jax.Array, first: jax.Array, n: int, vocab_size: int
+                        ) -> jax.Array:
+    """bool [R, V]: Hugging Face's no-repeat-n-gram bans for rows `tokens` [R, C] whose columns
+    [first, length) hold the sequence: the ids that would repeat one of its n-grams."""
+    r, c = tokens.shape
+    windows = c - n + 1  # n-gram start columns
+    if windows <= 0:
+        return jnp.zeros((r, vocab_size), bool)
+    starts = jnp.arange(windows)
+    last = jnp.take(tokens, jnp.maximum(length - (n - 1) + jnp.arange(n - 1), 0), axis=1)  # [R, n-1]
+    match = jnp.broadcast_to((starts >= first) & (starts <= length - n), (r, windows))
+    for m in range(n - 1):
+        match = match & (tokens[:, m : m + windows] == last[:, m : m + 1])
+    follow = tokens[:, n - 1 : n - 1 + windows]  # [R, W]: each n-gram's last token
+    return jnp.zeros((r, vocab_size), bool).at[jnp.arange(r)[:, None], follow].max(match)
+
+
+def process_logits(logits: jax.Array, new_tokens: jax.Array, seen: jax.Array | None, tokens: jax.Array | None,
+                   length: jax.Array, first: jax.Array, eos_ids: jax.Array, repetition_penalty: jax.Array,
+                   min_new_tokens: jax.Array, ngram: int, min_new: bool) -> jax.Array:
+    """Hugging Face's processors in its order on logits [R, V]: repetition penalty over `seen`
+    [R, V] (None = off), no-repeat `ngram`-grams over `tokens` [R, C] (columns [first, length)
+    filled), then eos forbidden while fewer than `min_new_tokens` tokens are new (`min_new`)."""
+    vocab = logits.shape[-1]
+    if seen is not None:
+        penalised = jnp.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = jnp.where(seen, penalised, logits)
+    if ngram:
+        logits = jnp.where(banned_ngram_tokens(tokens, length, first, ngram, vocab), -jnp.inf, logits)
+    if min_new:
+        is_eos = _is_any(jnp.arange(vocab), eos_ids)  # [V]
+        logits = jnp.where(is_eos[None, :] & (new_tokens < min_new_tokens), -jnp.inf, logits)
+    return logits
+
+
 def warp_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Temperature, then top-k (0 = off), then top-p (1.0 = off), as Hugging Face's warpers do.
-    logits [B, V] float32; removed entries get a large finite negative."""
+    logits [B, V] float32; removed entries get -inf."""
     logits = logits / temperature
     vocab = logits.shape[-1]
     sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V]
     k = jnp.clip(top_k, 1, vocab)
     kth = jnp.take_along_axis(sorted_desc, jnp.full((logits.shape[0], 1), k - 1), axis=-1)  # [B, 1]
-    logits = jnp.where((top_k > 0) & (logits < kth), FILTERED, logits)
+    logits = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
     # top-p: drop the smallest tokens whose cumulative probability stays <= 1 - top_p (keep >= 1).
     order = jnp.argsort(logits, axis=-1)  # ascending
     sorted_asc = jnp.take_along_axis(logits, order, axis=-1)
     cum = jnp.cumsum(jax.nn.softmax(sorted_asc, axis=-1), axis=-1)
     remove_sorted = (cum <= 1.0 - top_p).at[:, -1].set(False)
     remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
-    return jnp.where((top_p < 1.0) & remove, FILTERED, logits)
+    return jnp.where((top_p < 1.0) & remove, -jnp.inf, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "do_sample"))
+# ---------------------------------------------------------------- streaming (host callback)
+_STREAMER: list[Any] = [None]  # the streamer of the call in progress
+
+
+def emit(streamer: Any, tokens: np.ndarray) -> None:
+    """Hand tokens to a streamer (an object with `put`, or a plain callable)."""
+    if streamer is None:
+        return
+    if hasattr(streamer, "put"):
+        streamer.put(tokens)
+    else:
+        streamer(tokens)
+
+
+def _deliver(tokens: Any) -> None:
+    emit(_STREAMER[0], np.asarray(tokens).astype(np.int64))
+
+
+# ---------------------------------------------------------------- greedy and sampling
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "do_sample", "ngram", "min_new",
+                                             "stream"))
 def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax.Array, cache: KVCache,
-                          attention_mask: jax.Array, max_new_tokens: int, do_sample: bool, eos_token_id: jax.Array,
-                          pad_token_id: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                          top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+                          attention_mask: jax.Array, prompt: jax.Array, first: jax.Array, seen: jax.Array | None,
+                          max_new_tokens: int, do_sample: bool, eos_ids: jax.Array, pad_token_id: jax.Array,
+                          seed: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                          repetition_penalty: jax.Array, min_new_tokens: jax.Array, ngram: int = 0,
+                          min_new: bool = False, stream: bool = False) -> tuple[jax.Array, jax.Array]:
     """Decode up to `max_new_tokens` tokens per row inside one while_loop.
 
+    prompt [B, W] is the bucketed prompt (its real columns start at `first`), seen [B, V] the ids in
+    the prompt (None: no repetition penalty), eos_ids [E] (-1 = none), seed the uint32 words [2].
     Returns the new tokens [B, max_new_tokens] (pad after a row finished) and the number of steps
-    taken (the loop stops early once every row has produced `eos_token_id`; eos < 0 disables it).
+    taken (the loop stops early once every row has produced an eos id).
     """
     COMPILATIONS["greedy_or_sample_loop"] += 1
     model = nnx.merge(graphdef, state)
-    b = first_logits.shape[0]
+    b, vocab = first_logits.shape
+    width = prompt.shape[1]
 
     def cond(carry: tuple) -> jax.Array:
         step, _, _, _, finished, _ = carry
         return (step < max_new_tokens) & ~jnp.all(finished)
 
     def body(carry: tuple) -> tuple:
-        step, tokens, logits, carried, finished, key = carry
+        step, tokens, logits, carried, finished, seen = carry
+        full = jnp.concatenate([prompt, tokens], axis=1) if ngram else None
+        logits = process_logits(logits, step, seen, full, width + step, first, eos_ids, repetition_penalty,
+                                min_new_tokens, ngram, min_new)
         if do_sample:
-            key, sub = jax.random.split(key)
-            nxt = jax.random.categorical(sub, warp_logits(logits, temperature, top_k, top_p), axis=-1)
+            noise = gumbel_noise(seed, step, b, vocab)
+            nxt = jnp.argmax(warp_logits(logits, temperature, top_k, top_p) + noise, axis=-1)
         else:
             nxt = jnp.argmax(logits, axis=-1)
         nxt = jnp.where(finished, pad_token_id, nxt).astype(jnp.int32)  # [B]
+        if stream:
+            jax.debug.callback(_deliver, nxt, ordered=True)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
-        finished = finished | (nxt == eos_token_id)
+        finished = finished | _is_any(nxt, eos_ids)
+        if seen is not None:
+            seen = seen | (jnp.arange(vocab)[None, :] == nxt[:, None])
         logits, cache = _decode_step(model, nxt, attention_mask, _from_carry(carried, b))
-        return step + 1, tokens, logits, _to_carry(cache), finished, key
+        return step + 1, tokens, logits, _to_carry(cache), finished, seen
 
     tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
-    carry = (jnp.int32(0), tokens, first_logits, _to_carry(cache), jnp.zeros((b,), bool), key)
+    carry = (jnp.int32(0), tokens, first_logits, _to_carry(cache), jnp.zeros((b,), bool), seen)
     step, tokens, *_ = jax.lax.while_loop(cond, body, carry)
     return tokens, step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_beams", "early_stopping"))
+# ---------------------------------------------------------------- beam search
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_beams", "early_stopping", "ngram",
+                                             "min_new"))
 def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax.Array, cache: KVCache,
-                     attention_mask: jax.Array, max_new_tokens: int, num_beams: int, early_stopping: bool | str,
-                     eos_token_id: jax.Array, pad_token_id: jax.Array, length_penalty: jax.Array
+                     attention_mask: jax.Array, prompt: jax.Array, first: jax.Array, seen: jax.Array | None,
+                     max_new_tokens: int, num_beams: int, early_stopping: bool | str, eos_ids: jax.Array,
+                     pad_token_id: jax.Array, length_penalty: jax.Array, repetition_penalty: jax.Array,
+                     min_new_tokens: jax.Array, ngram: int = 0, min_new: bool = False
                      ) -> tuple[jax.Array, jax.Array]:
     """Hugging Face torch's vectorised beam search (4.57), one while_loop.
 
     first_logits [B, V] and cache/attention_mask with B rows (the prompt is prefilled once per row
-    and copied to its beams here). Returns the best sequence's new tokens [B, max_new_tokens]
-    (pad-filled) and the number of new tokens the output keeps (Hugging Face's trimmed length).
+    and copied to its beams here); prompt, first, seen, eos_ids as in `greedy_or_sample_loop`.
+    Returns the best sequence's new tokens [B, max_new_tokens] (pad-filled) and the number of new
+    tokens the output keeps (Hugging Face's trimmed length).
     """
     COMPILATIONS["beam_search_loop"] += 1
     model = nnx.merge(graphdef, state)
     b, vocab = first_logits.shape
     k, n = num_beams, max_new_tokens
-    w = 2 * k  # beams_to_keep = max(2, 1 + number of eos ids) * num_beams, with one eos id
+    w = max(2, 1 + eos_ids.shape[0]) * k  # Hugging Face's beams_to_keep (a [-1] placeholder counts as one eos)
     top_num_beam_mask = jnp.arange(w) < k  # [W]
+    width = prompt.shape[1]
 
     # Every beam starts from its row's prompt: repeat rows (B -> B*K, beams of a row adjacent).
     cache = cache.reorder(jnp.repeat(jnp.arange(b), k))
     mask = jnp.repeat(attention_mask, k, axis=0)  # [B*K, S]
     logits = jnp.repeat(first_logits, k, axis=0)  # [B*K, V]
+    flat_prompt = jnp.repeat(prompt, k, axis=0)  # [B*K, W]
+    seen = None if seen is None else jnp.repeat(seen, k, axis=0)  # [B*K, V]
 
     def gather(x: jax.Array, idx: jax.Array) -> jax.Array:  # x [B, W or K, ...], idx [B, J]
         return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
@@ -164,14 +300,17 @@ def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax
 
     def body(c: dict) -> dict:
         i = c["step"]
-        log_probs = jax.nn.log_softmax(c["logits"], axis=-1).reshape(b, k, vocab)
-        log_probs = (log_probs + c["run_scores"][:, :, None]).reshape(b, k * vocab)  # [B, K*V]
+        log_probs = jax.nn.log_softmax(c["logits"], axis=-1)  # [B*K, V]
+        full = jnp.concatenate([flat_prompt, c["run_seqs"].reshape(b * k, n)], axis=1) if ngram else None
+        log_probs = process_logits(log_probs, i, c["seen"], full, width + i, first, eos_ids, repetition_penalty,
+                                   min_new_tokens, ngram, min_new)
+        log_probs = (log_probs.reshape(b, k, vocab) + c["run_scores"][:, :, None]).reshape(b, k * vocab)
         topk_scores, topk_idx = jax.lax.top_k(log_probs, w)  # [B, W]
         parent = topk_idx // vocab
         tok = (topk_idx % vocab).astype(jnp.int32)
         topk_seqs = gather(c["run_seqs"], parent)  # [B, W, N]
         topk_seqs = jax.lax.dynamic_update_slice(topk_seqs, tok[:, :, None], (0, 0, i))
-        hits = (tok == eos_token_id) | (i + 1 >= n)  # eos or max length reached
+        hits = _is_any(tok, eos_ids) | (i + 1 >= n)  # eos or max length reached
 
         # Running beams for the next step: the best K continuations that did not stop.
         run_cand = topk_scores + hits.astype(jnp.float32) * NEG
@@ -183,8 +322,8 @@ def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax
         # Finished hypotheses: merge the top-K continuations that stopped, length-normalised.
         did_finish = hits & top_num_beam_mask[None, :]
         fin_cand = topk_scores / ((i + 1).astype(jnp.float32) ** length_penalty)
-        full = jnp.all(c["is_fin"], axis=-1, keepdims=True) & (early_stopping is True)
-        fin_cand = fin_cand + full * NEG + (~c["unsat"]) * NEG + (~did_finish) * NEG
+        full_fin = jnp.all(c["is_fin"], axis=-1, keepdims=True) & (early_stopping is True)
+        fin_cand = fin_cand + full_fin * NEG + (~c["unsat"]) * NEG + (~did_finish) * NEG
         merged_scores = jnp.concatenate([c["fin_scores"], fin_cand], axis=1)  # [B, K + W]
         _, midx = jax.lax.top_k(merged_scores, k)
         fin_seqs = gather(jnp.concatenate([c["fin_seqs"], topk_seqs], axis=1), midx)
@@ -206,16 +345,20 @@ def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax
         rows = (jnp.arange(b)[:, None] * k + run_parent).reshape(-1)  # [B*K]
         cache = c["cache"].reorder(rows)
         new_tok = run_seqs[:, :, i].reshape(-1)  # [B*K]
+        seen = c["seen"]
+        if seen is not None:
+            seen = seen[rows] | (jnp.arange(vocab)[None, :] == new_tok[:, None])
         logits, cache = _decode_step(model, new_tok, mask, cache)
         return dict(step=i + 1, go=go, logits=logits, cache=cache, run_seqs=run_seqs, run_scores=run_scores,
-                    fin_seqs=fin_seqs, fin_scores=fin_scores, is_fin=is_fin, fin_len=fin_len, unsat=unsat)
+                    fin_seqs=fin_seqs, fin_scores=fin_scores, is_fin=is_fin, fin_len=fin_len, unsat=unsat,
+                    seen=seen)
 
     seqs0 = jnp.full((b, k, n), pad_token_id, jnp.int32)
     carry = dict(
         step=jnp.int32(0), go=jnp.bool_(True), logits=logits, cache=cache, run_seqs=seqs0,
         run_scores=jnp.where(jnp.arange(k)[None, :] == 0, 0.0, NEG) * jnp.ones((b, 1)),
         fin_seqs=seqs0, fin_scores=jnp.full((b, k), NEG), is_fin=jnp.zeros((b, k), bool),
-        fin_len=jnp.zeros((b, k), jnp.int32), unsat=jnp.ones((b, 1), bool),
+        fin_len=jnp.zeros((b, k), jnp.int32), unsat=jnp.ones((b, 1), bool), seen=seen,
     )
     c = jax.lax.while_loop(cond, body, carry)
     return c["fin_seqs"][:, 0], jnp.max(c["fin_len"][:, 0])
@@ -231,55 +374,54 @@ def generate(
     input_ids: Any,
     attention_mask: Any = None,
     *,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    eos_token_id: int | None = None,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
-    prng_key: jax.Array | None = None,
     seed: int | None = None,
-    pad_to_multiple_of: int = 8,
-) -> jax.Array:
-    """Continue each row of `input_ids` [B, T] (left-padded when `attention_mask` has zeros).
-
-    Args:
-        max_new_tokens: tokens to add per row (the output stops earlier once every row hit eos).
-        do_sample: sample (with `temperature`, `top_k` (0 = off), `top_p`) instead of greedy.
-        num_beams: > 1 for beam search (deterministic; `length_penalty`, `early_stopping` as in HF).
-        eos_token_id / pad_token_id: default to the config's; eos None disables stopping.
-        prng_key: `jax.random.key` for sampling; or `seed` (an int, as in opt_torch); default key 0.
-        pad_to_multiple_of: prompt widths are left-padded up to this multiple (compile buckets).
-    Returns:
-        int32 [B, T + generated]: the prompt followed by the new tokens (pad after a row's eos).
-    Raises:
-        ValueError: bad inputs, or a prompt plus new tokens longer than max_position_embeddings.
-    """
+    streamer: Any = None,
+) -> np.ndarray:
     cfg = model.config
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     validate_inputs(ids, mask, cfg)
-    validate_generation_args(
-        cfg, ids.shape[1], max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        temperature=temperature, top_p=top_p,
+    o = resolve_generation_options(
+        cfg, getattr(model, "generation_config", None), prompt_length=ids.shape[1], max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+        streamer=streamer,
     )
-    b, t = ids.shape
-    width = min(_bucket(t, pad_to_multiple_of), cfg.max_position_embeddings - max_new_tokens)
-    width = max(width, t)
-    if width + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {t} tokens plus max_new_tokens={max_new_tokens} exceeds max_position_embeddings "
-            f"({cfg.max_position_embeddings}); shorten the prompt or generate fewer tokens"
-        )
-    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
-    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
-    pad = pad if pad is not None else (eos if eos is not None else 0)
-    eos = -1 if eos is None else eos
+    return run(model, ids, mask, o)
 
+
+generate.__doc__ = GENERATE_DOC + """
+Flax: prefill and the decode loop are `jax.jit`s (one `lax.while_loop`), compiled once per shape
+bucket and mode; a streamer is fed by an ordered `jax.debug.callback`. Returns NumPy int64.
+"""
+
+
+def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> np.ndarray:
+    """Generate with resolved options `o` (`opt_core.generation_config.resolve_generation_options`)
+    from checked inputs ids / mask [B, T]; returns NumPy int64 [B, T + generated]."""
+    cfg = model.config
+    streamer, max_new_tokens, eos, pad = o.streamer, o.max_new_tokens, list(o.eos_token_ids), o.pad_token_id
+    emit(streamer, ids.astype(np.int64))
+    if max_new_tokens == 0:
+        if streamer is not None:
+            streamer.end()
+        return ids.astype(np.int64)
+
+    b, t = ids.shape
+    width = max(min(_bucket(t, BUCKET), cfg.max_position_embeddings - max_new_tokens), t)
     extra = width - t  # left padding added for the shape bucket
     ids_b = np.concatenate([np.full((b, extra), pad, ids.dtype), ids], axis=1).astype(np.int32)
     mask_full = np.concatenate([np.zeros((b, extra), np.int32), mask.astype(np.int32),
@@ -287,14 +429,29 @@ def generate(
     graphdef, state = nnx.split(model)
     max_length = width + max_new_tokens
     logits, cache = prefill(graphdef, state, jnp.asarray(ids_b), jnp.asarray(mask_full), max_length)
-    if num_beams > 1:
-        new, count = beam_search_loop(graphdef, state, logits, cache, jnp.asarray(mask_full), max_new_tokens,
-                                      num_beams, early_stopping, jnp.int32(eos), jnp.int32(pad),
-                                      jnp.float32(length_penalty))
+    seen = jnp.asarray(seen_tokens(ids, cfg.vocab_size)) if o.repetition_penalty != 1.0 else None
+    eos_ids = jnp.asarray(eos if eos else [-1], jnp.int32)
+    common = dict(prompt=jnp.asarray(ids_b), first=jnp.int32(extra), seen=seen, max_new_tokens=max_new_tokens,
+                  eos_ids=eos_ids, pad_token_id=jnp.int32(pad), repetition_penalty=jnp.float32(o.repetition_penalty),
+                  min_new_tokens=jnp.int32(o.min_new_tokens), ngram=o.no_repeat_ngram_size,
+                  min_new=bool(o.min_new_tokens > 0 and eos))
+    if o.num_beams > 1:
+        new, count = beam_search_loop(graphdef, state, logits, cache, jnp.asarray(mask_full), num_beams=o.num_beams,
+                                      early_stopping=o.early_stopping, length_penalty=jnp.float32(o.length_penalty),
+                                      **common)
     else:
-        key = prng_key if prng_key is not None else jax.random.key(0 if seed is None else seed)
-        new, count = greedy_or_sample_loop(graphdef, state, logits, cache, jnp.asarray(mask_full), max_new_tokens,
-                                           do_sample, jnp.int32(eos), jnp.int32(pad), key,
-                                           jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-    count = int(count)
-    return jnp.concatenate([jnp.asarray(ids, jnp.int32), new[:, :count]], axis=1)
+        _STREAMER[0] = streamer
+        try:
+            new, count = greedy_or_sample_loop(
+                graphdef, state, logits, cache, jnp.asarray(mask_full), do_sample=o.do_sample,
+                seed=jnp.asarray(seed_words(o.seed or 0)), temperature=jnp.float32(o.temperature),
+                top_k=jnp.int32(o.top_k if o.do_sample else 0), top_p=jnp.float32(o.top_p),
+                stream=streamer is not None, **common)
+            count = int(count)
+            if streamer is not None:
+                jax.effects_barrier()  # every callback has run
+        finally:
+            _STREAMER[0] = None
+    if streamer is not None:
+        streamer.end()
+    return np.concatenate([ids.astype(np.int64), np.asarray(new[:, : int(count)], np.int64)], axis=1)

@@ -31,6 +31,7 @@ from opt_core.checkpoint import (
 from opt_core.config import OPTConfig
 from opt_core.formats import dtype_name, resolve_dtype
 from opt_core.formats.flax_msgpack import flax_path
+from opt_core.generation_config import GenerationConfig
 from opt_core.hub import resolve_pretrained
 from opt_core.layout import from_layout, to_layout
 from opt_core.params import Head, parameter_table
@@ -96,6 +97,7 @@ def from_pretrained(
     config: OPTConfig | None = None,
     revision: str | None = None,
     allow_non_finite: bool = False,
+    quantize: str | None = None,
 ) -> Any:
     """Build `cls` (an opt_flax model class) from a Hugging Face folder or Hub id.
 
@@ -110,6 +112,7 @@ def from_pretrained(
         config: use this config instead of the folder's config.json.
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
+        quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_flax.quantize`).
     Returns:
         The model, every parameter loaded (a task head missing from the checkpoint is initialised);
         `model.loading_info` is the `KeyAccounting` of the load.
@@ -126,7 +129,11 @@ def from_pretrained(
         model = cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
         fill_params(model, ckpt)
     model.loading_info = ckpt.accounting
-    return model
+    if hasattr(model, "generate"):  # generate's defaults, as Hugging Face reads them
+        model.generation_config = GenerationConfig.from_pretrained(folder, config)
+    from opt_flax.quantize import quantize_loaded
+
+    return quantize_loaded(model, quantize)
 
 
 def canonical_tensors(model: Any) -> dict[str, np.ndarray]:
@@ -164,5 +171,8 @@ def save_pretrained(
     """
     if formats is None:
         formats = [*(["safetensors"] if safetensors else []), *(["flax-msgpack"] if flax_msgpack else [])]
-    return save_checkpoint(folder, canonical_tensors(model), model.config, Head(model.head), formats=formats,
-                           max_shard_size=max_shard_size, architecture=type(model).__name__)
+    written = save_checkpoint(folder, canonical_tensors(model), model.config, Head(model.head), formats=formats,
+                              max_shard_size=max_shard_size, architecture=type(model).__name__)
+    if hasattr(model, "generate"):  # generate's defaults beside config.json, as Hugging Face writes them
+        model.generation_config.save_pretrained(folder)
+    return written

@@ -10,6 +10,7 @@ C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from opt_core.config import OPTConfig
+from opt_core.generation_config import GENERATE_DOC, GenerationConfig
 from opt_core.inputs import validate_inputs
 from opt_core.masks import POSITION_OFFSET
 from opt_core.params import Head
@@ -332,6 +334,10 @@ def _is_concrete(x: Any) -> bool:
     return x is not None and not isinstance(x, jax.core.Tracer)
 
 
+_GENERATION_CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> GenerationConfig
+_LOADING_INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> KeyAccounting
+
+
 class OPTPreTrainedModel(nnx.Module):
     """What the four models share: config, input checks, loading, saving.
 
@@ -358,6 +364,27 @@ class OPTPreTrainedModel(nnx.Module):
 
     def get_decoder(self) -> OPTDecoder:
         raise NotImplementedError
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """`generate`'s defaults (generation_config.json; else the config's special tokens). Kept
+        outside the module's attributes: nnx puts those in the GraphDef, which jit hashes."""
+        gen = _GENERATION_CONFIGS.get(self)
+        return gen if gen is not None else GenerationConfig.from_model_config(self.config)
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig) -> None:
+        _GENERATION_CONFIGS[self] = value
+
+    @property
+    def loading_info(self) -> Any:
+        """The `KeyAccounting` of `from_pretrained` (None for a model built from a config); kept
+        outside the module's attributes like `generation_config`."""
+        return _LOADING_INFO.get(self)
+
+    @loading_info.setter
+    def loading_info(self, value: Any) -> None:
+        _LOADING_INFO[self] = value
 
     def _prepare_inputs(
         self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: KVCache | None, validate: bool
@@ -498,11 +525,37 @@ class OPTForCausalLM(_WithDecoder):
             return jnp.einsum("BTE,VE->BTV", h, table.astype(self.dtype))
         return self.lm_head(h)
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> jax.Array:
-        """Continue `input_ids`; see `opt_flax.generation.generate` for the arguments."""
-        from opt_flax.generation import generate
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+        streamer: Any = None,
+    ) -> np.ndarray:
+        from opt_flax import generation
 
-        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+        return generation.generate(
+            self, input_ids, attention_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+            length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            seed=seed, streamer=streamer,
+        )
+
+    generate.__doc__ = GENERATE_DOC
 
 
 class OPTForSequenceClassification(_WithDecoder):

@@ -19,7 +19,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from opt_tf.generation import GenerationSettings, compiled_generate_fn
+from opt_tf.generation import GenerationSettings, compiled_generate_fn, knobs
 
 SERVING_KEY = "serving_default"
 
@@ -53,10 +53,10 @@ def export_saved_model(
     if not 1 < max_length <= cfg.max_position_embeddings:
         raise ValueError(f"max_length must be in (1, {cfg.max_position_embeddings}], got {max_length}")
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or 0)
+    eos = () if cfg.eos_token_id is None else (int(cfg.eos_token_id),)
     settings = GenerationSettings(
         total_length=max_length, do_sample=do_sample, top_k=top_k if do_sample else 0, num_beams=num_beams,
-        eos_token_id=cfg.eos_token_id, pad_token_id=pad, length_penalty=length_penalty,
-        early_stopping=early_stopping,
+        num_eos=0 if cfg.eos_token_id is None else 1, early_stopping=early_stopping,
     )
     generate_fn = compiled_generate_fn(model, settings)
 
@@ -72,8 +72,8 @@ def export_saved_model(
     )
     def serve(input_ids: tf.Tensor, attention_mask: tf.Tensor, max_new_tokens: tf.Tensor) -> dict[str, tf.Tensor]:
         tokens, produced = generate_fn(
-            input_ids, attention_mask, max_new_tokens, tf.constant(seed, tf.int32),
-            tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
+            input_ids, attention_mask, max_new_tokens,
+            knobs(seed, temperature, top_p, 1.0, 0, eos, pad, length_penalty),
         )
         return {"sequences": tokens[:, : tf.shape(input_ids)[1] + produced]}
 

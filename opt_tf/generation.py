@@ -1,13 +1,21 @@
 """Generation for `OPTForCausalLM`: greedy, sampling and beam search, each one XLA-compiled function.
 
 The whole decode loop is a `tf.while_loop` inside `tf.function(jit_compile=True)`: the prompt is
-run once into a static cache (`opt_tf.cache`), then each step picks the next tokens and runs them.
-Compiled functions are kept per model and per static setting (shape-independent arguments such as
-temperature, top_p and the seed are tensors), so a second call with the same shapes does not retrace.
+run once into a static cache (`opt_tf.cache`), then each step processes the logits, picks the next
+tokens and runs them. Compiled functions are kept per model and per static setting (values such as
+temperature, top_p, repetition_penalty, min_new_tokens and the seed are tensors), so a second call
+with the same shapes does not retrace.
 
-Semantics follow Hugging Face 4.57.6 (torch): finished rows are padded with the pad id and the
-loop stops when every row has finished; sampling applies temperature, then top-k, then top-p;
-beam search is Hugging Face's vectorised beam search (length penalty, early stopping).
+Semantics follow Hugging Face 4.57.6 (torch): logits processors in its order (repetition penalty
+over the prompt and the generated tokens, no-repeat n-grams, eos forbidden before min_new_tokens),
+then temperature, top-k, top-p; finished rows are padded with the pad id and the loop stops when
+every row has finished; beam search is Hugging Face's vectorised beam search. Sampling draws from
+the counter-based stream of `opt_core.sampling` (Gumbel-max), computed here with tf.uint32
+arithmetic, so a seed samples the same tokens as the torch and Flax backends.
+
+A streamer (`put`/`end`) gets each step's tokens through a `tf.numpy_function` inside the loop;
+XLA cannot compile a host call, so that one variant runs the same loop as a plain graph function
+(the no-streamer path is compiled exactly as before).
 
 Letters in shape comments: B batch, K beams, T prompt, N max new tokens, S = T + N, V vocab.
 """
@@ -15,17 +23,19 @@ Letters in shape comments: B batch, K beams, T prompt, N max new tokens, S = T +
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 
-from opt_core.inputs import validate_generation_args, validate_inputs
-from opt_tf.cache import StaticCache, init_cache
-from opt_tf.modeling import positions_from_mask
+from opt_core import sampling as stream
+from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
+from opt_core.inputs import validate_inputs
+from opt_tf.cache import StaticCache, init
 
 NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
+INF = float("inf")
 
 
 @dataclass(frozen=True)
@@ -34,12 +44,69 @@ class GenerationSettings:
 
     total_length: int  # S: slots of the static cache (prompt + new tokens)
     do_sample: bool = False
-    top_k: int = 50
+    top_k: int = 0  # 0 = off
     num_beams: int = 1
-    eos_token_id: int | None = 2
-    pad_token_id: int = 1
-    length_penalty: float = 1.0
+    num_eos: int = 1  # how many eos ids (0 = never stop early); the ids, pad and length_penalty are tensors
     early_stopping: bool | str = False
+    repetition_penalty: bool = False  # whether the penalty runs (its value is a tensor)
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: bool = False  # whether eos can be forbidden (the count is a tensor)
+    stream: bool = False  # deliver each step's tokens to the host (graph mode, not XLA)
+
+
+class Knobs(NamedTuple):
+    """The values a compiled function takes as tensors (changing them never retraces)."""
+
+    seed: tf.Tensor  # uint32 [2]: the seed's low and high words (`seed_words`)
+    temperature: tf.Tensor  # float32
+    top_p: tf.Tensor  # float32
+    repetition_penalty: tf.Tensor  # float32
+    min_new_tokens: tf.Tensor  # int32
+    eos_ids: tf.Tensor  # int32 [max(1, num_eos)]; -1 = none
+    pad_token_id: tf.Tensor  # int32
+    length_penalty: tf.Tensor  # float32
+
+
+# ---------------------------------------------------------------- the random stream (opt_core.sampling)
+def _u32(value: int) -> tf.Tensor:
+    return tf.constant(value, tf.uint32)
+
+
+def fmix32(x: tf.Tensor) -> tf.Tensor:
+    """MurmurHash3's 32-bit finaliser on a tf.uint32 tensor (wrapping multiply, xor, shift)."""
+    xor, shr = tf.bitwise.bitwise_xor, tf.bitwise.right_shift
+    x = xor(x, shr(x, _u32(16)))
+    x = x * _u32(0x85EBCA6B)
+    x = xor(x, shr(x, _u32(13)))
+    x = x * _u32(0xC2B2AE35)
+    return xor(x, shr(x, _u32(16)))
+
+
+def seed_words(seed: int) -> np.ndarray:
+    """The seed (0 <= seed < 2**64) as its low and high 32-bit words, uint32 [2]."""
+    seed = stream.check_seed(seed)
+    return np.array([seed & stream.MASK32, seed >> 32], np.uint32)
+
+
+def random_bits(words: tf.Tensor, step: tf.Tensor, rows: Any, vocab_size: int) -> tf.Tensor:
+    """`opt_core.sampling.random_bits` in TF: uint32 [rows, V] for seed words [2] and step `step`."""
+    xor = tf.bitwise.bitwise_xor
+    r = fmix32(xor(fmix32(xor(words[0], _u32(stream.SEED_SALT))), words[1]))
+    r = fmix32(xor(r, tf.cast(step, tf.uint32)))
+    r = fmix32(xor(r, tf.cast(tf.range(rows), tf.uint32)))  # [rows]
+    salt = fmix32(tf.cast(tf.range(vocab_size), tf.uint32) + _u32(stream.VOCAB_SALT))  # [V]
+    return fmix32(xor(r[:, None], salt[None, :]))
+
+
+def uniforms(words: tf.Tensor, step: tf.Tensor, rows: Any, vocab_size: int) -> tf.Tensor:
+    """float32 (0, 1) [rows, V]: ((bits >> 8) + 0.5) / 2**24, bit-identical to opt_core.sampling."""
+    bits = tf.bitwise.right_shift(random_bits(words, step, rows, vocab_size), _u32(8))
+    return (tf.cast(bits, tf.float32) + 0.5) * (2.0**-24)
+
+
+def gumbel_noise(words: tf.Tensor, step: tf.Tensor, rows: Any, vocab_size: int) -> tf.Tensor:
+    """Gumbel(0, 1) noise [rows, V]: -log(-log(u))."""
+    return -tf.math.log(-tf.math.log(uniforms(words, step, rows, vocab_size)))
 
 
 # ---------------------------------------------------------------- model steps (graph code)
@@ -63,16 +130,70 @@ def _dims(ids: tf.Tensor) -> tuple[Any, Any]:
     return (ids.shape[0] if ids.shape[0] is not None else dyn[0], ids.shape[1] if ids.shape[1] is not None else dyn[1])
 
 
-def _prefill(
+def prefill(
     model: Any, ids: tf.Tensor, mask: tf.Tensor, total: int
 ) -> tuple[tf.Tensor, StaticCache, tf.Tensor, tf.Tensor]:
     """Run the prompt into a fresh cache of `total` slots -> (last logits, cache, key mask [B, S],
     next position [B])."""
     b, t = _dims(ids)
-    cache = init_cache(model.config, b, total, model.get_decoder().embed_tokens.dtype)
+    cache = init(model.config, b, total, model.get_decoder().embed_tokens.dtype)
     key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; new slots are switched on as they fill
-    logits, cache = _run(model, ids, positions_from_mask(mask, 0, t), key_mask, cache)
+    positions = tf.cumsum(mask, axis=-1) * mask - 1  # [B, T] (modeling's positions_from_mask; no import cycle)
+    logits, cache = _run(model, ids, positions, key_mask, cache)
     return logits, cache, key_mask, tf.reduce_sum(mask, axis=1)
+
+
+# ---------------------------------------------------------------- logits processors (Hugging Face order)
+def _is_any(tokens: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
+    """bool, same shape as `tokens`: the token is one of `ids` [E] (int32; -1 entries match nothing)."""
+    ids = tf.cast(ids, tokens.dtype)
+    return tf.reduce_any(tf.equal(tokens[..., None], ids) & (ids >= 0), axis=-1)
+
+
+def seen_tokens(tokens: tf.Tensor, vocab_size: int) -> tf.Tensor:
+    """bool [R, V]: which ids occur in each row of `tokens` [R, L]."""
+    r, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
+    rows = tf.repeat(tf.range(r), length)
+    idx = tf.stack([rows, tf.reshape(tf.cast(tokens, tf.int32), [-1])], axis=1)
+    hits = tf.tensor_scatter_nd_max(tf.zeros([r, vocab_size], tf.int32), idx, tf.ones([r * length], tf.int32))
+    return hits > 0
+
+
+def banned_ngram_tokens(tokens: tf.Tensor, length: tf.Tensor, n: int, vocab_size: int) -> tf.Tensor:
+    """bool [R, V]: Hugging Face's no-repeat-n-gram bans for rows `tokens` [R, C] of which the first
+    `length` columns are filled: the ids that would repeat an n-gram already in the row."""
+    r, c = tf.shape(tokens)[0], tokens.shape[1]
+    windows = c - n + 1  # n-gram start columns
+    if windows <= 0:
+        return tf.zeros([r, vocab_size], tf.bool)
+    last = tf.gather(tokens, tf.maximum(length - (n - 1) + tf.range(n - 1), 0), axis=1)  # [R, n-1]
+    match = tf.tile((tf.range(windows) <= length - n)[None, :], [r, 1])  # [R, W] complete n-grams only
+    for m in range(n - 1):
+        match &= tf.equal(tokens[:, m : m + windows], last[:, m : m + 1])
+    follow = tf.cast(tokens[:, n - 1 : n - 1 + windows], tf.int32)  # [R, W]: the n-gram's last token
+    idx = tf.stack([tf.repeat(tf.range(r), windows), tf.reshape(follow, [-1])], axis=1)
+    flags = tf.reshape(tf.cast(match, tf.int32), [-1])
+    hits = tf.tensor_scatter_nd_max(tf.zeros([r, vocab_size], tf.int32), idx, flags)
+    return hits > 0
+
+
+def process_logits(
+    logits: tf.Tensor, s: GenerationSettings, new_tokens: tf.Tensor, seen: tf.Tensor | None, tokens: tf.Tensor,
+    length: tf.Tensor, repetition_penalty: tf.Tensor, min_new_tokens: tf.Tensor, eos_ids: tf.Tensor,
+) -> tf.Tensor:
+    """Hugging Face's processors in its order on logits [R, V]: repetition penalty over `seen`
+    (prompt and generated ids), no-repeat n-grams over `tokens` [R, C] (first `length` filled),
+    then eos forbidden while fewer than `min_new_tokens` tokens are new."""
+    vocab = logits.shape[-1]
+    if s.repetition_penalty:
+        penalised = tf.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = tf.where(seen, penalised, logits)
+    if s.no_repeat_ngram_size:
+        logits = tf.where(banned_ngram_tokens(tokens, length, s.no_repeat_ngram_size, vocab), -INF, logits)
+    if s.min_new_tokens and s.num_eos:
+        is_eos = _is_any(tf.range(vocab), eos_ids)  # [V]
+        logits = tf.where(is_eos[None, :] & (new_tokens < min_new_tokens), -INF, logits)
+    return logits
 
 
 # ---------------------------------------------------------------- logits warpers (Hugging Face order)
@@ -83,7 +204,7 @@ def warp_logits(logits: tf.Tensor, temperature: tf.Tensor, top_k: int, top_p: tf
     vocab = logits.shape[-1]
     if top_k and top_k < vocab:
         kth = tf.math.top_k(logits, k=top_k).values[:, -1:]  # [B, 1]
-        logits = tf.where(logits < kth, -np.inf, logits)
+        logits = tf.where(logits < kth, -INF, logits)
     # Top-p: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, keep >= 1.
     order = tf.argsort(logits, axis=-1, direction="ASCENDING", stable=True)
     sorted_logits = tf.gather(logits, order, batch_dims=1)
@@ -95,43 +216,82 @@ def warp_logits(logits: tf.Tensor, temperature: tf.Tensor, top_k: int, top_p: tf
         tf.reshape(remove_sorted, [-1]),
         tf.shape(logits),
     )
-    return tf.where(remove, -np.inf, logits)
+    return tf.where(remove & (top_p < 1.0), -INF, logits)
+
+
+def sample(logits: tf.Tensor, s: GenerationSettings, step: tf.Tensor, words: tf.Tensor, temperature: tf.Tensor,
+           top_p: tf.Tensor) -> tf.Tensor:
+    """The next token [B] (int32) from processed logits [B, V]: argmax, or Gumbel-max over the
+    warped logits with the noise of `opt_core.sampling` for (seed, step, row)."""
+    if not s.do_sample:
+        return tf.argmax(logits, axis=-1, output_type=tf.int32)
+    warped = warp_logits(logits, temperature, s.top_k, top_p)
+    noise = gumbel_noise(words, step, tf.shape(logits)[0], logits.shape[-1])
+    return tf.argmax(warped + noise, axis=-1, output_type=tf.int32)
+
+
+# ---------------------------------------------------------------- streaming (host callback)
+class _StreamSlot:
+    """The streamer of the call in progress; the compiled graph calls `deliver` with each step's tokens."""
+
+    def __init__(self) -> None:
+        self.streamer: Any = None
+
+    def deliver(self, tokens: np.ndarray) -> np.int32:
+        emit(self.streamer, np.asarray(tokens, np.int64))
+        return np.int32(0)
+
+
+def emit(streamer: Any, tokens: np.ndarray) -> None:
+    """Hand tokens to a streamer (an object with `put`, or a plain callable)."""
+    if streamer is None:
+        return
+    if hasattr(streamer, "put"):
+        streamer.put(tokens)
+    else:
+        streamer(tokens)
+
+
+def _stream_step(model: Any, tokens: tf.Tensor) -> tf.Tensor:
+    """Send `tokens` [B] to the host streamer; returns an op to depend on."""
+    slot = model.__dict__.setdefault("_opt_stream_slot", _StreamSlot())
+    return tf.numpy_function(slot.deliver, [tf.cast(tokens, tf.int64)], tf.int32, stateful=True)
 
 
 # ---------------------------------------------------------------- greedy and sampling
 def _sample_loop(
-    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, seed: tf.Tensor, temperature: tf.Tensor,
-    top_p: tf.Tensor, s: GenerationSettings,
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """-> (tokens [B, S] padded with the pad id, number of new columns produced (<= limit))."""
     b, t = _dims(ids)
+    vocab = model.config.vocab_size
     n = tf.minimum(limit, s.total_length - t)
-    logits, cache, key_mask, next_pos = _prefill(model, ids, mask, s.total_length)
-    tokens = tf.pad(ids, [[0, 0], [0, s.total_length - t]], constant_values=s.pad_token_id)  # [B, S]
+    logits, cache, key_mask, next_pos = prefill(model, ids, mask, s.total_length)
+    tokens = tf.pad(ids, [[0, 0], [0, s.total_length - t]], constant_values=v.pad_token_id)  # [B, S]
     unfinished = tf.ones([b], tf.bool)
+    seen = seen_tokens(ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
 
-    def pick(logits: tf.Tensor, i: tf.Tensor) -> tf.Tensor:
-        if not s.do_sample:
-            return tf.argmax(logits, axis=-1, output_type=tf.int32)
-        warped = warp_logits(logits, temperature, s.top_k, top_p)
-        step_seed = tf.stack([seed, tf.cast(i, seed.dtype)])
-        return tf.cast(tf.random.stateless_categorical(warped, 1, step_seed)[:, 0], tf.int32)
-
-    def body(i, tokens, key_mask, cache, logits, next_pos, unfinished):
-        nxt = pick(logits, i)  # [B]
-        nxt = tf.where(unfinished, nxt, s.pad_token_id)
+    def body(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen):
+        logits = process_logits(logits, s, i, seen, tokens, t + i, v.repetition_penalty, v.min_new_tokens, v.eos_ids)
+        nxt = sample(logits, s, i, v.seed, v.temperature, v.top_p)  # [B]
+        nxt = tf.where(unfinished, nxt, v.pad_token_id)
+        if s.stream:
+            with tf.control_dependencies([_stream_step(model, nxt)]):
+                nxt = tf.identity(nxt)
         tokens = _set_column(tokens, t + i, nxt)
-        if s.eos_token_id is not None:
-            unfinished = unfinished & tf.not_equal(nxt, s.eos_token_id)
+        if s.num_eos:
+            unfinished = unfinished & ~_is_any(nxt, v.eos_ids)
+        if s.repetition_penalty:
+            seen = seen | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
         key_mask = _set_column(key_mask, t + i, tf.ones([b], key_mask.dtype))
         logits, cache = _run(model, nxt[:, None], next_pos[:, None], key_mask, cache)
-        return i + 1, tokens, key_mask, cache, logits, next_pos + 1, unfinished
+        return i + 1, tokens, key_mask, cache, logits, next_pos + 1, unfinished, seen
 
-    def cond(i, tokens, key_mask, cache, logits, next_pos, unfinished):
+    def cond(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen):
         return (i < n) & tf.reduce_any(unfinished)
 
     i, tokens, *_ = tf.while_loop(
-        cond, body, (tf.constant(0), tokens, key_mask, cache, logits, next_pos, unfinished),
+        cond, body, (tf.constant(0), tokens, key_mask, cache, logits, next_pos, unfinished, seen),
     )
     return tokens, i
 
@@ -143,7 +303,7 @@ def _gather_beams(x: tf.Tensor, idx: tf.Tensor) -> tf.Tensor:
 
 
 def _beam_loop(
-    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, s: GenerationSettings
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Hugging Face's vectorised beam search -> (best sequence per row [B, S], new columns)."""
     b, t = _dims(ids)
@@ -151,16 +311,17 @@ def _beam_loop(
     n = tf.minimum(limit, cap)
     max_length = t + n
     vocab = model.config.vocab_size
-    keep = max(2, 1 + (1 if s.eos_token_id is not None else 0)) * k  # candidates per step
-    top_num_beam_mask = tf.constant([True] * k + [False] * (keep - k))  # [2K]
+    keep = max(2, 1 + s.num_eos) * k  # candidates per step
+    top_num_beam_mask = tf.constant([True] * k + [False] * (keep - k))  # [keep]
     early_true = s.early_stopping is True
 
     flat_ids = tf.repeat(ids, k, axis=0)  # [B*K, T]
     flat_mask = tf.repeat(mask, k, axis=0)
-    logits, cache, key_mask, next_pos = _prefill(model, flat_ids, flat_mask, s.total_length)
+    logits, cache, key_mask, next_pos = prefill(model, flat_ids, flat_mask, s.total_length)
+    seen = seen_tokens(flat_ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
 
     running_sequences = tf.pad(tf.reshape(flat_ids, [b, k, t]), [[0, 0], [0, 0], [0, cap]],
-                               constant_values=s.pad_token_id)  # [B, K, S]
+                               constant_values=v.pad_token_id)  # [B, K, S]
     sequences = running_sequences
     running_scores = tf.tile(tf.constant([[0.0] + [NEG] * (k - 1)]), [b, 1])  # [B, K]
     beam_scores = tf.fill([b, k], NEG)
@@ -173,22 +334,25 @@ def _beam_loop(
     cols_n = tf.range(cap)[None, None, :]
 
     def body(i, running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-             running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, go_on):
+             running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, seen, go_on):
         cur_len = t + i
         log_probs = tf.nn.log_softmax(logits, axis=-1)  # [B*K, V]
+        flat_running = tf.reshape(running_sequences, [b * k, s.total_length])
+        log_probs = process_logits(log_probs, s, i, seen, flat_running, cur_len, v.repetition_penalty,
+                                   v.min_new_tokens, v.eos_ids)
         log_probs = tf.reshape(log_probs, [b, k, vocab]) + running_scores[:, :, None]
         log_probs = tf.reshape(log_probs, [b, k * vocab])
-        topk_log_probs, topk_indices = tf.math.top_k(log_probs, k=keep)  # [B, 2K]
+        topk_log_probs, topk_indices = tf.math.top_k(log_probs, k=keep)  # [B, keep]
         topk_beam = topk_indices // vocab
         topk_ids = topk_indices % vocab
-        topk_sequences = _gather_beams(running_sequences, topk_beam)  # [B, 2K, S]
+        topk_sequences = _gather_beams(running_sequences, topk_beam)  # [B, keep, S]
         topk_sequences = tf.where(cols_s == cur_len, topk_ids[:, :, None], topk_sequences)
-        topk_beam_indices = _gather_beams(running_beam_indices, topk_beam)  # [B, 2K, N]
+        topk_beam_indices = _gather_beams(running_beam_indices, topk_beam)  # [B, keep, N]
         topk_beam_indices = tf.where(cols_n == i, (topk_beam + batch_offset)[:, :, None], topk_beam_indices)
 
         hits = tf.fill([b, keep], cur_len + 1 >= max_length)  # max-length criterion
-        if s.eos_token_id is not None:
-            hits = hits | tf.equal(topk_ids, s.eos_token_id)
+        if s.num_eos:
+            hits = hits | _is_any(topk_ids, v.eos_ids)
 
         # The best K continuations that did not stop keep running.
         topk_running = topk_log_probs + tf.cast(hits, tf.float32) * NEG
@@ -199,25 +363,25 @@ def _beam_loop(
 
         # Continuations that stopped among the top K join the finished beams if they score higher.
         just_finished = hits & top_num_beam_mask[None, :]
-        scores = topk_log_probs / (tf.cast(cur_len + 1 - t, tf.float32) ** s.length_penalty)
+        scores = topk_log_probs / (tf.cast(cur_len + 1 - t, tf.float32) ** v.length_penalty)
         full = tf.reduce_all(is_sent_finished, axis=-1, keepdims=True) & early_true
         scores += tf.cast(full, tf.float32) * NEG
         scores += tf.cast(~early_unsat, tf.float32) * NEG
         scores += tf.cast(~just_finished, tf.float32) * NEG
-        merged_scores = tf.concat([beam_scores, scores], axis=1)  # [B, 3K]
+        merged_scores = tf.concat([beam_scores, scores], axis=1)  # [B, K + keep]
         best = tf.math.top_k(merged_scores, k=k).indices
         sequences = _gather_beams(tf.concat([sequences, topk_sequences], axis=1), best)
         beam_scores = _gather_beams(merged_scores, best)
         beam_indices = _gather_beams(tf.concat([beam_indices, topk_beam_indices], axis=1), best)
         is_sent_finished = _gather_beams(tf.concat([is_sent_finished, just_finished], axis=1), best)
 
-        cache = cache.reorder(tf.reshape(running_beam_indices[:, :, i], [b * k]))
+        rows = tf.reshape(running_beam_indices[:, :, i], [b * k])  # each beam's parent row
+        cache = cache.reorder(rows)
         cur_len = cur_len + 1
-        if s.early_stopping == "never" and s.length_penalty > 0.0:
-            best_len = tf.cast(max_length - t, tf.float32)
-        else:
-            best_len = tf.cast(cur_len - t, tf.float32)
-        best_running = running_scores[:, :1] / best_len**s.length_penalty
+        best_len = tf.cast(cur_len - t, tf.float32)
+        if s.early_stopping == "never":
+            best_len = tf.where(v.length_penalty > 0.0, tf.cast(max_length - t, tf.float32), best_len)
+        best_running = running_scores[:, :1] / best_len**v.length_penalty
         worst_finished = tf.where(is_sent_finished, tf.reduce_min(beam_scores, axis=1, keepdims=True), NEG)
         early_unsat = early_unsat & tf.reduce_any(best_running > worst_finished, axis=-1, keepdims=True)
         go_on = (
@@ -227,10 +391,12 @@ def _beam_loop(
         )
 
         nxt = tf.reshape(running_sequences[:, :, t + i], [b * k])  # [B*K]
+        if s.repetition_penalty:
+            seen = tf.gather(seen, rows) | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
         key_mask = _set_column(key_mask, t + i, tf.ones([b * k], key_mask.dtype))
         logits, cache = _run(model, nxt[:, None], next_pos[:, None], key_mask, cache)
         return (i + 1, running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-                running_beam_indices, beam_indices, cache, key_mask, logits, next_pos + 1, go_on)
+                running_beam_indices, beam_indices, cache, key_mask, logits, next_pos + 1, seen, go_on)
 
     def cond(i, *state):
         return (i < n) & state[-1]
@@ -238,7 +404,7 @@ def _beam_loop(
     state = tf.while_loop(
         cond, body,
         (tf.constant(0), running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-         running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, tf.constant(True)),
+         running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, seen, tf.constant(True)),
     )
     sequences, beam_indices = state[2], state[8]
     best = sequences[:, 0]  # [B, S]
@@ -248,20 +414,22 @@ def _beam_loop(
 
 # ---------------------------------------------------------------- compiled entry points
 def compiled_generate_fn(model: Any, settings: GenerationSettings) -> tf.types.experimental.GenericFunction:
-    """The XLA-compiled generation function of `model` for `settings` (built once, then reused).
+    """The compiled generation function of `model` for `settings` (built once, then reused).
 
-    It takes (input_ids [B, T] int32, attention_mask [B, T] int32, max_new_tokens int32, seed int32,
-    temperature float32, top_p float32) and returns (tokens [B, S], new columns produced). Shapes may
-    be unknown when traced (an exported signature): XLA then compiles once per concrete shape.
+    It takes (input_ids [B, T] int32, attention_mask [B, T] int32, max_new_tokens int32, the
+    `Knobs` tensors as a tuple (`knobs`)) and returns (tokens [B, S] int32, new columns produced).
+    Shapes may be unknown when traced (an exported signature): XLA then compiles once per concrete
+    shape. XLA-compiled unless `settings.stream` (a host callback per step runs as a plain graph).
     """
     fns = model.__dict__.setdefault("_opt_generate_fns", {})
     if settings not in fns:
-        def generate_fn(input_ids, attention_mask, max_new_tokens, seed, temperature, top_p):
+        def generate_fn(input_ids, attention_mask, max_new_tokens, knobs):
+            knobs = Knobs(*knobs)
             if settings.num_beams > 1:
-                return _beam_loop(model, input_ids, attention_mask, max_new_tokens, settings)
-            return _sample_loop(model, input_ids, attention_mask, max_new_tokens, seed, temperature, top_p, settings)
+                return _beam_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
+            return _sample_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
 
-        fns[settings] = tf.function(generate_fn, jit_compile=True, reduce_retracing=False)
+        fns[settings] = tf.function(generate_fn, jit_compile=not settings.stream, reduce_retracing=False)
     return fns[settings]
 
 
@@ -269,57 +437,80 @@ def generate(
     model: Any,
     input_ids: Any,
     attention_mask: Any = None,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
-    num_beams: int = 1,
+    *,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
     seed: int | None = None,
-    eos_token_id: int | None = -1,
-    pad_token_id: int | None = -1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
+    streamer: Any = None,
 ) -> tf.Tensor:
-    """Continue `input_ids` [B, T] (left-padded when rows differ in length) by up to
-    `max_new_tokens` tokens under XLA.
-
-    Args:
-        attention_mask: [B, T] 0/1 (default: all ones).
-        do_sample: sample (temperature, top_k (0 = off), top_p) instead of greedy; `seed` makes it
-            reproducible (None: a fresh random seed).
-        num_beams: > 1 for beam search (with `length_penalty`, `early_stopping` as Hugging Face).
-        eos_token_id / pad_token_id: -1 (default) takes them from the config; a row that emitted eos is padded with
-            the pad id, and generation stops early when every row is done.
-    Returns:
-        int32 tf.Tensor [B, T + generated] (prompt included); `generated` <= max_new_tokens.
-    Raises:
-        ValueError: bad inputs or settings (named).
-    """
     cfg = model.config
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     validate_inputs(ids, mask, cfg)
-    validate_generation_args(
-        cfg, ids.shape[1], max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        temperature=temperature, top_p=top_p,
+    o = resolve_generation_options(
+        cfg, getattr(model, "generation_config", None), prompt_length=ids.shape[1], max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+        streamer=streamer,
     )
-    eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
-    pad = cfg.pad_token_id if pad_token_id == -1 else pad_token_id
-    if seed is None:
-        seed = int(np.random.default_rng().integers(0, 2**31 - 1))
-    if pad is None:
-        pad = eos if eos is not None else 0  # Hugging Face pads with eos when there is no pad id
+    return run(model, ids, mask, o)
+
+
+generate.__doc__ = GENERATE_DOC + """
+TF: the decode loop is one XLA-compiled `tf.while_loop` (compiled once per shape and mode); with a
+streamer it runs as a plain graph with a host callback per step. Returns a tf.int64 tf.Tensor.
+"""
+
+
+def knobs(seed: int, temperature: float, top_p: float, repetition_penalty: float, min_new_tokens: int,
+          eos_token_ids: tuple[int, ...], pad_token_id: int, length_penalty: float) -> tuple[tf.Tensor, ...]:
+    """The `Knobs` tensors of one call (a plain tuple: what the compiled function takes)."""
+    return (
+        tf.constant(seed_words(seed), tf.uint32), tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
+        tf.constant(repetition_penalty, tf.float32), tf.constant(min_new_tokens, tf.int32),
+        tf.constant(list(eos_token_ids) or [-1], tf.int32), tf.constant(pad_token_id, tf.int32),
+        tf.constant(length_penalty, tf.float32),
+    )
+
+
+def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> tf.Tensor:
+    """Generate with resolved options `o` (`opt_core.generation_config.resolve_generation_options`)
+    from checked inputs ids / mask [B, T]; returns tf.int64 [B, T + generated]."""
+    streamer = o.streamer
+    emit(streamer, ids.astype(np.int64))
+    if o.max_new_tokens == 0:
+        if streamer is not None:
+            streamer.end()
+        return tf.constant(ids, tf.int64)
     settings = GenerationSettings(
-        total_length=int(ids.shape[1] + max_new_tokens), do_sample=bool(do_sample),
-        top_k=int(top_k) if do_sample else 0,
-        num_beams=int(num_beams), eos_token_id=eos, pad_token_id=int(pad), length_penalty=float(length_penalty),
-        early_stopping=early_stopping,
+        total_length=int(ids.shape[1] + o.max_new_tokens), do_sample=o.do_sample,
+        top_k=o.top_k if o.do_sample else 0, num_beams=o.num_beams, num_eos=len(o.eos_token_ids),
+        early_stopping=o.early_stopping, repetition_penalty=o.repetition_penalty != 1.0,
+        no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens > 0,
+        stream=streamer is not None,
     )
     fn = compiled_generate_fn(model, settings)
-    tokens, produced = fn(
-        tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(max_new_tokens, tf.int32),
-        tf.constant(seed, tf.int32),
-        tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
-    )
-    return tokens[:, : ids.shape[1] + int(produced)]
+    slot = model.__dict__.setdefault("_opt_stream_slot", _StreamSlot())
+    slot.streamer = streamer
+    try:
+        tokens, produced = fn(
+            tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(o.max_new_tokens, tf.int32),
+            knobs(o.seed or 0, o.temperature, o.top_p, o.repetition_penalty, o.min_new_tokens, o.eos_token_ids,
+                  o.pad_token_id, o.length_penalty),
+        )
+    finally:
+        slot.streamer = None
+    if streamer is not None:
+        streamer.end()
+    return tf.cast(tokens[:, : ids.shape[1] + int(produced)], tf.int64)

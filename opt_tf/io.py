@@ -20,7 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from opt_core import CheckpointError, OPTConfig
+from opt_core import CheckpointError, GenerationConfig, OPTConfig
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointLoad, open_checkpoint, save_checkpoint
 from opt_core.formats import dtype_name, resolve_dtype
 from opt_core.hub import resolve_pretrained
@@ -89,6 +89,7 @@ def from_pretrained(
     *,
     revision: str | None = None,
     allow_non_finite: bool = False,
+    quantize: str | None = None,
 ) -> Any:
     """Load a Hugging Face OPT folder or Hub id into `model_class` (an `OPTPreTrainedModel` subclass).
 
@@ -102,6 +103,7 @@ def from_pretrained(
             tf-h5, flax-msgpack, the first present).
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
+        quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_tf.quantize`).
     Returns:
         The model; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -122,7 +124,11 @@ def from_pretrained(
             keras.config.set_dtype_policy(previous)
         fill_variables(model, ckpt)
     model.loading_info = ckpt.accounting
-    return model
+    if hasattr(model, "generate"):  # generate's defaults, as Hugging Face reads them
+        model.generation_config = GenerationConfig.from_pretrained(folder, config)
+    from opt_tf.quantize import quantize_loaded
+
+    return quantize_loaded(model, quantize)
 
 
 def canonical_tensors(model: Any) -> dict[str, np.ndarray]:
@@ -157,5 +163,9 @@ def save_pretrained(
         Every written path, config.json first.
     """
     formats = list(formats) if formats is not None else ["safetensors", *(["tf-h5"] if tf_h5 else [])]
-    return save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
-                           max_shard_size=max_shard_size, architecture=type(model).__name__)
+    written = save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
+                              max_shard_size=max_shard_size, architecture=type(model).__name__)
+    if hasattr(model, "generate"):  # generate's defaults beside config.json, as Hugging Face writes them
+        gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+        gen.save_pretrained(folder)
+    return written

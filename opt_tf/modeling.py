@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from opt_core import OPTConfig  # noqa: E402
+from opt_core.generation_config import GENERATE_DOC, GenerationConfig  # noqa: E402
 from opt_core.inputs import validate_inputs  # noqa: E402
 from opt_core.masks import POSITION_OFFSET  # noqa: E402
 from opt_core.params import Head, parameter_table  # noqa: E402
@@ -509,6 +510,8 @@ class OPTForCausalLM(_WithDecoder):
                 shape=(config.embed_dim, config.vocab_size), name="lm_head",
                 initializer=keras.initializers.RandomNormal(0.0, config.init_std),
             )  # Keras layout [E, V] (canonical lm_head.weight is [V, E])
+        # generate's defaults; from_pretrained replaces them with the folder's generation_config.json
+        self.generation_config = GenerationConfig.from_model_config(config)
         self.built = True
 
     def lm_logits(self, h: tf.Tensor) -> tf.Tensor:
@@ -547,11 +550,37 @@ class OPTForCausalLM(_WithDecoder):
             out.loss = causal_lm_loss(out.logits, tf.convert_to_tensor(labels))
         return out
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> tf.Tensor:
-        """Continue `input_ids`; see `opt_tf.generation.generate` for the arguments."""
-        from opt_tf.generation import generate
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+        streamer: Any = None,
+    ) -> tf.Tensor:
+        from opt_tf import generation
 
-        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+        return generation.generate(
+            self, input_ids, attention_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+            length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            seed=seed, streamer=streamer,
+        )
+
+    generate.__doc__ = GENERATE_DOC
 
 
 class OPTForSequenceClassification(_WithDecoder):

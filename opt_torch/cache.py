@@ -1,6 +1,8 @@
 """Explicit key/value caches: passed into the model call and returned from it.
 
-Two kinds, same interface (`update`, `get_seq_length`, `reorder`):
+Three functions with the names every backend's cache module shares: `init` (an empty static
+cache), `update` (append one layer's new keys/values), `reorder` (keep beam rows). Under them, two
+kinds of cache with the same methods (`update`, `get_seq_length`, `reorder`):
 
 - `DynamicCache` grows by concatenation; any length, no setup.
 - `StaticCache` preallocates `[batch, heads, max_length, head_dim]` buffers once and writes new
@@ -148,3 +150,25 @@ class StaticCache(Cache):
     def crop(self, length: int) -> None:
         """Drop everything after the first `length` tokens."""
         self._lengths = [min(n, length) for n in self._lengths]
+
+
+# ---------------------------------------------------------------- the functional names every backend shares
+def init(
+    config: OPTConfig, batch_size: int, max_length: int, dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None, num_heads: int | None = None,
+) -> StaticCache:
+    """An empty cache for `batch_size` rows of at most `max_length` tokens (what generation uses);
+    `num_heads`: the heads this process holds (fewer under tensor parallelism), default all."""
+    return StaticCache(config, batch_size, max_length, dtype=dtype, device=device, num_heads=num_heads)
+
+
+def update(cache: Cache, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append `key`/`value` [B, H, T, D] to layer `layer_idx`; returns all keys/values [B, H, S, D].
+    (torch's caches are mutable, so the cache itself is updated in place.)"""
+    return cache.update(layer_idx, key, value)
+
+
+def reorder(cache: Cache, beam_idx: torch.Tensor) -> Cache:
+    """Keep batch rows `beam_idx` [B'] (beam search); returns the cache (reordered in place)."""
+    cache.reorder(beam_idx)
+    return cache

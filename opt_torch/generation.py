@@ -1,30 +1,43 @@
 """Text generation for `OPTForCausalLM`: small functions beside the model, not inside it.
 
-    prefill(model, ids, mask, cache)            -> last-position logits [B, V] (float32)
+    prefill(model, ids, mask, cache)               -> last-position logits [B, V] (float32)
     decode_one_token(model, tok, pos, mask, cache) -> logits [B, V]
-    process_logits(...) / sample(...)           -> the next token [B]
-    generate(model, ids, ...)                   -> [B, prompt + generated], prompt included
+    process_logits(logits, sequences, step, opts)  -> repetition penalty, no-repeat n-gram, min_new_tokens
+    warp_logits(logits, temperature, top_k, top_p) -> the sampling filters
+    gumbel_noise(seed, step, rows, salt)           -> opt_core.sampling's stream, computed in torch
+    next_tokens(logits, sequences, step, opts)     -> the next token [B] (argmax or Gumbel-max)
+    generate(model, ids, ...)                      -> int64 [B, prompt + generated], prompt included
 
-Greedy and beam search follow Hugging Face transformers 4.57 step for step (same stopping rules,
-same length penalty, finished rows padded with pad_token_id), so their tokens are identical on the
-same weights. The TF and Flax backends mirror these functions.
+The contract (signature, defaults, checks, result) is opt_core.generation_config's, shared with
+the TF and Flax backends, which mirror these functions; docs/generation.md spells it out. Greedy and
+beam search follow Hugging Face transformers 4.57 step for step (same processors in the same order,
+same stopping rules, same length penalty, finished rows padded with pad_token_id), so their tokens
+are identical on the same weights. Sampling draws from opt_core.sampling's counter-based stream, so
+a seed samples the same tokens here as in TF, Flax and the NumPy reference.
 
-Letters in shape comments: B batch, K beams or candidates, T tokens, V vocab, E hidden width.
+Letters in shape comments: B batch, K beams or candidates, T tokens, V vocab, E hidden width,
+W n-gram windows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from opt_core.inputs import validate_generation_args, validate_inputs
-from opt_torch.cache import Cache, DynamicCache, StaticCache
-
-Streamer = Callable[[torch.Tensor], None]
+from opt_core.generation_config import (
+    GENERATE_DOC,
+    GenerationConfig,
+    GenerationOptions,
+    resolve_generation_options,
+)
+from opt_core.inputs import validate_inputs
+from opt_core.sampling import MASK32, VOCAB_SALT, row_keys
+from opt_torch import cache as kv_cache
+from opt_torch.cache import Cache, DynamicCache
 
 
 # ---------------------------------------------------------------- model steps
@@ -56,68 +69,139 @@ def decode_one_token(
     return out.logits[:, -1].float(), out
 
 
-def process_logits(
-    logits: torch.Tensor,
-    sequences: torch.Tensor,
-    repetition_penalty: float = 1.0,
-    new_tokens: int = 0,
-    min_new_tokens: int = 0,
-    eos_token_ids: list[int] | None = None,
+# ---------------------------------------------------------------- logits processors (HF 4.57's order)
+def apply_repetition_penalty(logits: torch.Tensor, sequences: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Every id in `sequences` [B, T] (prompt and padding included, as HF): logit / penalty where
+    > 0, * penalty where < 0."""
+    if penalty == 1.0:
+        return logits
+    score = torch.gather(logits, 1, sequences)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, sequences, score)
+
+
+def banned_ngram_mask(sequences: torch.Tensor, ngram_size: int, vocab_size: int) -> torch.Tensor:
+    """[B, V] True for tokens that would repeat an n-gram of `sequences` [B, T]: those that followed
+    an earlier occurrence of the row's last `ngram_size - 1` tokens."""
+    b, t = sequences.shape
+    banned = torch.zeros((b, vocab_size), dtype=torch.int32, device=sequences.device)
+    if ngram_size <= 0 or t + 1 < ngram_size or t < ngram_size:
+        return banned.bool()
+    windows = sequences.unfold(1, ngram_size, 1)  # [B, W, n]
+    tail = sequences[:, t - ngram_size + 1:]  # [B, n - 1]
+    match = (windows[:, :, :-1] == tail[:, None, :]).all(-1)  # [B, W]
+    return banned.scatter_add_(1, windows[:, :, -1], match.to(torch.int32)) > 0  # duplicates add up
+
+
+def apply_no_repeat_ngram(logits: torch.Tensor, sequences: torch.Tensor, ngram_size: int) -> torch.Tensor:
+    if ngram_size <= 0:
+        return logits
+    return logits.masked_fill(banned_ngram_mask(sequences, ngram_size, logits.shape[-1]), -float("inf"))
+
+
+def apply_min_new_tokens(
+    logits: torch.Tensor, step: int, min_new_tokens: int, eos_ids: tuple[int, ...]
 ) -> torch.Tensor:
-    """Hugging Face's logits processors, in its order: repetition penalty over every id in
-    `sequences` [B, T] (prompt included), then eos forbidden before `min_new_tokens`."""
-    if repetition_penalty != 1.0:
-        score = torch.gather(logits, 1, sequences)
-        score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
-        logits = logits.scatter(1, sequences, score)
-    if eos_token_ids and new_tokens < min_new_tokens:
-        logits = logits.clone()
-        logits[:, eos_token_ids] = -float("inf")
+    """eos ids get -inf while fewer than `min_new_tokens` tokens were generated (`step` of them)."""
+    if not eos_ids or step >= min_new_tokens:
+        return logits
+    logits = logits.clone()
+    logits[:, list(eos_ids)] = -float("inf")
     return logits
+
+
+def process_logits(logits: torch.Tensor, sequences: torch.Tensor, step: int, opts: GenerationOptions) -> torch.Tensor:
+    """The processors every mode applies, in HF's order, to float32 logits [B, V] given the rows so
+    far `sequences` [B, T] at generated step `step`."""
+    logits = apply_repetition_penalty(logits, sequences, opts.repetition_penalty)
+    logits = apply_no_repeat_ngram(logits, sequences, opts.no_repeat_ngram_size)
+    return apply_min_new_tokens(logits, step, opts.min_new_tokens, opts.eos_token_ids)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep entries >= the k-th largest (ties kept, as HF); 0 or >= V keeps everything."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k)[0][..., -1, None]
+    return logits.masked_fill(logits < kth, -float("inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Drop the least likely tokens whose ascending cumulative probability stays <= 1 - top_p
+    (the most likely token always stays), as HF's TopPLogitsWarper."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, -float("inf"))
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) filtering, as Hugging Face's warpers."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k)[0][..., -1, None]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= (1 - top_p)
-        remove_sorted[..., -1:] = False  # keep at least one token
-        remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
-        logits = logits.masked_fill(remove, -float("inf"))
-    return logits
+    """Temperature, then top-k, then top-p, as Hugging Face's warpers (sampling only)."""
+    return apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p)
 
 
-def sample(
-    logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+# ---------------------------------------------------------------- the counter-based stream, in torch
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2**32 for int64 x in [0, 2**32), in two 16-bit halves of c so no product overflows int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser on int64 tensors holding uint32 values (opt_core.sampling.fmix32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def vocab_salt(vocab_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """fmix32(v + VOCAB_SALT) for every vocabulary entry [V] (int64): fixed per vocabulary size."""
+    return fmix32((torch.arange(vocab_size, dtype=torch.int64, device=device) + VOCAB_SALT) & MASK32)
+
+
+def gumbel_noise(seed: int, step: int, rows: int, salt: torch.Tensor) -> torch.Tensor:
+    """float32 Gumbel noise [rows, V] of generated step `step`: bit for bit opt_core.sampling's
+    uniforms, through torch's float32 log."""
+    r = torch.as_tensor(row_keys(seed, step, rows).astype(np.int64), device=salt.device)  # [B]
+    bits = fmix32(r[:, None] ^ salt[None, :])  # [B, V]
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    return -torch.log(-torch.log(u))
+
+
+def next_tokens(
+    logits: torch.Tensor, sequences: torch.Tensor, step: int, opts: GenerationOptions, salt: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The next token [B] from processed logits [B, V]: argmax, or a draw after warping."""
-    if not do_sample:
+    """The next token [B] from float32 logits [B, V]: processors, then argmax or (sampling) the
+    warpers and Gumbel-max over the seeded stream."""
+    logits = process_logits(logits, sequences, step, opts)
+    if not opts.do_sample:
         return logits.argmax(dim=-1)
-    probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    logits = warp_logits(logits, opts.temperature, opts.top_k, opts.top_p)
+    return (logits + gumbel_noise(opts.seed, step, logits.shape[0], salt)).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------- the public entry point
-def _eos_list(eos: int | list[int] | None) -> list[int]:
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+def _put(opts: GenerationOptions, tokens: torch.Tensor) -> None:
+    if opts.streamer is not None:
+        opts.streamer.put(tokens.detach().cpu().numpy().astype(np.int64))
 
 
-def _emit(streamer: Any, tokens: torch.Tensor) -> None:
-    if streamer is None:
-        return
-    if hasattr(streamer, "put"):
-        streamer.put(tokens)
-    else:
-        streamer(tokens)
+def _end(opts: GenerationOptions) -> None:
+    if opts.streamer is not None:
+        opts.streamer.end()
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 @torch.inference_mode()
@@ -125,138 +209,97 @@ def generate(
     model: Any,
     input_ids: Any,
     attention_mask: Any = None,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
+    *,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
     seed: int | None = None,
-    generator: torch.Generator | None = None,
-    repetition_penalty: float = 1.0,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    penalty_alpha: float | None = None,
-    eos_token_id: int | list[int] | None = -1,
-    pad_token_id: int | None = -1,
-    min_new_tokens: int = 0,
-    streamer: Streamer | Any = None,
-    cache_implementation: str = "static",
+    streamer: Any = None,
 ) -> torch.Tensor:
-    """Continue each row of `input_ids` [B, T] (left-padded batches welcome).
-
-    Args:
-        attention_mask: [B, T] 0/1 (default: all real tokens).
-        max_new_tokens: tokens to add at most; fewer when every row has hit eos.
-        do_sample, temperature, top_k, top_p: sampling (top_k 0 disables it); `seed` or `generator`
-            makes it reproducible.
-        repetition_penalty: > 1 discourages ids already in the row (Hugging Face's rule).
-        num_beams, length_penalty, early_stopping: beam search (True, False or "never"), as Hugging Face.
-        penalty_alpha: with top_k > 1 and no sampling, contrastive search.
-        eos_token_id / pad_token_id: default to the config's; finished rows continue with pad.
-        min_new_tokens: eos is forbidden before this many new tokens.
-        streamer: called with each step's tokens [B] (or an object with `.put`/`.end`).
-        cache_implementation: "static" (preallocated, default) or "dynamic".
-    Returns:
-        int64 tensor [B, T + generated] (the prompt included).
-    Raises:
-        ValueError: bad inputs or options (the message names them).
-    """
     config = model.config
     if model.training:
         model.eval()
-    eos_ids = _eos_list(config.eos_token_id if eos_token_id == -1 else eos_token_id)
-    pad = config.pad_token_id if pad_token_id == -1 else pad_token_id
-    if pad is None and eos_ids:
-        pad = eos_ids[0]
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if cache_implementation not in ("static", "dynamic"):
-        raise ValueError(f"cache_implementation must be 'static' or 'dynamic', got {cache_implementation!r}")
-
-    ids_np = input_ids.detach().cpu().numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
-    if attention_mask is None:
-        mask_np = np.ones(ids_np.shape, dtype=np.int64) if ids_np.ndim == 2 else None
-    else:
-        is_tensor = isinstance(attention_mask, torch.Tensor)
-        mask_np = attention_mask.detach().cpu().numpy() if is_tensor else np.asarray(attention_mask)
+    ids_np = _as_numpy(input_ids)
+    mask_np = None if attention_mask is None else _as_numpy(attention_mask)
     validate_inputs(ids_np, mask_np, config)
-    validate_generation_args(
-        config, ids_np.shape[1], max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, allow_zero_new_tokens=True,
+    gen_config = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(config)
+    opts = resolve_generation_options(
+        config, gen_config, prompt_length=ids_np.shape[1], max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        seed=seed, streamer=streamer,
     )
+    if seed is None and opts.seed is not None and getattr(model, "device_mesh", None) is not None:
+        from opt_torch.parallel import rank0_value  # a fresh seed differs per rank: take rank 0's
+
+        opts = dataclasses.replace(opts, seed=rank0_value(model.device_mesh, opts.seed))
     device = model.device
-    ids = torch.as_tensor(ids_np, dtype=torch.long, device=device)
-    mask = torch.as_tensor(mask_np, dtype=torch.long, device=device)
-    if max_new_tokens == 0:
+    ids = torch.as_tensor(ids_np.astype(np.int64), device=device)
+    mask = torch.ones_like(ids) if mask_np is None else torch.as_tensor(mask_np.astype(np.int64), device=device)
+    if opts.max_new_tokens == 0:
+        _put(opts, ids)
+        _end(opts)
         return ids
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-
-    if num_beams > 1:
-        return beam_search(
-            model, ids, mask, max_new_tokens, num_beams, length_penalty, early_stopping, eos_ids, pad,
-            repetition_penalty, min_new_tokens, streamer, cache_implementation,
-        )
-    if penalty_alpha is not None and penalty_alpha > 0 and top_k > 1 and not do_sample:
-        return contrastive_search(
-            model, ids, mask, max_new_tokens, penalty_alpha, top_k, eos_ids, pad, repetition_penalty,
-            min_new_tokens, streamer,
-        )
-    return greedy_or_sample(
-        model, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator, eos_ids, pad,
-        repetition_penalty, min_new_tokens, streamer, cache_implementation,
-    )
+    if opts.num_beams > 1:
+        return beam_search(model, ids, mask, opts)
+    return greedy_or_sample(model, ids, mask, opts)
 
 
-def _new_cache(model: Any, kind: str, batch: int, max_length: int) -> Cache:
-    if kind == "static":
-        heads = model.get_decoder().layers[0].self_attn.num_heads  # local heads under tensor parallelism
-        return StaticCache(model.config, batch, max_length, dtype=model.dtype, device=model.device, num_heads=heads)
-    return DynamicCache()
+generate.__doc__ = "`model.generate(input_ids, ...)` as a function of the model.\n\n" + GENERATE_DOC
 
 
-def greedy_or_sample(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, do_sample: bool, temperature: float,
-    top_k: int, top_p: float, generator: torch.Generator | None, eos_ids: list[int], pad: int | None,
-    repetition_penalty: float, min_new_tokens: int, streamer: Any, cache_implementation: str = "static",
-) -> torch.Tensor:
-    """Greedy decoding or sampling, one token per step over a KV cache (Hugging Face's `_sample`)."""
+def _new_cache(model: Any, batch: int, max_length: int) -> Cache:
+    heads = model.get_decoder().layers[0].self_attn.num_heads  # local heads under tensor parallelism
+    return kv_cache.init(model.config, batch, max_length, dtype=model.dtype, device=model.device, num_heads=heads)
+
+
+def greedy_or_sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
+    """Greedy decoding or sampling, one token per step over a static KV cache (HF's `_sample`)."""
     b, t = ids.shape
-    total = t + max_new_tokens
-    cache = _new_cache(model, cache_implementation, b, total)
+    total = t + opts.max_new_tokens
+    cache = _new_cache(model, b, total)
     padded = not bool(mask.all())
-    sequences = torch.full((b, total), pad if pad is not None else 0, dtype=torch.long, device=ids.device)
+    pad = opts.pad_token_id
+    sequences = torch.full((b, total), pad, dtype=torch.long, device=ids.device)
     sequences[:, :t] = ids
     full_mask = torch.ones((b, total), dtype=torch.long, device=ids.device)  # [B, T + new]
     full_mask[:, :t] = mask
     positions = mask.sum(-1, keepdim=True)  # [B, 1]: position of the first new token
     unfinished = torch.ones(b, dtype=torch.bool, device=ids.device)
-    eos = torch.tensor(eos_ids, device=ids.device) if eos_ids else None
-    _emit(streamer, ids)
+    eos = torch.tensor(opts.eos_token_ids, device=ids.device) if opts.eos_token_ids else None
+    salt = vocab_salt(model.config.vocab_size, ids.device) if opts.do_sample else None
+    _put(opts, ids)
 
     logits, _ = prefill(model, ids, mask if padded else None, cache)
     length = t
-    for step in range(max_new_tokens):
-        logits = process_logits(logits, sequences[:, :length], repetition_penalty, step, min_new_tokens, eos_ids)
-        tokens = sample(logits, do_sample, temperature, top_k, top_p, generator)  # [B]
-        if eos is not None and pad is not None:
+    for step in range(opts.max_new_tokens):
+        tokens = next_tokens(logits, sequences[:, :length], step, opts, salt)  # [B]
+        if eos is not None:
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
         sequences[:, length] = tokens
         length += 1
-        _emit(streamer, tokens)
+        _put(opts, tokens)
         if eos is not None:
             unfinished &= ~torch.isin(tokens, eos)
             if not bool(unfinished.any()):
                 break
-        if step == max_new_tokens - 1:
+        if step == opts.max_new_tokens - 1:
             break
         logits, _ = decode_one_token(
             model, tokens[:, None], positions, full_mask[:, :length] if padded else None, cache
         )
         positions = positions + 1
-    if streamer is not None and hasattr(streamer, "end"):
-        streamer.end()
+    _end(opts)
     return sequences[:, :length]
 
 
@@ -268,18 +311,14 @@ def _gather_beams(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(x, idx, dim=1)
 
 
-def beam_search(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, num_beams: int,
-    length_penalty: float, early_stopping: bool | str, eos_ids: list[int], pad: int | None,
-    repetition_penalty: float = 1.0, min_new_tokens: int = 0, streamer: Any = None,
-    cache_implementation: str = "static",
-) -> torch.Tensor:
+def beam_search(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
     """Beam search exactly as Hugging Face transformers 4.57 (`_beam_search`): keep the top
     `2 * num_beams` continuations per step, finished hypotheses scored by
     `sum log p / generated_length ** length_penalty`, the same early-stop heuristic. Returns the best
     hypothesis per row [B, T + generated]."""
     b, prompt_len = ids.shape
-    k = num_beams
+    k, length_penalty, early_stopping = opts.num_beams, opts.length_penalty, opts.early_stopping
+    eos_ids, pad, max_new_tokens = list(opts.eos_token_ids), opts.pad_token_id, opts.max_new_tokens
     max_length = prompt_len + max_new_tokens
     device = ids.device
     vocab = model.config.vocab_size
@@ -307,16 +346,14 @@ def beam_search(
     full_mask = torch.ones((b * k, max_length), dtype=torch.long, device=device)
     full_mask[:, :prompt_len] = flat_mask
     positions = flat_mask.sum(-1, keepdim=True)  # [B * K, 1]
-    cache = _new_cache(model, cache_implementation, b * k, max_length)
+    cache = _new_cache(model, b * k, max_length)
 
     cur_len = prompt_len
     logits, _ = prefill(model, ids.repeat_interleave(k, dim=0), flat_mask if padded else None, cache)
     while True:
         flat_running = running[:, :, :cur_len].reshape(b * k, cur_len)
         log_probs = F.log_softmax(logits, dim=-1)  # [B * K, V]
-        log_probs = process_logits(
-            log_probs, flat_running, repetition_penalty, cur_len - prompt_len, min_new_tokens, eos_ids
-        )
+        log_probs = process_logits(log_probs, flat_running, cur_len - prompt_len, opts)
         log_probs = log_probs.view(b, k, vocab) + running_scores[:, :, None]
         log_probs = log_probs.reshape(b, k * vocab)
 
@@ -374,9 +411,8 @@ def beam_search(
         if not go_on:
             break
 
-        cache.reorder(beam_idx)
+        kv_cache.reorder(cache, beam_idx)
         tokens = running[:, :, cur_len - 1].reshape(b * k, 1)
-        _emit(streamer, tokens[:, 0])
         logits, _ = decode_one_token(
             model, tokens, positions, full_mask[:, :cur_len] if padded else None, cache
         )
@@ -384,36 +420,49 @@ def beam_search(
 
     best_seq = sequences[:, 0]  # [B, T_max]
     generated = int((beam_indices[:, 0] + 1).bool().sum(dim=1).max())
-    if streamer is not None and hasattr(streamer, "end"):
-        streamer.end()
     return best_seq[:, : prompt_len + generated]
 
 
 # ---------------------------------------------------------------- contrastive search
+@torch.inference_mode()
 def contrastive_search(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, penalty_alpha: float, top_k: int,
-    eos_ids: list[int], pad: int | None, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-    streamer: Any = None,
+    model: Any, input_ids: Any, attention_mask: Any = None, *, penalty_alpha: float, top_k: int = 4,
+    max_new_tokens: int | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
 ) -> torch.Tensor:
     """Contrastive search (Su et al. 2022): among the top_k most likely tokens pick the one
     maximising `(1 - alpha) * p(token) - alpha * max cosine(h_token, h_context)`, the context being
-    the final hidden states of the real tokens so far. penalty_alpha = 0 is greedy decoding."""
+    the final hidden states of the real tokens so far. penalty_alpha = 0 is greedy decoding.
+
+    A torch-only extra outside the generation contract (not reachable through `generate`); the
+    other arguments mean what they mean there. Returns int64 [B, prompt + generated]."""
+    ids_np = _as_numpy(input_ids)
+    mask_np = None if attention_mask is None else _as_numpy(attention_mask)
+    validate_inputs(ids_np, mask_np, model.config)
+    opts = resolve_generation_options(
+        model.config, getattr(model, "generation_config", None), prompt_length=ids_np.shape[1],
+        max_new_tokens=max_new_tokens, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+    )
+    if not 0.0 <= penalty_alpha <= 1.0 or opts.top_k < 1:
+        raise ValueError(
+            f"contrastive search needs penalty_alpha in [0, 1] and top_k >= 1, got {penalty_alpha}, {top_k}"
+        )
+    ids = torch.as_tensor(ids_np.astype(np.int64), device=model.device)
+    mask = torch.ones_like(ids) if mask_np is None else torch.as_tensor(mask_np.astype(np.int64), device=model.device)
     b, t = ids.shape
-    k = top_k
+    k, pad = opts.top_k, opts.pad_token_id
     device = ids.device
     cache = DynamicCache()
     out_mask = mask.clone()  # [B, S]
     sequences = ids
-    eos = torch.tensor(eos_ids, device=device) if eos_ids else None
+    eos = torch.tensor(opts.eos_token_ids, device=device) if opts.eos_token_ids else None
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
     positions = mask.sum(-1, keepdim=True)  # [B, 1]
-    _emit(streamer, ids)
 
     logits, out = prefill(model, ids, mask, cache, output_hidden_states=True)
     context = out.last_hidden_state  # [B, S, E]
     rows = torch.arange(b, device=device)
-    for step in range(max_new_tokens):
-        logits = process_logits(logits, sequences, repetition_penalty, step, min_new_tokens, eos_ids)
+    for step in range(opts.max_new_tokens):
+        logits = process_logits(logits, sequences, step, opts)
         probs = logits.softmax(dim=-1)
         top_probs, top_ids = torch.topk(probs, k=k, dim=-1)  # [B, K]
 
@@ -433,18 +482,15 @@ def contrastive_search(
         picked = rows * k + choice
         cache.reorder(picked)
         tokens = top_ids[rows, choice]
-        if eos is not None and pad is not None:
+        if eos is not None:
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
         sequences = torch.cat([sequences, tokens[:, None]], dim=1)
         out_mask = torch.cat([out_mask, torch.ones_like(out_mask[:, :1])], dim=1)
         context = torch.cat([context, cand_hidden[picked]], dim=1)
         logits = cand_logits[picked]
         positions = positions + 1
-        _emit(streamer, tokens)
         if eos is not None:
             unfinished &= ~torch.isin(tokens, eos)
             if not bool(unfinished.any()):
                 break
-    if streamer is not None and hasattr(streamer, "end"):
-        streamer.end()
     return sequences

@@ -36,6 +36,12 @@ TOLERANCES: dict[str, Tolerance] = {
     ),
     "bfloat16": Tolerance(4e-2, "bfloat16 keeps 8 bits of mantissa"),
 }
+# quantize= models (opt_*.quantize) against the float reference: their error is reported, and only
+# a gross one (a broken kernel, not rounding) fails. Greedy tokens may differ (reported, not failed).
+QUANTIZED_TOLERANCES: dict[str, Tolerance] = {
+    "int8": Tolerance(5e-2, "int8 weights (per-channel scales) round each weight to 1/254 of its row's range"),
+    "w8a8": Tolerance(1e-1, "int8 weights and activations: rounding of both, per call"),
+}
 # Two backends each within `relative` of the reference are within twice that of each other.
 BACKEND_PAIR_FACTOR = 2.0
 # Dtypes where every hidden state must also be within the tolerance. The float16/bfloat16 bounds are

@@ -37,12 +37,37 @@ from opt_core.checkpoint import formats_present
 from opt_verify.comparison import PairResult, _Run, compare, hidden_labels, relative_error, to_numpy
 from opt_verify.inputs import DEFAULT_PROMPTS, VerifyError, build_inputs, default_ids, left_pad
 from opt_verify.report import BackendResult, VerifyReport
-from opt_verify.tolerances import BACKEND_PAIR_FACTOR, HIDDEN_STATES_DECIDE, TOLERANCES, Tolerance
+from opt_verify.tolerances import (
+    BACKEND_PAIR_FACTOR,
+    HIDDEN_STATES_DECIDE,
+    QUANTIZED_TOLERANCES,
+    TOLERANCES,
+    Tolerance,
+)
 
 __all__ = [
-    "BACKENDS", "BACKEND_PAIR_FACTOR", "DEFAULT_PROMPTS", "HIDDEN_STATES_DECIDE", "REFERENCE", "REFERENCE_MAX_PARAMS",
-    "TOLERANCES", "BackendResult", "PairResult", "Tolerance", "VerifyError", "VerifyReport", "backend_available",
-    "build_inputs", "compare", "default_ids", "hidden_labels", "left_pad", "relative_error", "to_numpy", "verify",
+    "BACKENDS",
+    "BACKEND_PAIR_FACTOR",
+    "DEFAULT_PROMPTS",
+    "HIDDEN_STATES_DECIDE",
+    "QUANTIZED_TOLERANCES",
+    "REFERENCE",
+    "REFERENCE_MAX_PARAMS",
+    "TOLERANCES",
+    "BackendResult",
+    "PairResult",
+    "Tolerance",
+    "VerifyError",
+    "VerifyReport",
+    "backend_available",
+    "build_inputs",
+    "compare",
+    "default_ids",
+    "hidden_labels",
+    "left_pad",
+    "relative_error",
+    "to_numpy",
+    "verify",
 ]
 
 BACKENDS = ("torch", "tf", "flax")
@@ -73,9 +98,16 @@ class _ReferenceAdapter:
 class _BackendAdapter:
     """`opt_<name>.OPTForCausalLM` called exactly as API.md documents it."""
 
-    def __init__(self, name: str, model_dir: Path, dtype: str):
+    def __init__(self, name: str, model_dir: Path, dtype: str, quantize: str | None = None):
         module = importlib.import_module(f"opt_{name}")
-        self.model = module.OPTForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        extra = {"quantize": quantize} if quantize else {}
+        self.model = module.OPTForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra)
+        if hasattr(self.model, "generation_config"):
+            # Plain greedy decoding, as the reference runs it: a folder's generation_config.json
+            # defaults (sampling, penalties) are not part of the numerical check.
+            from opt_core import GenerationConfig
+
+            self.model.generation_config = GenerationConfig.from_model_config(self.model.config)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -106,13 +138,14 @@ def _one_line(e: BaseException, limit: int = 400) -> str:
 
 
 def _run_one(
-    name: str, model_dir: Path, dtype: str, ids: np.ndarray, mask: np.ndarray, new_tokens: int
+    name: str, model_dir: Path, dtype: str, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
+    quantize: str | None = None,
 ) -> tuple[BackendResult, _Run | None]:
     result = BackendResult(name, "ok")
     try:
         t0 = time.perf_counter()
         adapter: Any = (
-            _ReferenceAdapter(model_dir) if name == REFERENCE else _BackendAdapter(name, model_dir, dtype)
+            _ReferenceAdapter(model_dir) if name == REFERENCE else _BackendAdapter(name, model_dir, dtype, quantize)
         )
         t1 = time.perf_counter()
         logits, hidden = adapter.forward(ids, mask)
@@ -154,6 +187,7 @@ def verify(
     tokenizer_dir: str | os.PathLike[str] | None = None,
     allow_missing: bool = False,
     progress: Callable[[str], None] | None = None,
+    quantize: str | None = None,
 ) -> VerifyReport:
     """Check that every requested backend computes the same model from `model_dir`.
 
@@ -172,6 +206,9 @@ def verify(
         allow_missing: a backend that is not installed is reported but does not fail the run.
         progress: called with one line as each implementation starts and finishes (`opt verify`
             prints them).
+        quantize: "int8" or "w8a8" loads the backends with `quantize=` and reports their error
+            against the float reference (tolerance `QUANTIZED_TOLERANCES`: only a gross error fails;
+            hidden states and greedy tokens are reported, not failed).
     Returns:
         A `VerifyReport`; `report.passed` is False when any pair fails, any backend errors, fewer
         than two implementations ran, or a requested backend is missing (unless allow_missing).
@@ -206,6 +243,11 @@ def verify(
             f"({config.max_position_embeddings}); use shorter prompts or fewer new tokens"
         )
     tol = TOLERANCES[dtype]
+    if quantize is not None:
+        if quantize not in QUANTIZED_TOLERANCES:
+            raise VerifyError(f"unknown quantize {quantize!r}; choose from {', '.join(QUANTIZED_TOLERANCES)}")
+        q = QUANTIZED_TOLERANCES[quantize]
+        tol = Tolerance(q.relative, f"quantize={quantize}: error against the float reference reported; {q.reason}")
     errors: list[str] = []
 
     names: list[str] = []
@@ -237,7 +279,7 @@ def verify(
     for i, name in enumerate(names, 1):
         if progress is not None:
             progress(f"[{i}/{len(names)}] {name}: loading, forward pass and {new_tokens} greedy tokens ...")
-        res, run = _run_one(name, model_dir, dtype, ids, mask, new_tokens)
+        res, run = _run_one(name, model_dir, dtype, ids, mask, new_tokens, quantize)
         if progress is not None:
             progress(f"[{i}/{len(names)}] {name}: {res.status}" + (
                 f" ({res.message})" if res.status != "ok" else
@@ -257,7 +299,8 @@ def verify(
     for a, b in itertools.combinations(ran, 2):
         factor = 1.0 if a == REFERENCE else BACKEND_PAIR_FACTOR
         pairs.append(compare(a, b, runs[a], runs[b], ids, mask, tol.relative * factor, config.eos_token_id,
-                             hidden_decides=dtype in HIDDEN_STATES_DECIDE))
+                             hidden_decides=dtype in HIDDEN_STATES_DECIDE and quantize is None,
+                             greedy_decides=quantize is None))
     if len(ran) < 2:
         which = ", ".join(ran) or "none"
         errors.append(f"only {len(ran)} implementation(s) ran ({which}): nothing to compare")

@@ -31,10 +31,9 @@ def same_everywhere(x) -> bool:
 
 def generations(model, ids, mask) -> dict[str, list]:
     runs = {
-        "greedy": dict(max_new_tokens=6, eos_token_id=None),
-        "greedy_dynamic": dict(max_new_tokens=6, eos_token_id=None, cache_implementation="dynamic"),
-        "beam": dict(max_new_tokens=5, num_beams=3, eos_token_id=None),
-        "sample_seed": dict(max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, seed=7, eos_token_id=None),
+        "greedy": dict(max_new_tokens=6, eos_token_id=[]),
+        "beam": dict(max_new_tokens=5, num_beams=3, eos_token_id=[]),
+        "sample_seed": dict(max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, seed=7, eos_token_id=[]),
     }
     return {k: model.generate(ids, attention_mask=mask, **kw).tolist() for k, kw in runs.items()}
 
@@ -79,7 +78,7 @@ def main() -> None:
             want, have = generations(one, ids, mask), generations(tp, ids, mask)
             r["tokens_equal"] = {k: want[k] == have[k] for k in want}
             r["tokens_same_on_all_ranks"] = same_everywhere(have)
-            unseeded = tp.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, eos_token_id=None)
+            unseeded = tp.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, eos_token_id=[])
             r["unseeded_sample_same_on_all_ranks"] = same_everywhere(unseeded.tolist())
         if timed:
             ids_t = np.random.default_rng(0).integers(4, one.config.vocab_size, (4, 32))

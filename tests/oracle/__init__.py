@@ -2,7 +2,8 @@
 
 Each call becomes one subprocess of `.venv-oracle/bin/python tests/oracle/hf_oracle.py`; results are
 cached under `.cache/oracle/` by a hash of the request, the oracle script, the oracle's pinned
-requirements and (for runs) the bytes of the model folder, so reruns cost nothing.
+requirements, the transformers version installed in `.venv-oracle` and (for runs) the bytes of the
+model folder, so reruns cost nothing and a different transformers never answers from a stale cache.
 
     folder = oracle_checkpoint(config, seed=0)                    # HF-written checkpoint, all formats
     res = oracle_run(folder, [{"framework": "torch", "input_ids": ids, "attention_mask": mask}])
@@ -11,6 +12,7 @@ requirements and (for runs) the bytes of the model folder, so reruns cost nothin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -46,10 +48,18 @@ def require_oracle() -> None:
         pytest.fail(f"the oracle venv is missing ({ORACLE_PYTHON}); run `make oracle` (make test does)")
 
 
+@functools.cache
+def installed_transformers_version() -> str:
+    """The transformers version in the oracle venv, from its dist-info folder (no import needed)."""
+    found = sorted((ROOT / ".venv-oracle").glob("lib/python*/site-packages/transformers-*.dist-info"))
+    return found[-1].name.removeprefix("transformers-").removesuffix(".dist-info") if found else "missing"
+
+
 def _hash(*parts: Any) -> str:
     h = hashlib.sha256()
     h.update(SCRIPT.read_bytes())
     h.update((ROOT / "requirements" / "oracle.txt").read_bytes())
+    h.update(installed_transformers_version().encode())
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=_jsonable).encode())
     return h.hexdigest()[:24]
@@ -146,6 +156,20 @@ def oracle_run(folder: str | Path, runs: list[dict[str, Any]], head: str = "caus
         if n:
             res["hidden_states"] = [res.pop(f"hidden_states.{j}") for j in range(n)]  # type: ignore[assignment]
     return results
+
+
+def oracle_processors(cases: list[dict[str, Any]]) -> list[np.ndarray]:
+    """Hugging Face's own logits processors / warpers applied to each case (see hf_oracle.py); cached.
+    Returns the processed float32 scores per case."""
+    key = _hash("processors", cases)
+    out = CACHE / "proc" / f"{key}.npz"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+        _call({"task": "processors", "cases": cases, "out": str(tmp)})
+        os.replace(tmp, out)
+    data = np.load(out)
+    return [data[f"{i}/scores"] for i in range(len(cases))]
 
 
 def oracle_tokenize(vocab_dir: str | Path, texts: list[str]) -> list[list[int]]:

@@ -17,6 +17,11 @@ REQUEST.json:
         (stacked), `i/start_logits`, `i/end_logits`, `i/sequences` into one .npz.
     {"task": "tokenize", "vocab_dir": DIR, "texts": [...], "out": FILE.json}
         Token ids from `GPT2Tokenizer` (OPT's class) for every text.
+    {"task": "processors", "cases": [{"input_ids": [[...]], "scores": [[...]], "prompt_length": P,
+     "processors": [["RepetitionPenaltyLogitsProcessor", {"penalty": 1.5}], ...]}], "out": FILE.npz}
+        Applies Hugging Face's own logits processor / warper classes, in the order given, to float32
+        `scores`; writes `i/scores` per case. MinNewTokensLengthLogitsProcessor gets
+        `prompt_length_to_skip` from the case's prompt_length.
 """
 
 from __future__ import annotations
@@ -184,10 +189,26 @@ def tokenize(req: dict) -> None:
         json.dump(ids, f)
 
 
+def processors(req: dict) -> None:
+    import torch
+    from transformers.generation import logits_process
+
+    arrays = {}
+    for i, case in enumerate(req["cases"]):
+        ids = torch.tensor(case["input_ids"], dtype=torch.long)
+        scores = torch.tensor(case["scores"], dtype=torch.float32)
+        for name, kwargs in case["processors"]:
+            if name == "MinNewTokensLengthLogitsProcessor":
+                kwargs = {"prompt_length_to_skip": case["prompt_length"], **kwargs}
+            scores = getattr(logits_process, name)(**kwargs)(ids, scores)
+        arrays[f"{i}/scores"] = scores.numpy()
+    np.savez(req["out"], **arrays)
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         req = json.load(f)
-    {"checkpoint": checkpoint, "run": run, "tokenize": tokenize}[req["task"]](req)
+    {"checkpoint": checkpoint, "run": run, "tokenize": tokenize, "processors": processors}[req["task"]](req)
 
 
 if __name__ == "__main__":

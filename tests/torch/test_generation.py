@@ -1,78 +1,48 @@
-"""Generation: greedy and beam tokens equal Hugging Face's; eos, padding, sampling, contrastive."""
+"""Torch-only generation checks: the counter-based stream computed in torch is opt_core.sampling's
+bit for bit, the KV-cache functions, contrastive search (a torch extra outside the contract), and
+greedy / beam tokens equal Hugging Face's on every variant. The contract itself (all backends) is
+tested in tests/generation/."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from opt_core import Head
-from opt_torch import OPTForCausalLM, generate
+from opt_core import Head, sampling
+from opt_torch import OPTForCausalLM, cache, generate
+from opt_torch import generation as gen
 from tests.golden import NEW_TOKENS, NUM_BEAMS, hf_golden
-from tests.oracle import oracle_run
 from tests.torch.helpers import model_and_reference
 from tests.variants import VARIANTS
 
 pytestmark = pytest.mark.torch
 
 
-@pytest.fixture(scope="module")
-def golden_models():
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            g = hf_golden(variant)
-            cache[variant] = (g, OPTForCausalLM.from_pretrained(g.folder))
-        return cache[variant]
-
-    return get
-
-
 @pytest.mark.oracle
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_greedy_and_beam_equal_hugging_face(variant, golden_models):
-    g, model = golden_models(variant)
+def test_greedy_and_beam_equal_hugging_face(variant):
+    g = hf_golden(variant)
+    model = OPTForCausalLM.from_pretrained(g.folder)
     greedy = model.generate(g.ids, attention_mask=g.mask, max_new_tokens=NEW_TOKENS, do_sample=False)
     np.testing.assert_array_equal(greedy.numpy(), g.torch["greedy"])
+    model.generation_config = dataclasses.replace(model.generation_config, early_stopping=True)
     beam = model.generate(g.ids, attention_mask=g.mask, max_new_tokens=NEW_TOKENS, num_beams=NUM_BEAMS,
-                          early_stopping=True, length_penalty=1.0)
+                          length_penalty=1.0)
     np.testing.assert_array_equal(beam.numpy(), g.torch["beam"])
 
 
-@pytest.mark.oracle
-@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj"])
-def test_dynamic_cache_generates_the_same(variant, golden_models):
-    g, model = golden_models(variant)
-    for kwargs, key in (({}, "greedy"), ({"num_beams": NUM_BEAMS, "early_stopping": True}, "beam")):
-        out = model.generate(g.ids, attention_mask=g.mask, max_new_tokens=NEW_TOKENS,
-                             cache_implementation="dynamic", **kwargs)
-        np.testing.assert_array_equal(out.numpy(), g.torch[key])
-
-
-@pytest.mark.oracle
-def test_eos_stops_and_pads_like_hugging_face(golden_models):
-    """With an eos id that the model actually produces: finished rows padded, beams finishing early,
-    both early_stopping modes, a length penalty and a repetition penalty, all as HF does."""
-    g, model = golden_models("post_ln_proj")
-    prompt = g.ids.shape[1]
-    eos = int(g.torch["greedy"][0, prompt + 3])  # a token row 0 emits greedily at step 4
-    runs = [
-        {"max_new_tokens": 12, "do_sample": False, "eos_token_id": eos},
-        {"max_new_tokens": 12, "do_sample": False, "eos_token_id": eos, "num_beams": 3, "early_stopping": True},
-        {"max_new_tokens": 12, "do_sample": False, "eos_token_id": eos, "num_beams": 4, "early_stopping": False,
-         "length_penalty": 0.5},
-        {"max_new_tokens": 12, "do_sample": False, "eos_token_id": eos, "num_beams": 2, "early_stopping": "never",
-         "length_penalty": 2.0},
-        {"max_new_tokens": 12, "do_sample": False, "repetition_penalty": 1.5},
-        {"max_new_tokens": 12, "do_sample": False, "eos_token_id": eos, "min_new_tokens": 6},
-    ]
-    hf = oracle_run(g.folder, [{"framework": "torch", "input_ids": g.ids, "attention_mask": g.mask, "generate": r}
-                               for r in runs])
-    for run, expected in zip(runs, hf):
-        got = model.generate(g.ids, attention_mask=g.mask, **run).numpy()
-        np.testing.assert_array_equal(got, expected["sequences"], err_msg=str(run))
-    assert (hf[0]["sequences"][0, prompt + 4 :] == model.config.pad_token_id).all()  # row 0 finished
+@pytest.mark.parametrize("seed", [0, 1, 2**32 + 5, 2**64 - 1])
+def test_the_stream_in_torch_is_the_core_stream(seed):
+    salt = gen.vocab_salt(5000)
+    for step in (0, 3, 2**31):
+        r = torch.as_tensor(sampling.row_keys(seed, step, 4).astype(np.int64))
+        bits = gen.fmix32(r[:, None] ^ salt[None, :]).numpy()
+        np.testing.assert_array_equal(bits, sampling.random_bits(seed, step, 4, 5000).astype(np.int64))
+        noise = gen.gumbel_noise(seed, step, 4, salt).numpy()
+        np.testing.assert_allclose(noise, sampling.gumbel_noise(seed, step, 4, 5000), rtol=0, atol=2e-6)
 
 
 @pytest.fixture(scope="module")
@@ -88,60 +58,42 @@ def small_model():
     return model, ids, mask
 
 
-def test_sampling_is_reproducible_with_a_seed(small_model):
+def test_cache_functions_share_the_backends_names(small_model):
     model, ids, mask = small_model
-    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.9, top_k=20, top_p=0.9)
-    a = model.generate(ids, seed=1, **kw)
-    b = model.generate(ids, seed=1, **kw)
-    c = model.generate(ids, generator=torch.Generator().manual_seed(1), **kw)
-    assert torch.equal(a, b) and torch.equal(a, c)
-    others = [model.generate(ids, seed=s, **kw) for s in range(2, 6)]
-    assert any(not torch.equal(a, o) for o in others)
-    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10)
-    top1 = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=1, seed=0)
-    assert torch.equal(top1, greedy)
+    kv = cache.init(model.config, 2, 8)
+    k = torch.randn(2, model.config.num_attention_heads, 3, model.config.head_dim)
+    keys, values = cache.update(kv, 0, k, -k)
+    assert torch.equal(keys, k) and torch.equal(values, -k) and kv.get_seq_length() == 3
+    assert cache.reorder(kv, torch.tensor([1, 1])) is kv
+    assert torch.equal(kv.keys[0][0, :, :3], k[1])
+
+
+def test_functional_form_equals_the_method(small_model):
+    model, ids, mask = small_model
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=6), out)
+    assert torch.equal(generate(model, torch.from_numpy(ids), torch.from_numpy(mask), max_new_tokens=6), out)
 
 
 def test_contrastive_search(small_model):
     model, ids, mask = small_model
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10)
     # alpha -> 0 ranks candidates by probability alone: greedy decoding.
-    tiny = model.generate(ids, attention_mask=mask, max_new_tokens=10, penalty_alpha=1e-9, top_k=4)
+    tiny = gen.contrastive_search(model, ids, mask, max_new_tokens=10, penalty_alpha=1e-9, top_k=4)
     assert torch.equal(tiny, greedy)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, penalty_alpha=0.6, top_k=4)
+    out = gen.contrastive_search(model, ids, mask, max_new_tokens=10, penalty_alpha=0.6, top_k=4)
     assert out.shape == greedy.shape and torch.equal(out[:, : ids.shape[1]], torch.from_numpy(ids))
-    assert torch.equal(out, model.generate(ids, attention_mask=mask, max_new_tokens=10, penalty_alpha=0.6, top_k=4))
+    assert torch.equal(out, gen.contrastive_search(model, ids, mask, max_new_tokens=10, penalty_alpha=0.6, top_k=4))
     # The degeneration penalty repeats less than greedy does.
     distinct = lambda x: sum(len(set(r[ids.shape[1]:].tolist())) for r in x)  # noqa: E731
     assert distinct(out) >= distinct(greedy)
+    with pytest.raises(ValueError, match="penalty_alpha"):
+        gen.contrastive_search(model, ids, mask, penalty_alpha=2.0)
 
 
-def test_streamer_min_new_tokens_and_functional_form(small_model):
+def test_errors_name_the_input(small_model):
     model, ids, mask = small_model
-    seen = []
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, streamer=lambda t: seen.append(t.clone()))
-    assert torch.equal(seen[0], torch.from_numpy(ids)) and len(seen) == 7
-    assert torch.equal(torch.stack(seen[1:], 1), out[:, ids.shape[1]:])
-    assert torch.equal(generate(model, ids, attention_mask=mask, max_new_tokens=6), out)
-
-    first = int(out[0, ids.shape[1]])
-    stopped = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=first)
-    assert (stopped[0, ids.shape[1] + 1 :] == model.config.pad_token_id).all()
-    held = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=first, min_new_tokens=3)
-    assert (held[:, ids.shape[1] : ids.shape[1] + 3] != first).all()
-
-
-def test_generation_errors(small_model):
-    model, ids, mask = small_model
-    limit = model.config.max_position_embeddings
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=limit)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.generate([[2, 999]], max_new_tokens=2)
-    with pytest.raises(ValueError, match="temperature"):
-        model.generate(ids, do_sample=True, temperature=0.0)
-    with pytest.raises(ValueError, match="top_p"):
-        model.generate(ids, top_p=1.5)
-    with pytest.raises(ValueError, match="num_beams"):
-        model.generate(ids, num_beams=0)
-    assert torch.equal(model.generate(ids, max_new_tokens=0), torch.from_numpy(ids))
+    with pytest.raises(TypeError):
+        model.generate(ids, generator=torch.Generator())  # no backend-only keywords
