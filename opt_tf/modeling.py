@@ -374,11 +374,12 @@ class OPTPreTrainedModel(KerasTrainingMixin, keras.Model):
                 node = node[int(part)] if part.isdigit() else getattr(node, part)
         if isinstance(node, keras.Variable) and leaf == "weight":
             return node
-        leaves = {Linear: {"weight": "kernel", "bias": "bias"}, LayerNorm: {"weight": "gamma", "bias": "beta"}}
-        variable = getattr(node, leaves.get(type(node), {}).get(leaf, "?"), None)
-        if variable is None:
-            raise KeyError(f"{name}: {type(self).__name__} holds no such variable")
-        return variable
+        # weight/bias: a Linear's (or QuantizedLinear's) kernel/bias, a LayerNorm's gamma/beta
+        for attr in {"weight": ("kernel", "gamma"), "bias": ("bias", "beta")}.get(leaf, ()):
+            variable = getattr(node, attr, None)
+            if variable is not None:
+                return variable
+        raise KeyError(f"{name}: {type(self).__name__} holds no such variable")
 
     # ------------------------------------------------------------ inputs
     def _prepare_inputs(
