@@ -145,17 +145,23 @@ class DynamicInt8Linear(nn.Module):
     multiplied by the factors before quantizing)."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str,
+        self, weight: torch.Tensor | None, bias: torch.Tensor | None, engine: str,
         smooth: torch.Tensor | None = None, reduce_range: bool | None = None,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
+        """`weight` [out, in] float, or `quantized` = (int8 [out, in], scale [out]) already rounded
+        (a tied lm_head reuses the embedding's int8 table without a float copy)."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        if quantized is not None:
+            q, scale = quantized
+        else:
+            w = weight.detach()
+            if smooth is not None:
+                w = w.float() * smooth.float()[None, :]  # migrate the activations' range into the weights
+            q, scale = quantize_per_channel(w)
+        self.out_features, self.in_features = q.shape
         self.engine = engine
         self.reduce_range = (not has_vnni()) if reduce_range is None else reduce_range
-        w = weight.detach()
-        if smooth is not None:
-            w = w.float() * smooth.float()[None, :]  # migrate the activations' range into the weights
-        q, scale = quantize_per_channel(w)
         with warnings.catch_warnings():  # quantized tensors are deprecated; the engines' kernels are what we use
             warnings.simplefilter("ignore", UserWarning)
             zero = torch.zeros_like(scale, dtype=torch.long)
@@ -453,14 +459,16 @@ def quantize_model(
             setattr(decoder, name, make(lin.weight, None, name))
     lm_head = getattr(model, "lm_head", None)
     tied = lm_head is not None and lm_head.weight is decoder.embed_tokens.weight
+    del sample
     if include_embeddings:
         emb = Int8Embedding.from_embedding(decoder.embed_tokens)
         decoder.embed_tokens = emb
         if tied:
             model.lm_head = (Int8WeightOnlyLinear(emb.qweight, emb.scale, None, act) if mode == "int8"
-                             else make(dequantize_per_channel(emb.qweight, emb.scale), None, "lm_head"))
+                             else DynamicInt8Linear(None, None, kernel, quantized=(emb.qweight, emb.scale)))
     if lm_head is not None and isinstance(model.lm_head, nn.Linear):
         model.lm_head = make(lm_head.weight, None, "lm_head")
+    del lm_head  # the last reference to the float vocabulary table
     model.quantization = {"mode": mode, "kernel": kernel, "smoothed": smoothing is not None,
                           "embeddings": include_embeddings, "cpu": cpu_name()}
     return model
