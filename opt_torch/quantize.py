@@ -453,6 +453,19 @@ def quantize_layer(model: nn.Module, i: int, make: Callable[..., nn.Module]) -> 
     layer.fc2 = make(layer.fc2.weight, layer.fc2.bias, f"{base}.fc2")
     for p in old:
         p.data = p.data.new_empty(0)
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`). The float weights were allocated
+    from the heap (after earlier frees raised glibc's mmap threshold), so without this their pages
+    stay resident after they are freed and the peak RSS is the float model's anyway."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class _LayerByLayer:
@@ -548,6 +561,7 @@ def quantize_model(
     if lm_head is not None and isinstance(model.lm_head, nn.Linear):
         model.lm_head = make(lm_head.weight, None, "lm_head")
     del lm_head  # the last reference to the float vocabulary table
+    release_freed_memory()
     model.quantization = {"mode": mode, "kernel": kernel, "smoothed": smoothing is not None,
                           "embeddings": include_embeddings, "cpu": cpu_name()}
     return model
