@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from opt_cli.backends import adapter
+from opt_cli.backends import adapter, distributed
 from opt_cli.errors import UsageError
 from opt_cli.options import (
     add_backend_argument,
@@ -101,8 +101,9 @@ def _train(p: argparse.ArgumentParser):
 
         backend = adapter(args.backend)
         if args.fsdp:
-            if backend.name != "torch":
-                raise UsageError(f"--fsdp needs the torch backend (FSDP2 under torchrun), not {backend.name}")
+            if not backend.distributed:
+                raise UsageError(f"--fsdp needs a backend that trains under torchrun ({', '.join(distributed())}), "
+                                 f"not {backend.name}")
             print_on_first_rank_only()
         corpus = input_file(args.corpus, "--corpus")
         read_text(corpus)  # clear errors for an empty or non-UTF-8 corpus before any heavy import
