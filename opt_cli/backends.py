@@ -36,6 +36,7 @@ class Adapter:
     framework: str = ""  # the top-level framework module (imported quietly first)
     extra: str = ""  # pip extra that installs it
     compiles: bool = True  # the first generate call traces / compiles (XLA, tf.function)
+    distributed: bool = False  # runs under torchrun: --fsdp training, --tp-plan loading
 
     # ------------------------------------------------------------ modules
     def prepare(self) -> None:
@@ -57,6 +58,9 @@ class Adapter:
     # ------------------------------------------------------------ models
     def load(self, folder: Path, **options: Any) -> Any:
         """`OPTForCausalLM.from_pretrained(folder, **options)`, ready for inference."""
+        if options.get("tp_plan") and not self.distributed:
+            raise UsageError(f"--tp-plan needs a backend that runs under torchrun ({', '.join(distributed())}), "
+                             f"not {self.name}")
         return self.module().OPTForCausalLM.from_pretrained(folder, **options)
 
     def new(self, config: Any, seed: int) -> Any:
@@ -103,6 +107,7 @@ class Adapter:
 class TorchAdapter(Adapter):
     name, package, framework, extra = "torch", "opt_torch", "torch", "torch"
     compiles = False  # eager
+    distributed = True
 
     def load(self, folder: Path, **options: Any) -> Any:
         return super().load(folder, **options).eval()
@@ -174,6 +179,11 @@ def adapter(name: str) -> Adapter:
         return ADAPTERS[name]
     except KeyError:
         raise UsageError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None
+
+
+def distributed() -> list[str]:
+    """Names of the backends that run under torchrun (FSDP training, tensor-parallel loading)."""
+    return [a.name for a in ADAPTERS.values() if a.distributed]
 
 
 def adapters(names: str) -> list[Adapter]:

@@ -28,6 +28,7 @@ from opt_cli.options import (
     add_threads_argument,
     generation_kwargs,
     load_options,
+    print_on_first_rank_only,
 )
 from opt_cli.paths import model_folder, tokenizer_folder
 from opt_cli.registry import register
@@ -103,6 +104,8 @@ def _generate(p: argparse.ArgumentParser):
         backend.module()
         if args.threads:
             backend.set_threads(args.threads)
+        if args.tp_plan:
+            print_on_first_rank_only()
         model = backend.load(folder, **load_options(args))
         kwargs = generation_kwargs(args)
         if args.show_prompt:

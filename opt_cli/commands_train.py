@@ -18,9 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from opt_cli.backends import adapter
+from opt_cli.backends import adapter, distributed
 from opt_cli.errors import UsageError
-from opt_cli.options import add_backend_argument, add_threads_argument, float_in, int_in, positive_int
+from opt_cli.options import (
+    add_backend_argument,
+    add_threads_argument,
+    float_in,
+    int_in,
+    is_first_rank,
+    positive_int,
+    print_on_first_rank_only,
+)
 from opt_cli.paths import clear_owned, input_file, model_folder, output_folder, tokenizer_folder
 from opt_cli.registry import register
 
@@ -68,6 +76,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (torch) / compute (flax, tf)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
+    g.add_argument("--fsdp", action="store_true", help="torch under torchrun: FSDP2 over the ranks, rank 0 saves")
 
 
 @register("train", "Train or fine-tune a causal-LM OPT on a text file (tokenizer too, when new)")
@@ -91,6 +100,11 @@ def _train(p: argparse.ArgumentParser):
         from opt_core.training_args import TrainingArguments
 
         backend = adapter(args.backend)
+        if args.fsdp:
+            if not backend.distributed:
+                raise UsageError(f"--fsdp needs a backend that trains under torchrun ({', '.join(distributed())}), "
+                                 f"not {backend.name}")
+            print_on_first_rank_only()
         corpus = input_file(args.corpus, "--corpus")
         read_text(corpus)  # clear errors for an empty or non-UTF-8 corpus before any heavy import
         out = output_folder(args.out, args.overwrite, TRAIN_OUTPUTS)
@@ -155,7 +169,10 @@ def _train(p: argparse.ArgumentParser):
             print(f"--overwrite: replacing {len(removed)} files of a previous run in {out}")
         t0 = time.perf_counter()
         result = backend.trainer().train_causal_lm(model, train, targs, eval_data=val if len(val) else None,
-                                                   tokenizer=tokenizer, log=lambda line: print(line, flush=True))
+                                                   tokenizer=tokenizer, log=lambda line: print(line, flush=True),
+                                                   **({"fsdp": True} if args.fsdp else {}))
+        if not is_first_rank():
+            return 0  # rank 0 writes the folder
         write_generation_config(out, config)
         summary: dict[str, Any] = {
             "command": "opt " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "opt" else None,

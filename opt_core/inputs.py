@@ -61,8 +61,11 @@ def validate_generation_args(
     top_p: float = 1.0,
     allow_zero_new_tokens: bool = False,
 ) -> None:
-    """Raise `ValueError` naming the bad generation argument; the checks every backend's `generate`
-    shares (framework-specific ones, such as torch's cache choice, stay in the backend)."""
+    """Raise `ValueError` naming the bad generation argument.
+
+    Superseded by `opt_core.generation_config.resolve_generation_options` (the one resolution and
+    validation of the generation contract, which torch uses); kept only until the TF and Flax
+    backends move to it, then removed."""
     least = 0 if allow_zero_new_tokens else 1
     if max_new_tokens < least:
         raise ValueError(f"max_new_tokens must be >= {least}, got {max_new_tokens}")

@@ -17,6 +17,14 @@ Usage:
     with jax.set_mesh(mesh):
         out = model(shard_batch(ids, mesh), attention_mask=shard_batch(mask, mesh))
         new = model.generate(ids, attention_mask=mask, max_new_tokens=32)
+    gather(out.logits)                   # the full array as NumPy, on every process
+
+Across processes (`jax.distributed.initialize(...)` first; the mesh then spans every process's
+devices): the same calls work. A process can only place data on its own devices, so `shard_model`,
+`shard_batch` and `shard_cache` build each global array from the slices this process's devices hold
+(`jax.make_array_from_callback`; every process passes the same full value), `shard_process_batch`
+takes just this process's rows (`jax.make_array_from_process_local_data`), and `gather` collects a
+result that spans processes.
 """
 
 from __future__ import annotations
@@ -97,10 +105,31 @@ def _path(keypath: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """`x` (the full value, the same on every process) as a global array with `sharding`: a plain
+    `device_put` within one process; across processes each builds only the slices its devices hold."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):  # an RNG key: place its data
+        return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def gather(x: Any) -> np.ndarray:
+    """A (possibly multi-process) array as one full NumPy array on every process."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def shard_model(model: Any, mesh: Mesh) -> Any:
-    """Place every variable of `model` on `mesh` by the partition rules (in place; returns `model`)."""
+    """Place every variable of `model` on `mesh` by the partition rules (in place; returns `model`).
+    Across processes every process must hold the same values (same seed, or the same checkpoint)."""
     state = nnx.state(model)
-    sharded = jax.device_put(state, state_shardings(state, mesh))
+    sharded = jax.tree.map(put, state, state_shardings(state, mesh))
     nnx.update(model, sharded)
     return model
 
@@ -111,9 +140,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(x: Any, mesh: Mesh) -> jax.Array:
-    """Put a [B, ...] input on `mesh`, rows split over "data"."""
+    """Put a [B, ...] input (the global batch, the same on every process) on `mesh`, rows split over
+    "data"."""
     x = np.asarray(x)
-    return jax.device_put(x, NamedSharding(mesh, P("data", *([None] * (x.ndim - 1)))))
+    return put(x, NamedSharding(mesh, P("data", *([None] * (x.ndim - 1)))))
+
+
+def shard_process_batch(local_rows: Any, mesh: Mesh) -> jax.Array:
+    """The global [B, ...] batch from this process's rows only (each process passes its own share,
+    in process order), rows split over "data"."""
+    local_rows = np.asarray(local_rows)
+    sharding = NamedSharding(mesh, P("data", *([None] * (local_rows.ndim - 1))))
+    return jax.make_array_from_process_local_data(sharding, local_rows)
 
 
 def cache_sharding(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
@@ -126,7 +164,7 @@ def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
     """Place a `KVCache` on `mesh` (see `cache_sharding`)."""
     kv, scalar = cache_sharding(mesh)
     return KVCache(
-        tuple(jax.device_put(k, kv) for k in cache.keys),
-        tuple(jax.device_put(v, kv) for v in cache.values),
-        jax.device_put(cache.length, scalar),
+        tuple(put(k, kv) for k in cache.keys),
+        tuple(put(v, kv) for v in cache.values),
+        put(cache.length, scalar),
     )

@@ -21,6 +21,7 @@ W n-gram windows.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -238,6 +239,10 @@ def generate(
         no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         seed=seed, streamer=streamer,
     )
+    if seed is None and opts.seed is not None and getattr(model, "device_mesh", None) is not None:
+        from opt_torch.parallel import rank0_value  # a fresh seed differs per rank: take rank 0's
+
+        opts = dataclasses.replace(opts, seed=rank0_value(model.device_mesh, opts.seed))
     device = model.device
     ids = torch.as_tensor(ids_np.astype(np.int64), device=device)
     mask = torch.ones_like(ids) if mask_np is None else torch.as_tensor(mask_np.astype(np.int64), device=device)

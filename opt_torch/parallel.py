@@ -26,9 +26,9 @@ head count each attention module reshapes by (its local heads).
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +39,23 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
-from opt_core import CheckpointError, Head, OPTConfig, account_keys
+from opt_core import Head, OPTConfig
 from opt_core.checkpoint import (
     DEFAULT_SHARD_BYTES,
     SAFETENSORS,
     SAFETENSORS_INDEX,
-    detect_format,
+    CheckpointLoad,
+    open_checkpoint,
     parse_size,
     plan_shards,
-    safetensors_shapes,
     shard_file_names,
-    weight_files,
     write_index,
 )
 from opt_core.params import hf_name, parameter_table
+from opt_torch.io import numpy_to_tensor
 
 TP_PLANS = ("auto",)
+_CHUNK_BYTES = 2 << 20  # rows read at a time when a rank keeps only some columns of a tensor
 
 # Canonical module name pattern ("*" = a layer index) -> how it is split (see `_STYLES`).
 TENSOR_PARALLEL_PLAN: dict[str, str] = {
@@ -220,37 +221,53 @@ def _same_rng_on_every_rank(mesh: DeviceMesh) -> None:
     torch.manual_seed(int(seed.cpu()))
 
 
+def rank0_value(mesh: DeviceMesh, value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank of `mesh`; generation uses it for a
+    fresh sampling seed, which every rank must share to draw the same tokens."""
+    box = [value]
+    group = mesh.get_group()
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
 def _local_slice(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """The tensor to fill on this rank and the index of the checkpoint tensor it holds."""
-    full = tuple(slice(None) for _ in param.shape)
+    full = [slice(0, n) for n in param.shape]
     if not isinstance(param, DTensor):
-        return param, full
-    index = list(full)
+        return param, tuple(full)
     for mesh_dim, placement in enumerate(param.placements):
         if isinstance(placement, Shard):
             n = param.device_mesh.size(mesh_dim)
             rank = param.device_mesh.get_local_rank(mesh_dim)
             per = param.shape[placement.dim] // n  # even splits (checked by `_check_divisible`)
-            index[placement.dim] = slice(rank * per, (rank + 1) * per)
-    return param.to_local(), tuple(index)
+            full[placement.dim] = slice(rank * per, (rank + 1) * per)
+    return param.to_local(), tuple(full)
 
 
-def fill_from_safetensors_slices(files: Iterable[Path], targets: dict[str, torch.Tensor]) -> None:
-    """Fill each `targets[key]` (a parameter, or a DTensor whose local shard is filled) from its
-    checkpoint tensor, reading only this rank's slice (`safe_open(...).get_slice`)."""
-    from safetensors import safe_open
-
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                target = targets.get(key)
-                if target is None:
-                    continue
-                local, index = _local_slice(target)
-                piece = f.get_slice(key)[index]
-                if tuple(piece.shape) != tuple(local.shape):
-                    raise CheckpointError(f"{path}: {key} slice {tuple(piece.shape)} != shard {tuple(local.shape)}")
-                local.copy_(piece)
+def fill_shards(model: nn.Module, ckpt: CheckpointLoad) -> None:
+    """Fill this rank's part of every parameter of `model` (DTensor shards, replicated tensors)
+    from `ckpt`, through `CheckpointLoad.get_slice`: a split on the rows (column-wise layers, the
+    vocabulary) reads only those rows; a split on the columns (row-wise layers) reads the rows a few
+    at a time and keeps its columns, so no rank ever holds a whole tensor it does not own."""
+    config, head, acc = ckpt.config, ckpt.head, ckpt.accounting
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name in ckpt.names:
+            local, index = _local_slice(params[hf_name(name, head)])
+            stored = ckpt.get_slice(name)
+            rows, rest = index[0], index[1:]
+            row_bytes = max(1, math.prod(stored.shape[1:]) * stored.dtype.itemsize)
+            step = max(1, _CHUNK_BYTES // row_bytes)
+            for r in range(rows.start, rows.stop, step):
+                piece = stored[(slice(r, min(r + step, rows.stop)), *rest)]
+                local[r - rows.start : r - rows.start + piece.shape[0]].copy_(numpy_to_tensor(piece))
+        for name in acc.tied:  # a tied head stored apart, or not at all: it is the embedding
+            spec = next(s for s in parameter_table(config, head) if s.name == name)
+            target, source = params[hf_name(name, head)], params[hf_name(spec.tied_to, head)]
+            if target is not source:
+                target.copy_(source)
+        for name in acc.new_head:  # the same RNG on every rank, so replicated heads agree
+            model.init_weights(model.get_submodule(hf_name(name, head).rsplit(".", 1)[0]))
 
 
 def from_pretrained_tp(
@@ -264,50 +281,29 @@ def from_pretrained_tp(
     vocab_parallel: bool = True,
 ) -> nn.Module:
     """`opt_torch.io.from_pretrained` with tensor parallelism: build the model on the meta device,
-    apply the plan, materialise only this rank's shards and read only their slices.
+    apply the plan, materialise only this rank's shards and read only their slices (any format the
+    checkpoint readers know; safetensors reads the slices straight from the file).
 
     Raises:
         ValueError: bad plan or mesh, sizes not divisible by the mesh.
-        FileNotFoundError / CheckpointError: as `from_pretrained` (safetensors weights only).
+        FileNotFoundError / CheckpointError: as `from_pretrained`.
     """
-    folder = Path(folder)
     mesh = tensor_parallel_mesh(tp_plan, device_mesh)
-    try:
-        fmt = detect_format(folder, prefer=["safetensors"])
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"tensor-parallel loading reads safetensors (sliced per rank); {folder} has none: "
-            f"convert it first (opt convert {folder} OUT --to safetensors)"
-        ) from None
-    files = weight_files(folder, fmt)
-    acc = account_keys(safetensors_shapes(files), config, cls.head)
-    acc.raise_for_errors(str(folder))
-
-    old_dtype = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device("meta"):
-            model = cls(config, attn_implementation=attn_implementation)
-    finally:
-        torch.set_default_dtype(old_dtype)
-    parallelize(model, mesh, vocab_parallel)
-    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
-    model.to_empty(device=device)
-    _retie(model)
-    _same_rng_on_every_rank(mesh)
-
-    head = cls.head
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        fill_from_safetensors_slices(files, {src: params[hf_name(name, head)] for name, src in acc.mapping.items()})
-        for name in acc.tied:  # untied lm_head stored without its own tensor: copy the table
-            spec = next(s for s in parameter_table(config, head) if s.name == name)
-            target, source = params[hf_name(name, head)], params[hf_name(spec.tied_to, head)]
-            if target is not source:
-                target.copy_(source)
-        for name in acc.new_head:  # same RNG on every rank, so replicated heads agree
-            model.init_weights(model.get_submodule(hf_name(name, head).rsplit(".", 1)[0]))
-    model.loading_info = acc
+    with open_checkpoint(folder, config, cls.head) as ckpt:
+        old_dtype = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(dtype)
+            with torch.device("meta"):
+                model = cls(config, attn_implementation=attn_implementation)
+        finally:
+            torch.set_default_dtype(old_dtype)
+        parallelize(model, mesh, vocab_parallel)
+        cuda = mesh.device_type == "cuda"
+        model.to_empty(device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+        _retie(model)
+        _same_rng_on_every_rank(mesh)
+        fill_shards(model, ckpt)
+    model.loading_info = ckpt.accounting
     return model.eval()
 
 
@@ -400,6 +396,8 @@ def save_pretrained_gathered(
             write_index(index, {k: n for shard, n in zip(shards, files) for k in shard}, sum(sizes.values()))
         else:
             index.unlink(missing_ok=True)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
     dist.barrier()
 
 

@@ -153,3 +153,40 @@ def test_demo_on_one_backend(capsys, tiny_model_dir):
                            "--max-new-tokens", "8", "--prompt", "ROMEO:")
     assert code == 0
     assert "[torch]" in out and "tokens/s" in out and "greedy texts agree" in out
+
+
+def test_stream_wiring_is_generic_over_backends():
+    """`opt generate --stream` hands the same HF-style streamer (put/end) to any backend's generate and
+    falls back to printing at the end for a generate that takes no streamer."""
+    from opt_cli.backends import Adapter
+    from opt_cli.commands_generate import generate_streaming
+    from opt_cli.streaming import TextStreamer
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(97 + i) for i in ids)
+
+    class Streams:
+        def generate(self, ids, attention_mask=None, streamer=None, max_new_tokens=3):
+            streamer.put(ids)
+            for t in range(max_new_tokens):
+                streamer.put(np.array([t]))
+            streamer.end()
+            return np.concatenate([ids, np.arange(max_new_tokens)[None]], axis=1)
+
+    class NoStreamer:
+        def generate(self, ids, attention_mask=None, max_new_tokens=3):
+            return np.concatenate([ids, np.arange(max_new_tokens)[None]], axis=1)
+
+    import io
+
+    ids = np.array([[2, 7]])
+    for model, streams in ((Streams(), True), (NoStreamer(), False)):
+        out = io.StringIO()
+        streamer = TextStreamer(Tok(), eos_token_id=None, out=out)
+        tokens, streamed = generate_streaming(Adapter(), model, ids, streamer, max_new_tokens=3)
+        assert streamed is streams and tokens.tolist() == [[2, 7, 0, 1, 2]]
+        assert out.getvalue() == ("abc\n" if streams else "")
+        if streams:
+            n, rate = streamer.decode_rate() or (0, 0.0)
+            assert n == 2 and rate > 0

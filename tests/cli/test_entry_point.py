@@ -116,19 +116,18 @@ def test_convert_bundled_overwrite_and_a_killed_runs_temp_folder(tmp_path):
 @pytest.mark.torch
 def test_train_reports_adjusted_arguments_and_overwrites_its_own_run(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--corpus", tiny_model_dir / "text.txt", "--out", out, "--vocab-size", "5000",
-            "--hidden-size", "16", "--layers", "1", "--heads", "2", "--ffn-dim", "32", "--context", "16",
-            "--steps", "2", "--batch-size", "2", "--warmup", "50", "--eval-every", "0", "--threads", "1"]
-    proc = opt(*args)
+    (out / "checkpoint-99").mkdir(parents=True)  # what a longer earlier run leaves
+    (out / "config.json").write_text("{}")
+    proc = opt("train", "--corpus", tiny_model_dir / "text.txt", "--out", out, "--overwrite", "--vocab-size", "5000",
+               "--hidden-size", "16", "--layers", "1", "--heads", "2", "--ffn-dim", "32", "--context", "16",
+               "--steps", "2", "--batch-size", "2", "--warmup", "50", "--eval-every", "0", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     notes = [ln for ln in lines(proc.stderr) if ln.startswith("note: ")]
     assert any("--warmup 50 is longer than the run (--steps 2)" in n for n in notes), proc.stderr
     assert any("fewer than --vocab-size 5000" in n for n in notes), proc.stderr
-    (out / "checkpoint-99").mkdir()  # as a longer earlier run would have left
-    proc = opt(*args, "--overwrite")
-    assert proc.returncode == 0, proc.stderr
-    assert "replacing" in proc.stdout and not (out / "checkpoint-99").exists()
+    assert "replacing 2 files of a previous run" in proc.stdout and not (out / "checkpoint-99").exists()
     assert json.loads((out / "training_summary.json").read_text())["steps"] == 2
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 16
 
 
 @pytest.mark.torch
@@ -255,6 +254,8 @@ def test_generate_and_demo_speed_lines_exclude_compilation_and_take_threads(tiny
          "--init: {tmp}/text.txt is a file, not a folder"),
         (["convert", "bundled", "{tmp}/text.txt", "--to", "bin"], "convert", "DST: {tmp}/text.txt is a file"),
         (["demo", "--backends", "torch,paddle"], "demo", "unknown backend(s) paddle"),
+        (["train", "--corpus", "{tmp}/text.txt", "--out", "{tmp}/o", "--backend", "flax", "--fsdp"], "train",
+         "--fsdp needs a backend that trains under torchrun (torch), not flax"),
     ],
 )
 def test_bad_arguments_are_one_clear_line(tmp_path, argv, command, message):

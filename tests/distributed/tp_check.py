@@ -78,7 +78,7 @@ def main() -> None:
             want, have = generations(one, ids, mask), generations(tp, ids, mask)
             r["tokens_equal"] = {k: want[k] == have[k] for k in want}
             r["tokens_same_on_all_ranks"] = same_everywhere(have)
-            unseeded = tp.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, eos_token_id=None)
+            unseeded = tp.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, eos_token_id=[])
             r["unseeded_sample_same_on_all_ranks"] = same_everywhere(unseeded.tolist())
         if timed:
             ids_t = np.random.default_rng(0).integers(4, one.config.vocab_size, (4, 32))
