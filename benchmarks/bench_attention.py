@@ -104,7 +104,7 @@ def run_point(p: dict) -> dict:
         out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from run_all import peak_rss_mb  # VmHWM: this process only, unlike ru_maxrss
+        from common import peak_rss_mb  # VmHWM: this process only, unlike ru_maxrss
 
         out["peak_mb"] = peak_rss_mb()
     return out

@@ -95,10 +95,10 @@ def make_safetensors(folder: Path, preset: str, shard: str) -> tuple[object, int
     """Random fp16 weights with the preset's shapes, streamed into 1 GB safetensors shards."""
     import numpy as np
 
-    from opt_core.formats import TensorPlan
-    from opt_core.formats.safetensors import SafetensorsWriter
     from opt_core import OPTConfig
     from opt_core.checkpoint import parse_size
+    from opt_core.formats import TensorPlan
+    from opt_core.formats.safetensors import SafetensorsWriter
     from opt_core.params import Head, hf_name, parameter_table
 
     config = OPTConfig.from_preset(preset)

@@ -9,8 +9,8 @@ tokens are generated greedily. Decode tokens/s excludes the prefill:
 batch x (N - 1) / (time(generate N) - time(generate 1)), each the fastest of 2 timed calls after a
 warm-up call at the same shapes. Peak memory is the peak RSS of a subprocess that runs one
 (implementation, L) point, so it is framework + weights + cache + activations at that length.
-Same random weights as run_all.py (real opt-125m shape by default, eos off). Implementations as
-in run_all.py (peers need their venvs).
+Same random weights as run_all.py (common.write_checkpoint: real opt-125m shape by default, eos
+off). Implementations from runners.py (peers need their venvs).
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_all  # noqa: E402  (stdlib-only at import; shared loaders, checkpoint, environments)
+import common  # noqa: E402  (stdlib-only at import: checkpoint, prompts, environments, job runner)
+import runners  # noqa: E402  (stdlib-only at import: the implementations' loaders)
 
-ROOT = run_all.ROOT
+ROOT = common.ROOT
 DEFAULT_LENGTHS = (128, 256, 512, 1024, 2048)
 
 
 def worker(job: dict) -> dict:
-    runner = run_all.LOADERS[job["impl"]](job["folder"], job["threads"])
+    runner = runners.LOADERS[job["impl"]](job["folder"], job["threads"])
     n, length, b = job["new_tokens"], job["length"], job["batch"]
-    ids, mask = run_all._prompt(b, length - n)
+    ids, mask = common.prompt(b, length - n)
 
     def timed(new: int) -> float:
         """Fastest of `repeats` timed calls: at long contexts the prefill is most of each call, and
@@ -49,29 +50,13 @@ def worker(job: dict) -> dict:
     t1, tn = timed(1), timed(n)
     return {"impl": job["impl"], "length": length, "prefill_s": t1,
             "decode_tokens_per_s": b * (n - 1) / max(tn - t1, 1e-9),
-            "peak_rss_mb": run_all.peak_rss_mb()}
+            "peak_rss_mb": common.peak_rss_mb()}
 
 
 def run_point(job: dict, timeout: int) -> dict:
     """One point in its own subprocess of the implementation's environment."""
-    import subprocess
-
-    env_name = run_all.IMPLS[job["impl"]][0]
-    python = run_all.VENVS[env_name] / "bin" / "python"
     base = {"impl": job["impl"], "length": job["length"]}
-    if not python.is_file():
-        return {**base, "error": f"environment {python.parents[1].name} is missing ({run_all.VENV_HINT[env_name]})"}
-    env = run_all.worker_env(env_name, job["threads"])
-    try:
-        proc = subprocess.run([str(python), __file__, "--worker", json.dumps(job)], capture_output=True,
-                              text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"timed out after {timeout}s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        err = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        return {**base, "error": f"exit {proc.returncode}: {err[-1][:300] if err else 'no output'}"}
-    return json.loads(lines[-1])
+    return common.run_in_env(__file__, runners.IMPLS[job["impl"]][0], job, timeout, base)
 
 
 def table(results: list[dict], impls: list[str], lengths: list[int]) -> str:
@@ -126,7 +111,7 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--impls", default=",".join(run_all.OURS), help=f"from {','.join(run_all.IMPLS)}")
+    ap.add_argument("--impls", default=",".join(runners.OURS), help=f"from {','.join(runners.IMPLS)}")
     ap.add_argument("--shape", default="opt-125m")
     ap.add_argument("--lengths", type=_ints, default=None, help="context lengths (default 128..2048)")
     ap.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per point (default 32)")
@@ -143,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     impls = [i for i in args.impls.split(",") if i]
-    unknown = [i for i in impls if i not in run_all.IMPLS]
+    unknown = [i for i in impls if i not in runners.IMPLS]
     if unknown:
-        ap.error(f"unknown implementation(s) {unknown}; choose from {list(run_all.IMPLS)}")
+        ap.error(f"unknown implementation(s) {unknown}; choose from {list(runners.IMPLS)}")
     lengths = args.lengths or ([128, 256] if args.quick else list(DEFAULT_LENGTHS))
     new_tokens = args.new_tokens or (8 if args.quick else 32)
     if min(lengths) <= new_tokens:
         ap.error(f"every length must exceed --new-tokens ({new_tokens})")
-    folder = run_all.write_checkpoint(args.shape)
+    folder = common.write_checkpoint(args.shape)
     results = []
     started = time.time()
     for impl in impls:

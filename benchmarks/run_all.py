@@ -32,254 +32,18 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache" / "bench"
-TOKENIZER_DIR = ROOT / "data" / "opt-tokenizer"
-VENVS = {"main": ROOT / ".venv", "bench": ROOT / ".venv-bench", "oracle": ROOT / ".venv-oracle"}
-VENV_HINT = {
-    "main": "make venv",
-    "bench": "python3 -m venv .venv-bench && .venv-bench/bin/pip install -r requirements/bench.txt",
-    "oracle": "make oracle",
-}
-# name -> (environment, label)
-IMPLS: dict[str, tuple[str, str]] = {
-    "opt_torch": ("main", "opt_torch (this project)"),
-    "opt_tf": ("main", "opt_tf (this project)"),
-    "opt_flax": ("main", "opt_flax (this project)"),
-    "hf_torch": ("bench", "HF transformers 5.x torch (sdpa)"),
-    "ct2_fp32": ("bench", "CTranslate2 fp32"),
-    "ct2_int8": ("bench", "CTranslate2 int8"),
-    "hf_tf": ("oracle", "HF 4.57.6 TF (XLA generate)"),
-    "hf_flax": ("oracle", "HF 4.57.6 Flax"),
-}
-OURS = ("opt_torch", "opt_tf", "opt_flax")
-PEERS = ("hf_torch", "ct2_fp32", "ct2_int8", "hf_tf", "hf_flax")
-TOKENIZER_VOCAB = 50265  # ids the real tokenizer knows (CTranslate2 works on its token strings)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, ROOT, VENVS, peak_rss_mb, prompt, run_in_env, write_checkpoint  # noqa: E402, F401
+from runners import FRAMEWORKS, IMPLS, LOADERS, OURS, PEERS, REDUCED  # noqa: E402, F401
 
 
 # ================================================================ worker (runs inside one environment)
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB: VmHWM, which starts afresh at exec (unlike
-    getrusage's ru_maxrss, which a child inherits from its parent across exec on Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _prompt(batch: int, length: int, seed: int = 0):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(4, TOKENIZER_VOCAB, (batch, length)).astype(np.int64)
-    ids[:, 0] = 2  # </s> starts every OPT prompt
-    return ids, np.ones_like(ids)
-
-
-class _Torchish:
-    """opt_torch and Hugging Face torch: same calls."""
-
-    def __init__(self, model, threads: int):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
-        self.model = model.eval()
-
-    def prefill(self, ids, mask):
-        t = self.torch
-        with t.inference_mode():
-            self.model(input_ids=t.from_numpy(ids), attention_mask=t.from_numpy(mask))
-
-    def generate(self, ids, mask, new_tokens):
-        t = self.torch
-        with t.inference_mode():
-            out = self.model.generate(t.from_numpy(ids), attention_mask=t.from_numpy(mask),
-                                      max_new_tokens=new_tokens, do_sample=False, **self.gen_kwargs)
-        return int(out.shape[1]) - ids.shape[1]
-
-    gen_kwargs: dict = {}
-
-
-def _load_opt_torch(folder, threads):
-    from opt_torch import OPTForCausalLM
-
-    return _Torchish(OPTForCausalLM.from_pretrained(folder, dtype="float32"), threads)
-
-
-def _load_hf_torch(folder, threads):
-    import torch
-    from transformers import OPTForCausalLM
-
-    model = OPTForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
-    model.generation_config.pad_token_id = 1
-    return _Torchish(model, threads)
-
-
-class _TF:
-    def __init__(self, model, threads: int, hf: bool):
-        import tensorflow as tf
-
-        self.tf, self.model, self.hf = tf, model, hf
-        self._prefill = tf.function(lambda i, m: model(input_ids=i, attention_mask=m).logits, jit_compile=True)
-        if hf:  # Hugging Face TF's fast path: the whole generate loop under XLA
-            self._gen = {}
-
-    def prefill(self, ids, mask):
-        self._prefill(self.tf.constant(ids), self.tf.constant(mask)).numpy()
-
-    def generate(self, ids, mask, new_tokens):
-        tf = self.tf
-        if self.hf:
-            fn = self._gen.setdefault(new_tokens, tf.function(
-                lambda i, m: self.model.generate(i, attention_mask=m, max_new_tokens=new_tokens, do_sample=False),
-                jit_compile=True))
-            out = fn(tf.constant(ids), tf.constant(mask))
-        else:
-            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
-        return int(out.shape[1]) - ids.shape[1]
-
-
-def _tf_threads(threads):
-    import tensorflow as tf
-
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-
-
-def _load_opt_tf(folder, threads):
-    _tf_threads(threads)
-    from opt_tf import OPTForCausalLM
-
-    return _TF(OPTForCausalLM.from_pretrained(folder, dtype="float32"), threads, hf=False)
-
-
-def _load_hf_tf(folder, threads):
-    _tf_threads(threads)
-    from transformers import TFOPTForCausalLM
-
-    model = TFOPTForCausalLM.from_pretrained(folder, from_pt=True)
-    model.generation_config.pad_token_id = 1
-    return _TF(model, threads, hf=True)
-
-
-class _OptFlax:
-    def __init__(self, model):
-        import jax
-        from flax import nnx
-
-        self.jax, self.model = jax, model
-        # jax.jit over the split state, as opt_flax.generation does: nnx.jit re-walks the module
-        # graph on every call, which costs ~0.5 s per call on the opt-125m shape.
-        graphdef, self.state = nnx.split(model)
-
-        def forward(state, ids, mask):
-            return nnx.merge(graphdef, state)(input_ids=ids, attention_mask=mask).logits
-
-        self._prefill = jax.jit(forward)
-
-    def prefill(self, ids, mask):
-        self._prefill(self.state, ids, mask).block_until_ready()
-
-    def generate(self, ids, mask, new_tokens):
-        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
-        return int(self.jax.block_until_ready(out).shape[1]) - ids.shape[1]
-
-
-def _load_opt_flax(folder, threads):
-    from opt_flax import OPTForCausalLM
-
-    return _OptFlax(OPTForCausalLM.from_pretrained(folder, dtype="float32"))
-
-
-class _HFFlax:
-    def __init__(self, model):
-        import jax
-
-        self.jax, self.model = jax, model
-        self._prefill = jax.jit(lambda p, i, k: model(i, attention_mask=k, params=p).logits)
-
-    def prefill(self, ids, mask):
-        self._prefill(self.model.params, ids, mask).block_until_ready()
-
-    def generate(self, ids, mask, new_tokens):
-        # Hugging Face Flax takes neither eos None (jnp.array(None)) nor -1 (validation); vocab_size
-        # is a valid integer that no logit can produce, so eos stays off.
-        eos = self.model.config.eos_token_id
-        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                  eos_token_id=self.model.config.vocab_size if eos is None else eos)
-        return int(self.jax.block_until_ready(out.sequences).shape[1]) - ids.shape[1]
-
-
-def _load_hf_flax(folder, threads):
-    from transformers import FlaxOPTForCausalLM
-
-    model = FlaxOPTForCausalLM.from_pretrained(folder, from_pt=True)
-    model.generation_config.pad_token_id = 1
-    return _HFFlax(model)
-
-
-class _CT2:
-    def __init__(self, folder, threads, quantization):
-        import ctranslate2
-
-        out = Path(folder).with_name(Path(folder).name + f"-ct2-{quantization}")
-        t0 = time.perf_counter()
-        if not (out / "model.bin").is_file():
-            # In a child process, so the converter's (transformers) memory stays out of peak RSS.
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            code = ("import sys; from ctranslate2.converters import TransformersConverter; "
-                    "TransformersConverter(sys.argv[1]).convert(sys.argv[2], quantization=sys.argv[3])")
-            subprocess.run([sys.executable, "-c", code, str(folder), str(tmp), quantization], check=True,
-                           capture_output=True)
-            tmp.rename(out)
-        self.convert_s = time.perf_counter() - t0
-        self.gen = ctranslate2.Generator(str(out), device="cpu", compute_type=quantization,
-                                         intra_threads=threads or 0)
-        vocab_file = out / "vocabulary.json"
-        if vocab_file.is_file():
-            self.vocab = json.loads(vocab_file.read_text())
-        else:
-            self.vocab = (out / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
-
-    def prefill(self, ids, mask):
-        self.gen.forward_batch([row.tolist() for row in ids])
-
-    def generate(self, ids, mask, new_tokens):
-        tokens = [[self.vocab[i] for i in row] for row in ids]
-        res = self.gen.generate_batch(tokens, max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
-                                      include_prompt_in_result=False)
-        return max(len(r.sequences_ids[0]) for r in res)
-
-
-LOADERS = {
-    "opt_torch": _load_opt_torch,
-    "opt_tf": _load_opt_tf,
-    "opt_flax": _load_opt_flax,
-    "hf_torch": _load_hf_torch,
-    "hf_tf": _load_hf_tf,
-    "hf_flax": _load_hf_flax,
-    "ct2_fp32": lambda folder, threads: _CT2(folder, threads, "float32"),
-    "ct2_int8": lambda folder, threads: _CT2(folder, threads, "int8"),
-}
-FRAMEWORKS = ("torch", "tensorflow", "jax", "flax", "transformers", "ctranslate2", "numpy")
-
-
 def worker(job: dict) -> dict:
     """Load one implementation and measure it; returns the results dict (see the module docstring)."""
     impl, folder, threads = job["impl"], job["folder"], job["threads"]
@@ -291,7 +55,7 @@ def worker(job: dict) -> dict:
         out["convert_s"] = runner.convert_s
     out["prefill"] = {}
     for b in job["prefill_batches"]:
-        ids, mask = _prompt(b, job["prefill_len"])
+        ids, mask = prompt(b, job["prefill_len"])
         t = time.perf_counter()
         runner.prefill(ids, mask)
         first = time.perf_counter() - t
@@ -303,7 +67,7 @@ def worker(job: dict) -> dict:
         out["prefill"][str(b)] = {"ms": 1000 * statistics.median(times), "first_s": first}
     out["decode"] = {}
     for b in job["decode_batches"]:
-        ids, mask = _prompt(b, job["prompt_len"], seed=1)
+        ids, mask = prompt(b, job["prompt_len"], seed=1)
         n = job["new_tokens"]
         t = time.perf_counter()
         runner.generate(ids, mask, n)  # warm-up at the measured shapes (compiles where needed)
@@ -343,74 +107,22 @@ def best_of_rounds(results: list[dict]) -> dict:
     return best
 
 
-def write_checkpoint(shape: str, seed: int = 0) -> Path:
-    """The random-weight Hugging Face folder for `shape` (written once, cached under .cache/bench)."""
-    folder = CACHE / f"{shape}-seed{seed}-noeos"
-    if (folder / "model.safetensors").is_file():
-        return folder
-    sys.path.insert(0, str(ROOT))
-    from opt_core import OPTConfig
-    from opt_core.checkpoint import save_numpy_safetensors
-    from opt_core.params import Head, hf_name, parameter_table
-    from opt_core.reference import random_parameters
-
-    # eos off (no token ends a row), so every implementation generates every requested token
-    cfg = OPTConfig.from_preset(shape, eos_token_id=None)
-    params = random_parameters(cfg, seed=seed)
-    tensors = {hf_name(s.name, Head.CAUSAL_LM): params[s.name] for s in parameter_table(cfg) if s.tied_to is None}
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_numpy_safetensors(tmp, tensors, max_shard_bytes="100GB")
-    cfg.save_pretrained(tmp)
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        if (TOKENIZER_DIR / name).is_file():  # CTranslate2's converter reads the vocabulary
-            shutil.copy(TOKENIZER_DIR / name, tmp / name)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
-
-
-def worker_env(env_name: str, threads: int) -> dict:
-    """Environment variables for a worker subprocess in `env_name` with `threads` threads (0: default)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
-    env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
-    if env_name == "main":
-        env["PYTHONPATH"] = str(ROOT)
-    if env_name == "oracle":
-        env["TF_USE_LEGACY_KERAS"] = "1"
-    if threads:
-        n = str(threads)
-        env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n,
-                   XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}")
-    return env
-
-
 def run_job(job: dict, timeout: int) -> dict:
-    env_name = IMPLS[job["impl"]][0]
-    python = VENVS[env_name] / "bin" / "python"
-    base = {"impl": job["impl"], "shape": job["shape"]}
-    if not python.is_file():
-        return {**base, "error": f"environment {VENVS[env_name].name} is missing ({VENV_HINT[env_name]})"}
-    env = worker_env(env_name, job["threads"])
-    try:
-        proc = subprocess.run([str(python), __file__, "--worker", json.dumps(job)], capture_output=True,
-                              text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"timed out after {timeout}s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        err = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-        return {**base, "error": f"exit {proc.returncode}: {err[-1][:300] if err else 'no output'}"}
-    return json.loads(lines[-1])
+    """One implementation and shape, measured by this script's worker in the implementation's environment."""
+    return run_in_env(__file__, IMPLS[job["impl"]][0], job, timeout, {"impl": job["impl"], "shape": job["shape"]})
 
 
 def run_extra(name: str, quick: bool, timeout: int, threads: int) -> dict:
-    """bench_attention.py / bench_scaling.py in .venv; returns their command and Markdown."""
+    """bench_attention.py / bench_scaling.py in .venv, bench_quant.py in .venv-bench (it needs
+    CTranslate2 beside torch); returns their command and Markdown."""
     md = CACHE / f"{name}.md"
     md.unlink(missing_ok=True)
-    cmd = [str(VENVS["main"] / "bin" / "python"), str(ROOT / "benchmarks" / f"bench_{name}.py"),
-           "--markdown", str(md), "--threads", str(threads), *(["--quick"] if quick else [])]
-    shown = f"python benchmarks/bench_{name}.py --threads {threads}" + (" --quick" if quick else "")
+    venv = "bench" if name == "quant" else "main"
+    extra = ["--rss"] if name == "quant" else []
+    cmd = [str(VENVS[venv] / "bin" / "python"), str(ROOT / "benchmarks" / f"bench_{name}.py"),
+           "--markdown", str(md), "--threads", str(threads), *extra, *(["--quick"] if quick else [])]
+    shown = (f"{VENVS[venv].name}/bin/python benchmarks/bench_{name}.py --threads {threads}"
+             + "".join(f" {x}" for x in extra) + (" --quick" if quick else ""))
     try:
         proc = subprocess.run(cmd, text=True, timeout=timeout * 4, cwd=ROOT, stderr=subprocess.PIPE,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -492,6 +204,8 @@ def ratio_table(runs: list[dict], shape: str, s: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|---" + "|--:" * (len(head) - 1) + "|"]
     for ours in OURS:
         for peer in PEERS:
+            if ours in REDUCED and not peer.startswith("ct2"):
+                continue
             if ours not in by or peer not in by:
                 continue
             a, p = by[ours], by[peer]
@@ -550,6 +264,8 @@ def markdown(report: dict) -> str:
         f"- threads: {s['threads'] or 'each framework default'} per implementation; fp32 everywhere except "
         "CTranslate2 int8",
         "- versions: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in sorted(versions.items())),
+        "- reduced precision (opt_torch bf16/int8/w8a8, opt_flax int8) is compared with CTranslate2 only; "
+        "int8/w8a8 are quantized at load from the same fp32 folder (kernels chosen by timing on this CPU)",
         "- weights: random (N(0, 0.02), opt_core.reference.random_parameters seed 0), one safetensors "
         "folder per shape loaded by every implementation; eos_token_id null so every row generates every token",
         f"- prefill: forward over [batch, {s['prefill_len']}] tokens, median of {s['repeats']} after a warm-up; "
@@ -568,7 +284,8 @@ def markdown(report: dict) -> str:
         md += [f"## {shape}", ""] + results_table(report["runs"], shape, s)
         md += ["", "Ratios, this project vs each peer (speed: > 1 means ours is faster; "
                "peak RSS: < 1 means ours uses less):", ""] + ratio_table(report["runs"], shape, s) + [""]
-    titles = {"attention": "Eager vs SDPA attention (opt_torch, opt-350m shape)",
+    titles = {"quant": "Reduced precision vs CTranslate2 (one process, calls interleaved)",
+              "attention": "Eager vs SDPA attention (opt_torch, opt-350m shape)",
               "scaling": "Decode speed and memory vs sequence length"}
     for name, res in report.get("extras", {}).items():
         md += [f"## {titles[name]}", "", f"`{res['command']}`" + (" (plot: benchmarks/results/scaling.png)"
@@ -599,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
                          "and report each one's best figures: robust to a transient slowdown of the machine")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown report")
     ap.add_argument("--json", type=Path, metavar="OUT", help="also write the raw results")
+    ap.add_argument("--no-prefill", action="store_true", help="decode only (no prefill latency rows)")
     ap.add_argument("--no-attention", action="store_true", help="skip bench_attention.py (eager vs SDPA)")
+    ap.add_argument("--no-quant", action="store_true",
+                    help="skip bench_quant.py (opt_torch bf16/int8/w8a8 vs CTranslate2, interleaved in one process)")
     ap.add_argument("--no-scaling", action="store_true", help="skip bench_scaling.py (speed/memory vs length)")
     ap.add_argument("--backend-scripts", action="store_true",
                     help="also run benchmarks/bench_{torch,tf,flax}.py and keep their JSON")
@@ -615,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = args.shapes.split(",") if args.shapes else (["opt-125m"] if args.quick else ["opt-125m", "opt-350m"])
     settings = dict(
         shapes=shapes, quick=args.quick, threads=args.threads,
-        prefill_batches=[1] if args.quick else [1, 8], prefill_len=32 if args.quick else 128,
+        prefill_batches=[] if args.no_prefill else [1] if args.quick else [1, 8],
+        prefill_len=32 if args.quick else 128,
         decode_batches=[1] if args.quick else [1, 8], prompt_len=32,
         new_tokens=args.new_tokens or (16 if args.quick else 128),
         repeats=2 if args.quick else 3, rounds=args.rounds,
@@ -652,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend_scripts:
         report["backend_scripts"] = run_backend_scripts(shapes, args.quick, args.timeout, args.threads)
     report["extras"] = {}
-    for name, skip in (("attention", args.no_attention), ("scaling", args.no_scaling)):
+    for name, skip in (("quant", args.no_quant), ("attention", args.no_attention), ("scaling", args.no_scaling)):
         if not skip:
             print(f"== bench_{name}.py", flush=True)
             report["extras"][name] = run_extra(name, args.quick, args.timeout, args.threads)

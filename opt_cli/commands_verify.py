@@ -46,6 +46,8 @@ def _verify(p: argparse.ArgumentParser):
     p.add_argument("model_dir", metavar="MODEL", help="model folder (Hugging Face layout), or 'bundled'")
     add_backends_argument(p)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="backends' compute dtype")
+    p.add_argument("--quantize", default=None, choices=("int8", "w8a8"),
+                   help="load the backends quantized and report their error against the float reference")
     p.add_argument("--prompts", metavar="FILE", help="file: one prompt per line, or JSON texts / token-id lists")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (or 'bundled') when MODEL has none")
     p.add_argument("--new-tokens", type=int_in(0), default=16, metavar="N", help="greedy tokens to compare")
@@ -81,7 +83,7 @@ def _verify(p: argparse.ArgumentParser):
             report = verify(
                 folder, backends=[b.name for b in chosen], dtype=args.dtype, prompts=prompts, input_ids=ids,
                 new_tokens=args.new_tokens, reference=args.reference, tokenizer_dir=tokenizer,
-                allow_missing=args.allow_missing, progress=progress,
+                allow_missing=args.allow_missing, progress=progress, quantize=args.quantize,
             )
         except VerifyError as e:
             raise UsageError(str(e)) from None

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from opt_cli.backends import BACKENDS
+from opt_cli.errors import UsageError
 
 MAX_SEED = 2**64 - 1
 
@@ -78,13 +79,21 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `from_pretrained` that a command passes through (see `load_options`)."""
+    p.add_argument("--dtype", default=None, metavar="D", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--quantize", default=None, choices=("int8", "w8a8"),
+                   help="int8: int8 weights; w8a8: int8 weights and activations (inference; torch)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="with --quantize w8a8: text to calibrate SmoothQuant factors on (stored beside the model)")
     p.add_argument("--tp-plan", choices=("auto",), default=None,
                    help="torch under torchrun: shard the model over the ranks (tensor parallelism)")
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for `Adapter.load` from the options `add_load_arguments` declared."""
-    return {"tp_plan": args.tp_plan} if getattr(args, "tp_plan", None) else {}
+    if getattr(args, "calibration", None) and getattr(args, "quantize", None) != "w8a8":
+        raise UsageError("--calibration needs --quantize w8a8")
+    names = ("dtype", "quantize", "calibration", "tp_plan")
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
 def is_first_rank() -> bool:

@@ -46,7 +46,9 @@ LOAD_FORMATS = ("safetensors", "bin", "tf-h5", "flax-msgpack")
 
 
 # ---------------------------------------------------------------- key accounting
-@dataclass
+# eq=False: hashed by identity, because opt_flax keeps `model.loading_info` as a static attribute of
+# the nnx graph, which jax.jit hashes (a field-wise __eq__ without __hash__ made generate fail).
+@dataclass(eq=False)
 class KeyAccounting:
     """How a checkpoint's keys map onto the canonical table for one model kind.
 

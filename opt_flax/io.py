@@ -97,6 +97,7 @@ def from_pretrained(
     config: OPTConfig | None = None,
     revision: str | None = None,
     allow_non_finite: bool = False,
+    quantize: str | None = None,
 ) -> Any:
     """Build `cls` (an opt_flax model class) from a Hugging Face folder or Hub id.
 
@@ -111,6 +112,7 @@ def from_pretrained(
         config: use this config instead of the folder's config.json.
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
+        quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_flax.quantize`).
     Returns:
         The model, every parameter loaded (a task head missing from the checkpoint is initialised);
         `model.loading_info` is the `KeyAccounting` of the load.
@@ -129,7 +131,9 @@ def from_pretrained(
     model.loading_info = ckpt.accounting
     if hasattr(model, "generate"):  # generate's defaults, as Hugging Face reads them
         model.generation_config = GenerationConfig.from_pretrained(folder, config)
-    return model
+    from opt_flax.quantize import quantize_loaded
+
+    return quantize_loaded(model, quantize)
 
 
 def canonical_tensors(model: Any) -> dict[str, np.ndarray]:

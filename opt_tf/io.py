@@ -89,6 +89,7 @@ def from_pretrained(
     *,
     revision: str | None = None,
     allow_non_finite: bool = False,
+    quantize: str | None = None,
 ) -> Any:
     """Load a Hugging Face OPT folder or Hub id into `model_class` (an `OPTPreTrainedModel` subclass).
 
@@ -102,6 +103,7 @@ def from_pretrained(
             tf-h5, flax-msgpack, the first present).
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
+        quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_tf.quantize`).
     Returns:
         The model; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -124,7 +126,9 @@ def from_pretrained(
     model.loading_info = ckpt.accounting
     if hasattr(model, "generate"):  # generate's defaults, as Hugging Face reads them
         model.generation_config = GenerationConfig.from_pretrained(folder, config)
-    return model
+    from opt_tf.quantize import quantize_loaded
+
+    return quantize_loaded(model, quantize)
 
 
 def canonical_tensors(model: Any) -> dict[str, np.ndarray]:

@@ -141,6 +141,8 @@ def from_pretrained(
     format: str | None = None,
     revision: str | None = None,
     allow_non_finite: bool = False,
+    quantize: str | None = None,
+    calibration: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Load a Hugging Face OPT folder or Hub id into `model_class` (an `OPTPreTrainedModel` subclass).
 
@@ -159,6 +161,10 @@ def from_pretrained(
             tf-h5, flax-msgpack, the first present).
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
+        quantize: None, "int8" (weight-only) or "w8a8" (int8 weights and activations): inference
+            only, quantized here from the float weights (`opt_torch.quantize`).
+        calibration: w8a8 only: a text file to calibrate SmoothQuant factors on (stored beside the
+            checkpoint and reused); without it, factors already stored there are used if present.
     Returns:
         The model in eval mode; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -171,6 +177,8 @@ def from_pretrained(
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if tp_plan is not None or device_mesh is not None:
+        if quantize is not None:
+            raise ValueError("quantize= and tensor parallelism (tp_plan/device_mesh) do not combine")
         from opt_torch.parallel import from_pretrained_tp
 
         model = from_pretrained_tp(model_class, folder, config, dtype, attn_implementation, tp_plan, device_mesh)
@@ -180,7 +188,10 @@ def from_pretrained(
         fill_parameters(model, ckpt)
     # Post-load transforms (tensor parallelism, quantization) apply to `model` here.
     model.loading_info = ckpt.accounting
-    return _read_generation_config(model, folder, config).eval()
+    from opt_torch.quantize import quantize_loaded
+
+    model = _read_generation_config(model, folder, config).eval()
+    return quantize_loaded(model, quantize, folder, calibration)
 
 
 def _read_generation_config(model: Any, folder: Any, config: OPTConfig) -> Any:
@@ -217,6 +228,8 @@ def save_pretrained(
     Returns:
         Every written path, config.json first.
     """
+    if getattr(model, "quantization", None):
+        raise ValueError("a quantized model cannot be saved; save the float model and pass quantize= when loading")
     written = save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
                               max_shard_size=max_shard_size, architecture=type(model).__name__)
     if getattr(model, "generation_config", None) is not None:  # generate's defaults, as Hugging Face writes them

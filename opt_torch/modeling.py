@@ -217,25 +217,29 @@ class OPTAttention(nn.Module):
         self.q_proj = nn.Linear(c, c, bias=bias)
         self.out_proj = nn.Linear(c, c, bias=bias)
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.qkv_proj: nn.Module | None = None  # one module for q/k/v (set by opt_torch.quantize)
 
     @torch.no_grad()
-    def fuse_qkv(self, copy: bool = True) -> None:
+    def fuse_qkv(self, copy: bool = True, input_major: bool = True) -> None:
         """Store q/k/v weights (and biases) in one buffer and make the three parameters views of
         it: inference then runs one matmul instead of three, while `state_dict` keeps the canonical
         names and training still updates the same memory. The buffer is [C, 3C] (input-major, see
-        `column_major`), viewed as the [3C, C] weight. `copy=False` only allocates (for loaders
+        `column_major`), viewed as the [3C, C] weight, or [3C, C] itself with `input_major=False`
+        (`opt_torch.kernels.choose_input_major` picks per CPU). `copy=False` only allocates (for loaders
         that fill the parameters next). Anything that replaces the parameters (`.to(dtype)`,
         `load_state_dict(assign=True)`) silently returns to three matmuls."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         c_out, c_in = self.q_proj.weight.shape
-        store = self.q_proj.weight.new_empty(c_in, 3 * c_out)  # [C, 3C]
+        if input_major:
+            weight = self.q_proj.weight.new_empty(c_in, 3 * c_out).t()  # [3C, C] view of [C, 3C]
+        else:
+            weight = self.q_proj.weight.new_empty(3 * c_out, c_in)  # [3C, C]
         bias = self.q_proj.bias.new_empty(3 * c_out) if self.q_proj.bias is not None else None  # [3C]
         if copy:
             for i, p in enumerate(projs):
-                store[:, i * c_out : (i + 1) * c_out].copy_(p.weight.t())
+                weight[i * c_out : (i + 1) * c_out].copy_(p.weight)
                 if bias is not None:
                     bias[i * c_out : (i + 1) * c_out].copy_(p.bias)
-        weight = store.t()  # [3C, C] view
         for i, p in enumerate(projs):
             p.weight = nn.Parameter(weight[i * c_out : (i + 1) * c_out], requires_grad=p.weight.requires_grad)
             if bias is not None:
@@ -268,7 +272,9 @@ class OPTAttention(nn.Module):
         b, t, c = x.shape
         h, d = self.num_heads, self.head_dim
         fused = self._fused()
-        if fused is not None:
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(c, dim=-1)  # [B, T, 3C] -> 3 x [B, T, C]
+        elif fused is not None:
             q, k, v = F.linear(x, *fused).split(c, dim=-1)  # [B, T, 3C] -> 3 x [B, T, C]
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -513,15 +519,18 @@ class OPTPreTrainedModel(nn.Module):
             layer.self_attn.attn_implementation = name
 
     @torch.no_grad()
-    def optimize_layout(self, copy: bool = True) -> None:
-        """Lay the weights out for fast inference; `from_pretrained` does this on load.
+    def optimize_layout(self, copy: bool = True, input_major: bool = True) -> None:
+        """Lay the weights out for fast inference; `from_pretrained` does this on load, with
+        `input_major` measured on this CPU (`opt_torch.kernels.choose_input_major`).
 
-        Fuses each layer's q/k/v projections (`OPTAttention.fuse_qkv`) and stores every other
-        matmul weight (and a token embedding tied to `lm_head`) input-major (`column_major`).
-        Parameter names, shapes, values and training are unchanged; only strides differ.
-        `copy=False` only allocates (a loader fills every tensor next)."""
+        Fuses each layer's q/k/v projections (`OPTAttention.fuse_qkv`) and, with `input_major`,
+        stores every other matmul weight (and a token embedding tied to `lm_head`) input-major
+        (`column_major`). Parameter names, shapes, values and training are unchanged; only strides
+        differ. `copy=False` only allocates (a loader fills every tensor next)."""
         for layer in self.get_decoder().layers:
-            layer.self_attn.fuse_qkv(copy)
+            layer.self_attn.fuse_qkv(copy, input_major)
+        if not input_major:
+            return
         fused = {id(getattr(layer.self_attn, name).weight) for layer in self.get_decoder().layers
                  for name in ("q_proj", "k_proj", "v_proj")}
         replaced: dict[int, nn.Parameter] = {}
@@ -641,9 +650,12 @@ class OPTPreTrainedModel(nn.Module):
               attn_implementation: str = "sdpa") -> OPTPreTrainedModel:
         """The model on uninitialised storage of `dtype` on `device`, in its optimised layout, for
         loaders that fill every tensor next (`opt_torch.io`)."""
+        from opt_torch.kernels import choose_input_major
+
+        input_major = choose_input_major(config.hidden_size, config.ffn_dim, dtype)  # measured on this CPU
         with empty_weights(dtype, device):
             model = cls(config, attn_implementation=attn_implementation)
-            model.optimize_layout(copy=False)
+            model.optimize_layout(copy=False, input_major=input_major)
         return model
 
     @classmethod

@@ -71,6 +71,12 @@ TOLERANCES: dict[str, Tolerance] = {
     ),
     "bfloat16": Tolerance(4e-2, "bfloat16 keeps 8 bits of mantissa"),
 }
+# quantize= models (opt_*.quantize) against the float reference: their error is reported, and only
+# a gross one (a broken kernel, not rounding) fails. Greedy tokens may differ (reported, not failed).
+QUANTIZED_TOLERANCES: dict[str, Tolerance] = {
+    "int8": Tolerance(5e-2, "int8 weights (per-channel scales) round each weight to 1/254 of its row's range"),
+    "w8a8": Tolerance(1e-1, "int8 weights and activations: rounding of both, per call"),
+}
 # Two backends each within `relative` of the reference are within twice that of each other.
 BACKEND_PAIR_FACTOR = 2.0
 # Dtypes where every hidden state must also be within the tolerance. The float16/bfloat16 bounds are
@@ -273,9 +279,10 @@ class _ReferenceAdapter:
 class _BackendAdapter:
     """`opt_<name>.OPTForCausalLM` called exactly as API.md documents it."""
 
-    def __init__(self, name: str, model_dir: Path, dtype: str):
+    def __init__(self, name: str, model_dir: Path, dtype: str, quantize: str | None = None):
         module = importlib.import_module(f"opt_{name}")
-        self.model = module.OPTForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        extra = {"quantize": quantize} if quantize else {}
+        self.model = module.OPTForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra)
         if hasattr(self.model, "generation_config"):
             # Plain greedy decoding, as the reference runs it: a folder's generation_config.json
             # defaults (sampling, penalties) are not part of the numerical check.
@@ -312,13 +319,14 @@ def _one_line(e: BaseException, limit: int = 400) -> str:
 
 
 def _run_one(
-    name: str, model_dir: Path, dtype: str, ids: np.ndarray, mask: np.ndarray, new_tokens: int
+    name: str, model_dir: Path, dtype: str, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
+    quantize: str | None = None,
 ) -> tuple[BackendResult, _Run | None]:
     result = BackendResult(name, "ok")
     try:
         t0 = time.perf_counter()
         adapter: Any = (
-            _ReferenceAdapter(model_dir) if name == REFERENCE else _BackendAdapter(name, model_dir, dtype)
+            _ReferenceAdapter(model_dir) if name == REFERENCE else _BackendAdapter(name, model_dir, dtype, quantize)
         )
         t1 = time.perf_counter()
         logits, hidden = adapter.forward(ids, mask)
@@ -410,6 +418,7 @@ def compare(
     tol: float,
     eos: int,
     hidden_decides: bool = True,
+    greedy_decides: bool = True,
 ) -> PairResult:
     """Compare `b` against the baseline `a` (see the module docstring). With `hidden_decides`
     False, hidden states above the tolerance are reported (`first_divergent_layer`, `notes`) but
@@ -444,7 +453,8 @@ def compare(
     _greedy(pair, run_a, run_b, ids, mask, eos, tol)
     if pair.greedy_first_divergence is not None and not pair.greedy_near_tie:
         d = pair.greedy_first_divergence
-        pair.failures.append(f"greedy tokens differ at row {d['row']}, new token {d['position']}")
+        message = f"greedy tokens differ at row {d['row']}, new token {d['position']}"
+        (pair.failures if greedy_decides else pair.notes).append(message)
     pair.passed = not pair.failures
     return pair
 
@@ -463,6 +473,7 @@ def verify(
     tokenizer_dir: str | os.PathLike[str] | None = None,
     allow_missing: bool = False,
     progress: Callable[[str], None] | None = None,
+    quantize: str | None = None,
 ) -> VerifyReport:
     """Check that every requested backend computes the same model from `model_dir`.
 
@@ -481,6 +492,9 @@ def verify(
         allow_missing: a backend that is not installed is reported but does not fail the run.
         progress: called with one line as each implementation starts and finishes (`opt verify`
             prints them).
+        quantize: "int8" or "w8a8" loads the backends with `quantize=` and reports their error
+            against the float reference (tolerance `QUANTIZED_TOLERANCES`: only a gross error fails;
+            hidden states and greedy tokens are reported, not failed).
     Returns:
         A `VerifyReport`; `report.passed` is False when any pair fails, any backend errors, fewer
         than two implementations ran, or a requested backend is missing (unless allow_missing).
@@ -515,6 +529,11 @@ def verify(
             f"({config.max_position_embeddings}); use shorter prompts or fewer new tokens"
         )
     tol = TOLERANCES[dtype]
+    if quantize is not None:
+        if quantize not in QUANTIZED_TOLERANCES:
+            raise VerifyError(f"unknown quantize {quantize!r}; choose from {', '.join(QUANTIZED_TOLERANCES)}")
+        q = QUANTIZED_TOLERANCES[quantize]
+        tol = Tolerance(q.relative, f"quantize={quantize}: error against the float reference reported; {q.reason}")
     errors: list[str] = []
 
     names: list[str] = []
@@ -546,7 +565,7 @@ def verify(
     for i, name in enumerate(names, 1):
         if progress is not None:
             progress(f"[{i}/{len(names)}] {name}: loading, forward pass and {new_tokens} greedy tokens ...")
-        res, run = _run_one(name, model_dir, dtype, ids, mask, new_tokens)
+        res, run = _run_one(name, model_dir, dtype, ids, mask, new_tokens, quantize)
         if progress is not None:
             progress(f"[{i}/{len(names)}] {name}: {res.status}" + (
                 f" ({res.message})" if res.status != "ok" else
@@ -566,7 +585,8 @@ def verify(
     for a, b in itertools.combinations(ran, 2):
         factor = 1.0 if a == REFERENCE else BACKEND_PAIR_FACTOR
         pairs.append(compare(a, b, runs[a], runs[b], ids, mask, tol.relative * factor, config.eos_token_id,
-                             hidden_decides=dtype in HIDDEN_STATES_DECIDE))
+                             hidden_decides=dtype in HIDDEN_STATES_DECIDE and quantize is None,
+                             greedy_decides=quantize is None))
     if len(ran) < 2:
         which = ", ".join(ran) or "none"
         errors.append(f"only {len(ran)} implementation(s) ran ({which}): nothing to compare")

@@ -1,0 +1,234 @@
+"""The implementations the benchmarks compare: each one's environment, label and loader.
+
+A loader takes (checkpoint folder, threads) and returns a runner with `prefill(ids, mask)` and
+`generate(ids, mask, new_tokens) -> tokens generated`. Only the standard library is imported at
+module level: the frameworks are imported inside the loaders, in the worker subprocess of the
+implementation's own environment (common.VENVS).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (environment, label)
+IMPLS: dict[str, tuple[str, str]] = {
+    "opt_torch": ("main", "opt_torch (this project)"),
+    "opt_tf": ("main", "opt_tf (this project)"),
+    "opt_flax": ("main", "opt_flax (this project)"),
+    "opt_torch_bf16": ("main", "opt_torch dtype=bfloat16"),
+    "opt_torch_int8": ("main", "opt_torch quantize=int8 (weight-only)"),
+    "opt_torch_w8a8": ("main", "opt_torch quantize=w8a8"),
+    "opt_flax_int8": ("main", "opt_flax quantize=int8 (weight-only)"),
+    "hf_torch": ("bench", "HF transformers 5.x torch (sdpa)"),
+    "ct2_fp32": ("bench", "CTranslate2 fp32"),
+    "ct2_int8": ("bench", "CTranslate2 int8"),
+    "hf_tf": ("oracle", "HF 4.57.6 TF (XLA generate)"),
+    "hf_flax": ("oracle", "HF 4.57.6 Flax"),
+}
+OURS = ("opt_torch", "opt_tf", "opt_flax", "opt_torch_bf16", "opt_torch_int8", "opt_torch_w8a8", "opt_flax_int8")
+REDUCED = ("opt_torch_bf16", "opt_torch_int8", "opt_torch_w8a8", "opt_flax_int8")  # compared with CTranslate2 only
+PEERS = ("hf_torch", "ct2_fp32", "ct2_int8", "hf_tf", "hf_flax")
+
+class _Torchish:
+    """opt_torch and Hugging Face torch: same calls."""
+
+    def __init__(self, model, threads: int):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = model.eval()
+
+    def prefill(self, ids, mask):
+        t = self.torch
+        with t.inference_mode():
+            self.model(input_ids=t.from_numpy(ids), attention_mask=t.from_numpy(mask))
+
+    def generate(self, ids, mask, new_tokens):
+        t = self.torch
+        with t.inference_mode():
+            out = self.model.generate(t.from_numpy(ids), attention_mask=t.from_numpy(mask),
+                                      max_new_tokens=new_tokens, do_sample=False, **self.gen_kwargs)
+        return int(out.shape[1]) - ids.shape[1]
+
+    gen_kwargs: dict = {}
+
+
+def _load_opt_torch(folder, threads, **kwargs):
+    if threads:  # before loading: quantize= times its candidate kernels at this thread count
+        import torch
+
+        torch.set_num_threads(threads)
+    from opt_torch import OPTForCausalLM
+
+    return _Torchish(OPTForCausalLM.from_pretrained(folder, **{"dtype": "float32", **kwargs}), threads)
+
+
+def _load_hf_torch(folder, threads):
+    import torch
+    from transformers import OPTForCausalLM
+
+    model = OPTForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    model.generation_config.pad_token_id = 1
+    return _Torchish(model, threads)
+
+
+class _TF:
+    def __init__(self, model, threads: int, hf: bool):
+        import tensorflow as tf
+
+        self.tf, self.model, self.hf = tf, model, hf
+        self._prefill = tf.function(lambda i, m: model(input_ids=i, attention_mask=m).logits, jit_compile=True)
+        if hf:  # Hugging Face TF's fast path: the whole generate loop under XLA
+            self._gen = {}
+
+    def prefill(self, ids, mask):
+        self._prefill(self.tf.constant(ids), self.tf.constant(mask)).numpy()
+
+    def generate(self, ids, mask, new_tokens):
+        tf = self.tf
+        if self.hf:
+            fn = self._gen.setdefault(new_tokens, tf.function(
+                lambda i, m: self.model.generate(i, attention_mask=m, max_new_tokens=new_tokens, do_sample=False),
+                jit_compile=True))
+            out = fn(tf.constant(ids), tf.constant(mask))
+        else:
+            out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        return int(out.shape[1]) - ids.shape[1]
+
+
+def _tf_threads(threads):
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def _load_opt_tf(folder, threads):
+    _tf_threads(threads)
+    from opt_tf import OPTForCausalLM
+
+    return _TF(OPTForCausalLM.from_pretrained(folder, dtype="float32"), threads, hf=False)
+
+
+def _load_hf_tf(folder, threads):
+    _tf_threads(threads)
+    from transformers import TFOPTForCausalLM
+
+    model = TFOPTForCausalLM.from_pretrained(folder, from_pt=True)
+    model.generation_config.pad_token_id = 1
+    return _TF(model, threads, hf=True)
+
+
+class _OptFlax:
+    def __init__(self, model):
+        import jax
+        from flax import nnx
+
+        self.jax, self.model = jax, model
+        # jax.jit over the split state, as opt_flax.generation does: nnx.jit re-walks the module
+        # graph on every call, which costs ~0.5 s per call on the opt-125m shape.
+        graphdef, self.state = nnx.split(model)
+
+        def forward(state, ids, mask):
+            return nnx.merge(graphdef, state)(input_ids=ids, attention_mask=mask).logits
+
+        self._prefill = jax.jit(forward)
+
+    def prefill(self, ids, mask):
+        self._prefill(self.state, ids, mask).block_until_ready()
+
+    def generate(self, ids, mask, new_tokens):
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        return int(self.jax.block_until_ready(out).shape[1]) - ids.shape[1]
+
+
+def _load_opt_flax(folder, threads, **kwargs):
+    from opt_flax import OPTForCausalLM
+
+    return _OptFlax(OPTForCausalLM.from_pretrained(folder, **{"dtype": "float32", **kwargs}))
+
+
+class _HFFlax:
+    def __init__(self, model):
+        import jax
+
+        self.jax, self.model = jax, model
+        self._prefill = jax.jit(lambda p, i, k: model(i, attention_mask=k, params=p).logits)
+
+    def prefill(self, ids, mask):
+        self._prefill(self.model.params, ids, mask).block_until_ready()
+
+    def generate(self, ids, mask, new_tokens):
+        # Hugging Face Flax takes neither eos None (jnp.array(None)) nor -1 (validation); vocab_size
+        # is a valid integer that no logit can produce, so eos stays off.
+        eos = self.model.config.eos_token_id
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                  eos_token_id=self.model.config.vocab_size if eos is None else eos)
+        return int(self.jax.block_until_ready(out.sequences).shape[1]) - ids.shape[1]
+
+
+def _load_hf_flax(folder, threads):
+    from transformers import FlaxOPTForCausalLM
+
+    model = FlaxOPTForCausalLM.from_pretrained(folder, from_pt=True)
+    model.generation_config.pad_token_id = 1
+    return _HFFlax(model)
+
+
+class _CT2:
+    def __init__(self, folder, threads, quantization):
+        import ctranslate2
+
+        out = Path(folder).with_name(Path(folder).name + f"-ct2-{quantization}")
+        t0 = time.perf_counter()
+        if not (out / "model.bin").is_file():
+            # In a child process, so the converter's (transformers) memory stays out of peak RSS.
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            code = ("import sys; from ctranslate2.converters import TransformersConverter; "
+                    "TransformersConverter(sys.argv[1]).convert(sys.argv[2], quantization=sys.argv[3])")
+            subprocess.run([sys.executable, "-c", code, str(folder), str(tmp), quantization], check=True,
+                           capture_output=True)
+            tmp.rename(out)
+        self.convert_s = time.perf_counter() - t0
+        self.gen = ctranslate2.Generator(str(out), device="cpu", compute_type=quantization,
+                                         intra_threads=threads or 0)
+        vocab_file = out / "vocabulary.json"
+        if vocab_file.is_file():
+            self.vocab = json.loads(vocab_file.read_text())
+        else:
+            self.vocab = (out / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
+
+    def prefill(self, ids, mask):
+        self.gen.forward_batch([row.tolist() for row in ids])
+
+    def generate(self, ids, mask, new_tokens):
+        tokens = [[self.vocab[i] for i in row] for row in ids]
+        res = self.gen.generate_batch(tokens, max_length=new_tokens, min_length=new_tokens, sampling_topk=1,
+                                      include_prompt_in_result=False)
+        return max(len(r.sequences_ids[0]) for r in res)
+
+
+LOADERS = {
+    "opt_torch": _load_opt_torch,
+    "opt_tf": _load_opt_tf,
+    "opt_flax": _load_opt_flax,
+    "opt_torch_bf16": lambda folder, threads: _load_opt_torch(folder, threads, dtype="bfloat16"),
+    "opt_torch_int8": lambda folder, threads: _load_opt_torch(folder, threads, quantize="int8"),
+    "opt_torch_w8a8": lambda folder, threads: _load_opt_torch(folder, threads, quantize="w8a8"),
+    "opt_flax_int8": lambda folder, threads: _load_opt_flax(folder, threads, quantize="int8"),
+    "hf_torch": _load_hf_torch,
+    "hf_tf": _load_hf_tf,
+    "hf_flax": _load_hf_flax,
+    "ct2_fp32": lambda folder, threads: _CT2(folder, threads, "float32"),
+    "ct2_int8": lambda folder, threads: _CT2(folder, threads, "int8"),
+}
+FRAMEWORKS = ("torch", "tensorflow", "jax", "flax", "transformers", "ctranslate2", "numpy")

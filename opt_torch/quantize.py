@@ -1,0 +1,480 @@
+"""Reduced-precision inference for opt_torch: a module swap, kept out of the model code.
+
+`quantize_model(model, "int8")` replaces each matmul of a loaded float model with an int8 one:
+
+- "int8": weight-only. Weights int8, one symmetric scale per output channel (max |w| / 127);
+  activations stay floating point and the product runs in `aten._weight_int8pack_mm`, fed bf16 or
+  fp32 activations, whichever measured faster on this CPU (`choose_int8_activation`). The safe path
+  for any OPT size: activations are never rounded to 8 bits.
+- "w8a8": int8 weights (per output channel, symmetric) and int8 activations quantized on the fly
+  (asymmetric uint8, one scale per call: per token at batch-1 decode, per tensor over a prompt or a
+  batch), in one of PyTorch's quantized engines (fbgemm, x86, onednn), the fastest measured here
+  (`choose_w8a8_engine`). Fast, but OPT's larger models (>= ~6.7B) carry a few hidden dimensions
+  with activations many times larger than the rest, and rounding those to 8 bits with everything
+  else loses accuracy (Dettmers et al. 2022). SmoothQuant's remedy (Xiao et al. 2023) is offered:
+  per-input-channel factors s_j = max|x_j|^a / max|w_j|^(1-a), calibrated once on a little text
+  (`calibrate_smoothing`), divide the activations and multiply the weights, so that both quantize
+  well; the product is unchanged in exact arithmetic.
+
+The token embedding (and a tied `lm_head`) become one int8 table with a scale per row, shared by the
+lookup and the output projection, so no float copy of the vocabulary matrix remains. Biases, the
+LayerNorms, the position table and attention itself stay in the model's float dtype.
+
+A quantized model is for inference: it has no gradients, `save_pretrained` refuses it (save the
+float checkpoint and quantize at load), and `model.quantization` says what was done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opt_torch.kernels import bench_inputs, pick_fastest
+
+logger = logging.getLogger("opt_torch")
+
+MODES = ("int8", "w8a8")
+SMOOTHING_FILE = "smoothquant.safetensors"
+W8A8_ENGINES = ("fbgemm", "x86", "onednn")
+INT8_ACTIVATIONS = ("bfloat16", "float32")
+
+
+def check_mode(mode: str | None) -> str | None:
+    """`mode` if it is None or one of MODES; ValueError otherwise."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"quantize={mode!r} is unknown; expected None or one of {list(MODES)}")
+    return mode
+
+
+# ---------------------------------------------------------------- weights
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: weight [out, in] -> (int8 [out, in], float32 scale [out]),
+    weight ~= int8 * scale[:, None]. An all-zero row gets scale 1 (and zeros)."""
+    w = weight.detach()
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0], dtype=torch.float32)
+    step = max(1, (1 << 20) // max(w.shape[1], 1))  # ~4 MB of float temporaries at a time, not a copy of w
+    for r in range(0, w.shape[0], step):
+        rows = w[r : r + step].float()
+        s = rows.abs().amax(dim=1) / 127.0  # [rows]
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[r : r + step] = torch.round(rows / s[:, None]).clamp_(-127, 127)
+        scale[r : r + step] = s
+    return q, scale
+
+
+def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The inverse of `quantize_per_channel` (up to rounding): float32 [out, in]."""
+    return q.float() * scale[:, None]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for reports), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def has_vnni() -> bool:
+    """Whether the CPU multiplies u8 x s8 into int32 without int16 saturation (AVX512-VNNI / AVX-VNNI);
+    without it fbgemm needs 7-bit activations (`reduce_range`)."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+# ---------------------------------------------------------------- the quantized modules
+class Int8WeightOnlyLinear(nn.Module):
+    """y = x @ (q * scale)^T + bias with q int8 [out, in]: `aten._weight_int8pack_mm`, whose
+    activations are `act_dtype` (bf16 where the CPU makes that faster); output in x's dtype."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.act_dtype = act_dtype
+        self.register_buffer("qweight", q, persistent=False)  # int8 [out, in]
+        self.register_buffer("scale", scale.to(act_dtype), persistent=False)  # [out]
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act_dtype: torch.dtype) -> Int8WeightOnlyLinear:
+        q, scale = quantize_per_channel(linear.weight)
+        return cls(q, scale, linear.bias, act_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)  # [N, in]
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale).to(x.dtype)  # [N, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, activations={self.act_dtype}"
+
+
+class DynamicInt8Linear(nn.Module):
+    """int8 weights (per output channel) x int8 activations quantized per call, in a PyTorch quantized
+    engine (`torch.ops.quantized.linear_dynamic` on weights prepacked for that engine). With
+    SmoothQuant factors the input is multiplied by `inv_smooth` [in] first (the weights were
+    multiplied by the factors before quantizing)."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str,
+        smooth: torch.Tensor | None = None, reduce_range: bool | None = None,
+    ):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.engine = engine
+        self.reduce_range = (not has_vnni()) if reduce_range is None else reduce_range
+        w = weight.detach()
+        if smooth is not None:
+            w = w.float() * smooth.float()[None, :]  # migrate the activations' range into the weights
+        q, scale = quantize_per_channel(w)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; the engines' kernels are what we use
+            warnings.simplefilter("ignore", UserWarning)
+            zero = torch.zeros_like(scale, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        with _engine(engine):
+            self._packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float())
+        inv = None if smooth is None else (1.0 / smooth.float())
+        self.register_buffer("inv_smooth", inv, persistent=False)  # [in] or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
+        return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range).to(dtype)
+
+    def extra_repr(self) -> str:
+        smooth = ", smoothed" if self.inv_smooth is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, engine={self.engine}{smooth}"
+
+
+class Int8Embedding(nn.Module):
+    """A token table stored int8 with a scale per row (per vocabulary entry): lookups dequantize the
+    rows they read. `as_linear` gives the tied output projection over the same int8 storage."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, padding_idx: int | None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.padding_idx = padding_idx
+        self.dtype = dtype
+        self.register_buffer("qweight", q, persistent=False)  # int8 [V, E]
+        self.register_buffer("scale", scale.float(), persistent=False)  # [V]
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> Int8Embedding:
+        q, scale = quantize_per_channel(emb.weight)
+        return cls(q, scale, emb.weight.dtype, emb.padding_idx)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.qweight)  # [B, T, E] int8
+        return (rows.to(torch.float32) * F.embedding(ids, self.scale[:, None])).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
+
+def _engine_ctx_set(name: str) -> str:
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    return old
+
+
+class _engine:
+    """Temporarily select a quantized engine (packing is engine-specific; a packed weight then runs
+    with its own engine whatever the global setting)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.old = _engine_ctx_set(self.name)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.backends.quantized.engine = self.old
+
+
+# ---------------------------------------------------------------- choosing kernels by measurement
+def choose_int8_activation(weight: torch.Tensor) -> torch.dtype:
+    """bf16 or fp32 activations for `_weight_int8pack_mm`, by timing both on a weight of this shape
+    (rows 1 and 8) once per process. `OPT_TORCH_INT8_ACTIVATION=bfloat16|float32` overrides."""
+    q, scale = quantize_per_channel(weight)
+    def product(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(dtype), q, scale.to(dtype))
+
+    cands = {name: product(getattr(torch, name)) for name in INT8_ACTIVATIONS}
+    key = ("int8 activations", tuple(weight.shape), torch.get_num_threads())
+    return getattr(torch, pick_fastest(key, cands, bench_inputs(weight), "OPT_TORCH_INT8_ACTIVATION"))
+
+
+def available_w8a8_engines() -> list[str]:
+    return [e for e in W8A8_ENGINES if e in torch.backends.quantized.supported_engines]
+
+
+def choose_w8a8_engine(weight: torch.Tensor) -> str:
+    """The quantized engine (fbgemm, x86, onednn: those this PyTorch build has) whose dynamic int8
+    linear ran fastest on a weight of this shape (rows 1 and 8), once per process.
+    `OPT_TORCH_W8A8_ENGINE` overrides."""
+    engines = available_w8a8_engines()
+    if not engines:
+        raise RuntimeError("this PyTorch build has no x86 quantized engine (fbgemm, x86 or onednn) for w8a8")
+    cands = {}
+    for e in engines:
+        lin = DynamicInt8Linear(weight, None, e)
+        cands[e] = lin.forward
+    key = ("w8a8 engine", tuple(weight.shape), torch.get_num_threads())
+    return pick_fastest(key, cands, bench_inputs(weight), "OPT_TORCH_W8A8_ENGINE")
+
+
+# ---------------------------------------------------------------- SmoothQuant calibration
+def _linear_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Group name -> the Linear module paths reading the same input (q/k/v share one)."""
+    groups: dict[str, list[str]] = {}
+    decoder = model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    for i, _ in enumerate(decoder.layers):
+        base = f"{prefix}.layers.{i}" if prefix else f"layers.{i}"
+        groups[f"{base}.self_attn.qkv"] = [f"{base}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+        groups[f"{base}.self_attn.out_proj"] = [f"{base}.self_attn.out_proj"]
+        groups[f"{base}.fc1"] = [f"{base}.fc1"]
+        groups[f"{base}.fc2"] = [f"{base}.fc2"]
+    return groups
+
+
+@torch.no_grad()
+def activation_ranges(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """max |x_j| per input channel of every Linear group, over the token batches [B, T] (float model)."""
+    groups = _linear_groups(model)
+    first = {paths[0]: g for g, paths in groups.items()}
+    ranges: dict[str, torch.Tensor] = {}
+    hooks = []
+    fused = []
+    for layer in model.get_decoder().layers:  # run q/k/v as three modules so each is hooked
+        fused.append(layer.self_attn._qkv)
+        layer.self_attn._qkv = None
+    try:
+        for path, group in first.items():
+            def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], group: str = group) -> None:
+                r = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+                ranges[group] = torch.maximum(ranges[group], r) if group in ranges else r
+            hooks.append(model.get_submodule(path).register_forward_pre_hook(hook))
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        for layer, qkv in zip(model.get_decoder().layers, fused):
+            layer.self_attn._qkv = qkv
+    return ranges
+
+
+def smoothing_factors_for(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) per input channel j, 1 where a
+    channel is dead, clamped to [1e-5, 1e5]. Dividing x_j and multiplying column j of W by s_j leaves
+    x W^T unchanged and balances the two ranges (alpha = 0.5: equal)."""
+    x_max, w_max = x_max.float(), w_max.float()
+    s = x_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+    return torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s)).clamp(1e-5, 1e5)
+
+
+def smoothing_factors(model: nn.Module, ranges: dict[str, torch.Tensor], alpha: float = 0.5) -> dict[str, torch.Tensor]:
+    """`smoothing_factors_for` per Linear group, max|w_j| taken over every output row of the group."""
+    out = {}
+    for group, paths in _linear_groups(model).items():
+        w_max = torch.stack([model.get_submodule(p).weight.detach().abs().amax(0).float() for p in paths]).amax(0)
+        out[group] = smoothing_factors_for(ranges[group], w_max, alpha)
+    return out
+
+
+def calibration_batches(ids: Sequence[int], window: int, max_tokens: int = 2048) -> list[torch.Tensor]:
+    """The first `max_tokens` token ids cut into windows of `window` ([1, window] each)."""
+    ids = list(ids)[:max_tokens]
+    return [torch.tensor([ids[i : i + window]]) for i in range(0, len(ids) - 1, window) if len(ids[i : i + window]) > 1]
+
+
+def calibrate_smoothing(
+    model: nn.Module, text: str, tokenizer: Any, alpha: float = 0.5, max_tokens: int = 2048
+) -> dict[str, torch.Tensor]:
+    """SmoothQuant factors from a text: activation ranges over its first `max_tokens` tokens, in
+    windows of the model's context, then `smoothing_factors`."""
+    ids = tokenizer.encode(text)
+    window = min(model.config.max_position_embeddings, 512)
+    return smoothing_factors(model, activation_ranges(model, calibration_batches(ids, window, max_tokens)), alpha)
+
+
+def save_smoothing(path: str | os.PathLike[str], factors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write the factors as safetensors (one float32 vector per group), `meta` in its header."""
+    from safetensors.torch import save_file
+
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    save_file({k: v.contiguous().float() for k, v in factors.items()}, str(tmp),
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def load_smoothing(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The factors and metadata written by `save_smoothing`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def stored_or_calibrated_smoothing(
+    model: nn.Module, folder: str | os.PathLike[str] | None, calibration: str | os.PathLike[str] | None,
+    alpha: float = 0.5,
+) -> dict[str, torch.Tensor] | None:
+    """The smoothing factors for `model` loaded from `folder`.
+
+    With `calibration` (a text file): the factors stored beside the checkpoint
+    (`folder/smoothquant.safetensors`) if they came from the same text and alpha, else calibrated now
+    on that text and written there (when the folder is writable) so the next load skips calibration.
+    Without: the stored factors if there are any, else None (plain w8a8)."""
+    stored = Path(folder) / SMOOTHING_FILE if folder is not None else None
+    if calibration is None:
+        if stored is not None and stored.is_file():
+            return load_smoothing(stored)[0]
+        return None
+    calibration = Path(calibration)
+    if not calibration.is_file():
+        raise FileNotFoundError(f"calibration text {calibration} does not exist")
+    want = {"calibration_sha256": _file_digest(calibration), "alpha": alpha}
+    if stored is not None and stored.is_file():
+        factors, meta = load_smoothing(stored)
+        if all(meta.get(k) == v for k, v in want.items()):
+            return factors
+    from opt_core import OPTTokenizer
+
+    if folder is None:
+        raise ValueError("calibrating SmoothQuant factors needs the model folder (for its tokenizer)")
+    tokenizer = OPTTokenizer.from_pretrained(folder)
+    factors = calibrate_smoothing(model, calibration.read_text(encoding="utf-8"), tokenizer, alpha)
+    if stored is not None:
+        try:
+            save_smoothing(stored, factors, {**want, "calibration_file": calibration.name})
+        except OSError as e:
+            logger.warning("could not store SmoothQuant factors beside the checkpoint (%s); they will be "
+                           "recalibrated on the next load", e)
+    return factors
+
+
+# ---------------------------------------------------------------- the swap
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    mode: str,
+    smoothing: dict[str, torch.Tensor] | None = None,
+    include_embeddings: bool = True,
+) -> nn.Module:
+    """Swap `model`'s matmuls (in place) for int8 ones; returns the model, in eval mode.
+
+    Args:
+        mode: "int8" (weight-only) or "w8a8".
+        smoothing: SmoothQuant factors per group (`calibrate_smoothing`), w8a8 only.
+        include_embeddings: also store the token table int8 (lookups and a tied lm_head); an untied
+            lm_head is quantized like the other matmuls either way.
+    Raises:
+        ValueError: unknown mode, smoothing with int8, or a model already quantized.
+    """
+    check_mode(mode)
+    if getattr(model, "quantization", None):
+        raise ValueError(f"the model is already quantized ({model.quantization['mode']})")
+    if smoothing is not None and mode != "w8a8":
+        raise ValueError("SmoothQuant factors apply to quantize='w8a8' only")
+    model.eval()
+    decoder = model.get_decoder()
+    sample = decoder.layers[0].fc1.weight if len(decoder.layers) else None
+    kernel: str
+    if mode == "int8":
+        act = choose_int8_activation(sample) if sample is not None else torch.float32
+        kernel = str(act).removeprefix("torch.")
+
+        def make(weight: torch.Tensor, bias: torch.Tensor | None, group: str) -> nn.Module:
+            q, scale = quantize_per_channel(weight)
+            return Int8WeightOnlyLinear(q, scale, bias, act)
+    else:
+        kernel = choose_w8a8_engine(sample) if sample is not None else available_w8a8_engines()[0]
+
+        def make(weight: torch.Tensor, bias: torch.Tensor | None, group: str) -> nn.Module:
+            smooth = smoothing.get(group) if smoothing is not None else None
+            return DynamicInt8Linear(weight, bias, kernel, smooth)
+
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    for i, layer in enumerate(decoder.layers):
+        base = f"{prefix}.layers.{i}" if prefix else f"layers.{i}"
+        attn = layer.self_attn
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        w = torch.cat([p.weight for p in projs])  # [3C, C]
+        b = torch.cat([p.bias for p in projs]) if attn.q_proj.bias is not None else None
+        attn.qkv_proj = make(w, b, f"{base}.self_attn.qkv")
+        attn._qkv = None
+        attn.q_proj = attn.k_proj = attn.v_proj = None
+        attn.out_proj = make(attn.out_proj.weight, attn.out_proj.bias, f"{base}.self_attn.out_proj")
+        layer.fc1 = make(layer.fc1.weight, layer.fc1.bias, f"{base}.fc1")
+        layer.fc2 = make(layer.fc2.weight, layer.fc2.bias, f"{base}.fc2")
+    for name in ("project_in", "project_out"):
+        lin = getattr(decoder, name)
+        if lin is not None:
+            setattr(decoder, name, make(lin.weight, None, name))
+    lm_head = getattr(model, "lm_head", None)
+    tied = lm_head is not None and lm_head.weight is decoder.embed_tokens.weight
+    if include_embeddings:
+        emb = Int8Embedding.from_embedding(decoder.embed_tokens)
+        decoder.embed_tokens = emb
+        if tied:
+            model.lm_head = (Int8WeightOnlyLinear(emb.qweight, emb.scale, None, act) if mode == "int8"
+                             else make(dequantize_per_channel(emb.qweight, emb.scale), None, "lm_head"))
+    if lm_head is not None and isinstance(model.lm_head, nn.Linear):
+        model.lm_head = make(lm_head.weight, None, "lm_head")
+    model.quantization = {"mode": mode, "kernel": kernel, "smoothed": smoothing is not None,
+                          "embeddings": include_embeddings, "cpu": cpu_name()}
+    return model
+
+
+def quantize_loaded(model: nn.Module, mode: str | None, folder: Any = None, calibration: Any = None) -> nn.Module:
+    """What `from_pretrained(..., quantize=mode)` runs after loading the float weights: for w8a8 the
+    SmoothQuant factors stored beside the checkpoint (or calibrated from `calibration`), then
+    `quantize_model`. `mode=None` returns the model untouched."""
+    if check_mode(mode) is None:
+        if calibration is not None:
+            raise ValueError("a calibration text needs quantize='w8a8'")
+        return model
+    smoothing = stored_or_calibrated_smoothing(model, folder, calibration) if mode == "w8a8" else None
+    if mode == "int8" and calibration is not None:
+        raise ValueError("a calibration text applies to quantize='w8a8' only")
+    return quantize_model(model, mode, smoothing)
