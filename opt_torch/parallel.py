@@ -53,7 +53,7 @@ from opt_core.checkpoint import (
     write_index,
 )
 from opt_core.params import hf_name, parameter_table
-from opt_torch.io import numpy_to_tensor
+from opt_torch.arrays import numpy_to_tensor
 
 TP_PLANS = ("auto",)
 _CHUNK_BYTES = 2 << 20  # rows read at a time when a rank keeps only some columns of a tensor
