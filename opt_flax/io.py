@@ -174,5 +174,5 @@ def save_pretrained(
     written = save_checkpoint(folder, canonical_tensors(model), model.config, Head(model.head), formats=formats,
                               max_shard_size=max_shard_size, architecture=type(model).__name__)
     if hasattr(model, "generate"):  # generate's defaults beside config.json, as Hugging Face writes them
-        model.generation_config.save_pretrained(folder)
+        written.append(model.generation_config.save_pretrained(folder))
     return written

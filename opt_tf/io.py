@@ -167,5 +167,5 @@ def save_pretrained(
                               max_shard_size=max_shard_size, architecture=type(model).__name__)
     if hasattr(model, "generate"):  # generate's defaults beside config.json, as Hugging Face writes them
         gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
-        gen.save_pretrained(folder)
+        written.append(gen.save_pretrained(folder))
     return written

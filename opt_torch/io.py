@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import torch
 
@@ -30,6 +29,7 @@ from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointLoad, open_checkp
 from opt_core.formats import Scratch
 from opt_core.hub import resolve_pretrained
 from opt_core.params import hf_name, parameter_table
+from opt_torch.arrays import numpy_to_tensor, tensor_to_numpy
 
 logger = logging.getLogger("opt_torch")
 _CHUNK_BYTES = 2 << 20  # bounded read buffer for parameters that cannot be read in place
@@ -60,21 +60,6 @@ def resolve_dtype(dtype: Any, config: OPTConfig | None = None) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[name]
-
-
-def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor (bfloat16 as ml_dtypes.bfloat16), no copy."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def numpy_to_tensor(x: np.ndarray) -> torch.Tensor:
-    """A CPU tensor sharing `x`'s memory (bfloat16 through a bit view)."""
-    if x.dtype == np.dtype(ml_dtypes.bfloat16):
-        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(x)
 
 
 # ---------------------------------------------------------------- loading
@@ -185,11 +170,11 @@ def from_pretrained(
         return _read_generation_config(model, folder, config)
     with open_checkpoint(folder, config, model_class.head, fmt=format, allow_non_finite=allow_non_finite) as ckpt:
         model = model_class.empty(config, dtype, device, attn_implementation)
-        fill_parameters(model, ckpt)
+        from opt_torch.quantize import quantize_loaded, quantizing_checkpoint
+
+        fill_parameters(model, quantizing_checkpoint(model, ckpt, quantize, folder, calibration))
     # Post-load transforms (tensor parallelism, quantization) apply to `model` here.
     model.loading_info = ckpt.accounting
-    from opt_torch.quantize import quantize_loaded
-
     model = _read_generation_config(model, folder, config).eval()
     return quantize_loaded(model, quantize, folder, calibration)
 
