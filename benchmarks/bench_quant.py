@@ -104,8 +104,9 @@ def report(args: argparse.Namespace, res: dict, rss: dict) -> str:
     bs = args.batches
     head = ["variant"] + [f"b{b} tok/s best (all rounds)" for b in bs] + ["peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|--:" * (len(head) - 1) + "|"]
-    for n, per_b in tps.items():
-        cells = [n] + [f"{max(v):.1f} ({', '.join(f'{x:.1f}' for x in v)})" for v in per_b.values()]
+    for n in list(tps) or list(rss):  # --rss-only: no speed figures
+        per_b = tps.get(n, {b: [] for b in bs})
+        cells = [n] + [f"{max(v):.1f} ({', '.join(f'{x:.1f}' for x in v)})" if v else "-" for v in per_b.values()]
         cells.append(f"{rss[n]:.0f}" if n in rss else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| ours vs peer | " + " | ".join(f"b{b} (target)" for b in bs) + " | peak RSS |",
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="batch 1, 16 new tokens, 1 round: a smoke run")
+    ap.add_argument("--rss-only", action="store_true", help="only the per-variant peak RSS (no speed rounds)")
     ap.add_argument("--rss", action="store_true", help="also measure each variant's peak RSS in its own process")
     ap.add_argument("--markdown", type=Path, help="write the tables here")
     ap.add_argument("--json", type=Path, help="write the raw results here")
@@ -150,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = [v.strip() for v in args.variants.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    res = measure(args)
+    res = {"tokens_per_s": {}, "load_average": os.getloadavg()} if args.rss_only else measure(args)
     rss = {}
-    if args.rss:
+    if args.rss or args.rss_only:
         folder = str(common.write_checkpoint(args.shape))
         for n in args.variants:
             out = common.run_in_env(__file__, "bench", {"variant": n, "folder": folder, "threads": args.threads}, 1800)

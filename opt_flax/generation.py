@@ -156,40 +156,78 @@ def banned_ngram_tokens(tokens: jax.Array, length: jax.Array, first: jax.Array, 
     return jnp.zeros((r, vocab_size), bool).at[jnp.arange(r)[:, None], follow].max(match)
 
 
+def penalise_seen(logits: jax.Array, seen: jax.Array, penalty: Any) -> jax.Array:
+    """Hugging Face's repetition penalty on the ids marked in `seen` [R, V]: / penalty where > 0,
+    * penalty where < 0."""
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def apply_repetition_penalty(logits: jax.Array, sequences: Any, penalty: Any) -> jax.Array:
+    """The repetition penalty over every id of `sequences` [R, L] (prompt and padding included)."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    seen = jnp.zeros(logits.shape, bool).at[rows, jnp.asarray(sequences)].set(True)
+    return penalise_seen(logits, seen, penalty)
+
+
+def apply_no_repeat_ngram(logits: jax.Array, sequences: Any, ngram_size: int, length: Any = None,
+                          first: Any = 0) -> jax.Array:
+    """-inf on the ids that would repeat an `ngram_size`-gram of `sequences` [R, C] (columns
+    [first, length); default all)."""
+    sequences = jnp.asarray(sequences)
+    length = sequences.shape[1] if length is None else length
+    banned = banned_ngram_tokens(sequences, length, first, ngram_size, logits.shape[-1])
+    return jnp.where(banned, -jnp.inf, logits)
+
+
+def apply_min_new_tokens(logits: jax.Array, step: Any, min_new_tokens: Any, eos_ids: Any) -> jax.Array:
+    """-inf on the eos ids while `step` < `min_new_tokens` (step = tokens generated so far)."""
+    is_eos = _is_any(jnp.arange(logits.shape[-1]), jnp.asarray(eos_ids, jnp.int32))  # [V]
+    return jnp.where(is_eos[None, :] & (step < min_new_tokens), -jnp.inf, logits)
+
+
 def process_logits(logits: jax.Array, new_tokens: jax.Array, seen: jax.Array | None, tokens: jax.Array | None,
                    length: jax.Array, first: jax.Array, eos_ids: jax.Array, repetition_penalty: jax.Array,
                    min_new_tokens: jax.Array, ngram: int, min_new: bool) -> jax.Array:
     """Hugging Face's processors in its order on logits [R, V]: repetition penalty over `seen`
     [R, V] (None = off), no-repeat `ngram`-grams over `tokens` [R, C] (columns [first, length)
     filled), then eos forbidden while fewer than `min_new_tokens` tokens are new (`min_new`)."""
-    vocab = logits.shape[-1]
     if seen is not None:
-        penalised = jnp.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
-        logits = jnp.where(seen, penalised, logits)
+        logits = penalise_seen(logits, seen, repetition_penalty)
     if ngram:
-        logits = jnp.where(banned_ngram_tokens(tokens, length, first, ngram, vocab), -jnp.inf, logits)
+        logits = apply_no_repeat_ngram(logits, tokens, ngram, length, first)
     if min_new:
-        is_eos = _is_any(jnp.arange(vocab), eos_ids)  # [V]
-        logits = jnp.where(is_eos[None, :] & (new_tokens < min_new_tokens), -jnp.inf, logits)
+        logits = apply_min_new_tokens(logits, new_tokens, min_new_tokens, eos_ids)
     return logits
 
 
-def warp_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Temperature, then top-k (0 = off), then top-p (1.0 = off), as Hugging Face's warpers do.
-    logits [B, V] float32; removed entries get -inf."""
-    logits = logits / temperature
+def apply_temperature(logits: jax.Array, temperature: Any) -> jax.Array:
+    return logits / temperature
+
+
+def apply_top_k(logits: jax.Array, top_k: Any) -> jax.Array:
+    """Keep entries >= the k-th largest (k may be traced; 0 or >= V keeps everything); the rest -inf."""
     vocab = logits.shape[-1]
     sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V]
     k = jnp.clip(top_k, 1, vocab)
     kth = jnp.take_along_axis(sorted_desc, jnp.full((logits.shape[0], 1), k - 1), axis=-1)  # [B, 1]
-    logits = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
-    # top-p: drop the smallest tokens whose cumulative probability stays <= 1 - top_p (keep >= 1).
+    return jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
+
+
+def apply_top_p(logits: jax.Array, top_p: Any) -> jax.Array:
+    """Nucleus filtering (1.0 = off): drop the smallest tokens whose cumulative probability stays
+    <= 1 - top_p, always keep the most likely."""
     order = jnp.argsort(logits, axis=-1)  # ascending
     sorted_asc = jnp.take_along_axis(logits, order, axis=-1)
     cum = jnp.cumsum(jax.nn.softmax(sorted_asc, axis=-1), axis=-1)
     remove_sorted = (cum <= 1.0 - top_p).at[:, -1].set(False)
     remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
     return jnp.where((top_p < 1.0) & remove, -jnp.inf, logits)
+
+
+def warp_logits(logits: jax.Array, temperature: Any, top_k: Any, top_p: Any) -> jax.Array:
+    """Temperature, then top-k (0 = off), then top-p (1.0 = off), as Hugging Face's warpers do.
+    logits [B, V] float32; removed entries get -inf."""
+    return apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p)
 
 
 # ---------------------------------------------------------------- streaming (host callback)

@@ -177,6 +177,31 @@ def banned_ngram_tokens(tokens: tf.Tensor, length: tf.Tensor, n: int, vocab_size
     return hits > 0
 
 
+def penalise_seen(logits: tf.Tensor, seen: tf.Tensor, penalty: tf.Tensor) -> tf.Tensor:
+    """Hugging Face's repetition penalty on the ids marked in `seen` [R, V]: / penalty where > 0,
+    * penalty where < 0."""
+    return tf.where(seen, tf.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def apply_repetition_penalty(logits: tf.Tensor, sequences: tf.Tensor, penalty: Any) -> tf.Tensor:
+    """The repetition penalty over every id of `sequences` [R, L] (prompt and padding included)."""
+    return penalise_seen(logits, seen_tokens(sequences, logits.shape[-1]), tf.cast(penalty, logits.dtype))
+
+
+def apply_no_repeat_ngram(logits: tf.Tensor, sequences: tf.Tensor, ngram_size: int, length: Any = None) -> tf.Tensor:
+    """-inf on the ids that would repeat an `ngram_size`-gram of `sequences` [R, C] (its first
+    `length` columns; default all)."""
+    length = sequences.shape[1] if length is None else length
+    return tf.where(banned_ngram_tokens(sequences, length, ngram_size, logits.shape[-1]), -INF, logits)
+
+
+def apply_min_new_tokens(logits: tf.Tensor, step: Any, min_new_tokens: Any, eos_ids: Any) -> tf.Tensor:
+    """-inf on the eos ids while `step` < `min_new_tokens` (step = tokens generated so far)."""
+    is_eos = _is_any(tf.range(logits.shape[-1]), tf.constant(eos_ids, tf.int32) if isinstance(eos_ids, (list, tuple))
+                     else eos_ids)  # [V]
+    return tf.where(is_eos[None, :] & (step < min_new_tokens), -INF, logits)
+
+
 def process_logits(
     logits: tf.Tensor, s: GenerationSettings, new_tokens: tf.Tensor, seen: tf.Tensor | None, tokens: tf.Tensor,
     length: tf.Tensor, repetition_penalty: tf.Tensor, min_new_tokens: tf.Tensor, eos_ids: tf.Tensor,
@@ -184,28 +209,32 @@ def process_logits(
     """Hugging Face's processors in its order on logits [R, V]: repetition penalty over `seen`
     (prompt and generated ids), no-repeat n-grams over `tokens` [R, C] (first `length` filled),
     then eos forbidden while fewer than `min_new_tokens` tokens are new."""
-    vocab = logits.shape[-1]
     if s.repetition_penalty:
-        penalised = tf.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
-        logits = tf.where(seen, penalised, logits)
+        logits = penalise_seen(logits, seen, repetition_penalty)
     if s.no_repeat_ngram_size:
-        logits = tf.where(banned_ngram_tokens(tokens, length, s.no_repeat_ngram_size, vocab), -INF, logits)
+        logits = apply_no_repeat_ngram(logits, tokens, s.no_repeat_ngram_size, length)
     if s.min_new_tokens and s.num_eos:
-        is_eos = _is_any(tf.range(vocab), eos_ids)  # [V]
-        logits = tf.where(is_eos[None, :] & (new_tokens < min_new_tokens), -INF, logits)
+        logits = apply_min_new_tokens(logits, new_tokens, min_new_tokens, eos_ids)
     return logits
 
 
 # ---------------------------------------------------------------- logits warpers (Hugging Face order)
-def warp_logits(logits: tf.Tensor, temperature: tf.Tensor, top_k: int, top_p: tf.Tensor) -> tf.Tensor:
-    """Temperature, then top-k (static k; 0 = off), then top-p (nucleus; 1.0 = off), as Hugging
-    Face's warpers: removed tokens get -inf."""
-    logits = logits / temperature
+def apply_temperature(logits: tf.Tensor, temperature: Any) -> tf.Tensor:
+    return logits / temperature
+
+
+def apply_top_k(logits: tf.Tensor, top_k: int) -> tf.Tensor:
+    """Keep entries >= the k-th largest (static k; 0 or >= V keeps everything); the rest -inf."""
+    if not top_k or top_k >= logits.shape[-1]:
+        return logits
+    kth = tf.math.top_k(logits, k=top_k).values[:, -1:]  # [B, 1]
+    return tf.where(logits < kth, -INF, logits)
+
+
+def apply_top_p(logits: tf.Tensor, top_p: Any) -> tf.Tensor:
+    """Nucleus filtering (1.0 = off): sort ascending, drop the tokens whose cumulative probability
+    is <= 1 - top_p, always keep the most likely."""
     vocab = logits.shape[-1]
-    if top_k and top_k < vocab:
-        kth = tf.math.top_k(logits, k=top_k).values[:, -1:]  # [B, 1]
-        logits = tf.where(logits < kth, -INF, logits)
-    # Top-p: sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, keep >= 1.
     order = tf.argsort(logits, axis=-1, direction="ASCENDING", stable=True)
     sorted_logits = tf.gather(logits, order, batch_dims=1)
     cumulative = tf.cumsum(tf.nn.softmax(sorted_logits, axis=-1), axis=-1)
@@ -217,6 +246,12 @@ def warp_logits(logits: tf.Tensor, temperature: tf.Tensor, top_k: int, top_p: tf
         tf.shape(logits),
     )
     return tf.where(remove & (top_p < 1.0), -INF, logits)
+
+
+def warp_logits(logits: tf.Tensor, temperature: Any, top_k: int, top_p: Any) -> tf.Tensor:
+    """Temperature, then top-k (static k; 0 = off), then top-p (1.0 = off), as Hugging Face's
+    warpers: removed tokens get -inf."""
+    return apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p)
 
 
 def sample(logits: tf.Tensor, s: GenerationSettings, step: tf.Tensor, words: tf.Tensor, temperature: tf.Tensor,

@@ -170,11 +170,11 @@ def from_pretrained(
         return _read_generation_config(model, folder, config)
     with open_checkpoint(folder, config, model_class.head, fmt=format, allow_non_finite=allow_non_finite) as ckpt:
         model = model_class.empty(config, dtype, device, attn_implementation)
-        fill_parameters(model, ckpt)
+        from opt_torch.quantize import quantize_loaded, quantizing_checkpoint
+
+        fill_parameters(model, quantizing_checkpoint(model, ckpt, quantize, folder, calibration))
     # Post-load transforms (tensor parallelism, quantization) apply to `model` here.
     model.loading_info = ckpt.accounting
-    from opt_torch.quantize import quantize_loaded
-
     model = _read_generation_config(model, folder, config).eval()
     return quantize_loaded(model, quantize, folder, calibration)
 

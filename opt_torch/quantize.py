@@ -145,17 +145,23 @@ class DynamicInt8Linear(nn.Module):
     multiplied by the factors before quantizing)."""
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str,
+        self, weight: torch.Tensor | None, bias: torch.Tensor | None, engine: str,
         smooth: torch.Tensor | None = None, reduce_range: bool | None = None,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
+        """`weight` [out, in] float, or `quantized` = (int8 [out, in], scale [out]) already rounded
+        (a tied lm_head reuses the embedding's int8 table without a float copy)."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        if quantized is not None:
+            q, scale = quantized
+        else:
+            w = weight.detach()
+            if smooth is not None:
+                w = w.float() * smooth.float()[None, :]  # migrate the activations' range into the weights
+            q, scale = quantize_per_channel(w)
+        self.out_features, self.in_features = q.shape
         self.engine = engine
         self.reduce_range = (not has_vnni()) if reduce_range is None else reduce_range
-        w = weight.detach()
-        if smooth is not None:
-            w = w.float() * smooth.float()[None, :]  # migrate the activations' range into the weights
-        q, scale = quantize_per_channel(w)
         with warnings.catch_warnings():  # quantized tensors are deprecated; the engines' kernels are what we use
             warnings.simplefilter("ignore", UserWarning)
             zero = torch.zeros_like(scale, dtype=torch.long)
@@ -226,7 +232,8 @@ class _engine:
 def choose_int8_activation(weight: torch.Tensor) -> torch.dtype:
     """bf16 or fp32 activations for `_weight_int8pack_mm`, by timing both on a weight of this shape
     (rows 1 and 8) once per process. `OPT_TORCH_INT8_ACTIVATION=bfloat16|float32` overrides."""
-    q, scale = quantize_per_channel(weight)
+    q, scale = quantize_per_channel(torch.randn(weight.shape) * 0.02)  # values of a stand-in: shape only
+
     def product(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(dtype), q, scale.to(dtype))
 
@@ -247,8 +254,9 @@ def choose_w8a8_engine(weight: torch.Tensor) -> str:
     if not engines:
         raise RuntimeError("this PyTorch build has no x86 quantized engine (fbgemm, x86 or onednn) for w8a8")
     cands = {}
+    stand_in = torch.randn(weight.shape) * 0.02  # values of a stand-in: shape only
     for e in engines:
-        lin = DynamicInt8Linear(weight, None, e)
+        lin = DynamicInt8Linear(stand_in, None, e)
         cands[e] = lin.forward
     key = ("w8a8 engine", tuple(weight.shape), torch.get_num_threads())
     return pick_fastest(key, cands, bench_inputs(weight), "OPT_TORCH_W8A8_ENGINE")
@@ -394,6 +402,123 @@ def stored_or_calibrated_smoothing(
 
 
 # ---------------------------------------------------------------- the swap
+def _factory(model: nn.Module, mode: str, smoothing: dict[str, torch.Tensor] | None,
+             ) -> tuple[Callable[[torch.Tensor, torch.Tensor | None, str], nn.Module], str, torch.dtype]:
+    """(make(weight, bias, group) -> quantized module, kernel name, int8 activation dtype), the
+    kernel timed on a stand-in of the model's fc1 shape (memoised per process)."""
+    config = model.config
+    stand_in = torch.empty(config.ffn_dim, config.hidden_size)  # only its shape is used
+    if mode == "int8":
+        act = choose_int8_activation(stand_in)
+
+        def make(weight: torch.Tensor, bias: torch.Tensor | None, group: str) -> nn.Module:
+            q, scale = quantize_per_channel(weight)
+            return Int8WeightOnlyLinear(q, scale, bias, act)
+
+        return make, str(act).removeprefix("torch."), act
+    engine = choose_w8a8_engine(stand_in)
+
+    def make_w8a8(weight: torch.Tensor, bias: torch.Tensor | None, group: str) -> nn.Module:
+        smooth = smoothing.get(group) if smoothing is not None else None
+        return DynamicInt8Linear(weight, bias, engine, smooth)
+
+    return make_w8a8, engine, torch.float32
+
+
+def _layer_base(model: nn.Module, i: int) -> str:
+    decoder = model.get_decoder()
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    return f"{prefix}.layers.{i}" if prefix else f"layers.{i}"
+
+
+@torch.no_grad()
+def quantize_layer(model: nn.Module, i: int, make: Callable[..., nn.Module]) -> None:
+    """Swap decoder layer `i`'s q/k/v (fused into `qkv_proj`), out_proj, fc1 and fc2, and release
+    their float storage (also when a loader still holds the parameters)."""
+    layer = model.get_decoder().layers[i]
+    attn = layer.self_attn
+    if attn.qkv_proj is not None:
+        return  # already done (quantized while loading)
+    base = _layer_base(model, i)
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    old = [p for m in (*projs, attn.out_proj, layer.fc1, layer.fc2) for p in m.parameters()]
+    w = torch.cat([p.weight for p in projs])  # [3C, C]
+    b = torch.cat([p.bias for p in projs]) if attn.q_proj.bias is not None else None
+    attn.qkv_proj = make(w, b, f"{base}.self_attn.qkv")
+    del w, b
+    attn._qkv = None
+    attn.q_proj = attn.k_proj = attn.v_proj = None
+    attn.out_proj = make(attn.out_proj.weight, attn.out_proj.bias, f"{base}.self_attn.out_proj")
+    layer.fc1 = make(layer.fc1.weight, layer.fc1.bias, f"{base}.fc1")
+    layer.fc2 = make(layer.fc2.weight, layer.fc2.bias, f"{base}.fc2")
+    for p in old:
+        p.data = p.data.new_empty(0)
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`). The float weights were allocated
+    from the heap (after earlier frees raised glibc's mmap threshold), so without this their pages
+    stay resident after they are freed and the peak RSS is the float model's anyway."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+class _LayerByLayer:
+    """A `CheckpointLoad` whose `names` come layer by layer (everything outside the decoder layers
+    first), calling `done(i)` once layer i's tensors are all read: `fill_parameters` through it
+    quantizes each layer as soon as it is filled, so the float weights never all coexist."""
+
+    def __init__(self, ckpt: Any, done: Callable[[int], None]):
+        self._ckpt, self._done = ckpt, done
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ckpt, name)
+
+    @property
+    def names(self) -> Iterable[str]:
+        import re
+
+        layers: dict[int, list[str]] = {}
+        for name in self._ckpt.names:
+            m = re.match(r"(?:.*\.)?layers\.(\d+)\.", name)
+            if m is None:
+                yield name
+            else:
+                layers.setdefault(int(m.group(1)), []).append(name)
+        for i in sorted(layers):
+            yield from layers[i]
+            self._done(i)
+
+
+def quantizing_checkpoint(model: nn.Module, ckpt: Any, mode: str | None, folder: Any = None,
+                          calibration: Any = None) -> Any:
+    """`ckpt` for `fill_parameters(model, ...)`: with `quantize=mode` each decoder layer is quantized
+    as soon as it is filled (peak memory ~ the int8 model plus the float embeddings and one layer),
+    unless calibrating SmoothQuant factors needs the whole float model first (then `ckpt` itself:
+    `quantize_loaded` does everything after the load)."""
+    if check_mode(mode) is None or (mode == "w8a8" and _must_calibrate(folder, calibration)):
+        return ckpt
+    smoothing = stored_or_calibrated_smoothing(model, folder, None) if mode == "w8a8" else None
+    make, _, _ = _factory(model, mode, smoothing)
+    return _LayerByLayer(ckpt, lambda i: quantize_layer(model, i, make))
+
+
+def _must_calibrate(folder: Any, calibration: Any) -> bool:
+    """Whether `stored_or_calibrated_smoothing` would have to run the float model."""
+    if calibration is None:
+        return False
+    stored = Path(folder) / SMOOTHING_FILE if folder is not None else None
+    if stored is None or not stored.is_file() or not Path(calibration).is_file():
+        return True
+    meta = load_smoothing(stored)[1]
+    return meta.get("calibration_sha256") != _file_digest(Path(calibration)) or meta.get("alpha") != 0.5
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -418,35 +543,9 @@ def quantize_model(
         raise ValueError("SmoothQuant factors apply to quantize='w8a8' only")
     model.eval()
     decoder = model.get_decoder()
-    sample = decoder.layers[0].fc1.weight if len(decoder.layers) else None
-    kernel: str
-    if mode == "int8":
-        act = choose_int8_activation(sample) if sample is not None else torch.float32
-        kernel = str(act).removeprefix("torch.")
-
-        def make(weight: torch.Tensor, bias: torch.Tensor | None, group: str) -> nn.Module:
-            q, scale = quantize_per_channel(weight)
-            return Int8WeightOnlyLinear(q, scale, bias, act)
-    else:
-        kernel = choose_w8a8_engine(sample) if sample is not None else available_w8a8_engines()[0]
-
-        def make(weight: torch.Tensor, bias: torch.Tensor | None, group: str) -> nn.Module:
-            smooth = smoothing.get(group) if smoothing is not None else None
-            return DynamicInt8Linear(weight, bias, kernel, smooth)
-
-    prefix = next(n for n, m in model.named_modules() if m is decoder)
-    for i, layer in enumerate(decoder.layers):
-        base = f"{prefix}.layers.{i}" if prefix else f"layers.{i}"
-        attn = layer.self_attn
-        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-        w = torch.cat([p.weight for p in projs])  # [3C, C]
-        b = torch.cat([p.bias for p in projs]) if attn.q_proj.bias is not None else None
-        attn.qkv_proj = make(w, b, f"{base}.self_attn.qkv")
-        attn._qkv = None
-        attn.q_proj = attn.k_proj = attn.v_proj = None
-        attn.out_proj = make(attn.out_proj.weight, attn.out_proj.bias, f"{base}.self_attn.out_proj")
-        layer.fc1 = make(layer.fc1.weight, layer.fc1.bias, f"{base}.fc1")
-        layer.fc2 = make(layer.fc2.weight, layer.fc2.bias, f"{base}.fc2")
+    make, kernel, act = _factory(model, mode, smoothing)
+    for i in range(len(decoder.layers)):
+        quantize_layer(model, i, make)
     for name in ("project_in", "project_out"):
         lin = getattr(decoder, name)
         if lin is not None:
@@ -458,9 +557,11 @@ def quantize_model(
         decoder.embed_tokens = emb
         if tied:
             model.lm_head = (Int8WeightOnlyLinear(emb.qweight, emb.scale, None, act) if mode == "int8"
-                             else make(dequantize_per_channel(emb.qweight, emb.scale), None, "lm_head"))
+                             else DynamicInt8Linear(None, None, kernel, quantized=(emb.qweight, emb.scale)))
     if lm_head is not None and isinstance(model.lm_head, nn.Linear):
         model.lm_head = make(lm_head.weight, None, "lm_head")
+    del lm_head  # the last reference to the float vocabulary table
+    release_freed_memory()
     model.quantization = {"mode": mode, "kernel": kernel, "smoothed": smoothing is not None,
                           "embeddings": include_embeddings, "cpu": cpu_name()}
     return model

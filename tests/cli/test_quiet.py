@@ -54,6 +54,8 @@ def test_every_command_is_quiet_and_verbose_lets_the_noise_through(tiny_model_di
         proc = opt(*argv)
         assert proc.returncode == 0, (name, proc.stderr)
         assert noise(proc.stderr) == [], (name, proc.stderr)
+        if name == "generate":  # --stream reached the backend's generate: the rate comes from the streamer
+            assert "after the first token" in proc.stderr and "takes no streamer" not in proc.stderr, proc.stderr
     if backend == "tf":  # TensorFlow's start-up lines are there for whoever asks
         proc = opt("--verbose", *runs["generate"])
         assert proc.returncode == 0 and noise(proc.stderr), proc.stderr

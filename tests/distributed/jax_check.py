@@ -67,9 +67,11 @@ def main():
     jax.distributed.initialize(os.environ["COORDINATOR"], int(os.environ["NUM_PROCESSES"]),
                                int(os.environ["PROCESS_ID"]))
     quick = "--quick" in sys.argv
+    start = time.perf_counter()
     with jax.default_device(jax.local_devices()[0]):
         mask, logits, tokens, losses = run(quick=quick)  # this process alone, on one device
-    results = {"process": jax.process_index(), "devices": jax.device_count(), "local": jax.local_device_count()}
+    results = {"process": jax.process_index(), "devices": jax.device_count(), "local": jax.local_device_count(),
+               "one_process_seconds": time.perf_counter() - start}
     for shape in [a for a in sys.argv[1:] if not a.startswith("--")] or ["2x2"]:
         mesh = make_mesh(*(int(x) for x in shape.split("x")))
         start = time.perf_counter()

@@ -31,8 +31,8 @@ def same_everywhere(x) -> bool:
 
 def generations(model, ids, mask) -> dict[str, list]:
     runs = {
-        "greedy": dict(max_new_tokens=6, eos_token_id=[]),
-        "beam": dict(max_new_tokens=5, num_beams=3, eos_token_id=[]),
+        "greedy": dict(max_new_tokens=6, do_sample=False, eos_token_id=[]),
+        "beam": dict(max_new_tokens=5, num_beams=3, do_sample=False, eos_token_id=[]),
         "sample_seed": dict(max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, seed=7, eos_token_id=[]),
     }
     return {k: model.generate(ids, attention_mask=mask, **kw).tolist() for k, kw in runs.items()}
@@ -58,6 +58,7 @@ def main() -> None:
             from opt_torch.parallel import from_pretrained_tp
 
             tp = from_pretrained_tp(cls, folder, one.config, resolve_dtype(None), vocab_parallel=False)
+            tp.generation_config = one.generation_config  # what from_pretrained adds around the loader
         ids, mask = left_padded_batch(one.config.vocab_size)
         with torch.no_grad():
             ref = getattr(one(input_ids=ids, attention_mask=mask), OUTPUTS[head]).numpy()
@@ -82,14 +83,14 @@ def main() -> None:
             r["unseeded_sample_same_on_all_ranks"] = same_everywhere(unseeded.tolist())
         if timed:
             ids_t = np.random.default_rng(0).integers(4, one.config.vocab_size, (4, 32))
-            for name, model in (("one", one), ("tp", tp)):
+            for label, model in (("one", one), ("tp", tp)):
                 with torch.no_grad():
                     model(input_ids=ids_t)
                     dist.barrier()
                     start = time.perf_counter()
                     for _ in range(timed):
                         model(input_ids=ids_t)
-                    r[f"forward_ms_{name}"] = 1e3 * (time.perf_counter() - start) / timed
+                    r[f"forward_ms_{label}"] = 1e3 * (time.perf_counter() - start) / timed
         results[name] = r
     if dist.get_rank() == 0:
         print(json.dumps(results))

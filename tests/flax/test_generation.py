@@ -95,6 +95,7 @@ def test_random_stream_is_bit_identical_to_opt_core():
 SAMPLING = dict(do_sample=True, temperature=1.5, top_k=20, top_p=0.95, eos_token_id=[], max_new_tokens=8)
 
 
+@pytest.mark.slow  # tests/generation covers this in the default suite
 def test_seeded_sampling_matches_the_numpy_reference_and_no_seed_is_fresh():
     g = hf_golden("pre_ln")
     model = golden_model("pre_ln")
@@ -130,6 +131,7 @@ def _eos_pair(g):
 
 
 @pytest.mark.oracle
+@pytest.mark.slow  # tests/generation covers this in the default suite
 def test_logits_processors_and_eos_list_match_hf():
     g = hf_golden("pre_ln")
     kw = dict(max_new_tokens=12, repetition_penalty=1.3, no_repeat_ngram_size=3, min_new_tokens=3,
@@ -139,6 +141,7 @@ def test_logits_processors_and_eos_list_match_hf():
 
 
 @pytest.mark.oracle
+@pytest.mark.slow  # tests/generation covers this in the default suite
 def test_beam_search_length_penalty_and_eos_list_match_hf():
     g = hf_golden("pre_ln")
     kw = dict(max_new_tokens=12, num_beams=3, length_penalty=-3.0, eos_token_id=_eos_pair(g))
@@ -157,6 +160,7 @@ class Recorder:
         self.ended += 1
 
 
+@pytest.mark.slow  # tests/generation covers this in the default suite
 def test_streamer_gets_the_prompt_then_each_step_and_zero_new_tokens_returns_the_prompt():
     g = hf_golden("pre_ln")
     model = golden_model("pre_ln")

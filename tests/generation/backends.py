@@ -17,7 +17,7 @@ import numpy as np
 
 from opt_core import OPTConfig
 
-ENABLED = ("torch",)
+ENABLED = ("torch", "tf", "flax")
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,39 @@ def _torch_impl(name, arg, scores, ids):
     return fns[name]().numpy()
 
 
-IMPLS = {"numpy": _numpy_impl, "torch": _torch_impl}  # genx adds "tf" / "flax" with the same names
+def _tf_impl(name, arg, scores, ids):
+    import tensorflow as tf
+
+    from opt_tf import generation as g
+
+    s, i = tf.constant(scores), tf.constant(ids, tf.int32)
+    fns = {"repetition_penalty": lambda: g.apply_repetition_penalty(s, i, arg),
+           "no_repeat_ngram": lambda: g.apply_no_repeat_ngram(s, i, arg),
+           "min_new_tokens": lambda: g.apply_min_new_tokens(s, *arg),
+           "temperature": lambda: g.apply_temperature(s, arg),
+           "top_k": lambda: g.apply_top_k(s, arg),
+           "top_p": lambda: g.apply_top_p(s, tf.constant(arg, tf.float32)),
+           "warp": lambda: g.warp_logits(s, arg[0], arg[1], tf.constant(arg[2], tf.float32))}
+    return fns[name]().numpy()
+
+
+def _flax_impl(name, arg, scores, ids):
+    import jax.numpy as jnp
+
+    from opt_flax import generation as g
+
+    s, i = jnp.asarray(scores), jnp.asarray(ids, jnp.int32)
+    fns = {"repetition_penalty": lambda: g.apply_repetition_penalty(s, i, arg),
+           "no_repeat_ngram": lambda: g.apply_no_repeat_ngram(s, i, arg),
+           "min_new_tokens": lambda: g.apply_min_new_tokens(s, *arg),
+           "temperature": lambda: g.apply_temperature(s, arg),
+           "top_k": lambda: g.apply_top_k(s, arg),
+           "top_p": lambda: g.apply_top_p(s, arg),
+           "warp": lambda: g.warp_logits(s, *arg)}
+    return np.asarray(fns[name]())
+
+
+IMPLS = {"numpy": _numpy_impl, "torch": _torch_impl, "tf": _tf_impl, "flax": _flax_impl}
 
 
 @pytest.fixture(scope="module")
