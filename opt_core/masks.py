@@ -1,5 +1,10 @@
 """Positions and attention masks, as OPT defines them (NumPy; backends mirror these).
 
+Each backend's modeling.py has a twin of every function here with the same name, arguments and
+order (`positions_from_mask(attention_mask, past_length, query_length)`,
+`causal_padding_mask(attention_mask, past_length, query_length)`,
+`last_non_pad_indices(input_ids, pad_token_id)`); tests/core/test_masks.py holds them to these.
+
 Positions count real tokens only, so left padding does not shift them:
 `pos = cumsum(mask) * mask - 1`, and the learned table is read at row `pos + POSITION_OFFSET`
 (padding lands on row 1, the first real token on row 2).
@@ -12,34 +17,36 @@ import numpy as np
 POSITION_OFFSET = 2  # OPT's learned positions table reserves rows 0 and 1
 
 
-def positions_from_mask(attention_mask: np.ndarray, past_length: int = 0) -> np.ndarray:
-    """Position ids [batch, new] for the last `new = mask_len - past_length` tokens.
+def positions_from_mask(attention_mask: np.ndarray, past_length: int, query_length: int) -> np.ndarray:
+    """Position ids [B, T] of the `T = query_length` tokens after the first `past_length`.
 
     Args:
-        attention_mask: [batch, past + new], 1 for real tokens and 0 for padding.
+        attention_mask: [B, S], 1 for real tokens and 0 for padding; S >= past + T (a static
+            cache's mask may run on past the new tokens).
         past_length: tokens already in the cache; only the positions after them are returned.
+        query_length: the new tokens.
     Returns:
-        int64 [batch, new]: 0 for the first real token of each row, -1 at padding.
+        int64 [B, T]: 0 for the first real token of each row, -1 at padding.
     """
     mask = np.asarray(attention_mask).astype(np.int64)
-    positions = np.cumsum(mask, axis=-1) * mask - 1
-    return positions[:, past_length:]
+    positions = np.cumsum(mask, axis=-1) * mask - 1  # [B, S]
+    return positions[:, past_length : past_length + query_length]
 
 
-def causal_padding_mask(attention_mask: np.ndarray, query_length: int) -> np.ndarray:
-    """Which keys each query may attend to: bool [batch, 1, query, key].
+def causal_padding_mask(attention_mask: np.ndarray, past_length: int, query_length: int) -> np.ndarray:
+    """Which keys each query may attend to: bool [B, 1, T, S].
 
-    The queries are the last `query_length` of the `key = attention_mask.shape[1]` tokens, so the
-    same function serves a full pass (query == key) and cached decoding (query < key). A query sees
-    key j when j is not padding and j is not after the query. A padded query whose row has no real
-    key before it gets an all-False row; callers must keep such rows finite (they are ignored).
+    The `T = query_length` queries sit at slots [past_length, past_length + T) of the
+    `S = attention_mask.shape[1]` keys, so the same function serves a full pass (past 0, T == S),
+    cached decoding (T < S) and a static cache (keys after the queries, e.g. empty slots, are
+    hidden). A query sees key j when j is not padding and j is not after the query. A padded query
+    whose row has no real key before it gets an all-False row; callers must keep such rows finite
+    (they are ignored).
     """
     mask = np.asarray(attention_mask).astype(bool)
-    key_length = mask.shape[1]
-    past = key_length - query_length
-    q_pos = np.arange(query_length)[:, None] + past
-    k_pos = np.arange(key_length)[None, :]
-    causal = k_pos <= q_pos  # [query, key]
+    q_pos = np.arange(query_length)[:, None] + past_length  # [T, 1]
+    k_pos = np.arange(mask.shape[1])[None, :]  # [1, S]
+    causal = k_pos <= q_pos  # [T, S]
     return causal[None, None, :, :] & mask[:, None, None, :]
 
 

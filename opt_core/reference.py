@@ -174,14 +174,14 @@ class ReferenceOPTModel:
         if attention_mask is None:
             attention_mask = np.ones((input_ids.shape[0], past_length + input_ids.shape[1]), np.int64)
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, past_length)  # [B, T]
+            position_ids = positions_from_mask(attention_mask, past_length, input_ids.shape[1])  # [B, T]
 
         x = self.params["decoder.embed_tokens.weight"][input_ids]  # [B, T, E]
         if cfg.has_projections:
             x = self._linear(x, "decoder.project_in")  # [B, T, C]
         x = x + self.params["decoder.embed_positions.weight"][position_ids + POSITION_OFFSET]
 
-        allowed = causal_padding_mask(attention_mask, input_ids.shape[1])  # [B, 1, T, S]
+        allowed = causal_padding_mask(attention_mask, past_length, input_ids.shape[1])  # [B, 1, T, S]
         hidden_states = [x]
         cache: KVCache = []
         for i in range(cfg.num_hidden_layers):

@@ -3,8 +3,9 @@
 Module and parameter names follow Hugging Face's Flax OPT, so a model's `nnx.state` paths are the
 Flax checkpoint paths (`model/decoder/layers/0/self_attn/q_proj/kernel`, kernels `[in, out]`).
 
-Einsum letters: B batch, T new tokens, S keys (cache slots or T), N heads, H head_dim,
-C hidden_size, E word_embed_proj_dim, V vocab, L labels.
+Shape letters, the same in opt_torch, opt_tf and opt_flax (comments and einsum subscripts):
+B batch, T new tokens, S keys (cached + new, or a static cache's slots), H heads, D head_dim,
+C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from opt_core.inputs import validate_inputs
 from opt_core.masks import POSITION_OFFSET
 from opt_core.params import Head
 from opt_flax.cache import KVCache
+from opt_flax.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss
 
 LAYER_NORM_EPS = 1e-5
 # Masked attention scores get this instead of -inf: a row with no visible key (left padding) then
@@ -35,7 +37,7 @@ def _gelu_fast(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
 
 
-ACT_FNS = {
+ACTIVATIONS = {
     "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -108,6 +110,15 @@ def causal_padding_mask(attention_mask: jax.Array, past_length: jax.Array | int,
     return (k_pos <= q_pos)[None, None] & attention_mask.astype(bool)[:, None, None, :]
 
 
+def last_non_pad_indices(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
+    """[B] index of each row's right-most non-pad id (JAX twin of
+    `opt_core.masks.last_non_pad_indices`); the last position for every row without a pad id."""
+    b, t = input_ids.shape
+    if pad_token_id is None:
+        return jnp.full((b,), t - 1)
+    return jnp.argmax(jnp.arange(t)[None, :] * (input_ids != pad_token_id), axis=1)
+
+
 # ---------------------------------------------------------------- layers
 def _linear(
     cfg: OPTConfig, d_in: int, d_out: int, bias: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
@@ -141,7 +152,7 @@ class OPTLearnedPositionalEmbedding(nnx.Module):
 
 
 def _write_slot(cache: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
-    """cache [B, N, S, H] with `new` [B, N, T, H] written at slots [slot, slot + T).
+    """cache [B, H, S, D] with `new` [B, H, T, D] written at slots [slot, slot + T).
 
     A batch of one is updated without its batch axis: XLA drops that size-1 axis around the
     attention einsums anyway, and an update in the 4-D shape then ends in a reshape that keeps it
@@ -158,9 +169,10 @@ class OPTAttention(nnx.Module):
     def __init__(self, cfg: OPTConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.q_proj = _linear(cfg, d, d, cfg.enable_bias, dtype, param_dtype, rngs)
+        # Declared in the canonical table's (Hugging Face's) order, as in every backend; run q, k, v.
         self.k_proj = _linear(cfg, d, d, cfg.enable_bias, dtype, param_dtype, rngs)
         self.v_proj = _linear(cfg, d, d, cfg.enable_bias, dtype, param_dtype, rngs)
+        self.q_proj = _linear(cfg, d, d, cfg.enable_bias, dtype, param_dtype, rngs)
         self.out_proj = _linear(cfg, d, d, cfg.enable_bias, dtype, param_dtype, rngs)
         self.attn_dropout = nnx.Dropout(cfg.attention_dropout, deterministic=True, rngs=rngs)
         self.dtype = dtype
@@ -172,12 +184,12 @@ class OPTAttention(nnx.Module):
         cache: tuple[jax.Array, jax.Array, jax.Array] | None,
         deterministic: bool | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, C]; allowed bool [B, 1, T, S]; cache (keys, values [B, N, S, H], write slot) or
+        """x [B, T, C]; allowed bool [B, 1, T, S]; cache (keys, values [B, H, S, D], write slot) or
         None. Returns the output [B, T, C] and the updated (keys, values) when caching."""
         b, t, _ = x.shape
         heads = (b, t, self.num_heads, self.head_dim)
 
-        def split(y: jax.Array) -> jax.Array:  # [B, T, C] -> [B, N, T, H]
+        def split(y: jax.Array) -> jax.Array:  # [B, T, C] -> [B, H, T, D]
             return constrain(y.reshape(heads).transpose(0, 2, 1, 3), "data", "model", None, None)
 
         q = split(self.q_proj(x) * self.head_dim**-0.5)  # scaled after the bias
@@ -185,18 +197,18 @@ class OPTAttention(nnx.Module):
         v = split(self.v_proj(x))
         new_kv = None
         if cache is not None:
-            # The cache is [B, N, S, H], the layout both attention matmuls read without a transpose
-            # (a [B, S, N, H] cache made XLA copy the whole cache every decode step).
+            # The cache is [B, H, S, D], the layout both attention matmuls read without a transpose
+            # (a [B, S, H, D] cache made XLA copy the whole cache every decode step).
             cache_k, cache_v, slot = cache
-            k, v = (_write_slot(c, y, slot) for c, y in ((cache_k, k), (cache_v, v)))  # [B, N, S, H]
+            k, v = (_write_slot(c, y, slot) for c, y in ((cache_k, k), (cache_v, v)))  # [B, H, S, D]
             k, v = (constrain(y, "data", "model", None, None) for y in (k, v))
             new_kv = (k, v)
         # Scores and softmax in float32 whatever the compute dtype (the fp16/bf16 NaN fix).
-        scores = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("BHTD,BHSD->BHTS", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(allowed, scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
-        out = jnp.einsum("BNTS,BNSH->BTNH", probs, v.astype(self.dtype)).reshape(b, t, -1)  # [B, T, C]
+        out = jnp.einsum("BHTS,BHSD->BTHD", probs, v.astype(self.dtype)).reshape(b, t, -1)  # [B, T, C]
         return self.out_proj(out), new_kv
 
 
@@ -204,7 +216,7 @@ class OPTDecoderLayer(nnx.Module):
     """One decoder layer; pre-LN or post-LN per `config.do_layer_norm_before`."""
 
     def __init__(self, cfg: OPTConfig, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        self.pre_ln = cfg.do_layer_norm_before
+        self.do_layer_norm_before = cfg.do_layer_norm_before
         self.self_attn = OPTAttention(cfg, dtype, param_dtype, rngs)
         self.self_attn_layer_norm = _layer_norm(cfg, cfg.hidden_size, dtype, rngs)
         self.fc1 = _linear(cfg, cfg.hidden_size, cfg.ffn_dim, cfg.enable_bias, dtype, param_dtype, rngs)
@@ -220,17 +232,17 @@ class OPTDecoderLayer(nnx.Module):
         cache: tuple[jax.Array, jax.Array, jax.Array] | None,
         deterministic: bool | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        h = self.self_attn_layer_norm(x) if self.pre_ln else x
+        h = self.self_attn_layer_norm(x) if self.do_layer_norm_before else x
         h, new_kv = self.self_attn(h, allowed, cache, deterministic)
         x = x + self.dropout(h, deterministic=deterministic)
-        if not self.pre_ln:
+        if not self.do_layer_norm_before:
             x = self.self_attn_layer_norm(x)
 
-        h = self.final_layer_norm(x) if self.pre_ln else x
-        h = constrain(ACT_FNS[self.activation](self.fc1(h)), "data", None, "model")  # [B, T, F] column-parallel
+        h = self.final_layer_norm(x) if self.do_layer_norm_before else x
+        h = constrain(ACTIVATIONS[self.activation](self.fc1(h)), "data", None, "model")  # [B, T, F] column-parallel
         h = self.fc2(h)
         x = x + self.dropout(h, deterministic=deterministic)
-        if not self.pre_ln:
+        if not self.do_layer_norm_before:
             x = self.final_layer_norm(x)
         return x, new_kv
 
@@ -244,6 +256,9 @@ class OPTDecoder(nnx.Module):
             cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs,
         )
+        if cfg.pad_token_id is not None:  # Hugging Face (torch) zeroes the padding row at init, as torch and TF do
+            table = self.embed_tokens.embedding
+            table.set_value(table.get_value().at[cfg.pad_token_id].set(0))
         self.embed_positions = OPTLearnedPositionalEmbedding(cfg, dtype, param_dtype, rngs)
         if cfg.has_projections:
             self.project_in = _linear(cfg, cfg.embed_dim, cfg.hidden_size, False, dtype, param_dtype, rngs)
@@ -543,16 +558,6 @@ class OPTForCausalLM(_WithDecoder):
     generate.__doc__ = GENERATE_DOC
 
 
-def causal_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -100) -> jax.Array:
-    """Mean next-token cross-entropy (float32) over labels that are not `ignore_index`."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    target = labels[:, 1:]
-    valid = target != ignore_index
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
-
-
 class OPTForSequenceClassification(_WithDecoder):
     """Decoder + `score`, pooled at the right-most non-pad token of each row: `.logits` [B, L]."""
 
@@ -570,38 +575,11 @@ class OPTForSequenceClassification(_WithDecoder):
                                 deterministic, validate)
         scores = self.score(out.last_hidden_state)  # [B, T, L]
         ids = jnp.asarray(input_ids)
-        pad = self.config.pad_token_id
-        if pad is None:
-            last = jnp.full((ids.shape[0],), ids.shape[1] - 1)
-        else:  # same rule as opt_core.masks.last_non_pad_indices
-            last = jnp.argmax(jnp.arange(ids.shape[1])[None, :] * (ids != pad), axis=1)
+        last = last_non_pad_indices(ids, self.config.pad_token_id)  # [B]
         out.logits = scores[jnp.arange(ids.shape[0]), last]  # [B, L]
         if labels is not None:
-            out.loss = classification_loss(out.logits, jnp.asarray(labels), self.config)
+            out.loss = sequence_classification_loss(out.logits, jnp.asarray(labels), self.config)
         return out
-
-
-def classification_loss(logits: jax.Array, labels: jax.Array, config: OPTConfig) -> jax.Array:
-    """Loss by problem type, as Hugging Face infers it when the config does not name one."""
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif jnp.issubdtype(labels.dtype, jnp.integer):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    logits = logits.astype(jnp.float32)
-    if problem == "regression":
-        target = labels.astype(jnp.float32)
-        if config.num_labels == 1:
-            return jnp.mean((logits.reshape(-1) - target.reshape(-1)) ** 2)
-        return jnp.mean((logits - target) ** 2)
-    if problem == "single_label_classification":
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, labels.reshape(-1, 1).astype(jnp.int32), axis=-1))
-    y = labels.astype(jnp.float32)
-    return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
 
 
 class OPTForQuestionAnswering(_WithDecoder):
@@ -623,23 +601,8 @@ class OPTForQuestionAnswering(_WithDecoder):
         out.start_logits, out.end_logits = both[..., 0], both[..., 1]
         if start_positions is not None and end_positions is not None:
             start, end = jnp.asarray(start_positions), jnp.asarray(end_positions)
-            out.loss = qa_loss(out.start_logits, out.end_logits, start, end)
+            out.loss = question_answering_loss(out.start_logits, out.end_logits, start, end)
         return out
-
-
-def qa_loss(start_logits: jax.Array, end_logits: jax.Array, start: jax.Array, end: jax.Array) -> jax.Array:
-    """Mean of start and end cross-entropy; positions outside the sequence are clamped to T and
-    ignored, as Hugging Face does."""
-    t = start_logits.shape[1]
-
-    def ce(logits: jax.Array, pos: jax.Array) -> jax.Array:
-        pos = jnp.clip(pos.reshape(-1), 0, t)
-        valid = pos != t
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, jnp.where(valid, pos, 0)[:, None], axis=-1)[:, 0]
-        return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
-
-    return (ce(start_logits, start) + ce(end_logits, end)) / 2
 
 
 MODEL_CLASSES = {

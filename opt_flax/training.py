@@ -32,10 +32,10 @@ from opt_core.training import (
     fine_tuning_batches,
 )
 from opt_core.training_args import TrainingArguments, decays
+from opt_flax.losses import IGNORE_INDEX, causal_lm_loss
 
 __all__ = [
     "TrainResult",
-    "causal_lm_loss",
     "evaluate_causal_lm",
     "make_optimizer",
     "make_training_optimizer",
@@ -48,49 +48,25 @@ __all__ = [
 LossFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
 
 
-# ---------------------------------------------------------------- losses
-def causal_lm_loss(
-    logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy (float32) and the number of predicted tokens.
-
-    Position t predicts token t + 1; a target is counted when its attention_mask is 1.
-    """
-    shift_logits = logits[:, :-1].astype(jnp.float32)  # (B, T-1, V)
-    targets = input_ids[:, 1:]  # (B, T-1)
-    if attention_mask is None:
-        weight = jnp.ones(targets.shape, jnp.float32)
-    else:
-        weight = attention_mask[:, 1:].astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(shift_logits, targets)
-    return jnp.sum(nll * weight), jnp.sum(weight)
-
-
+# ---------------------------------------------------------------- losses (the heads' own, opt_flax.losses)
 def _causal_lm_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    mask = batch.get("attention_mask")
-    logits = model(batch["input_ids"], attention_mask=mask, validate=False).logits
-    total, count = causal_lm_loss(logits, batch["input_ids"], mask)
-    return total / jnp.maximum(count, 1.0)
+    """The head's loss with padding targets ignored (a target counts when its attention_mask is 1)."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    labels = ids if mask is None else jnp.where(mask == 0, IGNORE_INDEX, ids)
+    return model(ids, attention_mask=mask, labels=labels, validate=False).loss
 
 
 def _classification_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), validate=False).logits
-    logits = logits.astype(jnp.float32)
-    labels = batch["labels"]
-    if jnp.issubdtype(labels.dtype, jnp.floating):  # regression (num_labels == 1) or multi-label targets
-        if logits.shape[-1] == 1:
-            return jnp.mean((logits[:, 0] - labels) ** 2)
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    """The head's loss: by `config.problem_type` (inferred as Hugging Face when None)."""
+    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                 validate=False).loss
 
 
 def _question_answering_loss(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
-    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), validate=False)
-    start = optax.softmax_cross_entropy_with_integer_labels(out.start_logits.astype(jnp.float32),
-                                                            batch["start_positions"])
-    end = optax.softmax_cross_entropy_with_integer_labels(out.end_logits.astype(jnp.float32),
-                                                          batch["end_positions"])
-    return (jnp.mean(start) + jnp.mean(end)) / 2
+    """The head's loss: positions clamped to [0, T], T ignored."""
+    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                 start_positions=batch["start_positions"], end_positions=batch["end_positions"],
+                 validate=False).loss
 
 
 # ---------------------------------------------------------------- optimiser
@@ -236,7 +212,7 @@ def _make_train_step(loss_fn: LossFn) -> Any:
 @nnx.jit
 def _eval_sums(model: Any, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits = model(input_ids, validate=False, deterministic=True).logits
-    return causal_lm_loss(logits, input_ids)
+    return causal_lm_loss(logits, input_ids, reduction="sum"), jnp.asarray(input_ids[:, 1:].size)
 
 
 # ---------------------------------------------------------------- single-step API

@@ -4,8 +4,9 @@ Mirrors `opt_torch.modeling` class by class. Weights are created eagerly in `__i
 layout of the canonical table (Dense kernels `[in, out]`); `named_weights()` maps every canonical
 name to its variable, which is all `opt_tf.io` needs to load and save.
 
-Letters in shape comments: B batch, T new tokens, S keys (cached + new), H heads, D head_dim,
-C hidden_size, E word_embed_proj_dim, V vocab, L num_labels.
+Shape letters, the same in opt_torch, opt_tf and opt_flax (comments and einsum subscripts):
+B batch, T new tokens, S keys (cached + new, or a static cache's slots), H heads, D head_dim,
+C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from opt_core import OPTConfig  # noqa: E402
 from opt_core.generation_config import GENERATE_DOC, GenerationConfig  # noqa: E402
 from opt_core.inputs import validate_inputs  # noqa: E402
 from opt_core.masks import POSITION_OFFSET  # noqa: E402
-from opt_core.params import Head  # noqa: E402
+from opt_core.params import Head, parameter_table  # noqa: E402
 from opt_tf.cache import StaticCache  # noqa: E402
+from opt_tf.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss  # noqa: E402
 from opt_tf.training import KerasTrainingMixin  # noqa: E402
 
 LAYER_NORM_EPS = 1e-5
@@ -86,20 +88,32 @@ class OPTOutput:
 
 
 # ---------------------------------------------------------------- masks and positions (opt_core.masks in TF)
-def positions_from_mask(attention_mask: tf.Tensor, past_length: tf.Tensor | int, new: int) -> tf.Tensor:
-    """Position ids [B, new] of the `new` tokens after `past_length`: cumsum(mask) * mask - 1."""
+def positions_from_mask(attention_mask: tf.Tensor, past_length: tf.Tensor | int, query_length: int) -> tf.Tensor:
+    """Position ids [B, T] of the T tokens after `past_length` in `attention_mask` [B, S] (TF twin
+    of `opt_core.masks.positions_from_mask`; `past_length` may be a tensor)."""
     mask = tf.cast(attention_mask, tf.int32)
     positions = tf.cumsum(mask, axis=-1) * mask - 1  # [B, S]
-    return tf.slice(positions, [0, past_length], [-1, new])  # [B, new]
+    return tf.slice(positions, [0, past_length], [-1, query_length])  # [B, T]
 
 
-def causal_padding_mask(key_mask: tf.Tensor, query_length: int, past_length: tf.Tensor | int) -> tf.Tensor:
-    """bool [B, 1, T, S]: query t (slot past + t) sees key j when j <= past + t and key_mask[j]."""
-    key_length = tf.shape(key_mask)[1]
+def causal_padding_mask(attention_mask: tf.Tensor, past_length: tf.Tensor | int, query_length: int) -> tf.Tensor:
+    """bool [B, 1, T, S]: query t (at slot past + t) may see key s (TF twin of
+    `opt_core.masks.causal_padding_mask`). Keys after the query, e.g. empty cache slots, are hidden."""
+    key_length = tf.shape(attention_mask)[1]
     q_pos = tf.range(query_length)[:, None] + past_length  # [T, 1]
     k_pos = tf.range(key_length)[None, :]  # [1, S]
     causal = k_pos <= q_pos  # [T, S]
-    return causal[None, None] & tf.cast(key_mask, tf.bool)[:, None, None, :]
+    return causal[None, None] & tf.cast(attention_mask, tf.bool)[:, None, None, :]
+
+
+def last_non_pad_indices(input_ids: tf.Tensor, pad_token_id: int | None) -> tf.Tensor:
+    """[B] index of each row's right-most non-pad id (TF twin of
+    `opt_core.masks.last_non_pad_indices`); the last position for every row without a pad id."""
+    t = tf.shape(input_ids)[1]
+    if pad_token_id is None:
+        return tf.fill([tf.shape(input_ids)[0]], t - 1)
+    non_pad = tf.cast(tf.not_equal(input_ids, pad_token_id), tf.int32)
+    return tf.argmax(tf.range(t)[None, :] * non_pad, axis=1, output_type=tf.int32)
 
 
 # ---------------------------------------------------------------- layers
@@ -150,6 +164,7 @@ class OPTAttention(keras.layers.Layer):
         c, std, bias = config.hidden_size, config.init_std, config.enable_bias
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.dropout = config.attention_dropout
+        # Declared in the canonical table's (Hugging Face's) order, as in every backend; run q, k, v.
         self.k_proj = Linear(c, c, bias, std, name="k_proj")
         self.v_proj = Linear(c, c, bias, std, name="v_proj")
         self.q_proj = Linear(c, c, bias, std, name="q_proj")
@@ -195,7 +210,7 @@ class OPTDecoderLayer(keras.layers.Layer):
         super().__init__(**kwargs)
         c, f, std = config.hidden_size, config.ffn_dim, config.init_std
         affine, bias = config.layer_norm_elementwise_affine, config.enable_bias
-        self.pre_ln = config.do_layer_norm_before
+        self.do_layer_norm_before = config.do_layer_norm_before
         self.dropout = config.dropout
         self.activation = ACTIVATIONS[config.activation_function]
         self.self_attn = OPTAttention(config, name="self_attn")
@@ -216,16 +231,16 @@ class OPTDecoderLayer(keras.layers.Layer):
         layer_idx: int = 0,
         training: bool = False,
     ) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor] | None]:
-        h = self.self_attn_layer_norm(x) if self.pre_ln else x
+        h = self.self_attn_layer_norm(x) if self.do_layer_norm_before else x
         h, kv = self.self_attn(h, allowed, past=past, layer_idx=layer_idx, training=training)
         x = x + self._drop(h, training)
-        if not self.pre_ln:
+        if not self.do_layer_norm_before:
             x = self.self_attn_layer_norm(x)
 
-        h = self.final_layer_norm(x) if self.pre_ln else x
+        h = self.final_layer_norm(x) if self.do_layer_norm_before else x
         h = self.fc2(self.activation(self.fc1(h)))
         x = x + self._drop(h, training)
-        if not self.pre_ln:
+        if not self.do_layer_norm_before:
             x = self.final_layer_norm(x)
         return x, kv
 
@@ -257,7 +272,7 @@ class OPTDecoder(keras.layers.Layer):
             if config.has_final_layer_norm
             else None
         )
-        self.decoder_layers = [OPTDecoderLayer(config, name=f"layers.{i}") for i in range(config.num_hidden_layers)]
+        self.layers = [OPTDecoderLayer(config, name=f"layers.{i}") for i in range(config.num_hidden_layers)]
         self.built = True
 
     def call(
@@ -276,7 +291,7 @@ class OPTDecoder(keras.layers.Layer):
         """
         t = input_ids.shape[1] if input_ids.shape[1] is not None else tf.shape(input_ids)[1]
         past = past_key_values.length if past_key_values is not None else 0
-        allowed = causal_padding_mask(key_mask, t, past)  # [B, 1, T, S]
+        allowed = causal_padding_mask(key_mask, past, t)  # [B, 1, T, S]
 
         x = tf.gather(self.embed_tokens, input_ids)  # [B, T, E]
         if self.project_in is not None:
@@ -286,7 +301,7 @@ class OPTDecoder(keras.layers.Layer):
         hidden: list[tf.Tensor] = []
         keys, values = [], []
         layerdrop = self.config.layerdrop if training else 0.0
-        for i, layer in enumerate(self.decoder_layers):
+        for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden.append(x)
             if layerdrop > 0 and past_key_values is None:
@@ -337,42 +352,34 @@ class OPTPreTrainedModel(KerasTrainingMixin, keras.Model):
         return int(sum(np.prod(v.shape) for v in self.weights))
 
     def named_weights(self) -> dict[str, keras.Variable]:
-        """Canonical name (opt_core.params) -> the variable holding it, in TF layout. A tied LM
-        head is not listed (it is the token embedding)."""
-        d = self.get_decoder()
-        out: dict[str, keras.Variable] = {
-            "decoder.embed_tokens.weight": d.embed_tokens,
-            "decoder.embed_positions.weight": d.embed_positions,
+        """Canonical name -> the variable holding it, in TF layout, for every entry of the
+        canonical parameter table (`opt_core.params.parameter_table`); a tied LM head is not listed
+        (it is the token embedding). Each name is looked up on the model as written: its module path
+        is walked (`decoder` is `get_decoder()`, a number indexes `layers`) and its leaf picks the
+        variable (`weight`/`bias`: a Linear's kernel/bias, a LayerNorm's gamma/beta, or the table
+        itself for embeddings and an untied `lm_head`)."""
+        return {
+            spec.name: self._variable(spec.name)
+            for spec in parameter_table(self.config, self.head)
+            if spec.tied_to is None
         }
 
-        def linear(prefix: str, lin: Linear) -> None:
-            out[f"{prefix}.weight"] = lin.kernel
-            if lin.bias is not None:
-                out[f"{prefix}.bias"] = lin.bias
-
-        def norm(prefix: str, ln: LayerNorm) -> None:
-            if ln.gamma is not None:
-                out[f"{prefix}.weight"] = ln.gamma
-                out[f"{prefix}.bias"] = ln.beta
-
-        if d.project_out is not None:
-            linear("decoder.project_out", d.project_out)
-            linear("decoder.project_in", d.project_in)
-        if d.final_layer_norm is not None:
-            norm("decoder.final_layer_norm", d.final_layer_norm)
-        for i, layer in enumerate(d.decoder_layers):
-            p = f"decoder.layers.{i}"
-            for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
-                linear(f"{p}.self_attn.{proj}", getattr(layer.self_attn, proj))
-            norm(f"{p}.self_attn_layer_norm", layer.self_attn_layer_norm)
-            linear(f"{p}.fc1", layer.fc1)
-            linear(f"{p}.fc2", layer.fc2)
-            norm(f"{p}.final_layer_norm", layer.final_layer_norm)
-        out.update(self._head_weights())
-        return out
-
-    def _head_weights(self) -> dict[str, keras.Variable]:
-        return {}
+    def _variable(self, name: str) -> keras.Variable:
+        *path, leaf = name.split(".")
+        node: Any = self
+        for part in path:
+            if node is self and part == "decoder":
+                node = self.get_decoder()
+            else:
+                node = node[int(part)] if part.isdigit() else getattr(node, part)
+        if isinstance(node, keras.Variable) and leaf == "weight":
+            return node
+        # weight/bias: a Linear's (or QuantizedLinear's) kernel/bias, a LayerNorm's gamma/beta
+        for attr in {"weight": ("kernel", "gamma"), "bias": ("bias", "beta")}.get(leaf, ()):
+            variable = getattr(node, attr, None)
+            if variable is not None:
+                return variable
+        raise KeyError(f"{name}: {type(self).__name__} holds no such variable")
 
     # ------------------------------------------------------------ inputs
     def _prepare_inputs(
@@ -508,9 +515,6 @@ class OPTForCausalLM(_WithDecoder):
         self.generation_config = GenerationConfig.from_model_config(config)
         self.built = True
 
-    def _head_weights(self) -> dict[str, keras.Variable]:
-        return {"lm_head.weight": self.lm_head} if self.lm_head is not None else {}
-
     def lm_logits(self, h: tf.Tensor) -> tf.Tensor:
         """[B, T, E] -> logits [B, T, V]."""
         if self.lm_head is not None:
@@ -580,26 +584,6 @@ class OPTForCausalLM(_WithDecoder):
     generate.__doc__ = GENERATE_DOC
 
 
-def causal_lm_loss(logits: tf.Tensor, labels: tf.Tensor, ignore_index: int = -100) -> tf.Tensor:
-    """Mean cross-entropy of predicting labels[:, t + 1] from logits[:, t] (float32)."""
-    shift_logits = tf.cast(logits[:, :-1], tf.float32)  # [B, T - 1, V]
-    shift_labels = tf.cast(labels[:, 1:], tf.int32)
-    keep = tf.not_equal(shift_labels, ignore_index)
-    safe = tf.where(keep, shift_labels, 0)
-    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=shift_logits)
-    keep_f = tf.cast(keep, tf.float32)
-    return tf.reduce_sum(losses * keep_f) / tf.maximum(tf.reduce_sum(keep_f), 1.0)
-
-
-def last_non_pad_indices(input_ids: tf.Tensor, pad_token_id: int | None) -> tf.Tensor:
-    """opt_core.masks.last_non_pad_indices in TF: [B] index of each row's right-most non-pad id."""
-    t = tf.shape(input_ids)[1]
-    if pad_token_id is None:
-        return tf.fill([tf.shape(input_ids)[0]], t - 1)
-    non_pad = tf.cast(tf.not_equal(input_ids, pad_token_id), tf.int32)
-    return tf.argmax(tf.range(t)[None, :] * non_pad, axis=1, output_type=tf.int32)
-
-
 class OPTForSequenceClassification(_WithDecoder):
     """Decoder + `score`, read at the right-most non-pad token of each row (left or right padding)."""
 
@@ -609,9 +593,6 @@ class OPTForSequenceClassification(_WithDecoder):
         super().__init__(config, **kwargs)
         self.score = Linear(config.embed_dim, config.num_labels, False, config.init_std, name="score")
         self.built = True
-
-    def _head_weights(self) -> dict[str, keras.Variable]:
-        return {"score.weight": self.score.kernel}
 
     def call(
         self,
@@ -634,32 +615,8 @@ class OPTForSequenceClassification(_WithDecoder):
         last = last_non_pad_indices(ids, self.config.pad_token_id)  # [B]
         out.logits = tf.gather(scores, last, axis=1, batch_dims=1)  # [B, L]
         if labels is not None:
-            out.loss = classification_loss(out.logits, tf.convert_to_tensor(labels), self.config)
+            out.loss = sequence_classification_loss(out.logits, tf.convert_to_tensor(labels), self.config)
         return out
-
-
-def classification_loss(logits: tf.Tensor, labels: tf.Tensor, config: OPTConfig) -> tf.Tensor:
-    """MSE (regression), cross-entropy (single label) or BCE-with-logits (multi label)."""
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype.is_integer:
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    logits = tf.cast(logits, tf.float32)
-    if problem == "regression":
-        if config.num_labels == 1:
-            return tf.reduce_mean(tf.square(tf.reshape(logits, [-1]) - tf.reshape(tf.cast(labels, tf.float32), [-1])))
-        return tf.reduce_mean(tf.square(logits - tf.cast(labels, tf.float32)))
-    if problem == "single_label_classification":
-        return tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tf.reshape(tf.cast(labels, tf.int32), [-1]), logits=tf.reshape(logits, [-1, config.num_labels])
-            )
-        )
-    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.cast(labels, tf.float32), logits=logits))
 
 
 class OPTForQuestionAnswering(_WithDecoder):
@@ -671,9 +628,6 @@ class OPTForQuestionAnswering(_WithDecoder):
         super().__init__(config, **kwargs)
         self.qa_outputs = Linear(config.embed_dim, 2, True, config.init_std, name="qa_outputs")
         self.built = True
-
-    def _head_weights(self) -> dict[str, keras.Variable]:
-        return {"qa_outputs.weight": self.qa_outputs.kernel, "qa_outputs.bias": self.qa_outputs.bias}
 
     def call(
         self,
@@ -694,24 +648,9 @@ class OPTForQuestionAnswering(_WithDecoder):
         both = self.qa_outputs(out.last_hidden_state)  # [B, T, 2]
         out.start_logits, out.end_logits = both[..., 0], both[..., 1]
         if start_positions is not None and end_positions is not None:
-            out.loss = qa_loss(out.start_logits, out.end_logits, tf.convert_to_tensor(start_positions),
+            out.loss = question_answering_loss(out.start_logits, out.end_logits, tf.convert_to_tensor(start_positions),
                                tf.convert_to_tensor(end_positions))
         return out
-
-
-def qa_loss(start_logits: tf.Tensor, end_logits: tf.Tensor, start: tf.Tensor, end: tf.Tensor) -> tf.Tensor:
-    """(CE(start) + CE(end)) / 2 with positions clamped to [0, T]; position T is ignored."""
-    ignored = tf.shape(start_logits)[1]
-
-    def ce(logits: tf.Tensor, pos: tf.Tensor) -> tf.Tensor:
-        pos = tf.clip_by_value(tf.reshape(tf.cast(pos, tf.int32), [-1]), 0, ignored)
-        keep = tf.cast(pos < ignored, tf.float32)
-        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.minimum(pos, ignored - 1), logits=tf.cast(logits, tf.float32)
-        )
-        return tf.reduce_sum(losses * keep) / tf.maximum(tf.reduce_sum(keep), 1.0)
-
-    return (ce(start_logits, start) + ce(end_logits, end)) / 2
 
 
 MODEL_CLASSES = {

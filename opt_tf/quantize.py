@@ -79,7 +79,7 @@ def quantize_model(model: Any, mode: str) -> Any:
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization['mode']})")
     decoder = model.get_decoder()
-    for layer in decoder.decoder_layers:
+    for layer in decoder.layers:
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
             setattr(attn, name, QuantizedLinear(getattr(attn, name), mode))

@@ -37,13 +37,13 @@ from opt_core.training import (
     fine_tuning_batches,
 )
 from opt_core.training_args import TrainingArguments, decays
+from opt_tf.losses import IGNORE_INDEX, causal_lm_loss
 
 __all__ = [
     "AdamW",
     "KerasTrainingMixin",
     "TableSchedule",
     "TrainResult",
-    "causal_lm_loss",
     "evaluate_causal_lm",
     "make_training_optimizer",
     "train_causal_lm",
@@ -52,28 +52,9 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------- losses
-def causal_lm_loss(
-    logits: tf.Tensor, input_ids: tf.Tensor, attention_mask: tf.Tensor | None = None
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Summed next-token cross-entropy (float32) and the number of predicted tokens.
-
-    Position t predicts token t + 1; a target is counted when its attention_mask is 1.
-    """
-    shift_logits = tf.cast(logits[:, :-1], tf.float32)  # (B, T-1, V)
-    targets = input_ids[:, 1:]  # (B, T-1)
-    if attention_mask is None:
-        weight = tf.ones(tf.shape(targets), tf.float32)
-    else:
-        weight = tf.cast(attention_mask[:, 1:], tf.float32)
-    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=shift_logits)
-    return tf.reduce_sum(nll * weight), tf.reduce_sum(weight)
-
-
-IGNORE_INDEX = -100
-
-
+# ---------------------------------------------------------------- losses (the heads' own, opt_tf.losses)
 def _model_inputs(model: Any, data: Any) -> dict[str, Any]:
+    """Keras data -> model keyword arguments; a causal LM without labels predicts its real tokens."""
     x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
     inputs = dict(x) if isinstance(x, dict) else {"input_ids": x}
     if y is not None:
@@ -210,8 +191,7 @@ def evaluate_causal_lm(
 
     def loss_sums(ids: np.ndarray) -> tuple[float, int]:
         logits = model(input_ids=ids, training=False).logits
-        loss, count = causal_lm_loss(logits, ids)
-        return float(loss), int(count)
+        return float(causal_lm_loss(logits, ids, reduction="sum")), int(ids[:, 1:].size)
 
     return evaluate_blocks(data, batch_size, max_batches, loss_sums)
 

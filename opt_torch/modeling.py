@@ -4,8 +4,9 @@
 `qa_outputs.*`; `decoder.*` for `OPTModel`), i.e. `opt_core.params.hf_name` of the canonical table,
 so checkpoints load and save without renaming.
 
-Letters in shape comments: B batch, T new tokens, S keys (cached + new), H heads, D head_dim,
-C hidden_size, E word_embed_proj_dim, V vocab, L labels.
+Shape letters, the same in opt_torch, opt_tf and opt_flax (comments and einsum subscripts):
+B batch, T new tokens, S keys (cached + new, or a static cache's slots), H heads, D head_dim,
+C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from opt_core.generation_config import GENERATE_DOC, GenerationConfig
 from opt_core.inputs import validate_inputs
 from opt_torch import generation
 from opt_torch.cache import Cache, DynamicCache
+from opt_torch.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
@@ -83,21 +85,30 @@ class OPTOutput:
 
 
 # ---------------------------------------------------------------- masks and positions
-def positions_from_mask(attention_mask: torch.Tensor, past_length: int = 0) -> torch.Tensor:
-    """Position ids [B, T] of the last T tokens of `attention_mask` [B, past + T] (torch twin of
-    `opt_core.masks.positions_from_mask`): 0 at the first real token of a row, -1 at padding."""
+def positions_from_mask(attention_mask: torch.Tensor, past_length: int, query_length: int) -> torch.Tensor:
+    """Position ids [B, T] of the T tokens after `past_length` in `attention_mask` [B, S] (torch
+    twin of `opt_core.masks.positions_from_mask`): 0 at the first real token of a row, -1 at padding."""
     mask = attention_mask.long()
-    return (torch.cumsum(mask, dim=-1) * mask - 1)[:, past_length:]
+    positions = torch.cumsum(mask, dim=-1) * mask - 1  # [B, S]
+    return positions[:, past_length : past_length + query_length]
 
 
-def causal_padding_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
-    """bool [B, 1, T, S]: query t may see key s (torch twin of `opt_core.masks.causal_padding_mask`)."""
+def causal_padding_mask(attention_mask: torch.Tensor, past_length: int, query_length: int) -> torch.Tensor:
+    """bool [B, 1, T, S]: query t (at slot past + t) may see key s (torch twin of
+    `opt_core.masks.causal_padding_mask`)."""
     mask = attention_mask.bool()
-    key_length = mask.shape[1]
-    past = key_length - query_length
-    q_pos = torch.arange(query_length, device=mask.device)[:, None] + past
-    k_pos = torch.arange(key_length, device=mask.device)[None, :]
+    q_pos = torch.arange(query_length, device=mask.device)[:, None] + past_length  # [T, 1]
+    k_pos = torch.arange(mask.shape[1], device=mask.device)[None, :]  # [1, S]
     return (k_pos <= q_pos)[None, None] & mask[:, None, None, :]
+
+
+def last_non_pad_indices(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """[B] index of each row's right-most non-pad id (torch twin of
+    `opt_core.masks.last_non_pad_indices`); the last position for every row without a pad id."""
+    b, t = input_ids.shape
+    if pad_token_id is None:
+        return torch.full((b,), t - 1, dtype=torch.long, device=input_ids.device)
+    return (torch.arange(t, device=input_ids.device) * (input_ids != pad_token_id)).argmax(-1)
 
 
 @dataclass
@@ -136,7 +147,7 @@ def build_attention_mask(
     padding = attention_mask.bool()
     if query_length == 1:
         return AttentionMask(padding[:, None, None, :], is_causal=False, padding=padding)  # [B, 1, 1, S]
-    allowed = causal_padding_mask(padding, query_length)  # [B, 1, T, S]
+    allowed = causal_padding_mask(padding, past_length, query_length)  # [B, 1, T, S]
     # A padding query with no real key before it (left padding) would softmax over nothing: let it
     # see every key instead. Its output is ignored; this only keeps it finite (no NaN in fp16).
     allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
@@ -211,7 +222,8 @@ class OPTAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.layer_idx = layer_idx
         self.attn_implementation = attn_implementation
-        # Registered in Hugging Face's order so state_dict() lists keys the same way.
+        # Declared in the canonical table's (Hugging Face's) order, as in every backend, so
+        # state_dict() lists keys the same way; run q, k, v.
         self.k_proj = nn.Linear(c, c, bias=bias)
         self.v_proj = nn.Linear(c, c, bias=bias)
         self.q_proj = nn.Linear(c, c, bias=bias)
@@ -431,7 +443,7 @@ class OPTDecoder(nn.Module):
             if attention_mask is None:
                 position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
             else:
-                position_ids = positions_from_mask(attention_mask, past)  # [B, T]
+                position_ids = positions_from_mask(attention_mask, past, t)  # [B, T]
         mask = build_attention_mask(attention_mask, t, past)
 
         x = self.embed_tokens(input_ids)  # [B, T, E]
@@ -792,13 +804,6 @@ class OPTForCausalLM(_WithDecoder):
     generate.__doc__ = GENERATE_DOC
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of predicting labels[:, t + 1] from logits[:, t] (float32)."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B * (T - 1), V]
-    shift_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
-
-
 class OPTForSequenceClassification(_WithDecoder):
     """Decoder + `score`, read at the right-most non-pad token of each row (left or right padding)."""
 
@@ -827,39 +832,13 @@ class OPTForSequenceClassification(_WithDecoder):
             output_attentions,
         )
         scores = self.score(out.last_hidden_state)  # [B, T, L]
-        pad = self.config.pad_token_id
-        b, t = ids.shape
-        if pad is None:
-            if b != 1:
-                raise ValueError("sequence classification of a batch needs config.pad_token_id to find each row's end")
-            last = torch.full((b,), t - 1, dtype=torch.long, device=ids.device)
-        else:
-            # Right-most non-pad token (opt_core.masks.last_non_pad_indices, in torch).
-            last = (torch.arange(t, device=ids.device) * (ids != pad)).argmax(-1)
-        out.logits = scores[torch.arange(b, device=ids.device), last]  # [B, L]
+        if self.config.pad_token_id is None and ids.shape[0] != 1:
+            raise ValueError("sequence classification of a batch needs config.pad_token_id to find each row's end")
+        last = last_non_pad_indices(ids, self.config.pad_token_id)  # [B]
+        out.logits = scores[torch.arange(ids.shape[0], device=ids.device), last]  # [B, L]
         if labels is not None:
-            out.loss = classification_loss(out.logits, _as_tensor(labels, out.logits.device), self.config)
+            out.loss = sequence_classification_loss(out.logits, _as_tensor(labels, out.logits.device), self.config)
         return out
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: OPTConfig) -> torch.Tensor:
-    """MSE (regression), cross-entropy (single label) or BCE-with-logits (multi label)."""
-    problem = config.problem_type
-    if problem is None:
-        if config.num_labels == 1:
-            problem = "regression"
-        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-            problem = "single_label_classification"
-        else:
-            problem = "multi_label_classification"
-    logits = logits.float()
-    if problem == "regression":
-        if config.num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.float().squeeze())
-        return F.mse_loss(logits, labels.float())
-    if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, config.num_labels), labels.long().view(-1))
-    return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
 class OPTForQuestionAnswering(_WithDecoder):
@@ -894,24 +873,12 @@ class OPTForQuestionAnswering(_WithDecoder):
         out.start_logits = both[..., 0].contiguous()
         out.end_logits = both[..., 1].contiguous()
         if start_positions is not None and end_positions is not None:
-            out.loss = qa_loss(
+            out.loss = question_answering_loss(
                 out.start_logits, out.end_logits,
                 _as_tensor(start_positions, both.device, torch.long),
                 _as_tensor(end_positions, both.device, torch.long),
             )
         return out
-
-
-def qa_loss(
-    start_logits: torch.Tensor, end_logits: torch.Tensor, start: torch.Tensor, end: torch.Tensor
-) -> torch.Tensor:
-    """(CE(start) + CE(end)) / 2 with positions clamped to [0, T]; position T is ignored."""
-    ignored = start_logits.shape[1]
-    start = start.reshape(-1).clamp(0, ignored)
-    end = end.reshape(-1).clamp(0, ignored)
-    start_loss = F.cross_entropy(start_logits.float(), start, ignore_index=ignored)
-    end_loss = F.cross_entropy(end_logits.float(), end, ignore_index=ignored)
-    return (start_loss + end_loss) / 2
 
 
 MODEL_CLASSES: dict[Head, type[OPTPreTrainedModel]] = {

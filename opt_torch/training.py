@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from opt_core.data import ArrayDataset, TextDataset
@@ -48,10 +47,10 @@ from opt_core.training import (
     fine_tuning_batches,
 )
 from opt_core.training_args import TrainingArguments, decays
+from opt_torch.losses import IGNORE_INDEX, causal_lm_loss
 
 __all__ = [
     "TrainResult",
-    "causal_lm_loss",
     "enable_gradient_checkpointing",
     "evaluate_causal_lm",
     "make_training_optimizer",
@@ -63,45 +62,25 @@ __all__ = [
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-# ---------------------------------------------------------------- losses
-def causal_lm_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy (float32) and the number of predicted tokens.
-
-    Position t predicts token t + 1; a target is counted when its attention_mask is 1.
-    """
-    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
-    targets = input_ids[:, 1:]  # (B, T-1)
-    if attention_mask is not None:
-        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    return loss, int((targets != -100).sum())
-
-
+# ---------------------------------------------------------------- losses (the heads' own, opt_torch.losses)
 def _causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    mask = batch.get("attention_mask")
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
-    total, count = causal_lm_loss(logits, batch["input_ids"], mask)
-    return total / max(count, 1)
+    """The head's loss with padding targets ignored (a target counts when its attention_mask is 1)."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    labels = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
 def _classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
-    labels = batch["labels"]
-    if labels.is_floating_point():  # regression (num_labels == 1) or multi-label targets
-        if logits.shape[-1] == 1:
-            return F.mse_loss(logits.squeeze(-1), labels.float())
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
-    return F.cross_entropy(logits, labels)
+    """The head's loss: by `config.problem_type` (inferred as Hugging Face when None)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"]).loss
 
 
 def _question_answering_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    start = F.cross_entropy(out.start_logits.float(), batch["start_positions"])
-    end = F.cross_entropy(out.end_logits.float(), batch["end_positions"])
-    return (start + end) / 2
+    """The head's loss: positions clamped to [0, T], T ignored."""
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+        start_positions=batch["start_positions"], end_positions=batch["end_positions"],
+    ).loss
 
 
 # ---------------------------------------------------------------- optimiser
@@ -175,8 +154,7 @@ def evaluate_causal_lm(
         input_ids = torch.as_tensor(ids, device=device)
         with _autocast(bf16, device):
             logits = model(input_ids=input_ids).logits
-        loss, count = causal_lm_loss(logits, input_ids)
-        return float(loss), count
+        return float(causal_lm_loss(logits, input_ids, reduction="sum")), int(input_ids[:, 1:].numel())
 
     was_training = model.training
     model.eval()

@@ -26,19 +26,11 @@ or, with `pytest_plugins = ["opt_verify.pytest_plugin"]` in a conftest.py, the `
 fixture (`opt_equivalence("path/to/model")`) or `pytest --opt-verify-model path/to/model`.
 """
 
-from opt_verify.report import format_table, to_markdown, write_json, write_markdown
-from opt_verify.verify import (
-    BACKENDS,
-    DEFAULT_PROMPTS,
-    REFERENCE_MAX_PARAMS,
-    TOLERANCES,
-    BackendResult,
-    PairResult,
-    Tolerance,
-    VerifyError,
-    VerifyReport,
-    verify,
-)
+from opt_verify.comparison import PairResult
+from opt_verify.inputs import DEFAULT_PROMPTS, VerifyError
+from opt_verify.report import BackendResult, VerifyReport, format_table, to_markdown, write_json, write_markdown
+from opt_verify.tolerances import TOLERANCES, Tolerance
+from opt_verify.verify import BACKENDS, REFERENCE_MAX_PARAMS, verify
 
 __all__ = [
     "BACKENDS",

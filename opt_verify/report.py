@@ -1,11 +1,69 @@
-"""Readable forms of a `VerifyReport`: a compact terminal table, Markdown, and JSON."""
+"""What `opt verify` found (`VerifyReport`, one `BackendResult` per implementation, the pairs) and
+its readable forms: a compact terminal table, Markdown, and JSON."""
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from opt_verify.verify import PairResult, VerifyReport
+import numpy as np
+
+from opt_verify.comparison import PairResult
+
+
+@dataclass
+class BackendResult:
+    """One implementation's part of a run."""
+
+    name: str
+    status: str  # "ok", "missing" (not installed), "error" (failed to load or run), "skipped"
+    message: str = ""
+    load_s: float | None = None
+    forward_s: float | None = None
+    generate_s: float | None = None
+
+
+@dataclass
+class VerifyReport:
+    """Everything `verify` found; `passed` is the exit status's truth."""
+
+    model_dir: str
+    dtype: str
+    tolerance: float
+    tolerance_reason: str
+    config: dict[str, Any]
+    parameters: int
+    batch_shape: list[int]
+    input_source: str  # "prompts", "input_ids" or "default ids"
+    new_tokens: int
+    backends: list[BackendResult]
+    pairs: list[PairResult]
+    passed: bool
+    errors: list[str] = field(default_factory=list)
+    prompts: list[str] | None = None
+    input_ids: list[list[int]] = field(default_factory=list)
+    attention_mask: list[list[int]] = field(default_factory=list)
+    date: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"cannot serialise {type(x).__name__}")
 
 
 def _count(n: int) -> str:

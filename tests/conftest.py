@@ -21,3 +21,12 @@ CORPUS_DIR = DATA / "corpus"
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return TOKENIZER_DIR
+
+
+@pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("torch", "tf", "flax")])
+def backend(request):
+    """The adapter of one backend (tests/backends.py); a test taking it runs once per backend and
+    carries that backend's marker (`-m torch` selects the torch runs)."""
+    from tests.backends import get_backend
+
+    return get_backend(request.param)

@@ -26,7 +26,7 @@ def test_quantized_logits_and_generate(mode, float_logits):
     assert np.linalg.norm(logits - float_logits) / np.linalg.norm(float_logits) < 5e-3
     # The weights really are int8 (not a float copy left in use).
     assert dict(model.quantization)["mode"] == mode
-    assert model.get_decoder().decoder_layers[0].fc1.qkernel.numpy().dtype == np.int8
+    assert model.get_decoder().layers[0].fc1.qkernel.numpy().dtype == np.int8
     out = np.asarray(model.generate(IDS, max_new_tokens=3))
     assert out.shape == (1, IDS.shape[1] + 3)
 

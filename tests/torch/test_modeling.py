@@ -1,5 +1,7 @@
-"""opt_torch models against the float64 reference: every variant, every head, eager and SDPA,
-reduced precisions, hidden states, attentions, losses, training switches and input errors."""
+"""What only the opt_torch models have: state_dict names, eager attention (SDPA, the default, runs in
+tests/common/), flash attention, float16/bfloat16 activations, attention weights, fused q/k/v, the
+weight layout, gradient checkpointing and the training switches. The tests every backend passes
+(reference, hidden states, losses, input errors) are tests/common/."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ import torch
 
 from opt_core import Head
 from opt_core.params import hf_name, parameter_table
-from opt_torch import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification, OPTModel
+from opt_torch import OPTForCausalLM, OPTModel
 from opt_torch.modeling import MODEL_CLASSES
 from tests.torch.helpers import HEAD_OUTPUT, compare_mask, model_and_reference
-from tests.variants import CORE_VARIANTS, TOLERANCE, VARIANTS, left_padded_batch, relative_error, right_padded_batch
+from tests.variants import CORE_VARIANTS, TOLERANCE, VARIANTS, left_padded_batch, relative_error
 
 pytestmark = pytest.mark.torch
 
@@ -30,7 +32,8 @@ def test_state_dict_keys_are_hugging_face_names(variant, head):
         assert tuple(model.state_dict()[hf_name(spec.name, head)].shape) == spec.shape
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+# SDPA, the default, runs in tests/common/test_modeling.py::test_matches_float64_reference.
+@pytest.mark.parametrize("attn", ["eager"])
 @pytest.mark.parametrize("head", HEADS, ids=lambda h: h.value)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_float32_matches_reference(variant, head, attn):
@@ -45,21 +48,6 @@ def test_float32_matches_reference(variant, head, attn):
     assert err < TOLERANCE["float32"], f"{variant}/{head.value}/{attn}: {err:.2e}"
     if head is Head.QUESTION_ANSWERING:
         assert relative_error(out.end_logits.numpy(), expected.end_logits, mask) < TOLERANCE["float32"]
-
-
-@pytest.mark.parametrize("variant", ["pre_ln", "post_ln_proj"])
-def test_right_padding_and_no_mask(variant):
-    config = VARIANTS[variant]
-    model, ref = model_and_reference(config, Head.SEQUENCE_CLASSIFICATION)
-    ids, mask = right_padded_batch(config.vocab_size)
-    with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=mask).logits.numpy()
-    assert relative_error(got, ref(ids, mask).logits) < TOLERANCE["float32"]
-    lm, lm_ref = model_and_reference(config, Head.CAUSAL_LM)
-    dense = ids[:1, :5]
-    with torch.no_grad():
-        got = lm(input_ids=dense).logits.numpy()
-    assert relative_error(got, lm_ref(dense).logits) < TOLERANCE["float32"]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -93,20 +81,6 @@ def test_fully_masked_row_is_finite():
         assert torch.isfinite(out.logits).all(), attn
 
 
-def test_hidden_states_follow_hugging_face():
-    config = VARIANTS["post_ln_proj"]
-    model, ref = model_and_reference(config, Head.CAUSAL_LM)
-    ids, mask = left_padded_batch(config.vocab_size)
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    expected = ref(ids, mask)
-    # Inputs of every layer (embeddings first), then the final output (after project_out).
-    assert len(out.hidden_states) == config.num_hidden_layers + 1
-    for got, want in zip(out.hidden_states[:-1], expected.hidden_states[:-1]):
-        assert relative_error(got.numpy(), want, mask) < TOLERANCE["float32"]
-    assert relative_error(out.hidden_states[-1].numpy(), expected.last_hidden_state, mask) < TOLERANCE["float32"]
-
-
 def test_eager_returns_attention_weights():
     config = VARIANTS["pre_ln"]
     ids, mask = left_padded_batch(config.vocab_size)
@@ -136,59 +110,6 @@ def test_outputs_accept_numpy_and_torch_alike():
 
 
 # ---------------------------------------------------------------- losses
-def test_causal_lm_loss_is_shifted_cross_entropy():
-    config = VARIANTS["pre_ln"]
-    model, _ = model_and_reference(config, Head.CAUSAL_LM)
-    ids, mask = left_padded_batch(config.vocab_size)
-    labels = np.where(mask == 1, ids, -100)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    logits = out.logits[:, :-1].reshape(-1, config.vocab_size)
-    target = torch.from_numpy(labels[:, 1:]).reshape(-1)
-    keep = target != -100
-    manual = torch.nn.functional.cross_entropy(logits[keep], target[keep])
-    assert torch.allclose(out.loss, manual, atol=1e-6)
-    out.loss.backward()
-    assert model.lm_head.weight.grad is not None
-
-
-@pytest.mark.parametrize(
-    "problem, num_labels, labels",
-    [
-        ("regression", 1, np.array([0.5, -1.0, 2.0], np.float32)),
-        ("single_label_classification", 3, np.array([0, 2, 1])),
-        ("multi_label_classification", 3, np.array([[1, 0, 1], [0, 0, 1], [1, 1, 0]], np.float32)),
-    ],
-)
-def test_classification_losses_by_problem_type(problem, num_labels, labels):
-    config = VARIANTS["pre_ln"].replace(num_labels=num_labels)
-    ids, mask = left_padded_batch(config.vocab_size)
-    F = torch.nn.functional
-    for problem_type in (problem, None):  # explicit, then inferred like Hugging Face
-        model = OPTForSequenceClassification(config.replace(problem_type=problem_type)).eval()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        logits, y = out.logits, torch.from_numpy(labels)
-        if problem == "regression":
-            manual = F.mse_loss(logits.squeeze(), y.squeeze())
-        elif problem == "single_label_classification":
-            manual = F.cross_entropy(logits, y)
-        else:
-            manual = F.binary_cross_entropy_with_logits(logits, y)
-        assert torch.allclose(out.loss, manual, atol=1e-6), problem_type
-
-
-def test_question_answering_loss_clamps_positions():
-    config = VARIANTS["pre_ln"]
-    ids, mask = left_padded_batch(config.vocab_size)
-    model = OPTForQuestionAnswering(config).eval()
-    t = ids.shape[1]
-    out = model(input_ids=ids, attention_mask=mask, start_positions=[1, 3, 100], end_positions=[2, 100, 4])
-    F = torch.nn.functional
-    # 100 is clamped to T, which is ignored.
-    start = F.cross_entropy(out.start_logits, torch.tensor([1, 3, t]), ignore_index=t)
-    end = F.cross_entropy(out.end_logits, torch.tensor([2, t, 4]), ignore_index=t)
-    assert torch.allclose(out.loss, (start + end) / 2, atol=1e-6)
-
-
 # ---------------------------------------------------------------- training switches
 def test_gradient_checkpointing_gives_the_same_gradients():
     config = VARIANTS["post_ln_proj"].replace(dropout=0.0)
@@ -242,24 +163,6 @@ def test_lm_head_is_tied_and_init_follows_hugging_face():
 
 
 # ---------------------------------------------------------------- errors
-@pytest.mark.parametrize(
-    "ids, mask, message",
-    [
-        (np.array([[2, 5, 500]]), None, "outside the vocabulary"),
-        (np.array([[2, 5, -1]]), None, "outside the vocabulary"),
-        (np.full((1, 65), 5), None, "longer than max_position_embeddings"),
-        (np.array([2, 5, 6]), None, "2-D"),
-        (np.array([[2, 5, 6]]), np.array([[1, 1]]), "attention_mask has shape"),
-        (np.array([[2, 5, 6]]), np.array([[1, 2, 1]]), "only 0 and 1"),
-        (np.array([[2.0, 5.0]]), None, "integers"),
-    ],
-)
-def test_bad_inputs_give_clear_errors(ids, mask, message):
-    model = OPTForCausalLM(VARIANTS["pre_ln"]).eval()
-    with pytest.raises(ValueError, match=message):
-        model(input_ids=ids, attention_mask=mask)
-
-
 def test_flash_attention_without_cuda_says_why():
     with pytest.raises(ValueError, match="CUDA"):
         OPTForCausalLM(VARIANTS["pre_ln"], attn_implementation="flash_attention_2")

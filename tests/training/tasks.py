@@ -1,28 +1,13 @@
-"""Tiny synthetic data shared by the training tests of every backend."""
+"""Tiny synthetic data shared by the training tests of every backend (the causal-LM blocks and the
+tiny config live in opt_verify.training_curves, which scripts/ uses too)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from opt_core import OPTConfig
+from opt_verify.training_curves import TINY_TRAIN, affine_blocks
 
-TINY_TRAIN = OPTConfig(
-    vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-    max_position_embeddings=64, dropout=0.0,
-)
-
-
-def affine_blocks(n: int = 64, length: int = 32, seed: int = 0) -> np.ndarray:
-    """[n, length] blocks `</s> a f(a) f(f(a)) ...` with f(x) = 3x mod 124 + 4: learnable in a few
-    steps, so a falling loss is a real signal."""
-    rng = np.random.default_rng(seed)
-    blocks = np.empty((n, length), dtype=np.int64)
-    blocks[:, 0] = 2
-    blocks[:, 1] = rng.integers(4, 128, n)
-    for j in range(2, length):
-        blocks[:, j] = (blocks[:, j - 1] * 3) % 124 + 4
-    return blocks
-
+__all__ = ["TINY_TRAIN", "affine_blocks", "classification_task", "qa_task"]
 
 def classification_task(n: int = 64, length: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
     """Label = 1 when token 7 occurs in the row; right-padded rows of varying length."""

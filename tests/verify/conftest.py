@@ -58,7 +58,7 @@ class FakeBackend:
 
     folders: dict[str, Path] = {}
 
-    def __init__(self, name: str, model_dir: Path, dtype: str):
+    def __init__(self, name: str, model_dir: Path, dtype: str, quantize: str | None = None):
         self.ref = engine._ReferenceAdapter(self.folders.get(name, model_dir))
 
     def forward(self, ids, mask):
