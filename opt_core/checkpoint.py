@@ -11,7 +11,7 @@ infinite values unless `allow_non_finite=True`. Loaders then read one canonical 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,6 +272,7 @@ def open_checkpoint(
     head: Head | str,
     *,
     fmt: str | None = None,
+    prefer: Sequence[str] | None = None,
     allow_non_finite: bool = False,
 ) -> CheckpointLoad:
     """Open the weights at `path` (a folder in any Hugging Face format, one weight file, or with
@@ -282,7 +283,10 @@ def open_checkpoint(
         config: the model's config (shapes are checked against it).
         head: the model kind being loaded.
         fmt: "safetensors", "bin", "tf-h5", "flax-msgpack" or "metaseq"; default: the first of
-            safetensors, bin, tf-h5, flax-msgpack present.
+            `prefer` present in the folder.
+        prefer: the formats to look for, in order (default: safetensors, bin, tf-h5, flax-msgpack).
+            Each backend passes its own, as Hugging Face's loaders do (Flax reads flax_model.msgpack
+            first), so a folder whose formats disagree shows it in `opt verify`.
         allow_non_finite: read NaN/infinite weights instead of refusing them.
     Returns:
         A `CheckpointLoad` (a context manager; close it when done).
@@ -297,7 +301,7 @@ def open_checkpoint(
     path = Path(path)
     if fmt is not None and fmt not in READ_FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(READ_FORMATS)}")
-    fmt = fmt or detect_format(path, prefer=LOAD_FORMATS)
+    fmt = fmt or detect_format(path, prefer=LOAD_FORMATS if prefer is None else prefer)
     reader = open_reader(path, fmt, config)
     try:
         acc = account_keys(reader.shapes(), config, head)

@@ -36,6 +36,9 @@ from opt_core.hub import resolve_pretrained
 from opt_core.layout import from_layout, to_layout
 from opt_core.params import Head, parameter_table
 
+# Formats looked for when a folder holds several: Flax's own file first, as Hugging Face's Flax loader.
+LOAD_ORDER = ("flax-msgpack", "safetensors", "bin", "tf-h5")
+
 
 def _state_path(spec_path: tuple[str, ...]) -> tuple[Any, ...]:
     """Flax checkpoint path -> `nnx.state` path (list indices are ints there)."""
@@ -106,8 +109,9 @@ def from_pretrained(
             tf-h5, flax-msgpack; single or sharded), or a Hub id (`facebook/opt-125m`).
         dtype: computation dtype: None (float32), "auto" (config's torch_dtype), "float16"/"fp16",
             "bfloat16"/"bf16", "float32" or a dtype; param_dtype: storage dtype (default: `dtype`).
-        format: read this format when the folder holds several (default: safetensors, bin,
-            tf-h5, flax-msgpack, the first present).
+        format: read this format when the folder holds several (default: the first present of
+            flax-msgpack, safetensors, bin, tf-h5: Flax's own file first, as Hugging Face's Flax
+            loader does).
         rngs: dropout / new-head initialisation keys.
         config: use this config instead of the folder's config.json.
         revision: branch, tag or commit of a Hub id.
@@ -125,7 +129,8 @@ def from_pretrained(
     config = config if config is not None else OPTConfig.from_pretrained(folder)
     dtype = jax_dtype(dtype, config)
     param_dtype = dtype if param_dtype is None else jax_dtype(param_dtype, config)
-    with open_checkpoint(folder, config, Head(cls.head), fmt=format, allow_non_finite=allow_non_finite) as ckpt:
+    with open_checkpoint(folder, config, Head(cls.head), fmt=format, prefer=LOAD_ORDER,
+                         allow_non_finite=allow_non_finite) as ckpt:
         model = cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
         fill_params(model, ckpt)
     model.loading_info = ckpt.accounting

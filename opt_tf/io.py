@@ -29,6 +29,9 @@ from opt_core.params import parameter_table
 
 logger = logging.getLogger(__name__)
 
+# Formats looked for when a folder holds several: safetensors, then TF's own file, as Hugging Face's TF loader.
+LOAD_ORDER = ("safetensors", "tf-h5", "bin", "flax-msgpack")
+
 
 def keras_dtype(dtype: Any, config: OPTConfig | None = None) -> str:
     """"float32", "float16" or "bfloat16" from a name, NumPy/TF dtype, None (float32) or "auto"
@@ -99,8 +102,8 @@ def from_pretrained(
         dtype: None/"float32", "float16"/"fp16", "bfloat16"/"bf16", or "auto" (config's
             torch_dtype): the Keras dtype policy of the model (variables and compute).
         config: use this config instead of the folder's config.json.
-        format: read this format when the folder holds several (default: safetensors, bin,
-            tf-h5, flax-msgpack, the first present).
+        format: read this format when the folder holds several (default: the first present of
+            safetensors, tf-h5, bin, flax-msgpack, as Hugging Face's TF loader orders them).
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
         quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_tf.quantize`).
@@ -115,7 +118,8 @@ def from_pretrained(
     folder = resolve_pretrained(name_or_path, revision)
     config = config if config is not None else OPTConfig.from_pretrained(folder)
     policy = keras_dtype(dtype, config)
-    with open_checkpoint(folder, config, model_class.head, fmt=format, allow_non_finite=allow_non_finite) as ckpt:
+    with open_checkpoint(folder, config, model_class.head, fmt=format, prefer=LOAD_ORDER,
+                         allow_non_finite=allow_non_finite) as ckpt:
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(policy)
         try:

@@ -27,6 +27,7 @@ ranks; this module only sets the head count each attention module reshapes by (i
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import re
@@ -186,8 +187,16 @@ def tensor_parallel_mesh(tp_plan: str | None = "auto", device_mesh: DeviceMesh |
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
+        # The group is ours, so we close it: a group left open at interpreter exit can abort a rank
+        # while another is still tearing down its connections.
+        atexit.register(_close_process_group)
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))
+
+
+def _close_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _check_divisible(config: OPTConfig, tp: int, vocab_parallel: bool) -> None:

@@ -33,6 +33,7 @@ def main() -> None:
     dist.all_gather_object(everyone, local)
     if dist.get_rank() == 0:
         print(json.dumps({"local_bytes_per_rank": everyone, "train_seconds": seconds}))
+    dist.barrier()  # no rank closes its connections while another still uses them
     dist.destroy_process_group()
 
 

@@ -94,6 +94,7 @@ def main() -> None:
         results[name] = r
     if dist.get_rank() == 0:
         print(json.dumps(results))
+    dist.barrier()  # no rank closes its connections while another still uses them
     dist.destroy_process_group()
 
 

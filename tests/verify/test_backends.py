@@ -62,7 +62,9 @@ def _corrupt_torch_bin(folder: Path, key: str) -> None:
 @pytest.mark.flax
 def test_corrupted_format_is_caught(tmp_path):
     """A folder whose torch weights (pytorch_model.bin) were corrupted in layer 1 while its Flax
-    weights (flax_model.msgpack) are intact: torch and flax disagree from layer 1 on."""
+    weights (flax_model.msgpack) are intact: each backend reads its own format first (as Hugging
+    Face's loaders do; the reference reads the .bin like torch), so flax disagrees with both from
+    layer 1 on while torch and the reference agree."""
     src = golden_checkpoint("pre_ln")
     folder = tmp_path / "ckpt"
     shutil.copytree(src, folder)
@@ -70,9 +72,11 @@ def test_corrupted_format_is_caught(tmp_path):
     _corrupt_torch_bin(folder, "model.decoder.layers.1.fc1.weight")
     report = verify(folder, backends=("torch", "flax"), new_tokens=8)
     assert not report.passed
-    ref = report.backends[0]
-    assert ref.name == "reference" and ref.status == "skipped" and "safetensors" in ref.message
-    (pair,) = report.pairs
+    assert [(r.name, r.status) for r in report.backends] == [("reference", "ok"), ("torch", "ok"), ("flax", "ok")]
+    pairs = {(p.a, p.b): p for p in report.pairs}
+    assert pairs[("reference", "torch")].passed, format_table(report)
+    assert not pairs[("reference", "flax")].passed
+    pair = pairs[("torch", "flax")]
     assert pair.first_divergent_layer == "layer 1", format_table(report)
     assert pair.hidden_rel[0] < 1e-6 and pair.hidden_rel[1] < 1e-6
     assert not np.isfinite(pair.logits_rel) or pair.logits_rel > 1e-3
