@@ -12,15 +12,23 @@ and the spread over rounds is printed so the noise can be judged. Peak RSS canno
 inside one process, so `--rss` measures it per variant in a subprocess of its own (load + one short
 generate; VmHWM).
 
-Variants: opt_torch fp32 / bf16 / int8 / w8a8 (from_pretrained(dtype=..., quantize=...)) and
-CTranslate2 fp32 / int8 (converted from the same random-weight folder, common.write_checkpoint).
-Greedy, eos off, prompt 32 tokens (common.prompt); tokens/s = batch x new tokens / wall time of the
-whole generate (prefill included).
+Variants: opt_torch fp32 / bf16 / int8 / w8a8 (from_pretrained(dtype=..., quantize=...)),
+CTranslate2 fp32 / int8 (converted from the same random-weight folder, common.write_checkpoint) and
+ONNX Runtime fp32 / int8 (opt_torch's model exported with its key/value cache, and that graph
+through quantize_dynamic: benchmarks/ort_export.py; greedy loop in runners._ORT). Greedy, eos off,
+prompt 32 tokens (common.prompt); tokens/s = batch x new tokens / wall time of the whole generate
+(prefill included).
+
+Before timing, the ONNX Runtime variants are checked (`check_onnx`): fp32 greedy tokens must equal
+opt_torch fp32's on the batch-8 prompt and on a left-padded copy of it (else the run stops), and the
+int8 graph's logits error against fp32 is reported. Without onnxruntime they are skipped, with the
+reason printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -37,6 +45,8 @@ VARIANTS = {
     "opt_torch w8a8": ("torch", {"quantize": "w8a8"}),
     "CTranslate2 fp32": ("ct2", "float32"),
     "CTranslate2 int8": ("ct2", "int8"),
+    "ONNX Runtime fp32": ("ort", "fp32"),
+    "ONNX Runtime int8": ("ort", "int8"),
 }
 # (ours, peer) pairs whose ratio is reported, with the issue's targets where it has one.
 TARGETS = [
@@ -44,7 +54,11 @@ TARGETS = [
     ("opt_torch bf16", "CTranslate2 int8", {}),
     ("opt_torch int8", "CTranslate2 int8", {1: 1.3}),
     ("opt_torch w8a8", "CTranslate2 int8", {1: 2.0, 8: 2.5}),
+    ("opt_torch fp32", "ONNX Runtime fp32", {}),
+    ("opt_torch int8", "ONNX Runtime int8", {}),
+    ("opt_torch w8a8", "ONNX Runtime int8", {}),
 ]
+CHECK_TOKENS = 16  # greedy tokens compared by check_onnx
 
 
 def load(name: str, folder: Path, threads: int):
@@ -55,7 +69,66 @@ def load(name: str, folder: Path, threads: int):
     kind, arg = VARIANTS[name]
     if kind == "torch":
         return runners._load_opt_torch(str(folder), threads, **arg)
+    if kind == "ort":
+        return runners._ORT(str(folder), threads, arg)
     return runners._CT2(str(folder), threads, arg)
+
+
+def available(names: list[str]) -> list[str]:
+    """`names` less the ONNX Runtime variants when onnxruntime is not importable (printing why)."""
+    if importlib.util.find_spec("onnxruntime") is not None:
+        return names
+    skipped = [n for n in names if VARIANTS[n][0] == "ort"]
+    if skipped:
+        print(f"skipped {', '.join(skipped)}: onnxruntime is not installed in this environment "
+              "(make bench-env installs requirements/bench.txt)", flush=True)
+    return [n for n in names if n not in skipped]
+
+
+def left_padded(ids, mask):
+    """The prompt with row r left-padded by 3 r tokens (pad id 1, then `</s>` starting the row)."""
+    ids, mask = ids.copy(), mask.copy()
+    for r in range(1, ids.shape[0]):
+        k = min(3 * r, ids.shape[1] - 2)
+        ids[r, :k], mask[r, :k], ids[r, k] = 1, 0, 2
+    return ids, mask
+
+
+def check_onnx(runners_: dict, folder: Path, threads: int, prompt_len: int) -> dict:
+    """Check the ONNX Runtime variants in `runners_` (none: returns {}) on the batch-8 benchmark prompt
+    and a left-padded copy: fp32 greedy tokens must equal opt_torch fp32's (RuntimeError if not); int8
+    logits are compared with fp32's. Returns the figures for the report."""
+    if not any(VARIANTS[n][0] == "ort" for n in runners_):
+        return {}
+    import numpy as np
+    import torch
+
+    fp32 = runners_.get("ONNX Runtime fp32") or load("ONNX Runtime fp32", folder, threads)
+    ref = runners_.get("opt_torch fp32") or load("opt_torch fp32", folder, threads)
+    out: dict = {"tokens": CHECK_TOKENS}
+    prompts = {"benchmark prompt": common.prompt(8, prompt_len, seed=1)}
+    prompts["left-padded"] = left_padded(*prompts["benchmark prompt"])
+    for label, (ids, mask) in prompts.items():
+        with torch.inference_mode():
+            want = ref.model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                      max_new_tokens=CHECK_TOKENS, do_sample=False)[:, ids.shape[1]:].numpy()
+        got = fp32.greedy(ids, mask, CHECK_TOKENS)
+        if not np.array_equal(got, want):
+            r, t = np.argwhere(got != want)[0]
+            raise RuntimeError(f"ONNX Runtime fp32 greedy tokens differ from opt_torch fp32's on the {label} "
+                               f"(row {r}, step {t}: {got[r, t]} vs {want[r, t]})")
+    out["fp32_tokens_equal"] = True
+    int8 = runners_.get("ONNX Runtime int8")
+    if int8 is not None:
+        ids, mask = prompts["left-padded"]
+        l32, l8 = fp32.logits(ids, mask), int8.logits(ids, mask)  # [B, V]
+        out["int8_logits_rel_error"] = float(np.linalg.norm(l8 - l32) / np.linalg.norm(l32))
+        out["int8_logits_max_abs_error"] = float(np.abs(l8 - l32).max())
+        out["int8_next_token_agreement"] = float((l8.argmax(-1) == l32.argmax(-1)).mean())
+        same = (int8.greedy(ids, mask, CHECK_TOKENS) == fp32.greedy(ids, mask, CHECK_TOKENS)).all(-1)
+        out["int8_rows_greedy_equal"] = f"{int(same.sum())}/{len(same)}"
+    print(f"ONNX Runtime checks: {out}", flush=True)
+    return out
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -63,12 +136,13 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     folder = common.write_checkpoint(args.shape)
-    names = [n for n in VARIANTS if n in args.variants]
+    names = available([n for n in VARIANTS if n in args.variants])
     runners_ = {}
     for n in names:
         t = time.perf_counter()
         runners_[n] = load(n, folder, args.threads)
         print(f"loaded {n} ({time.perf_counter() - t:.1f} s)", flush=True)
+    checks = check_onnx(runners_, folder, args.threads, args.prompt_len)
     prompts = {b: common.prompt(b, args.prompt_len, seed=1) for b in args.batches}
     for n in names:  # warm-up at every measured shape (kernel choice, allocator, thread pools)
         for ids, mask in prompts.values():
@@ -86,13 +160,14 @@ def measure(args: argparse.Namespace) -> dict:
                 times[n][b].append(b * args.new_tokens / dt)
         print(f"round {r + 1}/{args.rounds}: " + "; ".join(
             f"{n} " + "/".join(f"{times[n][b][-1]:.1f}" for b in args.batches) for n in names), flush=True)
-    return {"tokens_per_s": times, "load_average": os.getloadavg()}
+    return {"tokens_per_s": times, "load_average": os.getloadavg(), "checks": checks}
 
 
 def rss_worker(job: dict) -> dict:
-    import torch
+    if VARIANTS[job["variant"]][0] == "torch":  # the peers run without torch (~220 MiB of RSS on import)
+        import torch
 
-    torch.set_num_threads(job["threads"])
+        torch.set_num_threads(job["threads"])
     runner = load(job["variant"], Path(job["folder"]), job["threads"])
     ids, mask = common.prompt(8, 32, seed=1)
     runner.generate(ids, mask, 8)
@@ -121,6 +196,16 @@ def report(args: argparse.Namespace, res: dict, rss: dict) -> str:
             cells.append(f"{x:.2f}x" + (f" ({'met' if x >= t else 'missed'}: >= {t}x)" if t else ""))
         cells.append(f"{rss[ours] / rss[peer]:.2f}x" if ours in rss and peer in rss else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    checks = res.get("checks") or {}
+    if checks:
+        lines += ["", f"ONNX Runtime checks (batch 8, benchmark prompt and a left-padded copy, {checks['tokens']} "
+                  "greedy tokens): fp32 tokens equal to opt_torch fp32's: "
+                  + ("yes" if checks.get("fp32_tokens_equal") else "no")]
+        if "int8_logits_rel_error" in checks:
+            lines.append(f"ONNX Runtime int8 vs fp32 (left-padded prompt, last-position logits): relative L2 error "
+                         f"{checks['int8_logits_rel_error']:.4f}, max abs {checks['int8_logits_max_abs_error']:.3f}, "
+                         f"next token agrees in {checks['int8_next_token_agreement']:.0%} of rows, "
+                         f"all {checks['tokens']} greedy tokens equal in {checks['int8_rows_greedy_equal']} rows")
     if "opt_torch w8a8" in rss and "opt_torch fp32" in rss:
         x = rss["opt_torch w8a8"] / rss["opt_torch fp32"]
         verdict = "met" if x <= 0.4 else "missed"
@@ -156,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     rss = {}
     if args.rss or args.rss_only:
         folder = str(common.write_checkpoint(args.shape))
-        for n in args.variants:
+        for n in available([n for n in args.variants if n in VARIANTS]):
             out = common.run_in_env(__file__, "bench", {"variant": n, "folder": folder, "threads": args.threads}, 1800)
             if "peak_rss_mb" in out:
                 rss[n] = out["peak_rss_mb"]

@@ -14,9 +14,10 @@ written once as a Hugging Face safetensors folder that every implementation load
   framework + weights + work), and load and first-call (compile) times.
 
 Implementations: this project's opt_torch, opt_tf and opt_flax (.venv); Hugging Face transformers
-5.x torch with sdpa and CTranslate2 fp32 and int8 converted from the same folder (.venv-bench, built
-from requirements/bench.txt); Hugging Face 4.57.6 TF (XLA generate) and Flax (.venv-oracle). A
-missing environment is reported, never silently dropped.
+5.x torch with sdpa, CTranslate2 fp32 and int8 converted from the same folder, and ONNX Runtime fp32
+and int8 on opt_torch's model exported to ONNX (benchmarks/ort_export.py) (.venv-bench, built from
+requirements/bench.txt); Hugging Face 4.57.6 TF (XLA generate) and Flax (.venv-oracle). A missing
+environment or package is reported as an error row, never silently dropped.
 
 Writes BENCHMARKS.md (tables, ratios against each peer, machine, versions, date, command) and, with
 --json OUT, the raw results. With --backend-scripts it also runs benchmarks/bench_{torch,tf,flax}.py
@@ -204,7 +205,7 @@ def ratio_table(runs: list[dict], shape: str, s: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|---" + "|--:" * (len(head) - 1) + "|"]
     for ours in OURS:
         for peer in PEERS:
-            if ours in REDUCED and not peer.startswith("ct2"):
+            if ours in REDUCED and not peer.startswith(("ct2", "ort")):
                 continue
             if ours not in by or peer not in by:
                 continue
@@ -262,10 +263,15 @@ def markdown(report: dict) -> str:
         + f", {m.get('memory_gb', '?')} GB RAM, "
         f"{m.get('platform')}, Python {m.get('python')}; load average at start {m.get('load_average')}",
         f"- threads: {s['threads'] or 'each framework default'} per implementation; fp32 everywhere except "
-        "CTranslate2 int8",
+        "CTranslate2 int8, ONNX Runtime int8 and the reduced-precision rows of this project",
         "- versions: " + ", ".join(f"{k} {'/'.join(sorted(v))}" for k, v in sorted(versions.items())),
-        "- reduced precision (opt_torch bf16/int8/w8a8, opt_flax int8) is compared with CTranslate2 only; "
+        "- reduced precision (opt_torch bf16/int8/w8a8, opt_flax int8) is compared with CTranslate2 and ONNX "
+        "Runtime only; "
         "int8/w8a8 are quantized at load from the same fp32 folder (kernels chosen by timing on this CPU)",
+        "- ONNX Runtime: opt_torch's model with its key/value cache traced by torch.onnx (TorchScript exporter, "
+        "opset 17), one graph for prefill and decode, greedy loop in NumPy (benchmarks/ort_export.py, runners._ORT); "
+        "int8: quantize_dynamic of every weight MatMul, lm_head included (int8 per-channel weights, uint8 "
+        "per-tensor dynamic activations), embeddings stored int8",
         "- weights: random (N(0, 0.02), opt_core.reference.random_parameters seed 0), one safetensors "
         "folder per shape loaded by every implementation; eos_token_id null so every row generates every token",
         f"- prefill: forward over [batch, {s['prefill_len']}] tokens, median of {s['repeats']} after a warm-up; "
@@ -284,7 +290,7 @@ def markdown(report: dict) -> str:
         md += [f"## {shape}", ""] + results_table(report["runs"], shape, s)
         md += ["", "Ratios, this project vs each peer (speed: > 1 means ours is faster; "
                "peak RSS: < 1 means ours uses less):", ""] + ratio_table(report["runs"], shape, s) + [""]
-    titles = {"quant": "Reduced precision vs CTranslate2 (one process, calls interleaved)",
+    titles = {"quant": "Reduced precision vs CTranslate2 and ONNX Runtime (one process, calls interleaved)",
               "attention": "Eager vs SDPA attention (opt_torch, opt-350m shape)",
               "scaling": "Decode speed and memory vs sequence length"}
     for name, res in report.get("extras", {}).items():

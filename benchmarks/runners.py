@@ -9,6 +9,7 @@ implementation's own environment (common.VENVS).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,12 +28,15 @@ IMPLS: dict[str, tuple[str, str]] = {
     "hf_torch": ("bench", "HF transformers 5.x torch (sdpa)"),
     "ct2_fp32": ("bench", "CTranslate2 fp32"),
     "ct2_int8": ("bench", "CTranslate2 int8"),
+    "ort_fp32": ("bench", "ONNX Runtime fp32 (opt_torch export)"),
+    "ort_int8": ("bench", "ONNX Runtime int8 (quantize_dynamic)"),
     "hf_tf": ("oracle", "HF 4.57.6 TF (XLA generate)"),
     "hf_flax": ("oracle", "HF 4.57.6 Flax"),
 }
 OURS = ("opt_torch", "opt_tf", "opt_flax", "opt_torch_bf16", "opt_torch_int8", "opt_torch_w8a8", "opt_flax_int8")
-REDUCED = ("opt_torch_bf16", "opt_torch_int8", "opt_torch_w8a8", "opt_flax_int8")  # compared with CTranslate2 only
-PEERS = ("hf_torch", "ct2_fp32", "ct2_int8", "hf_tf", "hf_flax")
+# compared with CTranslate2 and ONNX Runtime only
+REDUCED = ("opt_torch_bf16", "opt_torch_int8", "opt_torch_w8a8", "opt_flax_int8")
+PEERS = ("hf_torch", "ct2_fp32", "ct2_int8", "ort_fp32", "ort_int8", "hf_tf", "hf_flax")
 
 class _Torchish:
     """opt_torch and Hugging Face torch: same calls."""
@@ -217,6 +221,95 @@ class _CT2:
         return max(len(r.sequences_ids[0]) for r in res)
 
 
+class _ORT:
+    """ONNX Runtime on opt_torch's model exported with its key/value cache (benchmarks/ort_export.py):
+    `precision` "fp32" or "int8" (quantize_dynamic of the fp32 graph). A greedy loop in NumPy over
+    `InferenceSession.run_with_iobinding`: each step's present keys/values stay ONNX Runtime values and
+    are bound as the next step's past, so no cache is copied through NumPy."""
+
+    def __init__(self, folder, threads, precision):
+        import numpy as np
+
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError("onnxruntime is not installed in this environment (make bench-env installs "
+                              "requirements/bench.txt)") from e
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from opt_core import positions_from_mask
+
+        self.np, self.ort, self.positions_from_mask = np, ort, positions_from_mask
+        out = Path(folder).with_name(Path(folder).name + "-onnx")
+        t0 = time.perf_counter()
+        if not (out / "model-int8.onnx").is_file():
+            # In a child process, so the exporter's (torch, onnx) memory stays out of peak RSS.
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            root = Path(__file__).resolve().parents[1]
+            proc = subprocess.run([sys.executable, str(root / "benchmarks" / "ort_export.py"), str(folder), str(tmp),
+                                   "--threads", str(threads)], capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(root)})
+            if proc.returncode != 0:
+                raise RuntimeError(f"ONNX export failed: {proc.stderr.strip()[-2000:]}")
+            tmp.rename(out)
+        self.convert_s = time.perf_counter() - t0
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or 0
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sess = ort.InferenceSession(str(out / f"model-{precision}.onnx"), opts,
+                                         providers=["CPUExecutionProvider"])
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+        self.heads = cfg["num_attention_heads"]
+        self.head_dim = cfg["hidden_size"] // self.heads
+        self.past_names = [i.name for i in self.sess.get_inputs()][3:]
+        self.out_names = [o.name for o in self.sess.get_outputs()]
+
+    def _step(self, ids, mask, past):
+        """Run new tokens `ids` [B, T] over `past` (OrtValues); returns (logits [B, V], presents)."""
+        np = self.np
+        binding = self.sess.io_binding()
+        p = mask.shape[1] - ids.shape[1]
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", self.positions_from_mask(mask, p, ids.shape[1]))
+        for name, value in zip(self.past_names, past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name in self.out_names:
+            binding.bind_output(name, "cpu")
+        self.sess.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return outs[0].numpy(), outs[1:]
+
+    def _empty_past(self, batch):
+        empty = self.np.zeros((batch, self.heads, 0, self.head_dim), self.np.float32)  # [B, H, 0, D]
+        return [self.ort.OrtValue.ortvalue_from_numpy(empty) for _ in self.past_names]
+
+    def logits(self, ids, mask):
+        """The last position's logits [B, V] of the prompt."""
+        return self._step(ids, mask, self._empty_past(ids.shape[0]))[0]
+
+    def prefill(self, ids, mask):
+        self.logits(ids, mask)
+
+    def greedy(self, ids, mask, new_tokens):
+        """`new_tokens` greedy tokens [B, new_tokens] after the (left-padded) prompt; eos off."""
+        np = self.np
+        logits, past = self._step(ids, mask, self._empty_past(ids.shape[0]))
+        tokens = []
+        for i in range(new_tokens):
+            nxt = logits.argmax(-1)[:, None]  # [B, 1]
+            tokens.append(nxt)
+            if i + 1 < new_tokens:
+                mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+                logits, past = self._step(nxt, mask, past)
+        return np.concatenate(tokens, axis=1)
+
+    def generate(self, ids, mask, new_tokens):
+        return self.greedy(ids, mask, new_tokens).shape[1]
+
+
 LOADERS = {
     "opt_torch": _load_opt_torch,
     "opt_tf": _load_opt_tf,
@@ -230,5 +323,7 @@ LOADERS = {
     "hf_flax": _load_hf_flax,
     "ct2_fp32": lambda folder, threads: _CT2(folder, threads, "float32"),
     "ct2_int8": lambda folder, threads: _CT2(folder, threads, "int8"),
+    "ort_fp32": lambda folder, threads: _ORT(folder, threads, "fp32"),
+    "ort_int8": lambda folder, threads: _ORT(folder, threads, "int8"),
 }
-FRAMEWORKS = ("torch", "tensorflow", "jax", "flax", "transformers", "ctranslate2", "numpy")
+FRAMEWORKS = ("torch", "tensorflow", "jax", "flax", "transformers", "ctranslate2", "onnxruntime", "numpy")

@@ -19,6 +19,7 @@ def _load(name: str):
 
 run_all = _load("run_all")
 bench_attention = _load("bench_attention")
+bench_quant = _load("bench_quant")
 
 SETTINGS = dict(shapes=["opt-125m"], quick=False, threads=2, prefill_batches=[1, 8], prefill_len=128,
                 decode_batches=[1, 8], prompt_len=32, new_tokens=128, repeats=3)
@@ -45,6 +46,28 @@ def test_ratios_and_markdown():
     assert "| CTranslate2 int8 | - |" in md and "error: environment .venv-bench is missing" in md
     assert "(stopped early at b[8])" in md  # b8 generated 100 of 128 tokens
     assert "## Decode speed and memory vs sequence length" in md and "torch 2.13.0" in md
+
+
+def test_reduced_precision_is_compared_with_ctranslate2_and_onnx_runtime_only():
+    runs = [_run("opt_torch_int8", 50.0, 40.0, 300.0), _run("ort_int8", 100.0, 20.0, 600.0),
+            _run("hf_torch", 100.0, 20.0, 1000.0)]
+    ratios = "\n".join(run_all.ratio_table(runs, "opt-125m", SETTINGS))
+    assert "| opt_torch_int8 vs ort_int8 | 2.00x | 2.00x | 2.00x | 2.00x | 0.50x |" in ratios
+    assert "vs hf_torch" not in ratios
+
+
+def test_quant_report_shows_the_onnx_runtime_checks():
+    class Args:
+        batches = [1]
+
+    res = {"tokens_per_s": {"opt_torch int8": {1: [40.0]}, "ONNX Runtime int8": {1: [50.0, 20.0]}},
+           "checks": {"tokens": 16, "fp32_tokens_equal": True, "int8_logits_rel_error": 0.025,
+                      "int8_logits_max_abs_error": 0.07, "int8_next_token_agreement": 0.875,
+                      "int8_rows_greedy_equal": "7/8"}}
+    md = bench_quant.report(Args(), res, {})
+    assert "| ONNX Runtime int8 | 50.0 (50.0, 20.0) | - |" in md
+    assert "| opt_torch int8 vs ONNX Runtime int8 | 0.80x | - |" in md
+    assert "fp32 tokens equal to opt_torch fp32's: yes" in md and "relative L2 error 0.0250" in md
 
 
 def test_attention_tables_keep_the_seed_document_columns():
