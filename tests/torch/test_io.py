@@ -229,8 +229,8 @@ def test_loading_peaks_near_one_copy_of_the_weights(tmp_path):
         "    return next(int(ln.split()[1]) * 1024 for ln in open('/proc/self/status') if ln.startswith(key))\n"
         # The per-process kernel choice (a few timed GEMMs: code pages and workspace, a constant that
         # does not grow with the model) is made first, so the measure is the load itself.
-        "from opt_torch.kernels import choose_input_major\n"
-        f"choose_input_major({config.hidden_size}, {config.ffn_dim}, torch.float32)\n"
+        "from opt_torch.kernels import choose_linear\n"
+        f"choose_linear({config.hidden_size}, {config.ffn_dim}, torch.float32)\n"
         "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS\n"
         "before = status('VmRSS:')\n"
         "opt_torch.OPTForCausalLM.from_pretrained(sys.argv[1])\n"
