@@ -41,6 +41,11 @@ from opt_flax.cache import KVCache
 COMPILATIONS: collections.Counter[str] = collections.Counter()
 NEG = -1.0e9  # Hugging Face's "impossible" beam score
 BUCKET = 8  # prompt widths are left-padded up to a multiple of this (compile buckets)
+# XLA may keep the float32 intermediates of fused bfloat16/float16 ops ("excess precision"); eager
+# JAX, torch and TF round every op's result to the compute dtype. In a whole decode loop that moved
+# bf16 logits by up to ~0.3 and flipped a 3-ulp near-tie of Hugging Face's bf16 greedy output, so
+# the generation jits round as every op does (no effect on float32 models).
+COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
 
 
 def compilation_count(name: str | None = None) -> int:
@@ -86,7 +91,7 @@ def gumbel_noise(words: jax.Array, step: jax.Array, rows: int, vocab_size: int) 
 
 
 # ---------------------------------------------------------------- model steps
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_length"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_length"), compiler_options=COMPILER_OPTIONS)
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
             max_length: int) -> tuple[jax.Array, KVCache]:
     """Run the prompt [B, P] through a fresh cache of `max_length` slots.
@@ -250,7 +255,7 @@ def _deliver(tokens: Any) -> None:
 
 # ---------------------------------------------------------------- greedy and sampling
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "do_sample", "ngram", "min_new",
-                                             "stream"))
+                                             "stream"), compiler_options=COMPILER_OPTIONS)
 def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax.Array, cache: KVCache,
                           attention_mask: jax.Array, prompt: jax.Array, first: jax.Array, seen: jax.Array | None,
                           max_new_tokens: int, do_sample: bool, eos_ids: jax.Array, pad_token_id: jax.Array,
@@ -301,7 +306,7 @@ def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits
 
 # ---------------------------------------------------------------- beam search
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_beams", "early_stopping", "ngram",
-                                             "min_new"))
+                                             "min_new"), compiler_options=COMPILER_OPTIONS)
 def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax.Array, cache: KVCache,
                      attention_mask: jax.Array, prompt: jax.Array, first: jax.Array, seen: jax.Array | None,
                      max_new_tokens: int, num_beams: int, early_stopping: bool | str, eos_ids: jax.Array,
