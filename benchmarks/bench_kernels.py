@@ -6,7 +6,8 @@
 For the 12 layers of the opt-125m shape (q/k/v fused [2304, 768], out_proj [768, 768], fc1 [3072, 768],
 fc2 [768, 3072]), time the matmuls of one decode step with rows = batch 1 and 8, for each kernel:
 fp32 in nn.Linear's layout (MKL) and input-major, oneDNN prepacked fp32 and bf16
-(`torch.ops.mkldnn._linear_pointwise`, measured for reference: not used by opt_torch), bf16
+(`torch.ops.mkldnn._linear_pointwise`, on nn.Linear's weights as opt_torch runs it, and prepacked
+for reference), bf16
 F.linear, int8 weight-only (`_weight_int8pack_mm`, fp32 and bf16 activations) and w8a8 in each
 PyTorch quantized engine (the modules of opt_torch.quantize). Calls are interleaved kernel by
 kernel over `--reps` rounds and each figure is the best round (robust to load from other
@@ -53,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         "fp32, nn.Linear layout (MKL)": (lambda w, b: (w, b), lambda x, p: F.linear(x, *p), torch.float32),
         "fp32, input-major layout": (lambda w, b: (w.t().contiguous().t(), b), lambda x, p: F.linear(x, *p),
                                      torch.float32),
+        "fp32, oneDNN on nn.Linear layout (opt_torch.kernels.linear)": (
+            lambda w, b: (w, b), lambda x, p: kernels.linear(x, *p, "onednn"), torch.float32),
         "fp32, oneDNN prepacked": (*mkldnn(torch.float32), torch.float32),
         "bf16, F.linear": (lambda w, b: (w.bfloat16(), b.bfloat16()), lambda x, p: F.linear(x, *p), torch.bfloat16),
+        "bf16, oneDNN on nn.Linear layout": (lambda w, b: (w.bfloat16(), b.bfloat16()),
+                                             lambda x, p: kernels.linear(x, *p, "onednn"), torch.bfloat16),
         "bf16, oneDNN prepacked": (*mkldnn(torch.bfloat16), torch.bfloat16),
         "int8 weight-only, fp32 activations": (
             lambda w, b: Q.Int8WeightOnlyLinear(*Q.quantize_per_channel(w), b, torch.float32), lambda x, m: m(x),
@@ -92,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {name} | {best[(name, 1)]:.1f} | {best[(name, 8)]:.1f} |" for name in packed]
     w = layers[0][2][0]
     lines += ["", "opt_torch's choices on this CPU (timed at load, once per process): "
-              f"fp32 layout {'input-major' if kernels.choose_input_major(c, f, torch.float32) else 'nn.Linear'}, "
-              f"bf16 layout {'input-major' if kernels.choose_input_major(c, f, torch.bfloat16) else 'nn.Linear'}, "
+              f"fp32 {kernels.choose_linear(c, f, torch.float32)}, "
+              f"bf16 {kernels.choose_linear(c, f, torch.bfloat16)}, "
               f"int8 activations {str(Q.choose_int8_activation(w)).removeprefix('torch.')}, "
               f"w8a8 engine {Q.choose_w8a8_engine(w)}"]
     text = "\n".join(lines)

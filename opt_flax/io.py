@@ -11,6 +11,7 @@ is the one mapping used for both safetensors (canonical names) and `flax_model.m
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,6 +39,7 @@ from opt_core.params import Head, parameter_table
 
 # Formats looked for when a folder holds several: Flax's own file first, as Hugging Face's Flax loader.
 LOAD_ORDER = ("flax-msgpack", "safetensors", "bin", "tf-h5")
+logger = logging.getLogger(__name__)
 
 
 def _state_path(spec_path: tuple[str, ...]) -> tuple[Any, ...]:
@@ -86,6 +88,11 @@ def fill_params(model: Any, ckpt: CheckpointLoad) -> None:
     if unfilled:
         raise CheckpointError(f"{ckpt.source}: parameters left unloaded: {', '.join(unfilled)}")
     nnx.update(model, nnx.from_flat_state(flat))
+    if ckpt.accounting.new_head:  # kept from the model's own init, as torch and TF do
+        logger.warning(
+            "%s has no %s head; initialised %s from N(0, %s): train them before use",
+            ckpt.source, head.value, ", ".join(ckpt.accounting.new_head), config.init_std,
+        )
 
 
 def from_pretrained(

@@ -173,7 +173,9 @@ def from_pretrained(
         from opt_torch.quantize import quantize_loaded, quantizing_checkpoint
 
         fill_parameters(model, quantizing_checkpoint(model, ckpt, quantize, folder, calibration))
-    # Post-load transforms (tensor parallelism, quantization) apply to `model` here.
+    # Post-load transforms (tensor parallelism, quantization, packing) apply to `model` here.
+    if quantize is None and getattr(model, "pack_on_load", False):
+        model.pack_weights()
     model.loading_info = ckpt.accounting
     model = _read_generation_config(model, folder, config).eval()
     return quantize_loaded(model, quantize, folder, calibration)

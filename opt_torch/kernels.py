@@ -72,18 +72,70 @@ def bench_shape(out_features: int, in_features: int) -> tuple[int, int]:
     return max(1, min(out_features, _MAX_BENCH_ELEMENTS // max(in_features, 1))), in_features
 
 
-def choose_input_major(hidden_size: int, ffn_dim: int, dtype: torch.dtype) -> bool:
-    """Whether `F.linear` runs decode faster from input-major weights (`modeling.column_major`) than
-    from nn.Linear's own [out, in] layout on this CPU, timed on fc1- and fc2-shaped stand-ins.
-    `OPT_TORCH_WEIGHT_LAYOUT=input_major|output_major` forces it."""
+# The kernels `linear` runs for a model whose weights need no gradient, named as the env var takes them:
+#   aten              F.linear on nn.Linear's [out, in] layout (ATen's BLAS: MKL in the x86 wheels)
+#   aten_input_major  F.linear on input-major weights (`modeling.column_major`): faster MKL decode on Intel
+#   onednn            oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`) on the same [out, in]
+#                     tensors, unpacked: no second copy, state_dict and training untouched
+#   onednn_packed     oneDNN's matmul on weights reordered into its blocked format (`pack`), which
+#                     replace the plain ones (no second copy): inference only, `Linear` unpacks them
+#                     for training, state_dict, `.to()` and loading
+LINEAR_KERNELS = ("aten", "aten_input_major", "onednn", "onednn_packed")
+PACK_ROWS = 8  # the batch size oneDNN's packed format is tuned for: decode at batch 1-8 (issue 16)
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` [..., in] -> [..., out], through oneDNN when `kernel` is "onednn",
+    no gradient is being recorded and the tensors are plain CPU tensors (not DTensor, not quantized);
+    otherwise through F.linear. The two agree to float rounding (a different summation order).
+    A packed weight (`pack`) always takes oneDNN."""
+    if weight.is_mkldnn:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if (kernel == "onednn" and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and type(weight) in _PLAIN and x.dtype == weight.dtype):
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [out, in] reordered into oneDNN's blocked format for `PACK_ROWS`-row inputs: an
+    opaque tensor of the same shape and dtype (`.to_dense()` gives the values back exactly)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
+
+
+def choose_linear(hidden_size: int, ffn_dim: int, dtype: torch.dtype) -> str:
+    """The fastest of `LINEAR_KERNELS` for decode-sized inputs on this CPU, timed on fc1- and
+    fc2-shaped stand-ins at rows 1 and 8. On an AMD EPYC (Zen 4) oneDNN ran the opt-125m step's
+    matmuls in about 0.65x (batch 1) and 0.5x (batch 8) of MKL's time from packed weights; on an
+    Intel Xeon MKL from input-major weights led (issue 16). `OPT_TORCH_LINEAR=<kernel>` forces the
+    choice."""
     shapes = [bench_shape(ffn_dim, hidden_size), bench_shape(hidden_size, ffn_dim)]
     weights = [torch.randn(s, dtype=dtype) * 0.02 for s in shapes]
     inputs = {s: bench_inputs(w, dtype=dtype) for s, w in zip(shapes, weights)}
-    layouts = {"output_major": weights, "input_major": [w.t().contiguous().t() for w in weights]}
+    layouts = {"aten": weights, "aten_input_major": [w.t().contiguous().t() for w in weights]}
 
-    def run(ws: list[torch.Tensor]) -> Callable[[torch.Tensor], Any]:
-        return lambda _x: [F.linear(x, w) for w in ws for x in inputs[tuple(w.shape)]]
+    def run(ws: list[torch.Tensor], kernel: str) -> Callable[[torch.Tensor], Any]:
+        return lambda _x: [linear(x, w, None, kernel) for w in ws for x in inputs[tuple(w.shape)]]
 
-    key = ("weight layout", tuple(shapes), dtype, torch.get_num_threads())
-    cands = {name: run(ws) for name, ws in layouts.items()}
-    return pick_fastest(key, cands, [weights[0]], "OPT_TORCH_WEIGHT_LAYOUT") == "input_major"
+    cands = {name: run(ws, "aten") for name, ws in layouts.items()}
+    if onednn_available() and dtype in (torch.float32, torch.bfloat16):
+        try:
+            with torch.inference_mode():
+                run(weights, "onednn")(None)
+            cands["onednn"] = run(weights, "onednn")
+            cands["onednn_packed"] = run([pack(w) for w in weights], "onednn")
+        except RuntimeError as e:  # a build or CPU without this oneDNN path (e.g. bf16 without AVX-512)
+            logger.info("oneDNN linear unavailable for %s: %s", dtype, e)
+    if os.environ.get("OPT_TORCH_LINEAR", "").startswith("onednn") and "onednn" not in cands:
+        return "aten"  # forced, but this dtype or build has no oneDNN path
+    key = ("linear kernel", tuple(shapes), dtype, torch.get_num_threads())
+    return pick_fastest(key, cands, [weights[0]], "OPT_TORCH_LINEAR")

@@ -28,6 +28,7 @@ from opt_core.generation_config import GENERATE_DOC, GenerationConfig
 from opt_core.inputs import validate_inputs
 from opt_torch import generation
 from opt_torch.cache import Cache, DynamicCache
+from opt_torch.kernels import linear, pack
 from opt_torch.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -169,6 +170,46 @@ def column_major(weight: torch.Tensor, copy: bool = True) -> torch.Tensor:
     return store.t()
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose matmul, while no gradient is recorded, runs on `kernel`: the one
+    `from_pretrained` measured fastest on this CPU (`opt_torch.kernels.choose_linear`). Parameters,
+    state_dict, training and every isinstance(nn.Linear) check are nn.Linear's."""
+
+    kernel = "aten"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.kernel)
+
+    @property
+    def packed(self) -> bool:
+        return self.weight.is_mkldnn
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Replace the weight by its oneDNN-packed form (`opt_torch.kernels.pack`): inference only."""
+        if not self.packed:
+            self.weight = nn.Parameter(pack(self.weight), requires_grad=False)
+
+    @torch.no_grad()
+    def unpack(self) -> None:
+        """Back to an ordinary [out, in] parameter (training, `.to()`, loading call this)."""
+        if self.packed:
+            self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=True)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed:
+            destination[prefix + "weight"] = self.weight.to_dense()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.unpack()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Linear:
+        self.unpack()  # dtype/device moves act on the plain tensor
+        return super()._apply(fn, recurse)
+
+
 @contextlib.contextmanager
 def empty_weights(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
     """Build modules with uninitialised parameters of `dtype` on `device` (for loaders that fill
@@ -224,10 +265,10 @@ class OPTAttention(nn.Module):
         self.attn_implementation = attn_implementation
         # Declared in the canonical table's (Hugging Face's) order, as in every backend, so
         # state_dict() lists keys the same way; run q, k, v.
-        self.k_proj = nn.Linear(c, c, bias=bias)
-        self.v_proj = nn.Linear(c, c, bias=bias)
-        self.q_proj = nn.Linear(c, c, bias=bias)
-        self.out_proj = nn.Linear(c, c, bias=bias)
+        self.k_proj = Linear(c, c, bias=bias)
+        self.v_proj = Linear(c, c, bias=bias)
+        self.q_proj = Linear(c, c, bias=bias)
+        self.out_proj = Linear(c, c, bias=bias)
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.qkv_proj: nn.Module | None = None  # one module for q/k/v (set by opt_torch.quantize)
 
@@ -287,7 +328,7 @@ class OPTAttention(nn.Module):
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(c, dim=-1)  # [B, T, 3C] -> 3 x [B, T, C]
         elif fused is not None:
-            q, k, v = F.linear(x, *fused).split(c, dim=-1)  # [B, T, 3C] -> 3 x [B, T, C]
+            q, k, v = linear(x, *fused, self.q_proj.kernel).split(c, dim=-1)  # [B, T, 3C] -> 3 x [B, T, C]
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = (q * self.scaling).view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
@@ -383,8 +424,8 @@ class OPTDecoderLayer(nn.Module):
         self.activation = ACTIVATIONS[config.activation_function]
         self.self_attn = OPTAttention(config, layer_idx, attn_implementation)
         self.self_attn_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
-        self.fc1 = nn.Linear(c, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = nn.Linear(config.ffn_dim, c, bias=config.enable_bias)
+        self.fc1 = Linear(c, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = Linear(config.ffn_dim, c, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(c, elementwise_affine=affine)
 
     def forward(
@@ -413,8 +454,8 @@ class OPTDecoder(nn.Module):
         c, e = config.hidden_size, config.embed_dim
         self.embed_tokens = nn.Embedding(config.vocab_size, e, padding_idx=config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, c)
-        self.project_out = nn.Linear(c, e, bias=False) if config.has_projections else None
-        self.project_in = nn.Linear(e, c, bias=False) if config.has_projections else None
+        self.project_out = Linear(c, e, bias=False) if config.has_projections else None
+        self.project_in = Linear(e, c, bias=False) if config.has_projections else None
         self.final_layer_norm = (
             nn.LayerNorm(c, elementwise_affine=config.layer_norm_elementwise_affine)
             if config.has_final_layer_norm
@@ -531,14 +572,23 @@ class OPTPreTrainedModel(nn.Module):
             layer.self_attn.attn_implementation = name
 
     @torch.no_grad()
-    def optimize_layout(self, copy: bool = True, input_major: bool = True) -> None:
-        """Lay the weights out for fast inference; `from_pretrained` does this on load, with
-        `input_major` measured on this CPU (`opt_torch.kernels.choose_input_major`).
+    def optimize_layout(self, copy: bool = True, input_major: bool = True, kernel: str = "aten") -> None:
+        """Lay the weights out for fast inference; `from_pretrained` does this on load, with the
+        kernel and layout measured fastest on this CPU (`opt_torch.kernels.choose_linear`).
 
         Fuses each layer's q/k/v projections (`OPTAttention.fuse_qkv`) and, with `input_major`,
         stores every other matmul weight (and a token embedding tied to `lm_head`) input-major
-        (`column_major`). Parameter names, shapes, values and training are unchanged; only strides
-        differ. `copy=False` only allocates (a loader fills every tensor next)."""
+        (`column_major`); `kernel` ("aten" or "onednn", see `opt_torch.kernels.linear`) is what
+        every `Linear` runs when no gradient is recorded. Parameter names, shapes, values and
+        training are unchanged; only strides differ. `copy=False` only allocates (a loader fills
+        every tensor next)."""
+        if kernel not in ("aten", "onednn"):
+            raise ValueError(f"kernel={kernel!r}; expected 'aten' or 'onednn'")
+        if kernel == "onednn" and input_major:
+            raise ValueError("the oneDNN kernel reads nn.Linear's [out, in] layout: pass input_major=False")
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.kernel = kernel
         for layer in self.get_decoder().layers:
             layer.self_attn.fuse_qkv(copy, input_major)
         if not input_major:
@@ -555,6 +605,35 @@ class OPTPreTrainedModel(nn.Module):
         embed = self.get_decoder().embed_tokens
         if id(embed.weight) in replaced:  # tied to lm_head: keep one parameter
             embed.weight = replaced[id(embed.weight)]
+
+    @torch.no_grad()
+    def pack_weights(self) -> None:
+        """Put the decoder layers' matmul weights (and project_in/out) into oneDNN's packed format
+        (`Linear.pack`), in place of the plain tensors: inference only (`from_pretrained` does it when
+        packed weights measured fastest on this CPU). q/k/v are packed one by one and their fused
+        buffer is released, so memory stays at one copy of the weights. The heads and the tied
+        lm_head stay plain. `train()`, `unpack_weights()`, `.to()` and `load_state_dict` unpack;
+        `state_dict()` writes the plain values either way."""
+        decoder = self.get_decoder()
+        for layer in decoder.layers:
+            for m in layer.modules():
+                if isinstance(m, Linear):
+                    m.pack()
+            layer.self_attn._qkv = None
+        for m in (decoder.project_in, decoder.project_out):
+            if m is not None:
+                m.pack()
+
+    def unpack_weights(self) -> None:
+        """Plain [out, in] parameters again (see `pack_weights`)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.unpack()
+
+    def train(self, mode: bool = True) -> OPTPreTrainedModel:
+        if mode:  # a training model keeps ordinary parameters
+            self.unpack_weights()
+        return super().train(mode)
 
     def fuse_qkv(self) -> None:
         """Fuse each layer's q/k/v projections only (see `OPTAttention.fuse_qkv`)."""
@@ -662,12 +741,15 @@ class OPTPreTrainedModel(nn.Module):
               attn_implementation: str = "sdpa") -> OPTPreTrainedModel:
         """The model on uninitialised storage of `dtype` on `device`, in its optimised layout, for
         loaders that fill every tensor next (`opt_torch.io`)."""
-        from opt_torch.kernels import choose_input_major
+        from opt_torch.kernels import choose_linear
 
-        input_major = choose_input_major(config.hidden_size, config.ffn_dim, dtype)  # measured on this CPU
+        on_cpu = torch.device(device).type == "cpu"
+        choice = choose_linear(config.hidden_size, config.ffn_dim, dtype) if on_cpu else "aten"  # measured here
         with empty_weights(dtype, device):
             model = cls(config, attn_implementation=attn_implementation)
-            model.optimize_layout(copy=False, input_major=input_major)
+            model.optimize_layout(copy=False, input_major=choice == "aten_input_major",
+                                  kernel="aten" if choice.startswith("aten") else "onednn")
+        model.pack_on_load = choice == "onednn_packed"  # `opt_torch.io` packs once the weights are in
         return model
 
     @classmethod
@@ -732,7 +814,7 @@ class OPTForCausalLM(_WithDecoder):
 
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
         super().__init__(config, attn_implementation)
-        self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.embed_dim, config.vocab_size, bias=False)
         self.init_weights(self.lm_head)
         self.tie_weights()
         # generate's defaults; from_pretrained replaces them with the folder's generation_config.json
@@ -811,7 +893,7 @@ class OPTForSequenceClassification(_WithDecoder):
 
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
         super().__init__(config, attn_implementation)
-        self.score = nn.Linear(config.embed_dim, config.num_labels, bias=False)
+        self.score = Linear(config.embed_dim, config.num_labels, bias=False)
         self.init_weights(self.score)
 
     def forward(
@@ -848,7 +930,7 @@ class OPTForQuestionAnswering(_WithDecoder):
 
     def __init__(self, config: OPTConfig, attn_implementation: str = "sdpa"):
         super().__init__(config, attn_implementation)
-        self.qa_outputs = nn.Linear(config.embed_dim, 2)
+        self.qa_outputs = Linear(config.embed_dim, 2)
         self.init_weights(self.qa_outputs)
 
     def forward(

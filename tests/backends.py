@@ -98,6 +98,11 @@ class Backend:
     def set_params(self, model: Any, params: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
+    def lm_head_is_embedding(self, model: Any) -> bool:
+        """A tied causal LM's head is the token embedding itself, not a copy (TF and Flax build no
+        lm_head parameter when tied; torch shares the tensor)."""
+        return getattr(model, "lm_head", None) is None
+
     # ------------------------------------------------------------ calls
     def forward(self, model: Any, input_ids: np.ndarray, **kwargs: Any) -> dict[str, Any]:
         """model(input_ids, **kwargs) in inference mode -> {field: NumPy array} for every array
@@ -133,8 +138,8 @@ class Backend:
         raise NotImplementedError
 
     # ------------------------------------------------------------ files
-    def save(self, model: Any, folder: str | Path, **kwargs: Any) -> None:
-        model.save_pretrained(folder, **kwargs)
+    def save(self, model: Any, folder: str | Path, **kwargs: Any) -> list[Path]:
+        return model.save_pretrained(folder, **kwargs)
 
     def load(self, head: Head, folder: str | Path, **kwargs: Any) -> Any:
         return self.model_class(head).from_pretrained(folder, **kwargs)
@@ -178,6 +183,9 @@ class TorchBackend(Backend):
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         model.load_state_dict(state, strict=False)
+
+    def lm_head_is_embedding(self, model):
+        return model.lm_head.weight is model.model.decoder.embed_tokens.weight
 
     def _call(self, model, input_ids, kwargs):
         import torch

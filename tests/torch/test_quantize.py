@@ -127,6 +127,7 @@ def test_bundled_perplexity_guard(capsys, texts):
 def plant_outliers(model, dims=PLANT_DIMS, factor=PLANT_FACTOR):
     """Scale hidden dims `dims` of both LayerNorms' outputs by `factor` in every layer and divide the
     matching input columns of q/k/v and fc1 by it: the fp32 function is unchanged."""
+    model.unpack_weights()  # editing weights in place needs plain tensors (from_pretrained may pack them)
     for layer in model.get_decoder().layers:
         attn = layer.self_attn
         for ln, lins in ((layer.self_attn_layer_norm, (attn.q_proj, attn.k_proj, attn.v_proj)),
