@@ -23,6 +23,7 @@ the cache is swapped for `FlatCache`, which takes the past as tensors and hands 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,17 @@ def export_fp32(folder: Path, path: Path) -> None:
     masking path (padding and causal, `causal_padding_mask`) is the one recorded: the tracer fixes
     Python branches, and that path is exact for a prefill (P = 0) and for one-token steps as well.
     Raises if the exported graph's logits differ from the model's."""
-    model = OPTForCausalLM.from_pretrained(folder, dtype="float32").eval()
+    # Plain [out, in] weights through F.linear: oneDNN's packed weights and ops (which from_pretrained
+    # may measure fastest on this CPU) have no ONNX form. The layout does not reach the graph.
+    saved = os.environ.get("OPT_TORCH_LINEAR")
+    os.environ["OPT_TORCH_LINEAR"] = "aten"
+    try:
+        model = OPTForCausalLM.from_pretrained(folder, dtype="float32").eval()
+    finally:
+        if saved is None:
+            del os.environ["OPT_TORCH_LINEAR"]
+        else:
+            os.environ["OPT_TORCH_LINEAR"] = saved
     cfg = model.config
     h, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     wrapper = CachedDecoder(model).eval()
