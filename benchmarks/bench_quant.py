@@ -12,7 +12,7 @@ and the spread over rounds is printed so the noise can be judged. Peak RSS canno
 inside one process, so `--rss` measures it per variant in a subprocess of its own (load + one short
 generate; VmHWM).
 
-Variants: opt_torch fp32 / bf16 / int8 / w8a8 (from_pretrained(dtype=..., quantize=...)) and
+Variants: opt_torch fp32 / bf16 / int8 / int4 / w8a8 (from_pretrained(dtype=..., quantize=...)) and
 CTranslate2 fp32 / int8 (converted from the same random-weight folder, common.write_checkpoint).
 Greedy, eos off, prompt 32 tokens (common.prompt); tokens/s = batch x new tokens / wall time of the
 whole generate (prefill included).
@@ -34,6 +34,7 @@ VARIANTS = {
     "opt_torch fp32": ("torch", {}),
     "opt_torch bf16": ("torch", {"dtype": "bfloat16"}),
     "opt_torch int8": ("torch", {"quantize": "int8"}),
+    "opt_torch int4": ("torch", {"quantize": "int4"}),
     "opt_torch w8a8": ("torch", {"quantize": "w8a8"}),
     "CTranslate2 fp32": ("ct2", "float32"),
     "CTranslate2 int8": ("ct2", "int8"),
@@ -43,6 +44,7 @@ TARGETS = [
     ("opt_torch fp32", "CTranslate2 fp32", {1: 1.0, 8: 1.0}),
     ("opt_torch bf16", "CTranslate2 int8", {}),
     ("opt_torch int8", "CTranslate2 int8", {1: 1.3}),
+    ("opt_torch int4", "CTranslate2 int8", {}),
     ("opt_torch w8a8", "CTranslate2 int8", {1: 2.0, 8: 2.5}),
 ]
 

@@ -146,7 +146,8 @@ def from_pretrained(
             tf-h5, flax-msgpack, the first present).
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
-        quantize: None, "int8" (weight-only) or "w8a8" (int8 weights and activations): inference
+        quantize: None, "int8" (weight-only), "int4" (weight-only, 4-bit groups) or "w8a8" (int8
+            weights and activations): inference
             only, quantized here from the float weights (`opt_torch.quantize`).
         calibration: w8a8 only: a text file to calibrate SmoothQuant factors on (stored beside the
             checkpoint and reused); without it, factors already stored there are used if present.

@@ -281,7 +281,7 @@ class OPTAttention(nn.Module):
         it: inference then runs one matmul instead of three, while `state_dict` keeps the canonical
         names and training still updates the same memory. The buffer is [C, 3C] (input-major, see
         `column_major`), viewed as the [3C, C] weight, or [3C, C] itself with `input_major=False`
-        (`opt_torch.kernels.choose_input_major` picks per CPU). `copy=False` only allocates (for loaders
+        (`opt_torch.kernels.choose_linear` picks per CPU). `copy=False` only allocates (for loaders
         that fill the parameters next). Anything that replaces the parameters (`.to(dtype)`,
         `load_state_dict(assign=True)`) silently returns to three matmuls."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
