@@ -431,7 +431,8 @@ Args:
         "flax-msgpack"; default: the backend's own order, as Hugging Face's loader for that framework).
     revision: branch, tag or commit of a Hub id.
     allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
-    quantize: None, "int8" (weight-only) or "w8a8": inference only, quantized from the float weights.
+    quantize: None, "int8" (weight-only) or "w8a8": inference only, quantized from the float weights
+        (torch also has "int4"; another backend refuses it with a ValueError).
     **backend_options: what one backend alone has (listed below); another backend raises TypeError.
 Returns:
     The model (inference mode); `model.loading_info` is the `KeyAccounting` of the load and, for a
