@@ -12,7 +12,7 @@ and the spread over rounds is printed so the noise can be judged. Peak RSS canno
 inside one process, so `--rss` measures it per variant in a subprocess of its own (load + one short
 generate; VmHWM).
 
-Variants: opt_torch fp32 / bf16 / int8 / w8a8 (from_pretrained(dtype=..., quantize=...)),
+Variants: opt_torch fp32 / bf16 / int8 / int4 / w8a8 (from_pretrained(dtype=..., quantize=...)),
 CTranslate2 fp32 / int8 (converted from the same random-weight folder, common.write_checkpoint) and
 ONNX Runtime fp32 / int8 (opt_torch's model exported with its key/value cache, and that graph
 through quantize_dynamic: benchmarks/ort_export.py; greedy loop in runners._ORT). Greedy, eos off,
@@ -42,6 +42,7 @@ VARIANTS = {
     "opt_torch fp32": ("torch", {}),
     "opt_torch bf16": ("torch", {"dtype": "bfloat16"}),
     "opt_torch int8": ("torch", {"quantize": "int8"}),
+    "opt_torch int4": ("torch", {"quantize": "int4"}),
     "opt_torch w8a8": ("torch", {"quantize": "w8a8"}),
     "CTranslate2 fp32": ("ct2", "float32"),
     "CTranslate2 int8": ("ct2", "int8"),
@@ -53,9 +54,11 @@ TARGETS = [
     ("opt_torch fp32", "CTranslate2 fp32", {1: 1.0, 8: 1.0}),
     ("opt_torch bf16", "CTranslate2 int8", {}),
     ("opt_torch int8", "CTranslate2 int8", {1: 1.3}),
+    ("opt_torch int4", "CTranslate2 int8", {}),
     ("opt_torch w8a8", "CTranslate2 int8", {1: 2.0, 8: 2.5}),
     ("opt_torch fp32", "ONNX Runtime fp32", {}),
     ("opt_torch int8", "ONNX Runtime int8", {}),
+    ("opt_torch int4", "ONNX Runtime int8", {}),
     ("opt_torch w8a8", "ONNX Runtime int8", {}),
 ]
 CHECK_TOKENS = 16  # greedy tokens compared by check_onnx

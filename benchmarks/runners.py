@@ -23,6 +23,7 @@ IMPLS: dict[str, tuple[str, str]] = {
     "opt_flax": ("main", "opt_flax (this project)"),
     "opt_torch_bf16": ("main", "opt_torch dtype=bfloat16"),
     "opt_torch_int8": ("main", "opt_torch quantize=int8 (weight-only)"),
+    "opt_torch_int4": ("main", "opt_torch quantize=int4 (weight-only, groups of 64)"),
     "opt_torch_w8a8": ("main", "opt_torch quantize=w8a8"),
     "opt_flax_int8": ("main", "opt_flax quantize=int8 (weight-only)"),
     "hf_torch": ("bench", "HF transformers 5.x torch (sdpa)"),
@@ -33,9 +34,10 @@ IMPLS: dict[str, tuple[str, str]] = {
     "hf_tf": ("oracle", "HF 4.57.6 TF (XLA generate)"),
     "hf_flax": ("oracle", "HF 4.57.6 Flax"),
 }
-OURS = ("opt_torch", "opt_tf", "opt_flax", "opt_torch_bf16", "opt_torch_int8", "opt_torch_w8a8", "opt_flax_int8")
+OURS = ("opt_torch", "opt_tf", "opt_flax", "opt_torch_bf16", "opt_torch_int8", "opt_torch_int4", "opt_torch_w8a8",
+        "opt_flax_int8")
 # compared with CTranslate2 and ONNX Runtime only
-REDUCED = ("opt_torch_bf16", "opt_torch_int8", "opt_torch_w8a8", "opt_flax_int8")
+REDUCED = ("opt_torch_bf16", "opt_torch_int8", "opt_torch_int4", "opt_torch_w8a8", "opt_flax_int8")
 PEERS = ("hf_torch", "ct2_fp32", "ct2_int8", "ort_fp32", "ort_int8", "hf_tf", "hf_flax")
 
 class _Torchish:
@@ -316,6 +318,7 @@ LOADERS = {
     "opt_flax": _load_opt_flax,
     "opt_torch_bf16": lambda folder, threads: _load_opt_torch(folder, threads, dtype="bfloat16"),
     "opt_torch_int8": lambda folder, threads: _load_opt_torch(folder, threads, quantize="int8"),
+    "opt_torch_int4": lambda folder, threads: _load_opt_torch(folder, threads, quantize="int4"),
     "opt_torch_w8a8": lambda folder, threads: _load_opt_torch(folder, threads, quantize="w8a8"),
     "opt_flax_int8": lambda folder, threads: _load_opt_flax(folder, threads, quantize="int8"),
     "hf_torch": _load_hf_torch,

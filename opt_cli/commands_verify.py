@@ -46,7 +46,7 @@ def _verify(p: argparse.ArgumentParser):
     p.add_argument("model_dir", metavar="MODEL", help="model folder (Hugging Face layout), or 'bundled'")
     add_backends_argument(p)
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="backends' compute dtype")
-    p.add_argument("--quantize", default=None, choices=("int8", "w8a8"),
+    p.add_argument("--quantize", default=None, choices=("int8", "int4", "w8a8"),
                    help="load the backends quantized and report their error against the float reference")
     p.add_argument("--prompts", metavar="FILE", help="file: one prompt per line, or JSON texts / token-id lists")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (or 'bundled') when MODEL has none")

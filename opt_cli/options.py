@@ -80,8 +80,9 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `from_pretrained` that a command passes through (see `load_options`)."""
     p.add_argument("--dtype", default=None, metavar="D", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--quantize", default=None, choices=("int8", "w8a8"),
-                   help="int8: int8 weights; w8a8: int8 weights and activations (inference; torch)")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4", "w8a8"),
+                   help="int8: int8 weights; int4: 4-bit weight groups (torch only); "
+                        "w8a8: int8 weights and activations (inference)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="with --quantize w8a8: text to calibrate SmoothQuant factors on (stored beside the model)")
     p.add_argument("--tp-plan", choices=("auto",), default=None,

@@ -417,8 +417,50 @@ def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return {k: e.shape for path in files for k, e in read_header(Path(path))[0].items()}
 
 
+# The one docstring of every backend's `from_pretrained` / `save_pretrained` (each backend appends
+# the line naming its own options), as GENERATE_DOC is `generate`'s.
+FROM_PRETRAINED_DOC = """Load a Hugging Face OPT folder or Hub id into this class.
+
+Args:
+    name_or_path: a folder holding `config.json` and weights in any format (safetensors, bin,
+        tf-h5, flax-msgpack; single or sharded), or a Hub id (`facebook/opt-125m`).
+    dtype: None (float32, as Hugging Face), "auto" (the config's torch_dtype), "float32",
+        "float16"/"fp16" or "bfloat16"/"bf16".
+    config: use this `OPTConfig` instead of the folder's config.json.
+    format: read this format when the folder holds several ("safetensors", "bin", "tf-h5",
+        "flax-msgpack"; default: the backend's own order, as Hugging Face's loader for that framework).
+    revision: branch, tag or commit of a Hub id.
+    allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
+    quantize: None, "int8" (weight-only) or "w8a8": inference only, quantized from the float weights
+        (torch also has "int4"; another backend refuses it with a ValueError).
+    **backend_options: what one backend alone has (listed below); another backend raises TypeError.
+Returns:
+    The model (inference mode); `model.loading_info` is the `KeyAccounting` of the load and, for a
+    causal LM, `model.generation_config` the folder's generation_config.json.
+Raises:
+    FileNotFoundError: no folder, config or weights.
+    CheckpointError: missing, unexpected or misshapen tensors (all listed), hostile or unreadable
+        files, non-float or non-finite weights, an untied head under a tied config.
+    ValueError: an unknown dtype or quantize mode.
+"""
+
+SAVE_PRETRAINED_DOC = """Write `config.json`, the weights under Hugging Face's names (a tied `lm_head.weight` left
+out, as Hugging Face does) and, for a causal LM, `generation_config.json` to `folder`.
+
+Args:
+    folder: the output folder (created if needed).
+    max_shard_size: safetensors / bin files are sharded above this size (bytes, or "5GB").
+    formats: the weight formats to write, from "safetensors", "bin", "tf-h5", "flax-msgpack"
+        (default: safetensors).
+    **backend_options: what one backend alone has (listed below); another backend raises TypeError.
+Returns:
+    Every written path, config.json first.
+"""
+
+
 __all__ = [
-    "DEFAULT_SHARD_BYTES", "FLAX_MSGPACK", "FORMATS", "LOAD_FORMATS", "SAFETENSORS", "SAFETENSORS_INDEX", "TF_H5",
+    "DEFAULT_SHARD_BYTES", "FLAX_MSGPACK", "FORMATS", "FROM_PRETRAINED_DOC", "SAVE_PRETRAINED_DOC",
+    "LOAD_FORMATS", "SAFETENSORS", "SAFETENSORS_INDEX", "TF_H5",
     "TORCH_BIN", "TORCH_BIN_INDEX", "CheckpointError", "CheckpointLoad", "KeyAccounting", "account_keys",
     "check_finite", "check_tensors", "detect_format", "formats_present", "iter_safetensors", "load_numpy_state_dict",
     "open_checkpoint", "parse_size", "plan_shards", "read_index", "safetensors_shapes", "save_checkpoint",

@@ -48,38 +48,3 @@ def validate_inputs(
             )
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("attention_mask must hold only 0 and 1")
-
-
-def validate_generation_args(
-    config: OPTConfig,
-    prompt_length: int,
-    max_new_tokens: int,
-    *,
-    num_beams: int = 1,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    allow_zero_new_tokens: bool = False,
-) -> None:
-    """Raise `ValueError` naming the bad generation argument.
-
-    Superseded by `opt_core.generation_config.resolve_generation_options` (the one resolution and
-    validation of the generation contract, which torch uses); kept only until the TF and Flax
-    backends move to it, then removed."""
-    least = 0 if allow_zero_new_tokens else 1
-    if max_new_tokens < least:
-        raise ValueError(f"max_new_tokens must be >= {least}, got {max_new_tokens}")
-    total = prompt_length + max_new_tokens
-    if total > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {prompt_length} tokens + max_new_tokens {max_new_tokens} = {total} exceeds "
-            f"max_position_embeddings ({config.max_position_embeddings}); shorten the prompt or generate fewer tokens"
-        )
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if num_beams > 1 and do_sample:
-        raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")

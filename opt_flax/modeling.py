@@ -10,8 +10,11 @@ C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
 
 from __future__ import annotations
 
+import os
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opt_core.checkpoint import DEFAULT_SHARD_BYTES, FROM_PRETRAINED_DOC, SAVE_PRETRAINED_DOC
 from opt_core.config import OPTConfig
 from opt_core.generation_config import GENERATE_DOC, GenerationConfig
 from opt_core.inputs import validate_inputs
@@ -442,17 +446,45 @@ class OPTPreTrainedModel(nnx.Module):
         return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(nnx.state(self, nnx.Param)))
 
     @classmethod
-    def from_pretrained(cls, folder: Any, **kwargs: Any) -> Any:
-        """Load a Hugging Face folder; see `opt_flax.io.from_pretrained`."""
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        dtype: Any = None,
+        config: OPTConfig | None = None,
+        format: str | None = None,
+        revision: str | None = None,
+        allow_non_finite: bool = False,
+        quantize: str | None = None,
+        **backend_options: Any,
+    ) -> OPTPreTrainedModel:
         from opt_flax.io import from_pretrained
 
-        return from_pretrained(cls, folder, **kwargs)
+        return from_pretrained(cls, name_or_path, dtype=dtype, config=config, format=format, revision=revision,
+                               allow_non_finite=allow_non_finite, quantize=quantize, **backend_options)
 
-    def save_pretrained(self, folder: Any, **kwargs: Any) -> list[Any]:
-        """Write config.json + safetensors (and flax_model.msgpack on request); see `opt_flax.io`."""
+    from_pretrained.__func__.__doc__ = FROM_PRETRAINED_DOC + """
+Flax options: `param_dtype` (storage dtype; default `dtype`, which is then the compute dtype),
+`rngs` (nnx.Rngs for dropout and a new head's initialisation), `remat` (rematerialise each layer
+when training).
+"""
+
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        max_shard_size: int | str = DEFAULT_SHARD_BYTES,
+        formats: Iterable[str] | None = None,
+        **backend_options: Any,
+    ) -> list[Path]:
         from opt_flax.io import save_pretrained
 
-        return save_pretrained(self, folder, **kwargs)
+        return save_pretrained(self, folder, max_shard_size=max_shard_size, formats=formats, **backend_options)
+
+    save_pretrained.__doc__ = SAVE_PRETRAINED_DOC + """
+Flax options: `flax_msgpack=True` adds a `flax_model.msgpack` (Hugging Face's Flax classes load
+it) and `safetensors=False` leaves safetensors out, when `formats` is not given.
+"""
 
 
 class OPTModel(OPTPreTrainedModel):

@@ -11,7 +11,10 @@ C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -27,6 +30,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from opt_core import OPTConfig  # noqa: E402
+from opt_core.checkpoint import DEFAULT_SHARD_BYTES, FROM_PRETRAINED_DOC, SAVE_PRETRAINED_DOC  # noqa: E402
 from opt_core.generation_config import GENERATE_DOC, GenerationConfig  # noqa: E402
 from opt_core.inputs import validate_inputs  # noqa: E402
 from opt_core.masks import POSITION_OFFSET  # noqa: E402
@@ -446,17 +450,44 @@ class OPTPreTrainedModel(KerasTrainingMixin, keras.Model):
 
     # ------------------------------------------------------------ IO
     @classmethod
-    def from_pretrained(cls, folder: Any, **kwargs: Any) -> OPTPreTrainedModel:
-        """Load a Hugging Face OPT folder; see `opt_tf.io.from_pretrained` for the arguments."""
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        dtype: Any = None,
+        config: OPTConfig | None = None,
+        format: str | None = None,
+        revision: str | None = None,
+        allow_non_finite: bool = False,
+        quantize: str | None = None,
+        **backend_options: Any,
+    ) -> OPTPreTrainedModel:
         from opt_tf.io import from_pretrained
 
-        return from_pretrained(cls, folder, **kwargs)
+        return from_pretrained(cls, name_or_path, dtype=dtype, config=config, format=format, revision=revision,
+                               allow_non_finite=allow_non_finite, quantize=quantize, **backend_options)
 
-    def save_pretrained(self, folder: Any, **kwargs: Any) -> list[Any]:
-        """Write config.json and safetensors weights (tf_model.h5 on request); see `opt_tf.io`."""
+    from_pretrained.__func__.__doc__ = FROM_PRETRAINED_DOC + """
+TF options: none; `dtype` sets the Keras dtype policy of the model (variables and compute) and
+float64 is refused.
+"""
+
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        max_shard_size: int | str = DEFAULT_SHARD_BYTES,
+        formats: Iterable[str] | None = None,
+        **backend_options: Any,
+    ) -> list[Path]:
         from opt_tf.io import save_pretrained
 
-        return save_pretrained(self, folder, **kwargs)
+        return save_pretrained(self, folder, max_shard_size=max_shard_size, formats=formats, **backend_options)
+
+    save_pretrained.__doc__ = SAVE_PRETRAINED_DOC + """
+TF options: `tf_h5=True` adds a `tf_model.h5` (Hugging Face's TF classes load it) when `formats`
+is not given.
+"""
 
 
 class OPTModel(OPTPreTrainedModel):

@@ -25,6 +25,9 @@ MODES = ("int8", "w8a8")
 
 def check_mode(mode: str | None) -> str | None:
     """`mode` if it is None or one of MODES; ValueError otherwise."""
+    if mode == "int4":
+        raise ValueError("quantize='int4' is opt_torch only (its CPU int4 kernel); opt_tf has "
+                         f"{list(MODES)}")
     if mode is not None and mode not in MODES:
         raise ValueError(f"quantize={mode!r} is unknown; expected None or one of {list(MODES)}")
     return mode

@@ -146,7 +146,8 @@ def from_pretrained(
             tf-h5, flax-msgpack, the first present).
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
-        quantize: None, "int8" (weight-only) or "w8a8" (int8 weights and activations): inference
+        quantize: None, "int8" (weight-only), "int4" (weight-only, 4-bit groups) or "w8a8" (int8
+            weights and activations): inference
             only, quantized here from the float weights (`opt_torch.quantize`).
         calibration: w8a8 only: a text file to calibrate SmoothQuant factors on (stored beside the
             checkpoint and reused); without it, factors already stored there are used if present.
@@ -206,10 +207,10 @@ def save_pretrained(
     folder: str | os.PathLike[str],
     max_shard_size: int | str = DEFAULT_SHARD_BYTES,
     *,
-    formats: Iterable[str] = ("safetensors",),
+    formats: Iterable[str] | None = None,
 ) -> list[Path]:
     """Write `config.json` and the weights (Hugging Face names; the tied `lm_head.weight` left out
-    as Hugging Face does) to `folder`, in each of `formats` ("safetensors" default, "bin", "tf-h5",
+    as Hugging Face does) to `folder`, in each of `formats` (None: "safetensors"; "bin", "tf-h5",
     "flax-msgpack"); safetensors/bin are sharded above `max_shard_size` (bytes or "5GB").
 
     Returns:
@@ -217,6 +218,7 @@ def save_pretrained(
     """
     if getattr(model, "quantization", None):
         raise ValueError("a quantized model cannot be saved; save the float model and pass quantize= when loading")
+    formats = ("safetensors",) if formats is None else formats
     written = save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
                               max_shard_size=max_shard_size, architecture=type(model).__name__)
     if getattr(model, "generation_config", None) is not None:  # generate's defaults, as Hugging Face writes them

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from opt_core import POSITION_OFFSET, Head, OPTConfig
+from opt_core.checkpoint import DEFAULT_SHARD_BYTES, FROM_PRETRAINED_DOC, SAVE_PRETRAINED_DOC
 from opt_core.generation_config import GENERATE_DOC, GenerationConfig
 from opt_core.inputs import validate_inputs
 from opt_torch import generation
@@ -278,7 +281,7 @@ class OPTAttention(nn.Module):
         it: inference then runs one matmul instead of three, while `state_dict` keeps the canonical
         names and training still updates the same memory. The buffer is [C, 3C] (input-major, see
         `column_major`), viewed as the [3C, C] weight, or [3C, C] itself with `input_major=False`
-        (`opt_torch.kernels.choose_input_major` picks per CPU). `copy=False` only allocates (for loaders
+        (`opt_torch.kernels.choose_linear` picks per CPU). `copy=False` only allocates (for loaders
         that fill the parameters next). Anything that replaces the parameters (`.to(dtype)`,
         `load_state_dict(assign=True)`) silently returns to three matmuls."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
@@ -753,17 +756,45 @@ class OPTPreTrainedModel(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, folder: Any, **kwargs: Any) -> OPTPreTrainedModel:
-        """Load a Hugging Face OPT folder or Hub id; see `opt_torch.io.from_pretrained` for the arguments."""
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        dtype: Any = None,
+        config: OPTConfig | None = None,
+        format: str | None = None,
+        revision: str | None = None,
+        allow_non_finite: bool = False,
+        quantize: str | None = None,
+        **backend_options: Any,
+    ) -> OPTPreTrainedModel:
         from opt_torch.io import from_pretrained
 
-        return from_pretrained(cls, folder, **kwargs)
+        return from_pretrained(cls, name_or_path, dtype=dtype, config=config, format=format, revision=revision,
+                               allow_non_finite=allow_non_finite, quantize=quantize, **backend_options)
 
-    def save_pretrained(self, folder: Any, **kwargs: Any) -> list[Any]:
-        """Write config.json and weights; returns the written paths (see `opt_torch.io.save_pretrained`)."""
+    from_pretrained.__func__.__doc__ = FROM_PRETRAINED_DOC + """
+torch options: `device` (where the parameters live; default CPU), `attn_implementation` ("eager",
+"sdpa" (default) or "flash_attention_2"), `torch_dtype` (Hugging Face's old name for `dtype`; a
+`torch.dtype` is accepted for either), `tp_plan="auto"` / `device_mesh` (tensor parallelism under
+torchrun, `opt_torch.parallel`), `calibration` (w8a8: a text file for SmoothQuant factors).
+"""
+
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        max_shard_size: int | str = DEFAULT_SHARD_BYTES,
+        formats: Iterable[str] | None = None,
+        **backend_options: Any,
+    ) -> list[Path]:
         from opt_torch.io import save_pretrained
 
-        return save_pretrained(self, folder, **kwargs)
+        return save_pretrained(self, folder, max_shard_size=max_shard_size, formats=formats, **backend_options)
+
+    save_pretrained.__doc__ = SAVE_PRETRAINED_DOC + """
+torch options: none; a quantized model is refused (save the float model, pass quantize= when loading).
+"""
 
 
 class OPTModel(OPTPreTrainedModel):

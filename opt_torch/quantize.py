@@ -6,6 +6,11 @@
   activations stay floating point and the product runs in `aten._weight_int8pack_mm`, fed bf16 or
   fp32 activations, whichever measured faster on this CPU (`choose_int8_activation`). The safe path
   for any OPT size: activations are never rounded to 8 bits.
+- "int4": weight-only, 4-bit weights in groups of `INT4_GROUP_SIZE` input channels, each group with
+  its own scale and offset (asymmetric; gpt-fast/torchao's "tinygemm" layout), in
+  `aten._weight_int4pack_mm_for_cpu` with bf16 activations. Half the bytes of int8, so the fastest
+  batch-1 decode where memory bandwidth bounds it; its rounding costs more perplexity than int8
+  (measured in tests/torch/test_quantize.py). The vocabulary table stays int8 (as for "int8").
 - "w8a8": int8 weights (per output channel, symmetric) and int8 activations quantized on the fly
   (asymmetric uint8, one scale per call: per token at batch-1 decode, per tensor over a prompt or a
   batch), in one of PyTorch's quantized engines (fbgemm, x86, onednn), the fastest measured here
@@ -42,7 +47,8 @@ from opt_torch.kernels import bench_inputs, pick_fastest
 
 logger = logging.getLogger("opt_torch")
 
-MODES = ("int8", "w8a8")
+MODES = ("int8", "int4", "w8a8")
+INT4_GROUP_SIZE = 64  # input channels per int4 scale/offset: 32 and 128 measured in tests/torch/test_quantize.py
 SMOOTHING_FILE = "smoothquant.safetensors"
 W8A8_ENGINES = ("fbgemm", "x86", "onednn")
 INT8_ACTIVATIONS = ("bfloat16", "float32")
@@ -70,6 +76,30 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         q[r : r + step] = torch.round(rows / s[:, None]).clamp_(-127, 127)
         scale[r : r + step] = s
     return q, scale
+
+
+def quantize_groupwise_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of `group_size` input channels: weight [out, in] -> (int32 [out, in]
+    of values 0..15, float32 scales_and_zeros [in // group_size, out, 2]) with
+    weight ~= (q - 8) * scale + zero for each group (zero is the group's midpoint value)."""
+    out_f, in_f = weight.shape
+    if in_f % group_size:
+        raise ValueError(f"int4 needs in_features ({in_f}) divisible by the group size ({group_size})")
+    w = weight.detach().float().reshape(out_f, in_f // group_size, group_size)
+    lo, hi = w.amin(dim=2), w.amax(dim=2)  # [out, groups]
+    scale = ((hi - lo) / 15.0).clamp(min=1e-8)
+    zero = lo + 8.0 * scale
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32).reshape(out_f, in_f)
+    return q, torch.stack([scale, zero], dim=2).transpose(0, 1).contiguous()
+
+
+def dequantize_groupwise_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The inverse of `quantize_groupwise_int4` (up to rounding): float32 [out, in]."""
+    out_f, in_f = q.shape
+    groups = scales_and_zeros.shape[0]
+    scale, zero = scales_and_zeros.float().transpose(0, 1).unbind(dim=2)  # [out, groups] each
+    w = (q.float().reshape(out_f, groups, -1) - 8.0) * scale[..., None] + zero[..., None]
+    return w.reshape(out_f, in_f)
 
 
 def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -136,6 +166,34 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, activations={self.act_dtype}"
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """y = x @ W^T + bias with W stored as 4-bit groups (`quantize_groupwise_int4`), packed for
+    `aten._weight_int4pack_mm_for_cpu`; activations bf16 inside, output in x's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = INT4_GROUP_SIZE):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        if self.in_features % group_size and self.in_features % 32 == 0:
+            group_size = 32  # small models (tests): the smallest group the kernel takes
+        self.group_size = group_size
+        q, scales_and_zeros = quantize_groupwise_int4(weight, group_size)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2), persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [N, in]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+        y = y.to(x.dtype)  # [N, out]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 groups of {self.group_size}"
 
 
 class DynamicInt8Linear(nn.Module):
@@ -416,6 +474,11 @@ def _factory(model: nn.Module, mode: str, smoothing: dict[str, torch.Tensor] | N
             return Int8WeightOnlyLinear(q, scale, bias, act)
 
         return make, str(act).removeprefix("torch."), act
+    if mode == "int4":
+        def make_int4(weight: torch.Tensor, bias: torch.Tensor | None, group: str) -> nn.Module:
+            return Int4WeightOnlyLinear(weight, bias)
+
+        return make_int4, f"int4 groups of {INT4_GROUP_SIZE}, bfloat16 activations", torch.bfloat16
     engine = choose_w8a8_engine(stand_in)
 
     def make_w8a8(weight: torch.Tensor, bias: torch.Tensor | None, group: str) -> nn.Module:
@@ -556,7 +619,7 @@ def quantize_model(
         emb = Int8Embedding.from_embedding(decoder.embed_tokens)
         decoder.embed_tokens = emb
         if tied:
-            model.lm_head = (Int8WeightOnlyLinear(emb.qweight, emb.scale, None, act) if mode == "int8"
+            model.lm_head = (Int8WeightOnlyLinear(emb.qweight, emb.scale, None, act) if mode in ("int8", "int4")
                              else DynamicInt8Linear(None, None, kernel, quantized=(emb.qweight, emb.scale)))
     if lm_head is not None and isinstance(model.lm_head, nn.Linear):
         model.lm_head = make(lm_head.weight, None, "lm_head")

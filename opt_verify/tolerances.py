@@ -40,6 +40,7 @@ TOLERANCES: dict[str, Tolerance] = {
 # a gross one (a broken kernel, not rounding) fails. Greedy tokens may differ (reported, not failed).
 QUANTIZED_TOLERANCES: dict[str, Tolerance] = {
     "int8": Tolerance(5e-2, "int8 weights (per-channel scales) round each weight to 1/254 of its row's range"),
+    "int4": Tolerance(1e-1, "int4 weights (torch only) round each weight to 1/30 of its group's range"),
     "w8a8": Tolerance(1e-1, "int8 weights and activations: rounding of both, per call"),
 }
 # Two backends each within `relative` of the reference are within twice that of each other.

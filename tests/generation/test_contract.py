@@ -151,7 +151,9 @@ def test_top_k_error_text(backend, tiny):
         tiny.generate(IDS, top_k=-5)
 
 
-def test_streamer_gets_the_prompt_then_each_step(backend, tiny):
+def test_streamer_gets_the_prompt_then_each_step_and_the_unstreamed_tokens(backend, tiny):
+    """put(prompt), put(tokens [B]) per step, end(); a streamer changes how tokens are delivered, not
+    which (TF drives its XLA-compiled step from Python; Flax calls back from its compiled loop)."""
     seen = []
 
     class Streamer:
@@ -161,11 +163,14 @@ def test_streamer_gets_the_prompt_then_each_step(backend, tiny):
         def end(self):
             seen.append(None)
 
-    out = run(backend, tiny, max_new_tokens=5, eos_token_id=[], streamer=Streamer())
+    kw = {"do_sample": True, "seed": 11, "top_k": 20, "temperature": 0.7, "repetition_penalty": 1.3,
+          "no_repeat_ngram_size": 2, "min_new_tokens": 2, "max_new_tokens": 5, "eos_token_id": []}
+    out = run(backend, tiny, streamer=Streamer(), **kw)
     assert seen[-1] is None and len(seen) == 7
     np.testing.assert_array_equal(seen[0], IDS)
     assert all(s.dtype == np.int64 and s.shape == (2,) for s in seen[1:-1])
     np.testing.assert_array_equal(np.stack(seen[1:-1], axis=1), out[:, IDS.shape[1]:])
+    np.testing.assert_array_equal(out, run(backend, tiny, **kw))
 
 
 def test_generation_config_json_is_honoured(backend, tiny_folder, tmp_path):

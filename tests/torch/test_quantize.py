@@ -27,7 +27,9 @@ from tests.conftest import CORPUS_DIR
 
 pytestmark = pytest.mark.torch
 
-GUARD = {"int8": 0.01, "w8a8": 0.01, "bfloat16": 0.005}  # relative perplexity increase allowed
+# Relative perplexity increase allowed: the issue's guard for int8, w8a8 and bf16; int4 (the stretch
+# goal, no target given) is held to int8's guard.
+GUARD = {"int8": 0.01, "int4": 0.01, "w8a8": 0.01, "bfloat16": 0.005}
 EVAL_TOKENS = 2048
 PLANT_DIMS = [3, 77, 150, 201]
 PLANT_FACTOR = 50.0
@@ -60,19 +62,37 @@ def test_per_channel_roundtrip():
     assert bool((err <= scale[:, None] / 2 + 1e-6).all())
 
 
-@pytest.mark.parametrize("kind", ["int8", "w8a8"])
+def test_groupwise_int4_roundtrip():
+    w = torch.randn(48, 128) * torch.linspace(0.01, 3, 48)[:, None] + 0.5  # offsets: asymmetric groups
+    q, sz = Q.quantize_groupwise_int4(w, 64)
+    assert q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) <= 15 and sz.shape == (2, 48, 2)
+    scale = sz[..., 0].t().repeat_interleave(64, dim=1)  # [out, in]: each weight's group scale
+    err = (Q.dequantize_groupwise_int4(q, sz) - w).abs()
+    assert bool((err <= scale / 2 + 1e-5).all())
+    with pytest.raises(ValueError, match="in_features \\(100\\) divisible by the group size \\(64\\)"):
+        Q.quantize_groupwise_int4(torch.randn(4, 100), 64)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "w8a8"])
 def test_linear_modules_match_float(kind):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 96)
     x = torch.randn(2, 5, 64)
     if kind == "int8":
         mod = Q.Int8WeightOnlyLinear.from_linear(lin, torch.float32)
+    elif kind == "int4":
+        mod = Q.Int4WeightOnlyLinear(lin.weight, lin.bias, group_size=32)
+        dense = torch.nn.Linear(64, 96)  # the rounding itself is checked above; here the packed kernel
+        with torch.no_grad():
+            dense.weight.copy_(Q.dequantize_groupwise_int4(*Q.quantize_groupwise_int4(lin.weight, 32)))
+            dense.bias.copy_(lin.bias)
+            assert float((mod(x) - dense(x)).norm() / dense(x).norm()) < 0.01  # bf16 activations
     else:
         mod = Q.DynamicInt8Linear(lin.weight, lin.bias, Q.available_w8a8_engines()[0])
     with torch.no_grad():
         want, got = lin(x), mod(x)
     assert got.shape == want.shape and got.dtype == torch.float32
-    assert float((got - want).norm() / want.norm()) < 0.02
+    assert float((got - want).norm() / want.norm()) < (0.1 if kind == "int4" else 0.02)  # 16 vs 255 levels
 
 
 def test_smoothing_keeps_the_product():
@@ -99,7 +119,7 @@ def test_quantized_model_generates_and_refuses_to_save(tmp_path):
     with pytest.raises(ValueError, match="quantized"):
         model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="quantize="):
-        OPTForCausalLM.from_pretrained(bundled.path(), quantize="int4")
+        OPTForCausalLM.from_pretrained(bundled.path(), quantize="int3")
 
 
 def test_kernel_choice_can_be_forced(monkeypatch):
@@ -116,6 +136,7 @@ def test_bundled_perplexity_guard(capsys, texts):
     base = eval_ppl(capsys, "bundled", held_out)
     results = {
         "int8": eval_ppl(capsys, "bundled", held_out, "--quantize", "int8"),
+        "int4": eval_ppl(capsys, "bundled", held_out, "--quantize", "int4"),
         "w8a8": eval_ppl(capsys, "bundled", held_out, "--quantize", "w8a8"),
         "bfloat16": eval_ppl(capsys, "bundled", held_out, "--dtype", "bfloat16"),
     }
