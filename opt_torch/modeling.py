@@ -626,6 +626,9 @@ class OPTPreTrainedModel(nn.Module):
         for m in (decoder.project_in, decoder.project_out):
             if m is not None:
                 m.pack()
+        from opt_torch.quantize import release_freed_memory
+
+        release_freed_memory()  # the plain weights' heap pages back to the OS
 
     def unpack_weights(self) -> None:
         """Plain [out, in] parameters again (see `pack_weights`)."""
