@@ -536,8 +536,8 @@ class _LayerByLayer:
     first), calling `done(i)` once layer i's tensors are all read: `fill_parameters` through it
     quantizes each layer as soon as it is filled, so the float weights never all coexist."""
 
-    def __init__(self, ckpt: Any, done: Callable[[int], None]):
-        self._ckpt, self._done = ckpt, done
+    def __init__(self, ckpt: Any, done: Callable[[int], None], before_layers: Callable[[], None]):
+        self._ckpt, self._done, self._before_layers = ckpt, done, before_layers
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ckpt, name)
@@ -553,6 +553,7 @@ class _LayerByLayer:
                 yield name
             else:
                 layers.setdefault(int(m.group(1)), []).append(name)
+        self._before_layers()
         for i in sorted(layers):
             yield from layers[i]
             self._done(i)
@@ -561,14 +562,16 @@ class _LayerByLayer:
 def quantizing_checkpoint(model: nn.Module, ckpt: Any, mode: str | None, folder: Any = None,
                           calibration: Any = None) -> Any:
     """`ckpt` for `fill_parameters(model, ...)`: with `quantize=mode` each decoder layer is quantized
-    as soon as it is filled (peak memory ~ the int8 model plus the float embeddings and one layer),
+    as soon as it is filled (peak memory ~ the int8 model plus one float layer),
     unless calibrating SmoothQuant factors needs the whole float model first (then `ckpt` itself:
-    `quantize_loaded` does everything after the load)."""
+    `quantize_loaded` does everything after the load). The vocabulary table (`quantize_vocabulary`)
+    is quantized once it and the other non-layer tensors are read, before the first layer."""
     if check_mode(mode) is None or (mode == "w8a8" and _must_calibrate(folder, calibration)):
         return ckpt
     smoothing = stored_or_calibrated_smoothing(model, folder, None) if mode == "w8a8" else None
-    make, _, _ = _factory(model, mode, smoothing)
-    return _LayerByLayer(ckpt, lambda i: quantize_layer(model, i, make))
+    make, kernel, act = _factory(model, mode, smoothing)
+    return _LayerByLayer(ckpt, lambda i: quantize_layer(model, i, make),
+                         lambda: quantize_vocabulary(model, mode, make, kernel, act))
 
 
 def _must_calibrate(folder: Any, calibration: Any) -> bool:
@@ -613,21 +616,43 @@ def quantize_model(
         lin = getattr(decoder, name)
         if lin is not None:
             setattr(decoder, name, make(lin.weight, None, name))
-    lm_head = getattr(model, "lm_head", None)
-    tied = lm_head is not None and lm_head.weight is decoder.embed_tokens.weight
     if include_embeddings:
-        emb = Int8Embedding.from_embedding(decoder.embed_tokens)
-        decoder.embed_tokens = emb
-        if tied:
-            model.lm_head = (Int8WeightOnlyLinear(emb.qweight, emb.scale, None, act) if mode in ("int8", "int4")
-                             else DynamicInt8Linear(None, None, kernel, quantized=(emb.qweight, emb.scale)))
-    if lm_head is not None and isinstance(model.lm_head, nn.Linear):
-        model.lm_head = make(lm_head.weight, None, "lm_head")
-    del lm_head  # the last reference to the float vocabulary table
+        quantize_vocabulary(model, mode, make, kernel, act)
+    elif isinstance(getattr(model, "lm_head", None), nn.Linear) and not _tied(model):
+        model.lm_head = make(model.lm_head.weight, None, "lm_head")
     release_freed_memory()
     model.quantization = {"mode": mode, "kernel": kernel, "smoothed": smoothing is not None,
                           "embeddings": include_embeddings, "cpu": cpu_name()}
     return model
+
+
+def _tied(model: nn.Module) -> bool:
+    lm_head = getattr(model, "lm_head", None)
+    embed = model.get_decoder().embed_tokens
+    return isinstance(lm_head, nn.Linear) and isinstance(embed, nn.Embedding) and lm_head.weight is embed.weight
+
+
+@torch.no_grad()
+def quantize_vocabulary(model: nn.Module, mode: str, make: Callable[..., nn.Module], kernel: str,
+                        act: torch.dtype) -> None:
+    """The token table as int8 rows with a scale each (`Int8Embedding`), a tied lm_head sharing that
+    int8 table, an untied one quantized like the other matmuls; the float table's storage is
+    released at once (also when a loader still holds the parameter). Does nothing if already done."""
+    decoder = model.get_decoder()
+    if isinstance(decoder.embed_tokens, Int8Embedding):
+        return
+    tied, old = _tied(model), decoder.embed_tokens.weight
+    emb = Int8Embedding.from_embedding(decoder.embed_tokens)
+    decoder.embed_tokens = emb
+    if tied:
+        model.lm_head = (Int8WeightOnlyLinear(emb.qweight, emb.scale, None, act) if mode in ("int8", "int4")
+                         else DynamicInt8Linear(None, None, kernel, quantized=(emb.qweight, emb.scale)))
+    elif isinstance(getattr(model, "lm_head", None), nn.Linear):
+        head = model.lm_head.weight
+        model.lm_head = make(head, None, "lm_head")
+        head.data = head.data.new_empty(0)
+    old.data = old.data.new_empty(0)
+    release_freed_memory()
 
 
 def quantize_loaded(model: nn.Module, mode: str | None, folder: Any = None, calibration: Any = None) -> nn.Module:
