@@ -79,7 +79,10 @@ def bench_shape(out_features: int, in_features: int) -> tuple[int, int]:
 #                     tensors, unpacked: no second copy, state_dict and training untouched
 #   onednn_packed     oneDNN's matmul on weights reordered into its blocked format (`pack`), which
 #                     replace the plain ones (no second copy): inference only, `Linear` unpacks them
-#                     for training, state_dict, `.to()` and loading
+#                     for training, state_dict, `.to()` and loading. Never chosen by timing, only on
+#                     request (this variable, or `model.pack_weights()`): a packed weight is an
+#                     opaque tensor (`.numpy()`, indexing and in-place edits fail), and whether a
+#                     loaded model's weights are ordinary tensors must not depend on a measurement
 LINEAR_KERNELS = ("aten", "aten_input_major", "onednn", "onednn_packed")
 PACK_ROWS = 8  # the batch size oneDNN's packed format is tuned for: decode at batch 1-8 (issue 16)
 
@@ -113,11 +116,11 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def choose_linear(hidden_size: int, ffn_dim: int, dtype: torch.dtype) -> str:
-    """The fastest of `LINEAR_KERNELS` for decode-sized inputs on this CPU, timed on fc1- and
-    fc2-shaped stand-ins at rows 1 and 8. On an AMD EPYC (Zen 4) oneDNN ran the opt-125m step's
-    matmuls in about 0.65x (batch 1) and 0.5x (batch 8) of MKL's time from packed weights; on an
-    Intel Xeon MKL from input-major weights led (issue 16). `OPT_TORCH_LINEAR=<kernel>` forces the
-    choice."""
+    """The fastest of the kernels that keep ordinary weight tensors ("aten", "aten_input_major",
+    "onednn") for decode-sized inputs on this CPU, timed on fc1- and fc2-shaped stand-ins at rows 1
+    and 8. On an AMD EPYC (Zen 4) oneDNN ran the opt-125m step's matmuls in about 0.75x of MKL's time
+    (0.65x / 0.5x from packed weights); on an Intel Xeon MKL from input-major weights led (issue 16).
+    `OPT_TORCH_LINEAR=<kernel>` forces the choice, "onednn_packed" included."""
     shapes = [bench_shape(ffn_dim, hidden_size), bench_shape(hidden_size, ffn_dim)]
     weights = [torch.randn(s, dtype=dtype) * 0.02 for s in shapes]
     inputs = {s: bench_inputs(w, dtype=dtype) for s, w in zip(shapes, weights)}
@@ -132,10 +135,12 @@ def choose_linear(hidden_size: int, ffn_dim: int, dtype: torch.dtype) -> str:
             with torch.inference_mode():
                 run(weights, "onednn")(None)
             cands["onednn"] = run(weights, "onednn")
-            cands["onednn_packed"] = run([pack(w) for w in weights], "onednn")
         except RuntimeError as e:  # a build or CPU without this oneDNN path (e.g. bf16 without AVX-512)
             logger.info("oneDNN linear unavailable for %s: %s", dtype, e)
-    if os.environ.get("OPT_TORCH_LINEAR", "").startswith("onednn") and "onednn" not in cands:
+    forced = os.environ.get("OPT_TORCH_LINEAR", "")
+    if forced.startswith("onednn") and "onednn" not in cands:
         return "aten"  # forced, but this dtype or build has no oneDNN path
+    if forced == "onednn_packed":
+        return forced  # on request only: packed weights are opaque tensors (see `pack`)
     key = ("linear kernel", tuple(shapes), dtype, torch.get_num_threads())
     return pick_fastest(key, cands, [weights[0]], "OPT_TORCH_LINEAR")

@@ -101,6 +101,13 @@ def test_packed_weights_move_and_reload_as_plain_tensors(tmp_path, monkeypatch):
     assert not fc1.packed and half.model.decoder.layers[0].fc1.weight.dtype == torch.bfloat16
 
 
+def test_timing_never_packs(monkeypatch):
+    """Whether a loaded model's weights are ordinary tensors must not depend on a measurement."""
+    monkeypatch.delenv("OPT_TORCH_LINEAR", raising=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert kernels.choose_linear(32, 64, dtype) in ("aten", "aten_input_major", "onednn")
+
+
 def test_forcing_an_unknown_kernel_is_an_error(monkeypatch):
     monkeypatch.setenv("OPT_TORCH_LINEAR", "fastest")
     with pytest.raises(ValueError, match="OPT_TORCH_LINEAR='fastest'; expected one of"):
