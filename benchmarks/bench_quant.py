@@ -40,7 +40,9 @@ import common  # noqa: E402
 
 VARIANTS = {
     "opt_torch fp32": ("torch", {}),
+    "opt_torch fp32 packed": ("torch", {"pack": True}),  # model.pack_weights(): on request only
     "opt_torch bf16": ("torch", {"dtype": "bfloat16"}),
+    "opt_torch bf16 packed": ("torch", {"dtype": "bfloat16", "pack": True}),
     "opt_torch int8": ("torch", {"quantize": "int8"}),
     "opt_torch int4": ("torch", {"quantize": "int4"}),
     "opt_torch w8a8": ("torch", {"quantize": "w8a8"}),
@@ -52,7 +54,9 @@ VARIANTS = {
 # (ours, peer) pairs whose ratio is reported, with the targets where it has one.
 TARGETS = [
     ("opt_torch fp32", "CTranslate2 fp32", {1: 1.0, 8: 1.0}),
+    ("opt_torch fp32 packed", "CTranslate2 fp32", {1: 1.0, 8: 1.0}),
     ("opt_torch bf16", "CTranslate2 int8", {}),
+    ("opt_torch bf16 packed", "CTranslate2 int8", {}),
     ("opt_torch int8", "CTranslate2 int8", {1: 1.3}),
     ("opt_torch int4", "CTranslate2 int8", {}),
     ("opt_torch w8a8", "CTranslate2 int8", {1: 2.0, 8: 2.5}),
@@ -71,7 +75,12 @@ def load(name: str, folder: Path, threads: int):
 
     kind, arg = VARIANTS[name]
     if kind == "torch":
-        return runners._load_opt_torch(str(folder), threads, **arg)
+        arg = dict(arg)
+        pack = arg.pop("pack", False)
+        runner = runners._load_opt_torch(str(folder), threads, **arg)
+        if pack:
+            runner.model.pack_weights()
+        return runner
     if kind == "ort":
         return runners._ORT(str(folder), threads, arg)
     return runners._CT2(str(folder), threads, arg)
