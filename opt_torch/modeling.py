@@ -619,18 +619,19 @@ class OPTPreTrainedModel(nn.Module):
         the weights. The heads and the tied
         lm_head stay plain. `train()`, `unpack_weights()`, `.to()` and `load_state_dict` unpack;
         `state_dict()` writes the plain values either way."""
+        from opt_torch.quantize import release_freed_memory
+
         decoder = self.get_decoder()
         for layer in decoder.layers:
             for m in layer.modules():
                 if isinstance(m, Linear):
                     m.pack()
             layer.self_attn._qkv = None
+            release_freed_memory()  # this layer's plain pages back to the OS before the next is packed
         for m in (decoder.project_in, decoder.project_out):
             if m is not None:
                 m.pack()
-        from opt_torch.quantize import release_freed_memory
-
-        release_freed_memory()  # the plain weights' heap pages back to the OS
+        release_freed_memory()
 
     def unpack_weights(self) -> None:
         """Plain [out, in] parameters again (see `pack_weights`)."""
