@@ -20,17 +20,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-MODES = ("int8", "w8a8")
+from opt_core.quantization import QUANTIZE_MODES, check_quantize
+
+MODES = QUANTIZE_MODES["tf"]
 
 
 def check_mode(mode: str | None) -> str | None:
-    """`mode` if it is None or one of MODES; ValueError otherwise."""
-    if mode == "int4":
-        raise ValueError("quantize='int4' is opt_torch only (its CPU int4 kernel); opt_tf has "
-                         f"{list(MODES)}")
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"quantize={mode!r} is unknown; expected None or one of {list(MODES)}")
-    return mode
+    """`mode` if it is None or one of MODES; ValueError otherwise (`opt_core.quantization`)."""
+    return check_quantize(mode, "tf")
 
 
 def quantize_per_channel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

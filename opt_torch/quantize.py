@@ -43,11 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opt_core.quantization import QUANTIZE_MODES, check_quantize
 from opt_torch.kernels import bench_inputs, pick_fastest
 
 logger = logging.getLogger("opt_torch")
 
-MODES = ("int8", "int4", "w8a8")
+MODES = QUANTIZE_MODES["torch"]
 INT4_GROUP_SIZE = 64  # input channels per int4 scale/offset: 32 and 128 measured in tests/torch/test_quantize.py
 SMOOTHING_FILE = "smoothquant.safetensors"
 W8A8_ENGINES = ("fbgemm", "x86", "onednn")
@@ -55,10 +56,8 @@ INT8_ACTIVATIONS = ("bfloat16", "float32")
 
 
 def check_mode(mode: str | None) -> str | None:
-    """`mode` if it is None or one of MODES; ValueError otherwise."""
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"quantize={mode!r} is unknown; expected None or one of {list(MODES)}")
-    return mode
+    """`mode` if it is None or one of MODES; ValueError otherwise (`opt_core.quantization`)."""
+    return check_quantize(mode, "torch")
 
 
 # ---------------------------------------------------------------- weights
