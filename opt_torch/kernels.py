@@ -91,22 +91,19 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor, not a quantized or other subclass
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str) -> torch.Tensor:
     """`F.linear(x, weight, bias)` [..., in] -> [..., out], through oneDNN when `kernel` is "onednn",
-    no gradient is being recorded and the tensors are plain CPU tensors (not DTensor, not quantized);
-    otherwise through F.linear. The two agree to float rounding (a different summation order).
-    A packed weight (`pack`) always takes oneDNN."""
-    if weight.is_mkldnn:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
-        return y.view(*x.shape[:-1], weight.shape[0])
-    if (kernel == "onednn" and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and type(weight) in _PLAIN and x.dtype == weight.dtype):
+    no gradient is being recorded and the tensors are plain CPU tensors of one dtype, or when the
+    weight is packed (`pack`); otherwise through F.linear. The two agree to float rounding (a
+    different summation order)."""
+    if weight.is_mkldnn or (kernel == "onednn" and not torch.is_grad_enabled() and x.device.type == "cpu"
+                            and type(weight) in _PLAIN and x.dtype == weight.dtype):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
         return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -118,8 +115,9 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def choose_linear(hidden_size: int, ffn_dim: int, dtype: torch.dtype) -> str:
     """The fastest of the kernels that keep ordinary weight tensors ("aten", "aten_input_major",
     "onednn") for decode-sized inputs on this CPU, timed on fc1- and fc2-shaped stand-ins at rows 1
-    and 8. On an AMD EPYC (Zen 4) oneDNN ran the opt-125m step's matmuls in about 0.75x of MKL's time
-    (0.65x / 0.5x from packed weights); on an Intel Xeon MKL from input-major weights led (issue 16).
+    and 8. On an AMD EPYC (Zen 4) oneDNN ran the opt-125m step's matmuls in 0.66x of MKL's time at
+    batch 1 and 8 (0.47x at batch 8 from packed weights); on an Intel Xeon MKL from input-major
+    weights led (issue 16).
     `OPT_TORCH_LINEAR=<kernel>` forces the choice, "onednn_packed" included."""
     shapes = [bench_shape(ffn_dim, hidden_size), bench_shape(hidden_size, ffn_dim)]
     weights = [torch.randn(s, dtype=dtype) * 0.02 for s in shapes]
