@@ -1,14 +1,17 @@
 """Export `OPTForCausalLM` as a TensorFlow SavedModel that serves generation.
 
-The serving signature takes `input_ids` [B, T] int32, `attention_mask` [B, T] int32 and
-`max_new_tokens` (int32 scalar) and returns `sequences` [B, T + generated] int32, prompt included.
+The serving signature takes `input_ids` [B, T] int64, `attention_mask` [B, T] int64 and
+`max_new_tokens` (int64 scalar) and returns `sequences` [B, T + generated] int64, prompt included:
+the dtypes the tokenizer and `generate` use, so their outputs feed the signature unchanged. The
+compiled loop itself runs on int32 ids (every OPT vocabulary fits), cast at the signature's edge.
 Batch and prompt length are free: the XLA-compiled decode loop (`opt_tf.generation`) is traced
 once with unknown shapes and compiled per concrete shape when called. The static cache has
 `max_length` slots, so T + max_new_tokens is capped at `max_length` (extra tokens are not made).
 
     export_saved_model(model, "served/", max_length=256)
     served = tf.saved_model.load("served/")
-    served.signatures["serving_default"](input_ids=ids, attention_mask=mask, max_new_tokens=tf.constant(32))
+    served.signatures["serving_default"](input_ids=ids, attention_mask=mask,
+                                         max_new_tokens=tf.constant(32, tf.int64))
 """
 
 from __future__ import annotations
@@ -65,17 +68,17 @@ def export_saved_model(
 
     @tf.function(
         input_signature=[
-            tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-            tf.TensorSpec([None, None], tf.int32, name="attention_mask"),
-            tf.TensorSpec([], tf.int32, name="max_new_tokens"),
+            tf.TensorSpec([None, None], tf.int64, name="input_ids"),
+            tf.TensorSpec([None, None], tf.int64, name="attention_mask"),
+            tf.TensorSpec([], tf.int64, name="max_new_tokens"),
         ]
     )
     def serve(input_ids: tf.Tensor, attention_mask: tf.Tensor, max_new_tokens: tf.Tensor) -> dict[str, tf.Tensor]:
         tokens, produced = generate_fn(
-            input_ids, attention_mask, max_new_tokens,
+            tf.cast(input_ids, tf.int32), tf.cast(attention_mask, tf.int32), tf.cast(max_new_tokens, tf.int32),
             knobs(seed, temperature, top_p, 1.0, 0, eos, pad, length_penalty),
         )
-        return {"sequences": tokens[:, : tf.shape(input_ids)[1] + produced]}
+        return {"sequences": tf.cast(tokens[:, : tf.shape(input_ids)[1] + produced], tf.int64)}
 
     module.serve = serve
     folder = Path(folder)

@@ -22,11 +22,12 @@ import tensorflow as tf
 folder, inputs, out = sys.argv[1:4]
 d = np.load(inputs)
 serve = tf.saved_model.load(folder).signatures["serving_default"]
-res = serve(input_ids=tf.constant(d["ids"], tf.int32), attention_mask=tf.constant(d["mask"], tf.int32),
-            max_new_tokens=tf.constant(int(d["new"]), tf.int32))
+res = serve(input_ids=tf.constant(d["ids"], tf.int64), attention_mask=tf.constant(d["mask"], tf.int64),
+            max_new_tokens=tf.constant(int(d["new"]), tf.int64))
+assert res["sequences"].dtype == tf.int64, res["sequences"].dtype
 np.savez(out, full=res["sequences"].numpy())
-res = serve(input_ids=tf.constant(d["ids"][1:], tf.int32), attention_mask=tf.constant(d["mask"][1:], tf.int32),
-            max_new_tokens=tf.constant(5, tf.int32))
+res = serve(input_ids=tf.constant(d["ids"][1:], tf.int64), attention_mask=tf.constant(d["mask"][1:], tf.int64),
+            max_new_tokens=tf.constant(5, tf.int64))
 np.savez(out + ".short.npz", short=res["sequences"].numpy())
 """
 
