@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -148,20 +150,27 @@ def main() -> int:
     print(f"{args.shape}: {len(mats)} matrices, {nbytes / 1e6:.0f} MB of fp32 weights per decode step, "
           f"{args.threads} threads\n")
     print("| framework | weight layout | batch | ms per step | tokens/s bound | implied GB/s |")
-    print("|---|---|--:|--:|--:|--:|")
+    print("|---|---|--:|--:|--:|--:|", flush=True)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
                OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    for fw in args.frameworks.split(","):
-        for batch in (int(b) for b in args.batches.split(",")):
-            job = dict(fw=fw, shape=args.shape, batch=batch, threads=args.threads, repeats=args.repeats)
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
-                                  text=True, env=env)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode or not lines:
-                print(f"| {fw} | error: {(proc.stderr.strip().splitlines() or ['?'])[-1][:100]} | {batch} | | | |")
-                continue
-            for layout, s in json.loads(lines[-1]).items():
-                print(f"| {fw} | {layout} | {batch} | {1e3 * s:.1f} | {batch / s:.1f} | {nbytes / s / 1e9:.1f} |")
+    jobs = [(fw, int(b)) for fw in args.frameworks.split(",") for b in args.batches.split(",")]
+    # Each worker takes tens of seconds (a fresh framework import, warm-up, repeats): the bar on stderr
+    # shows which one runs, the table rows on stdout appear as each finishes.
+    progress = tqdm(jobs, desc="bench_floor", unit="run", file=sys.stderr)
+    for fw, batch in progress:
+        progress.set_postfix_str(f"{fw} batch {batch}")
+        job = dict(fw=fw, shape=args.shape, batch=batch, threads=args.threads, repeats=args.repeats)
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
+                              text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            row = f"| {fw} | error: {(proc.stderr.strip().splitlines() or ['?'])[-1][:100]} | {batch} | | | |"
+            tqdm.write(row, file=sys.stdout)
+            continue
+        for layout, s in json.loads(lines[-1]).items():
+            tqdm.write(f"| {fw} | {layout} | {batch} | {1e3 * s:.1f} | {batch / s:.1f} | {nbytes / s / 1e9:.1f} |",
+                       file=sys.stdout)
+        sys.stdout.flush()
     return 0
 
 
