@@ -170,7 +170,8 @@ def disk_weights(ckpt: CheckpointLoad, names: list[str], dtype: torch.dtype,
         if not ckpt.allow_non_finite:
             for name in names:  # ckpt.read checks; the buffer is reused, so this holds one tensor
                 ckpt.read(name, out=scratch.array(specs[name].shape, ckpt.dtype(name)))
-        return DiskWeights(ckpt.reader, {n: ckpt.key(n) for n in names}, ckpt.source)
+        files = sorted({ckpt.reader.where(ckpt.key(n)) for n in names})
+        return DiskWeights(ckpt.reader, {n: ckpt.key(n) for n in names}, ", ".join(files))
     if offload_folder is None:
         why = (f"stored as {ckpt.dtype(cast[0])} while the model loads as {want}" if ckpt.fmt == "safetensors"
                else f"in the {ckpt.fmt} format, not safetensors")
