@@ -5,8 +5,9 @@ The placement (which module on which GPU, on the CPU or on disk) is planned fram
 
 - Modules on a GPU get fresh storage there and are filled from the checkpoint; modules on the CPU
   are filled as in an ordinary load. Each runs where it lives.
-- A decoder layer on disk keeps its parameters (names, shapes' layout, fused q/k/v buffer) but no
-  storage. A forward pre-hook gives it storage on the main device (the token embedding's: the
+- Every weight keeps the checkpoint's [out, in] layout (q/k/v fused into one buffer), so a disk
+  layer's tensors are read straight into their memory. A decoder layer on disk keeps its
+  parameters (names, layout, fused q/k/v buffer) but no storage. A forward pre-hook gives it storage on the main device (the token embedding's: the
   CPU, or the first GPU) and reads its tensors from disk; a forward hook takes the storage back
   afterwards. The storage is handed from one streamed layer to the next (they are all the same
   size), so memory holds the resident modules plus one streamed layer, which the "auto" plan
@@ -310,6 +311,24 @@ def dispatch(model: nn.Module, placement: Placement, source: DiskWeights | None)
     return Dispatch(placement, source, streamed)
 
 
+def _empty_plain(model_class: type, config: OPTConfig, dtype: torch.dtype, attn_implementation: str) -> Any:
+    """The model on uninitialised CPU storage with every weight [out, in], as the checkpoint
+    stores it (q/k/v fused into one [3C, C] buffer), so a disk layer's tensors are read straight
+    into their memory. `OPTPreTrainedModel.empty` may choose the input-major layout instead, which
+    would cost a transposing copy of every streamed weight on every forward: on a 1.3b-sized
+    [8192, 2048] float32 weight that copy took 220 ms at one thread, several times the read. The
+    kernel stays the one measured fastest for plain weights; no oneDNN packing (packed weights
+    are opaque tensors with no storage to refill)."""
+    from opt_torch.kernels import choose_linear
+    from opt_torch.modeling import empty_weights
+
+    choice = choose_linear(config.hidden_size, config.ffn_dim, dtype)
+    with empty_weights(dtype, "cpu"):
+        model = model_class(config, attn_implementation=attn_implementation)
+        model.optimize_layout(copy=False, input_major=False, kernel="onednn" if choice.startswith("onednn") else "aten")
+    return model
+
+
 def from_pretrained_dispatched(
     model_class: type,
     folder: Path,
@@ -344,9 +363,7 @@ def from_pretrained_dispatched(
     disk_names = [p for u in placement.offloaded for p in u.params]
     with open_checkpoint(folder, config, head, fmt=fmt, allow_non_finite=allow_non_finite) as ckpt:
         source = disk_weights(ckpt, disk_names, dtype, offload_folder) if disk_names else None
-        model = model_class.empty(config, dtype, "cpu", attn_implementation)
-        # No oneDNN packing (`pack_on_load`): streamed layers are refilled in place each forward,
-        # and packed weights are opaque tensors with no storage to refill.
+        model = _empty_plain(model_class, config, dtype, attn_implementation)
         model.offload = dispatch(model, placement, source)
         fill_parameters(model, ckpt, skip=set(disk_names))
     # The reader reopens its files on the next read: closing here leaves no handle idle.

@@ -15,7 +15,7 @@ from opt_core import CheckpointError, Head, OPTConfig, parameter_table
 from opt_core.formats.safetensors import SafetensorsReader
 from opt_torch import OPTForCausalLM, OPTModel
 from opt_torch.offload import OFFLOAD_FILE
-from tests.variants import TINY, VARIANTS, left_padded_batch
+from tests.variants import TINY, TOLERANCE, VARIANTS, left_padded_batch, relative_error
 
 pytestmark = pytest.mark.torch
 
@@ -56,11 +56,16 @@ def test_auto_with_disk_layers_generates_the_in_memory_tokens(tmp_path, variant)
     layers = [model.hf_device_map[f"model.decoder.layers.{i}"] for i in range(LAYERS)]
     assert layers == ["cpu"] * KEPT + ["disk"] * (LAYERS - KEPT)
     assert model.hf_device_map["model.decoder.embed_tokens"] == model.hf_device_map["lm_head"] == "cpu"
+    resident = OPTForCausalLM.from_pretrained(folder, device_map={"": "cpu"})  # dispatched, nothing on disk
     ids, mask = left_padded_batch(vocab_size=config.vocab_size)
-    with torch.no_grad():
-        want, got = full(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
     real = torch.as_tensor(mask, dtype=torch.bool)
-    assert torch.equal(want[real], got[real])  # same layout, same kernels: the same bits
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits[real]
+        same_layout = resident(ids, attention_mask=mask).logits[real]
+        default = full(ids, attention_mask=mask).logits[real]
+    assert torch.equal(got, same_layout)  # the same layout and kernels in memory: the same bits
+    # The default load may lay weights out input-major (another GEMM path): within fp32's tolerance.
+    assert relative_error(got.numpy(), default.numpy()) <= TOLERANCE["float32"]
     assert torch.equal(_generate(full), _generate(model))
 
 
