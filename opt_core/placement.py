@@ -28,13 +28,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from opt_core.config import OPTConfig
 from opt_core.formats.files import parse_size
 from opt_core.params import Head, hf_name, parameter_table
 
-Device = Union[int, str]  # a GPU index, "cpu" or "disk"
+Device = int | str  # a GPU index, "cpu" or "disk"
 DISK = "disk"
 CPU = "cpu"
 AUTO_MAPS = ("auto", "sequential")  # "auto" fills devices in order, which Accelerate calls "sequential"
@@ -201,7 +201,8 @@ def parse_max_memory(max_memory: Mapping[Any, Any]) -> dict[Device, int]:
             nbytes = -1
         if nbytes < 0:
             raise PlacementError(
-                f"max_memory[{key!r}] = {size!r} is not a size; use bytes (an int) or a string such as '1GB' or '500MiB'"
+                f"max_memory[{key!r}] = {size!r} is not a size; "
+                "use bytes (an int) or a string such as '1GB' or '500MiB'"
             )
         out[device] = nbytes
     return dict(sorted(out.items(), key=lambda kv: device_order(kv[0])))
@@ -244,7 +245,8 @@ def plan_auto(units: Sequence[Unit], budgets: Mapping[Device, int]) -> Placement
             where = next((d for d in devices if left[d] >= u.nbytes), None)
             if where is None:
                 room = ", ".join(f"{d!r}: {format_bytes(max(left[d], 0))} left" for d in devices)
-                kept = f" after keeping {format_bytes(reserve)} on {main!r} to stream one layer from disk" if reserve else ""
+                kept = (f" after keeping {format_bytes(reserve)} on {main!r} to stream one layer from disk"
+                        if reserve else "")
                 raise PlacementError(
                     f"max_memory {dict(budgets)!r} cannot hold {u.name} ({format_bytes(u.nbytes)}){kept} ({room}); "
                     "the embeddings, final LayerNorm, projections and head stay in memory (only decoder layers "

@@ -7,11 +7,11 @@ The placement (which module on which GPU, on the CPU or on disk) is planned fram
   are filled as in an ordinary load. Each runs where it lives.
 - Every weight keeps the checkpoint's [out, in] layout (q/k/v fused into one buffer), so a disk
   layer's tensors are read straight into their memory. A decoder layer on disk keeps its
-  parameters (names, layout, fused q/k/v buffer) but no storage. A forward pre-hook gives it storage on the main device (the token embedding's: the
-  CPU, or the first GPU) and reads its tensors from disk; a forward hook takes the storage back
-  afterwards. The storage is handed from one streamed layer to the next (they are all the same
-  size), so memory holds the resident modules plus one streamed layer, which the "auto" plan
-  keeps room for inside `max_memory`.
+  parameters (names, layout, fused q/k/v buffer) but no storage. A forward pre-hook gives it
+  storage on the main device (the token embedding's: the CPU, or the first GPU) and reads its
+  tensors from disk; a forward hook takes the storage back afterwards. The storage is handed from
+  one streamed layer to the next (they are all the same size), so memory holds the resident
+  modules plus one streamed layer, which the "auto" plan keeps room for inside `max_memory`.
 - "From disk" means the checkpoint's own safetensors files, read in place at the tensors' offsets
   (no copy is written), when the checkpoint is safetensors in the model's dtype. Otherwise (bin,
   tf-h5, msgpack, or a dtype cast) the disk layers are written once, in the model's dtype, to
@@ -40,7 +40,7 @@ from torch import nn
 from opt_core import OPTConfig
 from opt_core.checkpoint import CheckpointLoad, open_checkpoint
 from opt_core.formats import Scratch
-from opt_core.formats.base import TensorPlan
+from opt_core.formats.base import Reader, TensorPlan
 from opt_core.formats.safetensors import SafetensorsReader, SafetensorsWriter
 from opt_core.params import hf_name, parameter_table
 from opt_core.placement import (
@@ -139,7 +139,7 @@ class DiskWeights:
     """Where the disk layers' tensors are read from on every forward: a safetensors reader and
     canonical name -> key. Offers what `opt_torch.io.read_parameter` reads through."""
 
-    def __init__(self, reader: SafetensorsReader, keys: dict[str, str], where: str):
+    def __init__(self, reader: Reader, keys: dict[str, str], where: str):
         self.reader, self.keys, self.where = reader, keys, where
         self.scratch = Scratch()
 
@@ -227,19 +227,17 @@ class StreamedModule:
     def __init__(self, module: nn.Module, params: list[tuple[str, torch.Tensor]], device: torch.device,
                  source: DiskWeights, pool: _StoragePool):
         self.params, self.device, self.source, self.pool = params, device, source, pool
-        tensors: dict[int, torch.Tensor] = {}
-        for t in module.parameters():
-            tensors[id(t)] = t
+        tensors: dict[int, torch.Tensor] = {id(p): p for p in module.parameters()}
         for m in module.modules():
-            fused = getattr(m, "_qkv", None)
-            for t in fused or ():
+            for t in getattr(m, "_qkv", None) or ():
                 if t is not None:
                     tensors[id(t)] = t
-        groups: dict[int, list[tuple[torch.Tensor, int, tuple[int, ...], tuple[int, ...]]]] = {}
+        groups: dict[int, list[tuple[torch.Tensor, int, tuple[int, ...], tuple[int, ...]]]] = {}  # by storage
         sizes: dict[int, int] = {}
         for t in tensors.values():
             storage = t.untyped_storage()
-            groups.setdefault(storage.data_ptr(), []).append((t, t.storage_offset(), tuple(t.shape), t.stride()))
+            member = (t, int(t.storage_offset()), tuple(t.shape), tuple(t.stride()))
+            groups.setdefault(storage.data_ptr(), []).append(member)
             sizes[storage.data_ptr()] = storage.nbytes()
         self.groups = [(sizes[k], members) for k, members in groups.items()]
         self.nbytes = sum(sizes.values())
@@ -261,7 +259,7 @@ class StreamedModule:
         for _, members in self.groups:
             storage = members[0][0].untyped_storage()
             for t, *_ in members:
-                t.set_()
+                t.set_(torch.empty(0, dtype=t.dtype, device=t.device).untyped_storage(), 0, (0,), (1,))
             if storage.nbytes():
                 self.pool.give(self.device, storage)
 
@@ -275,7 +273,7 @@ class Dispatch:
     streamed: list[StreamedModule]
 
 
-def dispatch(model: nn.Module, placement: Placement, source: DiskWeights | None) -> Dispatch:
+def dispatch(model: Any, placement: Placement, source: DiskWeights | None) -> Dispatch:
     """Apply `placement` to `model` (built by `empty()` on the CPU, not yet filled): GPU modules get
     storage there, disk layers become `StreamedModule`s, and hooks move data between devices.
     Returns what `model.offload` keeps."""
@@ -311,7 +309,7 @@ def dispatch(model: nn.Module, placement: Placement, source: DiskWeights | None)
     return Dispatch(placement, source, streamed)
 
 
-def _empty_plain(model_class: type, config: OPTConfig, dtype: torch.dtype, attn_implementation: str) -> Any:
+def _empty_plain(model_class: Any, config: OPTConfig, dtype: torch.dtype, attn_implementation: str) -> Any:
     """The model on uninitialised CPU storage with every weight [out, in], as the checkpoint
     stores it (q/k/v fused into one [3C, C] buffer), so a disk layer's tensors are read straight
     into their memory. `OPTPreTrainedModel.empty` may choose the input-major layout instead, which
@@ -330,7 +328,7 @@ def _empty_plain(model_class: type, config: OPTConfig, dtype: torch.dtype, attn_
 
 
 def from_pretrained_dispatched(
-    model_class: type,
+    model_class: Any,
     folder: Path,
     config: OPTConfig,
     dtype: torch.dtype,

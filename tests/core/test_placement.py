@@ -8,10 +8,10 @@ from opt_core import Head, OPTConfig, parameter_table
 from opt_core.placement import (
     PlacementError,
     parse_max_memory,
+    placement_units,
     plan_auto,
     plan_from_dict,
     plan_placement,
-    placement_units,
 )
 from tests.variants import TINY, VARIANTS
 
@@ -35,7 +35,8 @@ def test_units_cover_every_parameter_once(variant):
     stored = [s.name for s in table if s.tied_to is None]
     assert sorted(p for u in units for p in u.params) == sorted(stored)
     assert sum(u.nbytes for u in units) == 2 * sum(s.numel for s in table if s.tied_to is None)
-    assert [u.name for u in units if u.layer is not None] == [f"decoder.layers.{i}" for i in range(config.num_hidden_layers)]
+    layers = [f"decoder.layers.{i}" for i in range(config.num_hidden_layers)]
+    assert [u.name for u in units if u.layer is not None] == layers
     names = [u.name for u in units]
     assert names[0] == "decoder.embed_tokens"
     # The tied head is the embedding's tensor: listed with it, not a unit of its own.
