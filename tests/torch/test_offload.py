@@ -236,3 +236,32 @@ def test_peak_rss_stays_within_max_memory_plus_one_layer(tmp_path):
     full_added, _, full_tokens = run("all")
     assert full_tokens == tokens
     assert full_added > bound  # the bound tells the two placements apart
+
+
+def test_gpu_code_path_with_a_stand_in_device(tmp_path, monkeypatch):
+    """No GPU here: GPU index 0 stands for the device `cpu:0`, which torch tells apart from `cpu`
+    as a device (CPU tensors themselves carry no index), so the GPU branch runs (modules given
+    storage there, inputs moved to each module's device and outputs back to the main one, disk
+    layers streamed to the main device) and must still give the in-memory tokens."""
+    from opt_torch import offload
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    # Moving CPU -> GPU replaces each parameter object (CPU -> CPU would only swap its data): so here.
+    monkeypatch.setattr(torch.__future__, "get_overwrite_module_params_on_conversion", lambda: True)
+    monkeypatch.setattr(offload, "_torch_device", lambda d: torch.device("cpu", d) if isinstance(d, int) else
+                        torch.device("cpu"))
+    moved = []
+    to = offload._to
+    monkeypatch.setattr(offload, "_to", lambda obj, device: moved.append(device) or to(obj, device))
+    config = _config("post_ln_proj")
+    folder = _save(tmp_path, config)
+    table = parameter_table(config, Head.CAUSAL_LM)
+    layer = sum(s.numel for s in table if s.layer == 0) * 4
+    gpu = _budget(config, 4, kept=1)  # resident modules, one layer, room for one streamed layer
+    model = OPTForCausalLM.from_pretrained(folder, device_map="auto", max_memory={0: gpu, "cpu": 2 * layer})
+    layers = [model.hf_device_map[f"model.decoder.layers.{i}"] for i in range(LAYERS)]
+    assert layers == [0, "cpu", "cpu", "disk", "disk", "disk"]
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight  # still tied after the move
+    assert torch.equal(_generate(OPTForCausalLM.from_pretrained(folder)), _generate(model))
+    assert torch.device("cpu") in moved and torch.device("cpu", 0) in moved
