@@ -265,3 +265,20 @@ def test_gpu_code_path_with_a_stand_in_device(tmp_path, monkeypatch):
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight  # still tied after the move
     assert torch.equal(_generate(OPTForCausalLM.from_pretrained(folder)), _generate(model))
     assert torch.device("cpu") in moved and torch.device("cpu", 0) in moved
+
+
+def test_sharded_checkpoint_and_classification_head(tmp_path):
+    from opt_torch import OPTForSequenceClassification
+
+    config = _config().replace(num_labels=3)
+    torch.manual_seed(0)
+    OPTForSequenceClassification(config).save_pretrained(tmp_path, max_shard_size=20_000)
+    full = OPTForSequenceClassification.from_pretrained(tmp_path)
+    model = OPTForSequenceClassification.from_pretrained(
+        tmp_path, device_map={"": "cpu", "model.decoder.layers.2": "disk", "model.decoder.layers.5": "disk"})
+    assert model.hf_device_map["score"] == "cpu" and "lm_head" not in model.hf_device_map
+    assert len(model.offload.source.where.split(", ")) > 1  # read in place from several shards
+    ids, mask = left_padded_batch(vocab_size=config.vocab_size)
+    with torch.no_grad():
+        got, want = model(ids, attention_mask=mask).logits, full(ids, attention_mask=mask).logits
+    assert relative_error(got.numpy(), want.numpy()) <= TOLERANCE["float32"]
