@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +265,14 @@ class StreamedModule:
                 self.pool.give(self.device, storage)
 
 
+def _refuse_state_dict(key: str, *_: Any) -> None:
+    """A disk layer's parameters are empty between forwards: saving them would write nothing."""
+    raise ValueError(
+        f"{key} is offloaded to disk (device_map) and holds no weights between forwards, so the model has no "
+        "state_dict to save or export: load it without device_map for that"
+    )
+
+
 @dataclasses.dataclass
 class Dispatch:
     """What `model.offload` holds: the placement, the disk source and the streamed layers."""
@@ -295,6 +304,7 @@ def dispatch(model: Any, placement: Placement, source: DiskWeights | None) -> Di
         s = StreamedModule(module, [(n, params[hf_name(n, head)]) for n in u.params], runs_on[u.name], source, pool)
         module.register_forward_pre_hook(lambda _m, _args, s=s: s.load())
         module.register_forward_hook(lambda _m, _args, _out, s=s: s.release(), always_call=True)
+        module.register_state_dict_pre_hook(partial(_refuse_state_dict, module_key(u.name, head)))
         streamed.append(s)
     if len(set(runs_on.values())) > 1:
         layers = [u for u in placement.units if u.layer is not None]

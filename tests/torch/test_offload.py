@@ -74,6 +74,8 @@ def test_disk_layers_hold_no_memory_between_forwards_and_are_read_each_time(tmp_
     model = OPTForCausalLM.from_pretrained(folder, device_map="auto", max_memory={"cpu": _budget(config, 4)})
     disk = [model.get_submodule(f"model.decoder.layers.{i}") for i in range(KEPT, LAYERS)]
     assert all(p.numel() == 0 for layer in disk for p in layer.parameters())
+    with pytest.raises(ValueError, match=r"model.decoder.layers.2 is offloaded to disk .*load it without device_map"):
+        model.save_pretrained(tmp_path / "saved")
     source = model.offload.source
     assert source.where == str(folder / "model.safetensors")  # read in place: nothing written
     reads = []
