@@ -360,10 +360,13 @@ def from_pretrained_dispatched(
     """
     head = model_class.head
     budgets = None
+    auto = isinstance(device_map, str) and device_map in AUTO_MAPS
+    if max_memory is not None and not auto:
+        raise ValueError(f"max_memory= budgets device_map='auto'; with device_map={device_map!r} it would be ignored")
     if max_memory is not None:
         budgets = parse_max_memory(max_memory)
         _check_gpus([("max_memory names", d) for d in budgets])
-    elif isinstance(device_map, str) and device_map in AUTO_MAPS:
+    elif auto:
         budgets = default_max_memory()
     itemsize = torch.empty(0, dtype=dtype).element_size()
     placement = plan_placement(config, head, itemsize, device_map, budgets)

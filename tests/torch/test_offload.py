@@ -169,6 +169,7 @@ def test_non_finite_disk_weight_is_refused_at_load(tmp_path):
         ({"device_map": "auto", "max_memory": {0: "1GB", "cpu": "1GB"}}, "max_memory names GPU 0, but CUDA is not"),
         ({"device_map": "auto", "quantize": "int8"}, "quantize= and device_map= do not combine"),
         ({"max_memory": {"cpu": "1GB"}}, "apply to a device map"),
+        ({"device_map": {"": "cpu"}, "max_memory": {"cpu": "1GB"}}, r"device_map=\{'': 'cpu'\} it would be ignored"),
         ({"device_map": "auto", "device": "cpu"}, "either device= or device_map="),
     ],
 )
