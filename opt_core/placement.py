@@ -14,8 +14,11 @@ Framework-free planning with Accelerate's big-model semantics, from the canonica
   decoder layers that do not fit to disk. The modules outside the layers (embeddings, final
   LayerNorm, projections, head) always stay in memory: they are placed first, each on the first
   device with room. When any layer goes to disk, the *main device* (the first one, where disk
-  layers run) keeps room for the largest layer, as Accelerate does, so that a layer streamed in
-  from disk fits beside what is resident: `max_memory` then bounds everything held at any moment.
+  layers run) keeps room for the largest layer, so that a layer streamed in from disk fits beside
+  what is resident: `max_memory` then bounds everything held at any moment. Accelerate keeps that
+  room on the first GPU and on the CPU, offloaded or not; here layers placed on the CPU run on the
+  CPU (they are not streamed to a GPU) and a disk layer reaches a GPU through a small read buffer,
+  so the room is kept only where disk layers run, and only when there are some.
 - An explicit device map names units (or a module above them, such as `model.decoder.layers` or
   `""` for the whole model); the longest matching name decides each unit.
 
