@@ -434,6 +434,9 @@ Args:
     quantize: None, "int8" (weight-only) or "w8a8": inference only, quantized from the float weights
         (torch also has "int4"; another backend refuses it with a ValueError).
     **backend_options: what one backend alone has (listed below); another backend raises TypeError.
+        torch alone loads models larger than memory: `device_map` ("auto", or module path -> GPU
+        index / "cpu" / "disk"), `max_memory` ({0: "10GiB", "cpu": "1GB"}), `offload_folder`
+        (`opt_torch.offload`; `model.hf_device_map` reports the placement).
 Returns:
     The model (inference mode); `model.loading_info` is the `KeyAccounting` of the load and, for a
     causal LM, `model.generation_config` the folder's generation_config.json.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +63,31 @@ def resolve_dtype(dtype: Any, config: OPTConfig | None = None) -> torch.dtype:
 
 
 # ---------------------------------------------------------------- loading
-def fill_parameters(model: Any, ckpt: CheckpointLoad) -> None:
-    """Copy every tensor of `ckpt` into `model`'s parameters, one at a time: read straight into
-    the parameter's memory when it is a contiguous CPU tensor of the stored dtype, else through
-    one reused buffer. Tied parameters absent from the checkpoint are re-tied; head parameters
-    the checkpoint lacks are initialised (with a warning).
+@torch.no_grad()
+def read_parameter(target: torch.Tensor, ckpt: Any, name: str, scratch: Scratch) -> None:
+    """Read canonical tensor `name` of `ckpt` (a `CheckpointLoad`, or anything with its `read`,
+    `dtype`, `get_slice` and `reader`) into `target`: straight into its memory when it is a
+    contiguous CPU tensor of the stored dtype, else a few rows at a time or through `scratch`."""
+    stored = ckpt.dtype(name)
+    if (target.device.type == "cpu" and target.is_contiguous()
+            and tensor_to_numpy(target[:0].reshape(-1)).dtype == stored):
+        ckpt.read(name, out=tensor_to_numpy(target))  # into the parameter itself
+    elif ckpt.reader.reads_row_slices and target.dim() >= 1 and target.shape[0] > 1:
+        # Another dtype, device or layout (input-major weights): a few rows at a time.
+        rows = ckpt.get_slice(name)
+        step = max(1, _CHUNK_BYTES // max(1, target[0].numel() * stored.itemsize))
+        for r in range(0, target.shape[0], step):
+            target[r : r + step].copy_(numpy_to_tensor(rows[r : r + step]))
+    else:
+        arr = ckpt.read(name, out=scratch.array(tuple(target.shape), stored))
+        target.copy_(numpy_to_tensor(arr))
+
+
+def fill_parameters(model: Any, ckpt: CheckpointLoad, skip: Container[str] = ()) -> None:
+    """Copy every tensor of `ckpt` into `model`'s parameters, one at a time (`read_parameter`).
+    Tied parameters absent from the checkpoint are re-tied; head parameters the checkpoint lacks
+    are initialised (with a warning). Canonical names in `skip` are left alone (a loader that
+    streams them later: `opt_torch.offload`).
 
     Raises:
         CheckpointError: a parameter left unfilled (never hands out uninitialised memory).
@@ -78,20 +98,8 @@ def fill_parameters(model: Any, ckpt: CheckpointLoad) -> None:
     filled: set[str] = set()
     with torch.no_grad():
         for name in ckpt.names:
-            target = params[hf_name(name, head)]
-            stored = ckpt.dtype(name)
-            if (target.device.type == "cpu" and target.is_contiguous()
-                    and tensor_to_numpy(target[:0].reshape(-1)).dtype == stored):
-                ckpt.read(name, out=tensor_to_numpy(target))  # into the parameter itself
-            elif ckpt.reader.reads_row_slices and target.dim() >= 1 and target.shape[0] > 1:
-                # Another dtype, device or layout (input-major weights): a few rows at a time.
-                rows = ckpt.get_slice(name)
-                step = max(1, _CHUNK_BYTES // max(1, target[0].numel() * stored.itemsize))
-                for r in range(0, target.shape[0], step):
-                    target[r : r + step].copy_(numpy_to_tensor(rows[r : r + step]))
-            else:
-                arr = ckpt.read(name, out=scratch.array(tuple(target.shape), stored))
-                target.copy_(numpy_to_tensor(arr))
+            if name not in skip:
+                read_parameter(params[hf_name(name, head)], ckpt, name, scratch)
             filled.add(name)
         for name in acc.tied:
             spec = next(s for s in parameter_table(config, head) if s.name == name)
@@ -128,6 +136,9 @@ def from_pretrained(
     allow_non_finite: bool = False,
     quantize: str | None = None,
     calibration: str | os.PathLike[str] | None = None,
+    device_map: Any = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Load a Hugging Face OPT folder or Hub id into `model_class` (an `OPTPreTrainedModel` subclass).
 
@@ -151,6 +162,13 @@ def from_pretrained(
             only, quantized here from the float weights (`opt_torch.quantize`).
         calibration: w8a8 only: a text file to calibrate SmoothQuant factors on (stored beside the
             checkpoint and reused); without it, factors already stored there are used if present.
+        device_map: "auto", one device, or a dict of module path -> GPU index / "cpu" / "disk":
+            place the model across GPUs, the CPU and disk, disk layers streamed in per forward
+            (`opt_torch.offload`); `model.hf_device_map` reports the placement.
+        max_memory: device -> budget ({0: "10GiB", "cpu": "1GB"}) for device_map="auto"
+            (default: what is free).
+        offload_folder: where layers placed on disk are written once when they cannot be read in
+            place (a checkpoint not in safetensors, or stored in another dtype).
     Returns:
         The model in eval mode; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -161,6 +179,15 @@ def from_pretrained(
     folder = resolve_pretrained(name_or_path, revision)
     config = config if config is not None else OPTConfig.from_pretrained(folder)
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+    if device_map is not None or max_memory is not None or offload_folder is not None:
+        from opt_torch.offload import check_dispatch_options, from_pretrained_dispatched
+
+        check_dispatch_options(device_map, device=device, quantize=quantize, tensor_parallel=tp_plan or device_mesh)
+        model = from_pretrained_dispatched(
+            model_class, folder, config, dtype, device_map, max_memory, offload_folder,
+            attn_implementation=attn_implementation, fmt=format, allow_non_finite=allow_non_finite,
+        )
+        return _read_generation_config(model, folder, config).eval()
     device = torch.device(device) if device is not None else torch.device("cpu")
     if tp_plan is not None or device_mesh is not None:
         if quantize is not None:
