@@ -5,7 +5,6 @@ tensors the writer will receive."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from opt_core.config import CONFIG_NAME, OPTConfig
 from opt_core.formats import Reader, TensorPlan, detect_format, open_reader, writer_class
 from opt_core.formats.base import CheckpointError, check_regular_file
 from opt_core.params import Head, hf_name, parameter_table
+from opt_core.safe_files import MAX_CONFIG_BYTES, read_json
 
 _ARCH_HEADS = {
     "OPTModel": Head.BASE,
@@ -91,7 +91,8 @@ def open_source(src: Path, src_format: str | None, config: Any) -> tuple[Reader,
     fmt = src_format or detect_format(src)
     explicit = _explicit_config(config)
     json_path = _config_json(src) if explicit is None else None
-    raw = json.loads(json_path.read_text(encoding="utf-8")) if json_path is not None else None
+    raw = (read_json(json_path, what="config file", max_bytes=MAX_CONFIG_BYTES, expect=dict)
+           if json_path is not None else None)
     if fmt == "metaseq":
         reader = open_reader(src, fmt)
         try:

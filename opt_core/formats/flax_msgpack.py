@@ -49,8 +49,8 @@ from opt_core.formats.base import (
     CheckpointError,
     Reader,
     Writer,
-    check_regular_file,
     final_permissions,
+    open_file,
     out_array,
 )
 from opt_core.formats.files import FLAX_MSGPACK
@@ -310,7 +310,7 @@ def _parse(path: Path) -> list[tuple[tuple[str, ...], _ArrayRef]]:
     read-only; no tensor byte is touched and the map is closed before returning."""
     if not path.exists():
         raise FileNotFoundError(f"no Flax checkpoint at {path}")
-    file = open(check_regular_file(path), "rb")  # noqa: SIM115 (closed below)
+    file = open_file(path)
     with file:
         if os.fstat(file.fileno()).st_size == 0:
             raise CheckpointError(f"{path} is empty")
@@ -376,7 +376,7 @@ class FlaxMsgpackReader(Reader):
                     f"{self.path}: {'/'.join(self._table[name][2])} and {'/'.join(fpath)} both map to {name}"
                 )
             self._table[name] = (ref, transposed, fpath)
-        self._file = open(self.path, "rb")  # noqa: SIM115 (closed in close())
+        self._file = open_file(self.path)
         self._scratch = Scratch()
 
     def close(self) -> None:

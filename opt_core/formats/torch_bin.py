@@ -17,6 +17,7 @@ them, comes last. `torch.load(weights_only=True, mmap=True)` and Hugging Face re
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -35,11 +36,13 @@ from opt_core.formats.base import (
     Reader,
     Writer,
     final_permissions,
+    open_file,
     out_array,
     read_exact,
     tmp_name,
 )
 from opt_core.formats.files import TORCH_BIN, plan_shards, resolve_files, shard_file_names, write_index
+from opt_core.safe_files import bounded_repr
 
 # torch's typed storage class names <-> NumPy dtypes.
 STORAGE_DTYPES = {
@@ -58,6 +61,8 @@ _STORAGE_NAMES = {v: k for k, v in STORAGE_DTYPES.items()}
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _ALIGN = 64  # torch.save's storage alignment
 _MAX_PICKLE = 256 * 1024 * 1024  # a state dict's pickle is kilobytes; refuse absurd ones
+_MAX_RANK = 8
+_MAX_VIEWS_PER_STORAGE = 2  # a tensor and its tied twin
 
 
 @dataclass
@@ -68,6 +73,7 @@ class _StorageRef:
     dtype: np.dtype
     numel: int
     offset: int = -1  # file offset of the bytes (set once known)
+    viewed: int = 0  # elements of all the tensors viewing it so far
 
 
 @dataclass
@@ -94,15 +100,40 @@ class _Marker:
 def _rebuild_tensor(storage: _StorageRef, storage_offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
     if not isinstance(storage, _StorageRef):
         raise CheckpointError("a tensor in the pickle does not point at a storage")
-    shape = tuple(int(d) for d in size)
-    strides = tuple(int(s) for s in stride)
+    if (not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)) or len(size) > _MAX_RANK
+            or not all(type(v) is int for v in (*size, *stride, storage_offset))):
+        raise CheckpointError(
+            f"a tensor in the pickle has shape {bounded_repr(size)}, strides {bounded_repr(stride)} and offset "
+            f"{bounded_repr(storage_offset)}; expected tuples of at most {_MAX_RANK} integers"
+        )
+    shape, strides = tuple(size), tuple(stride)
     if len(shape) != len(strides) or any(d < 0 for d in shape) or any(s < 0 for s in strides):
-        raise CheckpointError(f"a tensor in the pickle has shape {shape} and strides {strides}")
+        raise CheckpointError(f"a tensor in the pickle has shape {list(shape)} and strides {list(strides)}")
     extent = 1 + sum((d - 1) * s for d, s in zip(shape, strides)) if all(shape) else 0
     if storage_offset < 0 or storage_offset + extent > storage.numel:
         raise CheckpointError(
             f"a tensor of shape {list(shape)} at offset {storage_offset} overruns its storage of "
             f"{storage.numel} elements"
+        )
+    # A view whose elements overlap (a stride of 0, or strides smaller than the dimensions they
+    # step over) would read one stored element many times: a 22 KB file of such views became 1.23 GB
+    # of weights. torch.save writes views of real parameters, which never overlap.
+    step = 1
+    for s, d in sorted((s, d) for d, s in zip(shape, strides) if d > 1):
+        if s < step:
+            raise CheckpointError(
+                f"a tensor of shape {list(shape)} with strides {list(strides)} is a view whose elements overlap "
+                "(stride 0 or overlapping strides); checkpoints store each weight element once"
+            )
+        step = s * d
+    numel = math.prod(shape)
+    storage.viewed += numel
+    # Views may share a storage (a tied head is the embedding again), but together they may not
+    # read it more than twice over.
+    if storage.viewed > _MAX_VIEWS_PER_STORAGE * max(storage.numel, 1):
+        raise CheckpointError(
+            f"tensors view storage {storage.key} ({storage.numel} elements) {storage.viewed} elements' worth; "
+            f"more than {_MAX_VIEWS_PER_STORAGE} times its size"
         )
     return TensorRef(storage, int(storage_offset), shape, strides)
 
@@ -140,10 +171,14 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _Marker)):
-            raise CheckpointError(f"{self.source}: unsupported persistent id in the pickle: {str(pid)[:200]}")
+            raise CheckpointError(f"{self.source}: unsupported persistent id in the pickle: {bounded_repr(pid)}")
         _, marker, key, _location, numel = pid[:5]
+        if not isinstance(key, str) or type(numel) is not int or numel < 0 or len(key) > 256:
+            raise CheckpointError(
+                f"{self.source}: a storage in the pickle has key {bounded_repr(key)} and size {bounded_repr(numel)}; "
+                "expected a short string and a non-negative integer"
+            )
         dtype = STORAGE_DTYPES[marker.name]
-        key = str(key)
         ref = self.storages.get(key)
         if ref is None:
             ref = self.storages[key] = _StorageRef(key, dtype, int(numel))
@@ -162,6 +197,22 @@ def _local_data_offset(f: Any, info: zipfile.ZipInfo, source: Path) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+def _naming(e: CheckpointError, path: Path) -> CheckpointError:
+    """`e`, its message prefixed with the file when it does not name it (the tensor and storage
+    checks run inside the unpickler, which knows no file)."""
+    return e if str(path) in str(e) else CheckpointError(f"{path}: {e}")
+
+
+def _problem(e: Exception) -> str:
+    """What went wrong while unpickling, without the exception's text: pickle's own messages quote
+    bytes of the file ("invalid load key, 'r'"), which may not be a pickle at all."""
+    if isinstance(e, (pickle.UnpicklingError, EOFError)):
+        return "not a valid pickle, or a truncated one"
+    if isinstance(e, MemoryError):
+        return "it asks for more memory than there is"
+    return f"the pickle's contents are not a state dict ({type(e).__name__})"
+
+
 def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
     """Unpickle a `torch.save` file (zip or legacy) restrictedly: the object, with `TensorRef`s
     for tensors, and every storage with its file offset.
@@ -169,9 +220,17 @@ def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
     Raises:
         CheckpointError: not a torch file, a refused global, storages missing or out of bounds.
     """
-    size = path.stat().st_size
     storages: dict[str, _StorageRef] = {}
-    with open(path, "rb") as f:
+    with open_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        magic = f.read(4)
+        f.seek(0)
+        if magic == b"PK\x03\x04" and not zipfile.is_zipfile(f):
+            raise CheckpointError(
+                f"{path} is a truncated or damaged zip archive ({size} bytes, no readable central directory at "
+                "its end); torch.save files are zip archives: was the download or copy cut short?"
+            )
+        f.seek(0)
         if zipfile.is_zipfile(f):
             try:
                 zf = zipfile.ZipFile(f)
@@ -182,15 +241,20 @@ def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
             if len(pkl) != 1:
                 raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no single data.pkl)")
             prefix = pkl[0][: -len("data.pkl")]
-            if members[pkl[0]].file_size > _MAX_PICKLE:
-                raise CheckpointError(f"{path}: its pickle is {members[pkl[0]].file_size} bytes; refusing")
+            # A pickle larger than the whole file can only come from a compressed member (torch
+            # stores its members raw): refused rather than inflated.
+            if members[pkl[0]].file_size > min(_MAX_PICKLE, size):
+                raise CheckpointError(
+                    f"{path}: its pickle claims {members[pkl[0]].file_size:,} bytes, more than the file's {size:,} "
+                    f"(or the {_MAX_PICKLE:,}-byte limit); refusing"
+                )
             try:
                 raw = zf.read(pkl[0])
                 obj = _Unpickler(io.BytesIO(raw), str(path), storages).load()
-            except CheckpointError:
-                raise
+            except CheckpointError as e:
+                raise _naming(e, path) from None
             except Exception as e:
-                raise CheckpointError(f"{path}: cannot unpickle its state dict ({type(e).__name__}: {e})") from None
+                raise CheckpointError(f"{path}: cannot unpickle its state dict ({_problem(e)})") from None
             for ref in storages.values():
                 info = members.get(f"{prefix}data/{ref.key}")
                 if info is None:
@@ -210,8 +274,8 @@ def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
         f.seek(0)
         try:
             header = [_Unpickler(f, str(path), {}).load() for _ in range(3)]
-        except CheckpointError:
-            raise
+        except CheckpointError as e:
+            raise _naming(e, path) from None
         except Exception:
             raise CheckpointError(f"{path} is neither a torch.save zip archive nor a legacy torch file") from None
         if header[0] != _LEGACY_MAGIC or not isinstance(header[2], dict):
@@ -221,10 +285,10 @@ def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
         try:
             obj = _Unpickler(f, str(path), storages).load()
             keys = _Unpickler(f, str(path), {}).load()
-        except CheckpointError:
-            raise
+        except CheckpointError as e:
+            raise _naming(e, path) from None
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot unpickle its state dict ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path}: cannot unpickle its state dict ({_problem(e)})") from None
         if not isinstance(keys, list):
             raise CheckpointError(f"{path}: corrupt legacy torch file (no storage key list)")
         pos = f.tell()
@@ -280,7 +344,12 @@ def state_dict_of(obj: Any, path: Path) -> dict[str, TensorRef]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, TensorRef) or not isinstance(k, str)]
+    bad = []
+    for k, v in obj.items():
+        if not isinstance(v, TensorRef) or not isinstance(k, str):
+            bad.append(bounded_repr(k, 100))
+            if len(bad) == 20:
+                break
     if bad:
         raise CheckpointError(f"{path} holds entries that are not tensors: {', '.join(bad[:20])}")
     return obj
@@ -325,7 +394,7 @@ class TorchBinReader(Reader):
         path = self._where[key]
         f = self._handles.get(path)
         if f is None:
-            f = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
+            f = self._handles[path] = open_file(path)
         return read_tensor(f, path, key, self._tensors[key], out)
 
     def close(self) -> None:
