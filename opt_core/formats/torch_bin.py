@@ -20,6 +20,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
@@ -187,12 +188,40 @@ class _Unpickler(pickle.Unpickler):
         return ref
 
 
+# Opcodes that store into or read from the unpickler's memo, an array the C unpickler grows to the
+# index it is given: one LONG_BINPUT of 2**30 in a 6 KB pickle asked for 8 GB.
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def _load(f: Any, path: Path, storages: dict[str, _StorageRef]) -> Any:
+    """One pickle from `f` (at its position) through the restricted unpickler, after a scan of its
+    opcodes (pickletools, which builds nothing) refuses memo indices beyond the opcodes before them."""
+    start = f.tell()
+    ops = 0
+    try:
+        for op, arg, _pos in pickletools.genops(f):
+            ops += 1
+            if op.name in _MEMO_OPS and (not isinstance(arg, int) or arg > ops):
+                raise CheckpointError(
+                    f"{path}: the pickle uses memo slot {bounded_repr(arg)} after {ops} opcodes; a pickle numbers "
+                    "its memo from 0 as it goes, so this is not one torch.save wrote"
+                )
+    except CheckpointError:
+        raise
+    except Exception:  # malformed: reported by the callers as any unpicklable file
+        raise pickle.UnpicklingError("malformed pickle") from None
+    f.seek(start)
+    return _Unpickler(f, str(path), storages).load()
+
+
 def _local_data_offset(f: Any, info: zipfile.ZipInfo, source: Path) -> int:
     """Where the bytes of a stored zip member start (after its local header)."""
+    if info.header_offset < 0:
+        raise CheckpointError(f"{source}: corrupt zip entry {bounded_repr(info.filename, 120)}")
     f.seek(info.header_offset)
     head = f.read(30)
     if len(head) != 30 or head[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"{source}: corrupt zip entry {info.filename}")
+        raise CheckpointError(f"{source}: corrupt zip entry {bounded_repr(info.filename, 120)}")
     name_len, extra_len = struct.unpack("<HH", head[26:30])
     return info.header_offset + 30 + name_len + extra_len
 
@@ -211,6 +240,50 @@ def _problem(e: Exception) -> str:
     if isinstance(e, MemoryError):
         return "it asks for more memory than there is"
     return f"the pickle's contents are not a state dict ({type(e).__name__})"
+
+
+# What zipfile raises on a damaged archive (bad offsets, unknown versions, CRC mismatches).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, NotImplementedError, EOFError, RuntimeError,
+               struct.error, ValueError, OverflowError)
+
+
+def _load_zip(f: Any, path: Path, size: int, storages: dict[str, _StorageRef]) -> tuple[Any, list[_StorageRef]]:
+    """`load_pickle` for the zip format (torch >= 1.6); zipfile's own errors propagate."""
+    zf = zipfile.ZipFile(f)
+    members = {i.filename: i for i in zf.infolist()}
+    pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkl) != 1:
+        raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no single data.pkl)")
+    prefix = pkl[0][: -len("data.pkl")]
+    # A pickle larger than the whole file can only come from a compressed member (torch stores its
+    # members raw): refused rather than inflated.
+    if members[pkl[0]].file_size > min(_MAX_PICKLE, size):
+        raise CheckpointError(
+            f"{path}: its pickle claims {members[pkl[0]].file_size:,} bytes, more than the file's {size:,} "
+            f"(or the {_MAX_PICKLE:,}-byte limit); refusing"
+        )
+    raw = zf.read(pkl[0])
+    try:
+        obj = _load(io.BytesIO(raw), path, storages)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot unpickle its state dict ({_problem(e)})") from None
+    for ref in storages.values():
+        info = members.get(f"{prefix}data/{ref.key}")
+        if info is None:
+            raise CheckpointError(f"{path} lacks the storage data/{ref.key} its pickle refers to")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{path}: storage data/{ref.key} is compressed; torch files store them raw")
+        if info.file_size != ref.numel * ref.dtype.itemsize:
+            raise CheckpointError(
+                f"{path}: storage data/{ref.key} holds {info.file_size} bytes, the pickle says "
+                f"{ref.numel} x {ref.dtype}"
+            )
+        ref.offset = _local_data_offset(f, info, path)
+        if ref.offset + info.file_size > size:
+            raise CheckpointError(f"{path} is truncated inside storage data/{ref.key}")
+    return obj, list(storages.values())
 
 
 def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
@@ -233,47 +306,16 @@ def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
         f.seek(0)
         if zipfile.is_zipfile(f):
             try:
-                zf = zipfile.ZipFile(f)
-            except (zipfile.BadZipFile, OSError) as e:
-                raise CheckpointError(f"{path} is a corrupt zip file ({e})") from None
-            members = {i.filename: i for i in zf.infolist()}
-            pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pkl) != 1:
-                raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no single data.pkl)")
-            prefix = pkl[0][: -len("data.pkl")]
-            # A pickle larger than the whole file can only come from a compressed member (torch
-            # stores its members raw): refused rather than inflated.
-            if members[pkl[0]].file_size > min(_MAX_PICKLE, size):
-                raise CheckpointError(
-                    f"{path}: its pickle claims {members[pkl[0]].file_size:,} bytes, more than the file's {size:,} "
-                    f"(or the {_MAX_PICKLE:,}-byte limit); refusing"
-                )
-            try:
-                raw = zf.read(pkl[0])
-                obj = _Unpickler(io.BytesIO(raw), str(path), storages).load()
+                return _load_zip(f, path, size, storages)
             except CheckpointError as e:
                 raise _naming(e, path) from None
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot unpickle its state dict ({_problem(e)})") from None
-            for ref in storages.values():
-                info = members.get(f"{prefix}data/{ref.key}")
-                if info is None:
-                    raise CheckpointError(f"{path} lacks the storage data/{ref.key} its pickle refers to")
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise CheckpointError(f"{path}: storage data/{ref.key} is compressed; torch files store them raw")
-                if info.file_size != ref.numel * ref.dtype.itemsize:
-                    raise CheckpointError(
-                        f"{path}: storage data/{ref.key} holds {info.file_size} bytes, the pickle says "
-                        f"{ref.numel} x {ref.dtype}"
-                    )
-                ref.offset = _local_data_offset(f, info, path)
-                if ref.offset + info.file_size > size:
-                    raise CheckpointError(f"{path} is truncated inside storage data/{ref.key}")
-            return obj, list(storages.values())
+            except _ZIP_ERRORS as e:
+                # Not the library's message: zipfile's quote names and bytes from the archive.
+                raise CheckpointError(f"{path} is a corrupt zip archive ({type(e).__name__})") from None
         # The legacy format: magic, protocol, system info, the object, the storage keys, storages.
         f.seek(0)
         try:
-            header = [_Unpickler(f, str(path), {}).load() for _ in range(3)]
+            header = [_load(f, path, {}) for _ in range(3)]
         except CheckpointError as e:
             raise _naming(e, path) from None
         except Exception:
@@ -283,8 +325,8 @@ def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
         if not header[2].get("little_endian", True):
             raise CheckpointError(f"{path} was written on a big-endian machine; not supported")
         try:
-            obj = _Unpickler(f, str(path), storages).load()
-            keys = _Unpickler(f, str(path), {}).load()
+            obj = _load(f, path, storages)
+            keys = _load(f, path, {})
         except CheckpointError as e:
             raise _naming(e, path) from None
         except Exception as e:

@@ -80,6 +80,14 @@ def shared_tuple_pickle(depth: int = 100) -> bytes:
     return b"".join(out)
 
 
+def far_memo_bin(folder: Path) -> Path:
+    """A pickle that stores into memo slot 2**30 (LONG_BINPUT): the C unpickler grows its memo
+    array to that index, 8 GB, for a 10-byte pickle."""
+    tiny_model(folder)
+    (folder / "model.safetensors").unlink()
+    return _torch_zip(folder / "pytorch_model.bin", b"\x80\x02)r" + struct.pack("<I", 2**30) + b".")
+
+
 def nested_tuple_bin(folder: Path) -> Path:
     tiny_model(folder)
     (folder / "model.safetensors").unlink()

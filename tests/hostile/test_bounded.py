@@ -104,6 +104,12 @@ def test_pickle_of_shared_nested_tuples_errors_at_once(tmp_path):
         assert len(outcome.message) < 1000
 
 
+def test_pickle_memo_slot_far_ahead_is_refused_before_unpickling(tmp_path):
+    path = fixtures.far_memo_bin(tmp_path / "m")
+    outcome = run_bounded(load(tmp_path / "m"), LOAD, timeout=60)
+    assert_refused(outcome, "CheckpointError", r"uses memo slot 1073741824 after 3 opcodes", names=path)
+
+
 def test_bounded_repr_of_a_shared_tuple_is_short_and_fast():
     import time
 
