@@ -190,22 +190,70 @@ class _Unpickler(pickle.Unpickler):
 
 # Opcodes that store into or read from the unpickler's memo, an array the C unpickler grows to the
 # index it is given: one LONG_BINPUT of 2**30 in a 6 KB pickle asked for 8 GB.
-_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
+_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
+# Nesting allowed in a pickle. Through the memo one object can appear twice at every level, so
+# hashing (a dict key) or printing an object n levels deep costs 2**n: a 333-byte pickle whose dict
+# key nests 40 levels never finished unpickling. A state dict nests about 6 levels; a metaseq cfg 10.
+MAX_PICKLE_DEPTH = 32
 
 
-def _load(f: Any, path: Path, storages: dict[str, _StorageRef]) -> Any:
-    """One pickle from `f` (at its position) through the restricted unpickler, after a scan of its
-    opcodes (pickletools, which builds nothing) refuses memo indices beyond the opcodes before them."""
-    start = f.tell()
+def _scan(f: Any, path: Path) -> None:
+    """Walk one pickle's opcodes (pickletools, which builds nothing) simulating only how deep each
+    stack entry nests, and refuse memo slots ahead of the opcodes and nesting beyond
+    `MAX_PICKLE_DEPTH` before the real unpickler runs.
+
+    Raises:
+        CheckpointError: naming the file and the limit. pickle.UnpicklingError: malformed.
+    """
+    stack: list[int | None] = []  # nesting depth of each stack entry; None is a MARK
+    memo: dict[int, int] = {}
     ops = 0
-    try:
-        for op, arg, _pos in pickletools.genops(f):
-            ops += 1
-            if op.name in _MEMO_OPS and (not isinstance(arg, int) or arg > ops):
+    for op, arg, _pos in pickletools.genops(f):
+        ops += 1
+        if op.name in _MEMO_PUT or op.name in _MEMO_GET:
+            if not isinstance(arg, int) or arg > ops:
                 raise CheckpointError(
                     f"{path}: the pickle uses memo slot {bounded_repr(arg)} after {ops} opcodes; a pickle numbers "
                     "its memo from 0 as it goes, so this is not one torch.save wrote"
                 )
+            if op.name in _MEMO_PUT:
+                memo[arg] = stack[-1] or 0
+            else:
+                stack.append(memo.get(arg, 0))
+            continue
+        if op.name == "MEMOIZE":
+            memo[len(memo)] = stack[-1] or 0
+            continue
+        before = op.stack_before
+        popped: list[int] = []
+        if pickletools.markobject in before:
+            while stack and stack[-1] is not None:
+                popped.append(stack.pop())  # type: ignore[arg-type]
+            if not stack:
+                raise pickle.UnpicklingError("MARK missing")
+            stack.pop()
+            below = before.index(pickletools.markobject)
+        else:
+            below = len(before)
+        for _ in range(below):
+            if not stack or stack[-1] is None:
+                raise pickle.UnpicklingError("stack underflow")
+            popped.append(stack.pop())  # type: ignore[arg-type]
+        depth = 1 + max(popped) if popped else 0
+        if depth > MAX_PICKLE_DEPTH:
+            raise CheckpointError(
+                f"{path}: the pickle nests objects more than {MAX_PICKLE_DEPTH} levels deep "
+                "(opt_core.formats.torch_bin.MAX_PICKLE_DEPTH); a state dict nests a few"
+            )
+        stack += [None if item is pickletools.markobject else depth for item in op.stack_after]
+
+
+def _load(f: Any, path: Path, storages: dict[str, _StorageRef]) -> Any:
+    """One pickle from `f` (at its position) through the restricted unpickler, after `_scan`."""
+    start = f.tell()
+    try:
+        _scan(f, path)
     except CheckpointError:
         raise
     except Exception:  # malformed: reported by the callers as any unpicklable file

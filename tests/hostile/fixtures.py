@@ -70,7 +70,7 @@ def _torch_zip(path: Path, pickle_bytes: bytes) -> Path:
     return path
 
 
-def shared_tuple_pickle(depth: int = 100) -> bytes:
+def shared_tuple_pickle(depth: int = 30) -> bytes:
     """A pickle whose persistent id is a tuple of depth `depth` in which every level holds the one
     below twice, through the memo: a few hundred bytes whose `str()` has 2**depth leaves."""
     out = [b"\x80\x02", b")", b"q\x00"]  # PROTO 2, EMPTY_TUPLE, BINPUT 0
@@ -89,9 +89,22 @@ def far_memo_bin(folder: Path) -> Path:
 
 
 def nested_tuple_bin(folder: Path) -> Path:
+    """Within the nesting limit (30 levels), but `str()` of it has 2**30 leaves."""
     tiny_model(folder)
     (folder / "model.safetensors").unlink()
     return _torch_zip(folder / "pytorch_model.bin", shared_tuple_pickle())
+
+
+def shared_key_bin(folder: Path, depth: int = 40) -> Path:
+    """A dict whose key is a shared tuple `depth` levels deep: hashing it (which unpickling a dict
+    does) visits 2**depth leaves."""
+    tiny_model(folder)
+    (folder / "model.safetensors").unlink()
+    out = [b"\x80\x02", b"}", b")q\x000"]  # PROTO 2, EMPTY_DICT, EMPTY_TUPLE, BINPUT 0, POP
+    for _ in range(depth):
+        out.append(b"h\x00h\x00\x86q\x000")  # BINGET 0 twice, TUPLE2, BINPUT 0, POP
+    out.append(b"h\x00K\x01s.")  # the key, value 1, SETITEM, STOP
+    return _torch_zip(folder / "pytorch_model.bin", b"".join(out))
 
 
 def truncated_bin(folder: Path) -> Path:

@@ -104,6 +104,13 @@ def test_pickle_of_shared_nested_tuples_errors_at_once(tmp_path):
         assert len(outcome.message) < 1000
 
 
+def test_pickle_nesting_beyond_the_limit_is_refused_before_unpickling(tmp_path):
+    path = fixtures.shared_key_bin(tmp_path / "m")
+    assert path.stat().st_size < 1000
+    outcome = run_bounded(load(tmp_path / "m"), LOAD, timeout=60)
+    assert_refused(outcome, "CheckpointError", r"nests objects more than 32 levels deep", names=path)
+
+
 def test_pickle_memo_slot_far_ahead_is_refused_before_unpickling(tmp_path):
     path = fixtures.far_memo_bin(tmp_path / "m")
     outcome = run_bounded(load(tmp_path / "m"), LOAD, timeout=60)
