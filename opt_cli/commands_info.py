@@ -77,7 +77,10 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 def safetensors_dtypes(folder: Path) -> dict[str, int]:
     """{dtype: tensor count} over the folder's safetensors files (headers only)."""
     counts: Counter[str] = Counter()
+    from opt_core.safe_files import check_inside
+
     for path in sorted(folder.glob("*.safetensors")):
+        check_inside(path, folder, InputError, "weight file")  # as every loader: no link out of the folder
         for key, entry in safetensors_header(path).items():
             if key != "__metadata__":
                 counts[entry["dtype"]] += 1
