@@ -87,7 +87,7 @@ class GenerationConfig:
             path = path / GENERATION_CONFIG_NAME
         if config is None and (path.parent / "config.json").is_file():
             config = OPTConfig.from_pretrained(path.parent)
-        if not path.is_file():
+        if not path.exists():  # a FIFO or folder exists, and is refused by read_json, not skipped
             if config is None:
                 raise FileNotFoundError(f"{path} not found and no model config to take the special tokens from")
             return cls.from_model_config(config)

@@ -8,9 +8,9 @@ which uses `check_regular`:
   open itself is non-blocking and the type is checked again on the open descriptor, so a file swapped
   for a FIFO between the two checks is still refused.
 - `read_json`: every JSON file (config.json, generation_config.json, tokenizer files, shard indexes,
-  safetensors headers) with a size limit, a nesting-depth limit and a value-count limit, each checked
-  before the text is parsed, and one error naming the file. Python's own parser raises RecursionError
-  on deep nesting and builds any number of objects.
+  safetensors headers) with a size limit (checked before reading), a value-count limit (before
+  parsing), a nesting-depth limit, and one error naming the file. Python's own parser raises
+  RecursionError on deep nesting and builds any number of objects.
 - `bounded_repr`: the repr of an untrusted object in bounded time and length (`str()` of a pickle's
   shared-subtree tuple is exponential in its depth).
 - `check_inside`: a file reached through a folder must really be inside that folder, except the
@@ -35,7 +35,7 @@ import numpy as np
 # Limits on JSON files. OPT's largest JSON is tokenizer.json (about 2 MB, 100k values, depth 5);
 # a config.json is a few hundred bytes. A parsed value costs Python 50-100 bytes, so a million
 # values stays well under 200 MB.
-MAX_JSON_BYTES = 32 * 1024 * 1024
+MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_JSON_DEPTH = 64
 MAX_JSON_VALUES = 1 << 20
 # A config.json or generation_config.json: a few hundred bytes in practice; id2label tables for
@@ -132,19 +132,30 @@ def read_text(path: str | os.PathLike[str], max_bytes: int, error: type[Exceptio
 # A JSON string: quote, then runs of ordinary characters or escapes, then quote (unrolled so the
 # regex engine never backtracks).
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_OPEN = np.frombuffer(b"[{", np.uint8)
-_CLOSE = np.frombuffer(b"]}", np.uint8)
-_SEPARATORS = np.frombuffer(b",:", np.uint8)
+# Per byte value: +1 opens a container, -1 closes one; and whether it separates values.
+_STEP = np.zeros(256, np.int8)
+_STEP[list(b"[{")] = 1
+_STEP[list(b"]}")] = -1
+_SEPARATOR = np.zeros(256, np.bool_)
+_SEPARATOR[list(b",:")] = True
 
 
 def json_shape(raw: bytes) -> tuple[int, int]:
     """(maximum nesting depth, number of separators) of JSON text `raw`, ignoring the insides of
-    strings; linear time, without parsing. Unbalanced or invalid text gives some answer; the parser
-    reports it afterwards."""
+    strings; linear time, in chunks of bounded memory, without parsing. Unbalanced or invalid text
+    gives some answer; the parser reports it afterwards."""
     bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
-    step = np.isin(bare, _OPEN).astype(np.int32) - np.isin(bare, _CLOSE).astype(np.int32)
-    depth = int(np.cumsum(step).max()) if step.size else 0
-    return depth, int(np.isin(bare, _SEPARATORS).sum())
+    depth = deepest = separators = 0
+    for start in range(0, bare.size, _CHUNK):
+        chunk = bare[start : start + _CHUNK]
+        running = np.cumsum(_STEP[chunk], dtype=np.int64) + depth
+        deepest = max(deepest, int(running.max()))
+        depth = int(running[-1])
+        separators += int(np.count_nonzero(_SEPARATOR[chunk]))
+    return deepest, separators
+
+
+_CHUNK = 1 << 20  # bytes per pass of json_shape: about 14 MB of temporaries
 
 
 def parse_json(raw: bytes, where: str, error: type[Exception] = ValueError, *,
@@ -159,17 +170,37 @@ def parse_json(raw: bytes, where: str, error: type[Exception] = ValueError, *,
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{where} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    depth, separators = json_shape(raw)
-    if depth > max_depth:
-        raise error(f"{where} nests JSON {depth} levels deep; the limit is {max_depth}")
-    if separators + 1 > max_values:
+    # Counting separators in the raw bytes is an upper bound of the values (strings may hold some);
+    # only above the limit is the exact count (strings skipped) worth its cost.
+    if raw.count(b",") + raw.count(b":") + 1 > max_values and json_shape(raw)[1] + 1 > max_values:
         raise error(f"{where} holds more than {max_values:,} JSON values, the limit")
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except RecursionError:  # unreachable after the depth check; kept so no traceback escapes
-        raise error(f"{where} nests JSON too deeply") from None
+    except RecursionError:  # the C parser guards its recursion: deep nesting fails fast and safely
+        data = _TOO_DEEP
+    if data is _TOO_DEEP or _deeper_than(data, max_depth):
+        depth = json_shape(raw)[0]
+        if depth > max_depth:
+            raise error(f"{where} nests JSON {depth} levels deep; the limit is {max_depth}")
+    return data
+
+
+_TOO_DEEP = object()
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """Whether parsed JSON `data` nests containers more than `limit` levels (iterative walk)."""
+    todo = [(data, 0)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (dict, list)):
+            if depth + 1 > limit:
+                return True
+            todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value)
+                        if isinstance(v, (dict, list)))
+    return False
 
 
 def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError, *, what: str = "JSON file",

@@ -212,6 +212,14 @@ def test_special_file_as_config_json_is_refused_by_type(tmp_path, kind):
     assert_refused(outcome, "ValueError", rf"is a {SPECIAL[kind]}, not a regular file", names=config)
 
 
+def test_fifo_generation_config_is_refused_not_skipped(tmp_path):
+    folder = fixtures.tiny_model(tmp_path / "m")
+    os.mkfifo(folder / "generation_config.json")
+    outcome = run_bounded(f"GenerationConfig.from_pretrained({str(folder)!r})",
+                          "from opt_core.generation_config import GenerationConfig", timeout=30)
+    assert_refused(outcome, "ValueError", r"is a FIFO, not a regular file", names=folder / "generation_config.json")
+
+
 @pytest.mark.torch
 def test_fifo_config_json_for_from_pretrained_does_not_block(tmp_path):
     folder, config = _special(tmp_path, "fifo")
