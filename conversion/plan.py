@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from opt_core.checkpoint import KeyAccounting, account_keys, check_tensors
+from opt_core.checkpoint import KeyAccounting, account_keys, check_bytes_on_disk, check_tensors
 from opt_core.config import CONFIG_NAME, OPTConfig
 from opt_core.formats import Reader, TensorPlan, detect_format, open_reader, writer_class
 from opt_core.formats.base import CheckpointError, check_regular_file
@@ -153,6 +153,7 @@ def plan(src: Path, reader: Reader, cfg: OPTConfig, config_source: str, raw: dic
         CheckpointError: unknown/missing/misshapen tensors, non-float weights, an untied head under
             a tied config; ValueError: the format cannot hold this model.
     """
+    check_bytes_on_disk(reader, cfg)  # a config far larger than the files: refused before its table
     shapes = reader.shapes()
     head = Head(head) if head is not None else infer_head({k.removeprefix("model.") for k in shapes}, cfg)
     acc = account_keys(shapes, cfg, head)

@@ -82,9 +82,10 @@ def test_config_far_larger_than_the_weights_on_disk(tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config.update(hidden_size=8192, num_attention_heads=64, ffn_dim=32768, num_hidden_layers=64)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    outcome = run_bounded(load(tmp_path / "m"), LOAD)
-    assert_refused(outcome, "CheckpointError", r"config implies a decoder of [\d,]+ parameters .* weight files hold",
-                   names=tmp_path / "m")
+    for action in (load(tmp_path / "m"), convert(tmp_path / "m", tmp_path / "out")):
+        outcome = run_bounded(action, LOAD)
+        assert_refused(outcome, "CheckpointError",
+                       r"config implies a decoder of [\d,]+ parameters .* weight files hold", names=tmp_path / "m")
 
 
 def test_total_parameter_limit_names_itself():
