@@ -55,6 +55,7 @@ from opt_core.formats.base import (
 )
 from opt_core.formats.files import FLAX_MSGPACK
 from opt_core.params import Head, ParamSpec, Role, parameter_table
+from opt_core.safe_files import bounded_repr
 
 _EXT_NDARRAY = 1
 _EXT_NPSCALAR = 3
@@ -137,7 +138,7 @@ class _ArrayRef:
 
 def _dtype(name: object, source: str, offset: int) -> np.dtype:
     if name not in DTYPE_NAMES:
-        raise CheckpointError(f"{source}: the array record at offset {offset} has dtype {str(name)[:100]!r}, "
+        raise CheckpointError(f"{source}: the array record at offset {offset} has dtype {bounded_repr(name, 100)}, "
                               f"expected one of {', '.join(DTYPE_NAMES)}")
     if name == "bfloat16":
         import ml_dtypes
@@ -245,7 +246,9 @@ class _Parser:
                 if not isinstance(key, (str, int)) or len(str(key)) > MAX_KEY_BYTES:
                     raise CheckpointError(f"{self.source}: a map key at offset {at} is not a short string")
                 if str(key) in out:
-                    raise CheckpointError(f"{self.source}: the map key {str(key)!r} appears twice (offset {at})")
+                    raise CheckpointError(
+                        f"{self.source}: the map key {bounded_repr(str(key), 120)} appears twice (offset {at})"
+                    )
                 out[str(key)] = self.value()
         finally:
             self.depth -= 1

@@ -52,6 +52,7 @@ from opt_core.formats.base import (
 from opt_core.formats.files import TF_H5
 from opt_core.formats.flax_msgpack import identity_extras
 from opt_core.params import Head, ParamSpec, parameter_table
+from opt_core.safe_files import bounded_repr
 
 MAIN_LAYER = "model"  # Hugging Face's TFOPTMainLayer name: the top-level Keras layer
 TOP_LEVEL_GROUP = "top_level_model_weights"
@@ -242,11 +243,14 @@ def _entries(f, path: Path) -> Iterator[tuple[str, str]]:
         raise CheckpointError(f"{path} is not a Keras-2 weights file (no 'layer_names' attribute)")
     for layer in layer_names:
         if _hard_object(f, layer, path) is None:
-            raise CheckpointError(f"{path} lists layer {layer!r} but has no group for it")
+            raise CheckpointError(f"{path} lists layer {bounded_repr(layer, 120)} but has no group for it")
         for weight in _read_names(f[layer], "weight_names"):
             ds = _hard_object(f, f"{layer}/{weight}", path)
             if ds is None:
-                raise CheckpointError(f"{path}: layer {layer!r} lists {weight!r} but the dataset is missing")
+                raise CheckpointError(
+                    f"{path}: layer {bounded_repr(layer, 120)} lists {bounded_repr(weight, 200)} but the dataset is "
+                    "missing"
+                )
             _check_dataset(ds, f"{layer}/{weight}", path)
             scope, _, below = weight.partition("/")
             name = canonical_from_tf(below) if below else None
