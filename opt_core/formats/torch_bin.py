@@ -120,7 +120,7 @@ def _rebuild_tensor(storage: _StorageRef, storage_offset: int, size: Any, stride
     # step over) would read one stored element many times: a 22 KB file of such views became 1.23 GB
     # of weights. torch.save writes views of real parameters, which never overlap.
     step = 1
-    for s, d in sorted((s, d) for d, s in zip(shape, strides) if d > 1):
+    for s, d in sorted((s, d) for d, s in zip(shape, strides) if d > 1 and all(shape)):
         if s < step:
             raise CheckpointError(
                 f"a tensor of shape {list(shape)} with strides {list(strides)} is a view whose elements overlap "
