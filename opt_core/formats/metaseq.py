@@ -28,7 +28,7 @@ from opt_core.config import OPTConfig
 from opt_core.formats._transpose import Scratch
 from opt_core.formats.base import CheckpointError, Reader, open_file, out_array, same_bits
 from opt_core.formats.files import metaseq_parts
-from opt_core.formats.torch_bin import TensorRef, load_pickle, read_tensor
+from opt_core.formats.torch_bin import TensorRef, check_views, load_pickle, read_tensor
 from opt_core.safe_files import bounded_repr
 
 # metaseq name -> canonical name (whole-key renames of the old 350m files).
@@ -181,6 +181,7 @@ class MetaseqReader(Reader):
             model = obj.get("model") if isinstance(obj, dict) else None
             if not isinstance(model, dict) or not all(isinstance(v, TensorRef) for v in model.values()):
                 raise CheckpointError(f"{f} is not a metaseq checkpoint: expected a dict with a 'model' state dict")
+            check_views(model, f)
             self._parts.append(model)
             cfgs.append(obj.get("cfg"))
         self.cfg = cfgs[0] if isinstance(cfgs[0], dict) else None

@@ -74,7 +74,6 @@ class _StorageRef:
     dtype: np.dtype
     numel: int
     offset: int = -1  # file offset of the bytes (set once known)
-    viewed: int = 0  # elements of all the tensors viewing it so far
 
 
 @dataclass
@@ -127,15 +126,6 @@ def _rebuild_tensor(storage: _StorageRef, storage_offset: int, size: Any, stride
                 "(stride 0 or overlapping strides); checkpoints store each weight element once"
             )
         step = s * d
-    numel = math.prod(shape)
-    storage.viewed += numel
-    # Views may share a storage (a tied head is the embedding again), but together they may not
-    # read it more than twice over.
-    if storage.viewed > _MAX_VIEWS_PER_STORAGE * max(storage.numel, 1):
-        raise CheckpointError(
-            f"tensors view storage {storage.key} ({storage.numel} elements) {storage.viewed} elements' worth; "
-            f"more than {_MAX_VIEWS_PER_STORAGE} times its size"
-        )
     return TensorRef(storage, int(storage_offset), shape, strides)
 
 
@@ -424,6 +414,24 @@ def read_tensor(f: Any, path: Path, key: str, t: TensorRef, out: np.ndarray | No
     return out
 
 
+def check_views(tensors: Mapping[str, TensorRef], path: Path) -> None:
+    """Refuse names that together read a storage more than `_MAX_VIEWS_PER_STORAGE` times over.
+    Names may share a storage (a tied head is the embedding again; through the pickle's memo even
+    the same tensor object), but a thousand names for one tensor would make each read a copy.
+
+    Raises:
+        CheckpointError: naming the file and storage.
+    """
+    viewed: dict[int, int] = {}
+    for t in tensors.values():
+        n = viewed[id(t.storage)] = viewed.get(id(t.storage), 0) + math.prod(t.shape)
+        if n > _MAX_VIEWS_PER_STORAGE * max(t.storage.numel, 1):
+            raise CheckpointError(
+                f"{path}: tensors view storage {bounded_repr(t.storage.key, 60)} ({t.storage.numel} elements) more "
+                f"than {_MAX_VIEWS_PER_STORAGE} times its size; a checkpoint stores each weight once"
+            )
+
+
 def state_dict_of(obj: Any, path: Path) -> dict[str, TensorRef]:
     """The flat key -> tensor dict of a loaded torch file (a training wrapper's `state_dict` unwrapped).
 
@@ -442,6 +450,7 @@ def state_dict_of(obj: Any, path: Path) -> dict[str, TensorRef]:
                 break
     if bad:
         raise CheckpointError(f"{path} holds entries that are not tensors: {', '.join(bad[:20])}")
+    check_views(obj, path)
     return obj
 
 

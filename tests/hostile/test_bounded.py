@@ -293,3 +293,25 @@ def test_error_never_quotes_the_bytes_of_a_refused_file(tmp_path):
     assert message.startswith("<path>")
     (as_number,) = struct.unpack("<Q", secret[:8])
     assert "root" not in message and str(as_number) not in message and f"{as_number:,}" not in message
+
+
+@pytest.mark.torch
+def test_views_torch_save_writes_still_load(tmp_path):
+    """Transposed, row-sliced and tied (one storage, two names) tensors load with their values; a
+    storage read three times over is refused."""
+    import numpy as np
+    import torch
+
+    from opt_core.checkpoint import CheckpointError
+    from opt_core.formats.torch_bin import TorchBinReader
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    path = tmp_path / "views.bin"
+    torch.save({"transposed": base.t(), "tied": base, "rows": torch.arange(8.0)[::2]}, path)
+    with TorchBinReader(path, files=[path]) as reader:
+        np.testing.assert_array_equal(reader.read("transposed"), base.t().numpy())
+        np.testing.assert_array_equal(reader.read("tied"), base.numpy())
+        np.testing.assert_array_equal(reader.read("rows"), np.arange(8.0, dtype=np.float32)[::2])
+    torch.save({"a": base, "b": base, "c": base}, path)
+    with pytest.raises(CheckpointError, match=rf"{path}: tensors view storage .* more than 2 times its size"):
+        TorchBinReader(path, files=[path])
