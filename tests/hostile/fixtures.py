@@ -124,9 +124,10 @@ def truncated_bin(folder: Path) -> Path:
 
 
 # ---------------------------------------------------------------- HDF5
-def unwritten_h5(folder: Path, config: OPTConfig = BIG, written: int = 0) -> Path:
+def unwritten_h5(folder: Path, config: OPTConfig = BIG, written: int = 0, compressed: bool = False) -> Path:
     """A Keras-2 `tf_model.h5` laid out for `config` whose datasets are declared but never
-    written, except the first `written` (which hold real bytes)."""
+    written, except the first `written` (which hold real bytes); with `compressed`, every dataset
+    holds zeros through gzip instead (a few bytes each)."""
     import h5py
 
     from opt_core.formats.tf_h5 import MAIN_LAYER, ROOT_SCOPES, tf_name
@@ -140,7 +141,9 @@ def unwritten_h5(folder: Path, config: OPTConfig = BIG, written: int = 0) -> Pat
         for i, spec in enumerate(stored_specs(config)):
             weight = f"{scope}/{tf_name(spec.name)}"
             shape = spec.shape[::-1] if weight.endswith("/kernel:0") and len(spec.shape) == 2 else spec.shape
-            if i < written:
+            if compressed:
+                f.create_dataset(f"{MAIN_LAYER}/{weight}", data=np.zeros(shape, np.float32), compression="gzip")
+            elif i < written:
                 f.create_dataset(f"{MAIN_LAYER}/{weight}", data=np.ones(shape, np.float32))
             else:
                 f.create_dataset(f"{MAIN_LAYER}/{weight}", shape=shape, dtype=np.float32)

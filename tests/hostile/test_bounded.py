@@ -63,6 +63,12 @@ def test_h5_partly_written_file_names_the_first_unwritten_dataset(tmp_path):
                    names=path)
 
 
+def test_h5_zeros_compressed_beyond_what_weights_compress_to(tmp_path):
+    path = fixtures.unwritten_h5(tmp_path / "m", fixtures.TINY, compressed=True)
+    outcome = run_bounded(load(tmp_path / "m"), LOAD)
+    assert_refused(outcome, "CheckpointError", r"compressed bytes, more than 16x compression", names=path)
+
+
 def test_config_with_ten_million_layers_is_refused_by_its_limit(tmp_path):
     fixtures.tiny_model(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
