@@ -295,9 +295,9 @@ def check_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str],
     if real == root or root in real.parents:
         return path
     # The Hub cache: models--org--name/snapshots/<rev>/<file> -> models--org--name/blobs/<sha>.
-    snapshot = Path(os.path.abspath(folder))
-    if snapshot.parent.name == "snapshots":
-        blobs = Path(os.path.realpath(snapshot.parent.parent / "blobs"))
+    # The folder's real path, so a user's link to a snapshot folder is recognised too.
+    if root.parent.name == "snapshots":
+        blobs = Path(os.path.realpath(root.parent.parent / "blobs"))
         if real.parent == blobs:
             return path
     raise error(

@@ -114,6 +114,8 @@ def test_hugging_face_cache_links_load(tmp_path):
     snapshot, _ = _hub_cache(tmp_path)
     assert (snapshot / "model.safetensors").is_symlink()
     assert len(_open(snapshot)) > 0
+    (tmp_path / "my-model").symlink_to(snapshot)  # a user's own link to the snapshot folder
+    assert len(_open(tmp_path / "my-model")) > 0
 
 
 def test_cache_link_into_another_repos_blobs_is_refused(tmp_path):
