@@ -332,7 +332,8 @@ def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
         CheckpointError: not a torch file, a refused global, storages missing or out of bounds.
     """
     storages: dict[str, _StorageRef] = {}
-    with open_file(path) as f:
+    # Buffered: the opcode scan and the legacy format's unpickler read a few bytes at a time.
+    with io.BufferedReader(open_file(path)) as f:
         size = os.fstat(f.fileno()).st_size
         magic = f.read(4)
         f.seek(0)
