@@ -15,6 +15,7 @@ which uses `check_regular`:
   shared-subtree tuple is exponential in its depth).
 - `check_inside`: a file reached through a folder must really be inside that folder, except the
   Hugging Face cache's own links from `snapshots/<rev>/` into the same repo's `blobs/`.
+- `check_revision`: a Hub revision is a branch, tag or commit name, never a path.
 
 Error messages name files, sizes and limits; they never quote bytes of a file they refuse.
 """
