@@ -5,7 +5,6 @@ tensors the writer will receive."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from opt_core.checkpoint import KeyAccounting, account_keys, check_tensors
+from opt_core.checkpoint import KeyAccounting, account_keys, check_bytes_on_disk, check_tensors
 from opt_core.config import CONFIG_NAME, OPTConfig
 from opt_core.formats import Reader, TensorPlan, detect_format, open_reader, writer_class
 from opt_core.formats.base import CheckpointError, check_regular_file
 from opt_core.params import Head, hf_name, parameter_table
+from opt_core.safe_files import MAX_CONFIG_BYTES, read_json
 
 _ARCH_HEADS = {
     "OPTModel": Head.BASE,
@@ -91,7 +91,8 @@ def open_source(src: Path, src_format: str | None, config: Any) -> tuple[Reader,
     fmt = src_format or detect_format(src)
     explicit = _explicit_config(config)
     json_path = _config_json(src) if explicit is None else None
-    raw = json.loads(json_path.read_text(encoding="utf-8")) if json_path is not None else None
+    raw = (read_json(json_path, what="config file", max_bytes=MAX_CONFIG_BYTES, expect=dict)
+           if json_path is not None else None)
     if fmt == "metaseq":
         reader = open_reader(src, fmt)
         try:
@@ -152,6 +153,7 @@ def plan(src: Path, reader: Reader, cfg: OPTConfig, config_source: str, raw: dic
         CheckpointError: unknown/missing/misshapen tensors, non-float weights, an untied head under
             a tied config; ValueError: the format cannot hold this model.
     """
+    check_bytes_on_disk(reader, cfg)  # a config far larger than the files: refused before its table
     shapes = reader.shapes()
     head = Head(head) if head is not None else infer_head({k.removeprefix("model.") for k in shapes}, cfg)
     acc = account_keys(shapes, cfg, head)

@@ -49,13 +49,13 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise InputError(f"{path}: truncated or malformed safetensors header (it claims {n:,} bytes; "
-                             f"the file has {size - 8:,} after the length)")
+            # The claimed length is not quoted: for a file that is no safetensors it is 8 of its bytes.
+            raise InputError(f"{path}: truncated or malformed safetensors header (its length field exceeds "
+                             f"the {size - 8:,} bytes after it)")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: malformed safetensors header (not JSON: {e})") from None
+    from opt_core.safe_files import parse_json
+
+    header = parse_json(raw, f"{path}: malformed safetensors header: it", InputError)
     if not isinstance(header, dict):
         raise InputError(f"{path}: malformed safetensors header (a JSON {type(header).__name__}, not an object)")
     data_bytes = size - 8 - n
@@ -77,7 +77,10 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 def safetensors_dtypes(folder: Path) -> dict[str, int]:
     """{dtype: tensor count} over the folder's safetensors files (headers only)."""
     counts: Counter[str] = Counter()
+    from opt_core.safe_files import check_inside
+
     for path in sorted(folder.glob("*.safetensors")):
+        check_inside(path, folder, InputError, "weight file")  # as every loader: no link out of the folder
         for key, entry in safetensors_header(path).items():
             if key != "__metadata__":
                 counts[entry["dtype"]] += 1

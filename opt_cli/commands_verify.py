@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,10 +23,9 @@ def read_prompts(path: Path) -> tuple[list[str] | None, list[list[int]] | None]:
     except UnicodeDecodeError as e:
         raise UsageError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        from opt_core.safe_files import parse_json
+
+        data = parse_json(text.encode("utf-8"), f"prompts file {path}", UsageError)
         if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
             return data, None
         if isinstance(data, list) and data and all(

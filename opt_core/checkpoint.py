@@ -144,6 +144,33 @@ def account_keys(
 
 
 # ---------------------------------------------------------------- reading for a model
+SMALLEST_WEIGHT_BYTES = 2  # float16 / bfloat16: no checkpoint stores OPT weights in fewer bytes
+CONFIG_TO_DISK_RATIO = 4
+
+
+def check_bytes_on_disk(reader: Reader, config: OPTConfig) -> None:
+    """Refuse a config whose decoder needs more bytes than the checkpoint's files hold, before a
+    model of that size is allocated (a 664-byte config.json must not make a loader allocate
+    gigabytes that the weights could never fill).
+
+    Raises:
+        CheckpointError: the config's decoder needs more than `CONFIG_TO_DISK_RATIO` times the
+            files' bytes; the message names both.
+    """
+    from opt_core.params import decoder_table
+
+    on_disk = sum(os.stat(f).st_size for f in reader.files)
+    needed = sum(s.numel for s in decoder_table(config)) * SMALLEST_WEIGHT_BYTES
+    # A few missing or extra layers are left to key accounting, whose message lists them; a config
+    # several times larger than the files is not this checkpoint's config at all.
+    if needed > CONFIG_TO_DISK_RATIO * on_disk:
+        raise CheckpointError(
+            f"checkpoint {reader.source}: the config implies a decoder of {needed // SMALLEST_WEIGHT_BYTES:,} "
+            f"parameters (at least {needed:,} bytes at 2 bytes each), but its weight files hold {on_disk:,} bytes; "
+            "the config does not describe these weights"
+        )
+
+
 def check_tensors(reader: Reader, acc: KeyAccounting, config: OPTConfig) -> list[str]:
     """The checks every load and conversion makes once the keys are accounted for.
 
@@ -304,6 +331,7 @@ def open_checkpoint(
     fmt = fmt or detect_format(path, prefer=LOAD_FORMATS if prefer is None else prefer)
     reader = open_reader(path, fmt, config)
     try:
+        check_bytes_on_disk(reader, config)
         acc = account_keys(reader.shapes(), config, head)
         acc.raise_for_errors(str(path))
         duplicates = set(check_tensors(reader, acc, config))

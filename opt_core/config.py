@@ -17,6 +17,7 @@ from typing import Any
 
 from opt_core.activations import ACTIVATIONS
 from opt_core.presets import ALIASES, PRESETS
+from opt_core.safe_files import MAX_CONFIG_BYTES, read_json
 
 CONFIG_NAME = "config.json"
 
@@ -24,6 +25,24 @@ CONFIG_NAME = "config.json"
 _JSON_TO_ATTR = {"_remove_final_layer_norm": "remove_final_layer_norm"}
 _ATTR_TO_JSON = {v: k for k, v in _JSON_TO_ATTR.items()}
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+# Upper limits on the sizes a config may declare. They sit far above every released OPT (175b: 96
+# layers, hidden 12288, ffn 49152, vocab 50272, 2048 positions) and keep what a config implies
+# (parameter table, buffers) computable before any file is compared with it: a 664-byte config.json
+# must not make the library build a table of ten million layers. Each error names its limit.
+SIZE_LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "num_hidden_layers": 1024,
+    "ffn_dim": 1 << 18,
+    "num_attention_heads": 1024,
+    "max_position_embeddings": 1 << 20,
+    "word_embed_proj_dim": 1 << 16,
+    "num_labels": 1 << 16,
+}
+# The total the sizes imply (about 11 x 175b): the product of fields that are each within limits
+# can still be absurd.
+MAX_PARAMETERS = 2 * 10**12
 
 
 @dataclass(frozen=True)
@@ -84,6 +103,16 @@ class OPTConfig:
         return self.embed_dim != self.hidden_size
 
     @property
+    def approx_parameters(self) -> int:
+        """The decoder's parameter count to within biases and LayerNorms (an upper bound of the
+        large terms: embeddings, projections, attention and MLP weights), computed without the
+        parameter table."""
+        d, e = self.hidden_size, self.embed_dim
+        per_layer = 4 * d * d + 2 * d * self.ffn_dim + 9 * d + self.ffn_dim
+        return self.vocab_size * e + (self.max_position_embeddings + 2) * d + 2 * d * e + 2 * d \
+            + self.num_hidden_layers * per_layer
+
+    @property
     def has_final_layer_norm(self) -> bool:
         return self.do_layer_norm_before and not self.remove_final_layer_norm
 
@@ -105,6 +134,16 @@ class OPTConfig:
                 raise ValueError(f"OPTConfig.{name} must be an integer, got {value!r}")
             if value <= 0:
                 raise ValueError(f"OPTConfig.{name} must be positive, got {value}")
+            if value > SIZE_LIMITS[name]:
+                raise ValueError(
+                    f"OPTConfig.{name} = {value} is above this library's limit of {SIZE_LIMITS[name]} "
+                    f"(opt_core.config.SIZE_LIMITS; the largest OPT, 175b, is far below it)"
+                )
+        if self.approx_parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"OPTConfig implies about {self.approx_parameters:.3g} parameters, above this library's limit of "
+                f"{MAX_PARAMETERS:.0e} (opt_core.config.MAX_PARAMETERS)"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"OPTConfig.hidden_size ({self.hidden_size}) is not divisible by "
@@ -204,15 +243,18 @@ class OPTConfig:
     # ------------------------------------------------------------------ files
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> OPTConfig:
+        """Read a `config.json` file (a regular file of at most `MAX_CONFIG_BYTES`, JSON within the
+        depth limits of `opt_core.safe_files`).
+
+        Raises:
+            FileNotFoundError: no file. ValueError: a special file, too large, invalid UTF-8 or
+                JSON, a missing required field, or a value out of range; the message names the file.
+        """
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            data = read_json(path, what="config file", max_bytes=MAX_CONFIG_BYTES, expect=dict)
         except FileNotFoundError:
             raise FileNotFoundError(f"no OPT config at {path}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
         required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "ffn_dim")
         missing = [k for k in required if not isinstance(data, dict) or k not in data]
         if missing:

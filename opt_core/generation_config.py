@@ -87,16 +87,13 @@ class GenerationConfig:
             path = path / GENERATION_CONFIG_NAME
         if config is None and (path.parent / "config.json").is_file():
             config = OPTConfig.from_pretrained(path.parent)
-        if not path.is_file():
+        if not path.exists():  # a FIFO or folder exists, and is refused by read_json, not skipped
             if config is None:
                 raise FileNotFoundError(f"{path} not found and no model config to take the special tokens from")
             return cls.from_model_config(config)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
+        from opt_core.safe_files import MAX_CONFIG_BYTES, read_json
+
+        d = read_json(path, what="generation config", max_bytes=MAX_CONFIG_BYTES, expect=dict)
         return cls.from_dict(d, config)
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from opt_core.formats.files import FORMATS, read_index
+from opt_core.safe_files import check_revision
 
 SIDE_FILES = ("generation_config.json", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json")
@@ -38,7 +39,10 @@ def resolve_pretrained(name_or_path: str | os.PathLike[str], revision: str | Non
     Raises:
         FileNotFoundError: no such local path, and not a Hub id, or the repo/revision/files are
             neither cached nor downloadable (offline, no network).
+        ValueError: `revision` is not a branch, tag or commit name (`../..`, an absolute path).
     """
+    # Checked first, and for local paths too: huggingface_hub joins the revision into cache paths.
+    revision = check_revision(revision)
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path

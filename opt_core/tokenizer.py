@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+MAX_MERGES_BYTES = 32 * 1024 * 1024  # OPT's merges.txt is 456 KB
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 
 
@@ -75,12 +76,11 @@ class OPTTokenizer:
         for path in (vocab_path, merges_path):
             if not path.is_file():
                 raise FileNotFoundError(f"tokenizer file {path} is missing (need {VOCAB_FILE} and {MERGES_FILE})")
-        try:
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{vocab_path} is not valid JSON ({e.msg})") from None
+        from opt_core.safe_files import read_json, read_text
+
+        vocab = read_json(vocab_path, what="tokenizer file")
         merges = []
-        for n, line in enumerate(merges_path.read_text(encoding="utf-8").splitlines()):
+        for n, line in enumerate(read_text(merges_path, MAX_MERGES_BYTES, what="tokenizer file").splitlines()):
             if not line or line.startswith("#version"):
                 continue
             pair = line.split(" ")
@@ -90,7 +90,7 @@ class OPTTokenizer:
         kwargs: dict[str, Any] = {}
         cfg_path = folder / TOKENIZER_CONFIG
         if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            cfg = read_json(cfg_path, what="tokenizer config", expect=dict)
             for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
                 value = cfg.get(key)
                 if isinstance(value, dict):  # Hugging Face's AddedToken serialisation

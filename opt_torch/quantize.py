@@ -406,11 +406,17 @@ def save_smoothing(path: str | os.PathLike[str], factors: dict[str, torch.Tensor
 
 
 def load_smoothing(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The factors and metadata written by `save_smoothing`."""
+    """The factors and metadata written by `save_smoothing` (a file inside its model folder:
+    a link leaving the folder is refused, as for every weight file)."""
     from safetensors import safe_open
 
+    from opt_core.formats.base import CheckpointError, check_regular_file
+    from opt_core.safe_files import check_inside, parse_json
+
+    check_regular_file(check_inside(path, Path(path).parent, CheckpointError, "smoothing file"))
     with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        meta = {k: parse_json(v.encode(), f"metadata {k!r} of {path}", CheckpointError)
+                for k, v in (f.metadata() or {}).items()}
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 

@@ -26,7 +26,6 @@ holds `distributed/`, a sharded `torch.distributed.checkpoint` of model and opti
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -331,7 +330,9 @@ class _ShardedProgress(TrainingProgress):
     def resume(self, folder: Path) -> int:
         """Load the sharded state and the log so far from a checkpoint folder; returns its step."""
         step = self.parallel.load_sharded_checkpoint(self.sharded_model, self.optimizer, folder / "distributed")
-        done = json.loads((folder / TRAINER_LOG_NAME).read_text(encoding="utf-8"))
+        from opt_core.safe_files import read_json
+
+        done = read_json(folder / TRAINER_LOG_NAME, what="trainer log", expect=dict)
         r = self.result
         r.losses, r.learning_rates, r.grad_norms = done["losses"], done["learning_rates"], done["grad_norms"]
         r.evals, r.tokens = done["evals"], done["tokens"]

@@ -21,6 +21,7 @@ import numpy as np
 
 from opt_core.config import OPTConfig
 from opt_core.params import Head, ParamSpec
+from opt_core.safe_files import bounded_repr, check_inside, check_regular, open_regular
 
 
 class CheckpointError(ValueError):
@@ -123,22 +124,36 @@ def _first_non_finite_slow(flat: np.ndarray) -> int | None:
 
 # ---------------------------------------------------------------- files handed to us
 def check_regular_file(path: Path) -> Path:
-    """`path` if it is a regular file (symlinks followed, as in a Hugging Face cache).
+    """`path` if it is a regular file (symlinks followed, as in a Hugging Face cache), checked with
+    `os.stat` before anything opens it.
 
     Raises:
         FileNotFoundError: nothing there.
         CheckpointError: a FIFO, device, socket or folder, which reading could block on or misread.
     """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist") from None
-    if not stat.S_ISREG(mode):
-        kind = ("folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode)
-                else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "socket" if stat.S_ISSOCK(mode) else "special file")
-        raise CheckpointError(f"{path} is a {kind}, not a regular file; refusing to read it")
+    check_regular(path, CheckpointError)
     return path
+
+
+def folder_file(folder: Path, name: str, what: str = "weight file") -> Path:
+    """`folder / name`, a regular file whose real path stays inside `folder` (or is a Hugging Face
+    cache blob of the same repo; see `opt_core.safe_files.check_inside`).
+
+    Raises:
+        FileNotFoundError: nothing there.
+        CheckpointError: a link leaving the folder (naming link and target), or not a regular file.
+    """
+    path = folder / name
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    check_inside(path, folder, CheckpointError, what)
+    return check_regular_file(path)
+
+
+def open_file(path: Path) -> Any:
+    """`path` opened for unbuffered binary reading, refused (CheckpointError) unless it is a
+    regular file, without blocking on a FIFO swapped in since it was checked."""
+    return open_regular(path, CheckpointError)
 
 
 def is_regular_file(path: Path) -> bool:
@@ -158,7 +173,7 @@ def shard_path(folder: Path, name: object, index: Path) -> Path:
     if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
             or "\x00" in name or os.path.isabs(name)):
         raise CheckpointError(
-            f"{index} names shard {name!r}; shard entries must be plain file names inside {folder}"
+            f"{index} names shard {bounded_repr(name, 120)}; shard entries must be plain file names inside {folder}"
         )
     return folder / name
 

@@ -12,7 +12,15 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from opt_core.formats.base import CheckpointError, check_regular_file, final_permissions, is_regular_file, shard_path
+from opt_core.formats.base import (
+    CheckpointError,
+    check_regular_file,
+    final_permissions,
+    folder_file,
+    is_regular_file,
+    shard_path,
+)
+from opt_core.safe_files import read_json
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -68,9 +76,9 @@ def metaseq_parts(path: Path) -> list[Path]:
         numbers = sorted(parts)
         if numbers != list(range(len(numbers))):
             raise CheckpointError(f"{path}: model-parallel parts {numbers} are not numbered 0..{len(numbers) - 1}")
-        return [check_regular_file(parts[i][0]) for i in numbers]
+        return [folder_file(path, parts[i][0].name, "metaseq part") for i in numbers]
     if (path / METASEQ_CONSOLIDATED).exists():
-        return [check_regular_file(path / METASEQ_CONSOLIDATED)]
+        return [folder_file(path, METASEQ_CONSOLIDATED, "metaseq checkpoint")]
     raise FileNotFoundError(
         f"{path} holds no metaseq checkpoint (looked for *model_part-N.pt and {METASEQ_CONSOLIDATED})"
     )
@@ -112,17 +120,14 @@ def read_index(path: Path) -> dict[str, str]:
     """`weight_map` (tensor key -> shard file name) of a sharded checkpoint's index.
 
     Raises:
-        CheckpointError: not valid JSON, no `weight_map` object, or a shard entry that is not a
-            plain file name (`../x`, `/etc/passwd`, `sub/x`).
+        CheckpointError: not valid JSON (or beyond `opt_core.safe_files`' size and depth limits), no
+            `weight_map` object, a key that is not a string, or a shard entry that is not a plain file
+            name (`../x`, `/etc/passwd`, `sub/x`).
     """
-    check_regular_file(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    data = read_json(path, CheckpointError, what="shard index", expect=dict)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{path} has no 'weight_map' object")
+        raise CheckpointError(f"shard index {path} has no 'weight_map' object")
     for name in dict.fromkeys(weight_map.values()):
         shard_path(path.parent, name, path)
     return {str(k): str(v) for k, v in weight_map.items()}
@@ -144,15 +149,15 @@ def resolve_files(path: str | os.PathLike[str], fmt: str) -> tuple[list[Path], d
     if not path.is_dir():
         return [check_regular_file(path)], None
     single, index = FORMATS[fmt]
-    if index is not None and (path / index).exists():
-        weight_map = read_index(path / index)
+    if index is not None and os.path.lexists(path / index):
+        weight_map = read_index(folder_file(path, index, "shard index"))
         shards = list(dict.fromkeys(weight_map.values()))
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
             raise CheckpointError(f"{path / index} names shards that do not exist: {missing}")
-        return [check_regular_file(path / s) for s in shards], weight_map
-    if (path / single).exists():
-        return [check_regular_file(path / single)], None
+        return [folder_file(path, s, "shard") for s in shards], weight_map
+    if os.path.lexists(path / single):
+        return [folder_file(path, single)], None
     raise FileNotFoundError(f"{path} has no {single}" + (f" or {index}" if index else ""))
 
 

@@ -49,12 +49,13 @@ from opt_core.formats.base import (
     CheckpointError,
     Reader,
     Writer,
-    check_regular_file,
     final_permissions,
+    open_file,
     out_array,
 )
 from opt_core.formats.files import FLAX_MSGPACK
 from opt_core.params import Head, ParamSpec, Role, parameter_table
+from opt_core.safe_files import bounded_repr
 
 _EXT_NDARRAY = 1
 _EXT_NPSCALAR = 3
@@ -137,7 +138,7 @@ class _ArrayRef:
 
 def _dtype(name: object, source: str, offset: int) -> np.dtype:
     if name not in DTYPE_NAMES:
-        raise CheckpointError(f"{source}: the array record at offset {offset} has dtype {str(name)[:100]!r}, "
+        raise CheckpointError(f"{source}: the array record at offset {offset} has dtype {bounded_repr(name, 100)}, "
                               f"expected one of {', '.join(DTYPE_NAMES)}")
     if name == "bfloat16":
         import ml_dtypes
@@ -245,7 +246,9 @@ class _Parser:
                 if not isinstance(key, (str, int)) or len(str(key)) > MAX_KEY_BYTES:
                     raise CheckpointError(f"{self.source}: a map key at offset {at} is not a short string")
                 if str(key) in out:
-                    raise CheckpointError(f"{self.source}: the map key {str(key)!r} appears twice (offset {at})")
+                    raise CheckpointError(
+                        f"{self.source}: the map key {bounded_repr(str(key), 120)} appears twice (offset {at})"
+                    )
                 out[str(key)] = self.value()
         finally:
             self.depth -= 1
@@ -310,7 +313,7 @@ def _parse(path: Path) -> list[tuple[tuple[str, ...], _ArrayRef]]:
     read-only; no tensor byte is touched and the map is closed before returning."""
     if not path.exists():
         raise FileNotFoundError(f"no Flax checkpoint at {path}")
-    file = open(check_regular_file(path), "rb")  # noqa: SIM115 (closed below)
+    file = open_file(path)
     with file:
         if os.fstat(file.fileno()).st_size == 0:
             raise CheckpointError(f"{path} is empty")
@@ -376,7 +379,7 @@ class FlaxMsgpackReader(Reader):
                     f"{self.path}: {'/'.join(self._table[name][2])} and {'/'.join(fpath)} both map to {name}"
                 )
             self._table[name] = (ref, transposed, fpath)
-        self._file = open(self.path, "rb")  # noqa: SIM115 (closed in close())
+        self._file = open_file(self.path)
         self._scratch = Scratch()
 
     def close(self) -> None:

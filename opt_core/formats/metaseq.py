@@ -26,9 +26,10 @@ import numpy as np
 
 from opt_core.config import OPTConfig
 from opt_core.formats._transpose import Scratch
-from opt_core.formats.base import CheckpointError, Reader, out_array, same_bits
+from opt_core.formats.base import CheckpointError, Reader, open_file, out_array, same_bits
 from opt_core.formats.files import metaseq_parts
-from opt_core.formats.torch_bin import TensorRef, load_pickle, read_tensor
+from opt_core.formats.torch_bin import TensorRef, check_views, load_pickle, read_tensor
+from opt_core.safe_files import bounded_repr
 
 # metaseq name -> canonical name (whole-key renames of the old 350m files).
 RENAMES = {
@@ -74,19 +75,50 @@ def _qkv_rows(t: TensorRef, j: int) -> TensorRef:
     return TensorRef(t.storage, t.storage_offset + block * n * step, (n, *t.shape[1:]), t.stride)
 
 
-def config_from_metaseq(cfg: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]]) -> OPTConfig:
+# The cfg fields read, and the Python type each must have (fairseq writes them from argparse).
+_CFG_TYPES: dict[str, tuple[type, ...]] = {
+    "decoder_attention_heads": (int,), "decoder_embed_dim": (int,), "decoder_layers": (int,),
+    "decoder_ffn_embed_dim": (int,), "decoder_learned_pos": (bool,), "decoder_normalize_before": (bool,),
+    "activation_fn": (str,), "dropout": (int, float), "attention_dropout": (int, float),
+}
+
+
+def _typed_cfg(model: dict[str, Any], src: str) -> dict[str, Any]:
+    """`model` with every field this reader uses checked for type (None counts as absent).
+
+    Raises:
+        CheckpointError: naming the field, the type it needs and (bounded) the value it has.
+    """
+    for key, types in _CFG_TYPES.items():
+        value = model.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
+        if not ok:
+            want = ("a number" if float in types else "true/false" if bool in types
+                    else "an integer" if int in types else "a string")
+            raise CheckpointError(f"{src}: field {key} must be {want}, got {bounded_repr(value, 80)}")
+    return model
+
+
+def config_from_metaseq(cfg: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]],
+                        source: str = "the checkpoint") -> OPTConfig:
     """An OPTConfig from a metaseq/fairseq `cfg` and the (merged, canonical) tensor shapes.
 
     Sizes come from the tensors; the head count and the LayerNorm placement from `cfg`.
 
     Raises:
-        CheckpointError: `cfg` lacks what the tensors cannot tell, or disagrees with them.
+        CheckpointError: `cfg` lacks what the tensors cannot tell, has a field of the wrong type,
+            or disagrees with the tensors.
     """
+    src = f"the cfg of {source}"
     nested = isinstance(cfg, dict) and isinstance(cfg.get("model"), dict)
     model = dict(cfg["model"]) if nested else dict(cfg or {})  # type: ignore[index]
-    src = "the checkpoint's cfg"
+    model = _typed_cfg(model, src)
     if "decoder.embed_tokens.weight" not in shapes or "decoder.embed_positions.weight" not in shapes:
         raise CheckpointError("metaseq checkpoint lacks decoder.embed_tokens.weight or decoder.embed_positions.weight")
+    if len(shapes["decoder.embed_tokens.weight"]) != 2 or len(shapes["decoder.embed_positions.weight"]) != 2:
+        raise CheckpointError(f"{source}: decoder.embed_tokens.weight and decoder.embed_positions.weight must be 2-D")
     vocab, embed = shapes["decoder.embed_tokens.weight"]
     positions, hidden = shapes["decoder.embed_positions.weight"]
     layers = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"decoder\.layers\.(\d+)\.", k))})
@@ -108,24 +140,27 @@ def config_from_metaseq(cfg: dict[str, Any] | None, shapes: dict[str, tuple[int,
                             or "decoder.final_layer_norm.bias" in shapes))
     has_final = any(k.startswith("decoder.final_layer_norm.") for k in shapes)
     has_layer_ln = any(".self_attn_layer_norm." in k for k in shapes)
-    return OPTConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=len(layers),
-        ffn_dim=ffn if ffn is not None else 4 * hidden,
-        num_attention_heads=int(heads),
-        max_position_embeddings=positions - 2,
-        do_layer_norm_before=pre_ln,
-        remove_final_layer_norm=pre_ln and not has_final,
-        word_embed_proj_dim=embed,
-        enable_bias="decoder.layers.0.fc1.bias" in shapes,
-        layer_norm_elementwise_affine=has_layer_ln or has_final,
-        activation_function=str(model.get("activation_fn", "relu")),
-        dropout=float(model.get("dropout", 0.1)),
-        attention_dropout=float(model.get("attention_dropout", 0.0)),
-        torch_dtype=None,
-        extra={"architectures": ["OPTForCausalLM"]},
-    )
+    try:
+        return OPTConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=len(layers),
+            ffn_dim=ffn if ffn is not None else 4 * hidden,
+            num_attention_heads=int(heads),
+            max_position_embeddings=positions - 2,
+            do_layer_norm_before=pre_ln,
+            remove_final_layer_norm=pre_ln and not has_final,
+            word_embed_proj_dim=embed,
+            enable_bias="decoder.layers.0.fc1.bias" in shapes,
+            layer_norm_elementwise_affine=has_layer_ln or has_final,
+            activation_function=model.get("activation_fn") or "relu",
+            dropout=float(model["dropout"]) if model.get("dropout") is not None else 0.1,
+            attention_dropout=float(model.get("attention_dropout") or 0.0),
+            torch_dtype=None,
+            extra={"architectures": ["OPTForCausalLM"]},
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{src} and tensor shapes make no valid OPT config: {e}") from None
 
 
 
@@ -146,6 +181,7 @@ class MetaseqReader(Reader):
             model = obj.get("model") if isinstance(obj, dict) else None
             if not isinstance(model, dict) or not all(isinstance(v, TensorRef) for v in model.values()):
                 raise CheckpointError(f"{f} is not a metaseq checkpoint: expected a dict with a 'model' state dict")
+            check_views(model, f)
             self._parts.append(model)
             cfgs.append(obj.get("cfg"))
         self.cfg = cfgs[0] if isinstance(cfgs[0], dict) else None
@@ -176,7 +212,8 @@ class MetaseqReader(Reader):
                 name = RENAMES.get(key, key)
                 self._recipe[name] = ("plain", key)
                 self._shapes[name] = self._merged_shape(name, key, qkv=False)
-        self.config = config_from_metaseq(self.cfg, self._shapes) if self.cfg is not None else None
+        self.config = (config_from_metaseq(self.cfg, self._shapes, str(files[0]) if len(files) == 1 else str(path))
+                       if self.cfg is not None else None)
         self._handles: dict[Path, Any] = {}
         self._scratch = Scratch()  # one reused buffer for parts that are compared or copied, not kept
 
@@ -213,7 +250,7 @@ class MetaseqReader(Reader):
         path = self.files[i]
         f = self._handles.get(path)
         if f is None:
-            f = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
+            f = self._handles[path] = open_file(path)
         return read_tensor(f, path, key, t, out)
 
     def _part_tensor(self, i: int, recipe: tuple) -> TensorRef:

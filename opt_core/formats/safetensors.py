@@ -13,6 +13,7 @@ each tensor goes straight to its offset in its shard. Peak memory: one tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -28,8 +29,8 @@ from opt_core.formats.base import (
     TensorPlan,
     TensorSlice,
     Writer,
-    check_regular_file,
     final_permissions,
+    open_file,
     out_array,
     read_exact,
     tmp_name,
@@ -41,6 +42,7 @@ from opt_core.formats.files import (
     shard_file_names,
     write_index,
 )
+from opt_core.safe_files import bounded_repr, parse_json
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -55,7 +57,9 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+# safetensors itself allows 100 MB; real headers are kilobytes (opt-175b's whole table is ~200 KB),
+# and parsing a hostile 100 MB header costs several times that in memory.
+_MAX_HEADER = 16 * 1024 * 1024
 
 
 class _Entry:
@@ -71,41 +75,58 @@ def read_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
     Raises:
         CheckpointError: naming the file, when the header is corrupt or the file is truncated.
     """
-    size = check_regular_file(path).stat().st_size
-    with open(path, "rb") as f:
+    with open_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path} is not a safetensors file: {size} bytes, too short for a header")
         (n,) = struct.unpack("<Q", head)
+        # The length is not quoted: for a file that is not safetensors at all (a link to
+        # /etc/passwd) these are its first 8 bytes.
         if n > _MAX_HEADER or 8 + n > size:
             raise CheckpointError(
-                f"{path} is truncated or not a safetensors file: header length {n} bytes, file is {size} bytes"
+                f"{path} is truncated or not a safetensors file: the header length it starts with is larger than "
+                f"the file ({size} bytes) or than this reader's {_MAX_HEADER:,}-byte limit"
             )
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} has a corrupt safetensors header ({e})") from None
+    header = parse_json(raw, f"the safetensors header of {path}", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(
+            f"{path}: the safetensors header's __metadata__ must be an object of strings (as safetensors requires)"
+        )
     base = 8 + n
     entries: dict[str, _Entry] = {}
     for key, info in header.items():
         try:
+            if not isinstance(info["dtype"], str) or not isinstance(info["shape"], list):
+                raise TypeError
             if info["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{path}: {key} has dtype {info['dtype']!r}, which OPT weights never use")
+                raise CheckpointError(
+                    f"{path}: {bounded_repr(key, 120)} has dtype {bounded_repr(info['dtype'], 40)}, which OPT "
+                    "weights never use"
+                )
             dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
-            if any(d < 0 for d in shape) or start < 0:
+            shape = tuple(info["shape"])
+            offsets = info["data_offsets"]
+            if (not isinstance(offsets, list) or len(offsets) != 2
+                    or not all(type(v) is int and v >= 0 for v in (*shape, *offsets))):
                 raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: header entry for {key} is malformed: {info!r}") from None
-        want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            start, end = offsets
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise CheckpointError(
+                f"{path}: header entry for {bounded_repr(key, 120)} is malformed (it needs dtype, shape: a list of "
+                "non-negative integers, and data_offsets: two non-negative integers)"
+            ) from None
+        want = math.prod(shape) * dtype.itemsize  # exact: a hostile shape must not wrap around int64
         if end - start != want:
             raise CheckpointError(
-                f"{path}: {key} is {list(shape)} {info['dtype']} ({want} bytes) "
+                f"{path}: {bounded_repr(key, 120)} is {bounded_repr(list(shape), 120)} {info['dtype']} "
+                f"({bounded_repr(want)} bytes) "
                 f"but its offsets span {end - start} bytes"
             )
         entries[key] = _Entry(path, shape, dtype, base + start, base + end)
@@ -180,7 +201,7 @@ class SafetensorsReader(Reader):
     def _file(self, path: Path) -> Any:
         f = self._handles.get(path)
         if f is None:
-            f = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
+            f = self._handles[path] = open_file(path)
         return f
 
     def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:

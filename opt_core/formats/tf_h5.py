@@ -29,6 +29,7 @@ Framework-free: h5py and NumPy only. Arrays come out and go in in canonical (tor
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +52,7 @@ from opt_core.formats.base import (
 from opt_core.formats.files import TF_H5
 from opt_core.formats.flax_msgpack import identity_extras
 from opt_core.params import Head, ParamSpec, parameter_table
+from opt_core.safe_files import bounded_repr
 
 MAIN_LAYER = "model"  # Hugging Face's TFOPTMainLayer name: the top-level Keras layer
 TOP_LEVEL_GROUP = "top_level_model_weights"
@@ -198,6 +200,38 @@ def _check_dataset(ds, ds_path: str, path: Path) -> None:
         raise CheckpointError(f"{path}: {ds_path} has dtype {ds.dtype}, not a numeric array")
 
 
+MAX_COMPRESSION = 16  # float weights compress by 1.1-1.5x; more is a file of zeros posing as weights
+
+
+def _check_written(ds, ds_path: str, shape: tuple[int, ...], path: Path) -> None:
+    """Refuse a dataset whose bytes are not in the file: declared but never (or partly) written,
+    which HDF5 reads back as its fill value (a 79 KB file of such datasets became 1.23 GB of zeros),
+    or compressed beyond what weights compress to.
+
+    Raises:
+        CheckpointError: naming the dataset, its logical size and the bytes stored for it.
+    """
+    logical = math.prod(shape) * ds.dtype.itemsize
+    stored = int(ds.id.get_storage_size())
+    if logical == 0:
+        return
+    if stored == 0:
+        raise CheckpointError(
+            f"{path}: {ds_path} is declared ({list(shape)}, {logical:,} bytes) but never written; weights must "
+            "be stored in the file"
+        )
+    compressed = bool(ds.compression) or (ds.chunks is not None and ds.id.get_create_plist().get_nfilters() > 0)
+    if not compressed and stored < logical:
+        raise CheckpointError(
+            f"{path}: {ds_path} is {list(shape)} ({logical:,} bytes) but only {stored:,} bytes of it were written"
+        )
+    if compressed and stored * MAX_COMPRESSION < logical:
+        raise CheckpointError(
+            f"{path}: {ds_path} is {list(shape)} ({logical:,} bytes) stored in {stored:,} compressed bytes, more "
+            f"than {MAX_COMPRESSION}x compression; weights do not compress like that"
+        )
+
+
 def _entries(f, path: Path) -> Iterator[tuple[str, str]]:
     """(checkpoint key, HDF5 dataset path) for every weight the file lists.
 
@@ -209,11 +243,14 @@ def _entries(f, path: Path) -> Iterator[tuple[str, str]]:
         raise CheckpointError(f"{path} is not a Keras-2 weights file (no 'layer_names' attribute)")
     for layer in layer_names:
         if _hard_object(f, layer, path) is None:
-            raise CheckpointError(f"{path} lists layer {layer!r} but has no group for it")
+            raise CheckpointError(f"{path} lists layer {bounded_repr(layer, 120)} but has no group for it")
         for weight in _read_names(f[layer], "weight_names"):
             ds = _hard_object(f, f"{layer}/{weight}", path)
             if ds is None:
-                raise CheckpointError(f"{path}: layer {layer!r} lists {weight!r} but the dataset is missing")
+                raise CheckpointError(
+                    f"{path}: layer {bounded_repr(layer, 120)} lists {bounded_repr(weight, 200)} but the dataset is "
+                    "missing"
+                )
             _check_dataset(ds, f"{layer}/{weight}", path)
             scope, _, below = weight.partition("/")
             name = canonical_from_tf(below) if below else None
@@ -272,6 +309,7 @@ class TFH5Reader(Reader):
                     raise CheckpointError(f"{self.path} holds {key} twice")
                 ds = self._h5[ds_path]
                 shape = tuple(int(d) for d in ds.shape)
+                _check_written(ds, ds_path, shape, self.path)
                 kernel = _is_kernel(ds_path) and len(shape) == 2
                 self._datasets[key] = _Dataset(ds_path, shape, np.dtype(ds.dtype), kernel)
         except BaseException:

@@ -17,8 +17,10 @@ them, comes last. `torch.load(weights_only=True, mmap=True)` and Hugging Face re
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
@@ -35,11 +37,13 @@ from opt_core.formats.base import (
     Reader,
     Writer,
     final_permissions,
+    open_file,
     out_array,
     read_exact,
     tmp_name,
 )
 from opt_core.formats.files import TORCH_BIN, plan_shards, resolve_files, shard_file_names, write_index
+from opt_core.safe_files import bounded_repr
 
 # torch's typed storage class names <-> NumPy dtypes.
 STORAGE_DTYPES = {
@@ -58,6 +62,8 @@ _STORAGE_NAMES = {v: k for k, v in STORAGE_DTYPES.items()}
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _ALIGN = 64  # torch.save's storage alignment
 _MAX_PICKLE = 256 * 1024 * 1024  # a state dict's pickle is kilobytes; refuse absurd ones
+_MAX_RANK = 8
+_MAX_VIEWS_PER_STORAGE = 2  # a tensor and its tied twin
 
 
 @dataclass
@@ -94,16 +100,32 @@ class _Marker:
 def _rebuild_tensor(storage: _StorageRef, storage_offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
     if not isinstance(storage, _StorageRef):
         raise CheckpointError("a tensor in the pickle does not point at a storage")
-    shape = tuple(int(d) for d in size)
-    strides = tuple(int(s) for s in stride)
+    if (not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)) or len(size) > _MAX_RANK
+            or not all(type(v) is int for v in (*size, *stride, storage_offset))):
+        raise CheckpointError(
+            f"a tensor in the pickle has shape {bounded_repr(size)}, strides {bounded_repr(stride)} and offset "
+            f"{bounded_repr(storage_offset)}; expected tuples of at most {_MAX_RANK} integers"
+        )
+    shape, strides = tuple(size), tuple(stride)
     if len(shape) != len(strides) or any(d < 0 for d in shape) or any(s < 0 for s in strides):
-        raise CheckpointError(f"a tensor in the pickle has shape {shape} and strides {strides}")
+        raise CheckpointError(f"a tensor in the pickle has shape {list(shape)} and strides {list(strides)}")
     extent = 1 + sum((d - 1) * s for d, s in zip(shape, strides)) if all(shape) else 0
     if storage_offset < 0 or storage_offset + extent > storage.numel:
         raise CheckpointError(
             f"a tensor of shape {list(shape)} at offset {storage_offset} overruns its storage of "
             f"{storage.numel} elements"
         )
+    # A view whose elements overlap (a stride of 0, or strides smaller than the dimensions they
+    # step over) would read one stored element many times: a 22 KB file of such views became 1.23 GB
+    # of weights. torch.save writes views of real parameters, which never overlap.
+    step = 1
+    for s, d in sorted((s, d) for d, s in zip(shape, strides) if d > 1 and all(shape)):
+        if s < step:
+            raise CheckpointError(
+                f"a tensor of shape {list(shape)} with strides {list(strides)} is a view whose elements overlap "
+                "(stride 0 or overlapping strides); checkpoints store each weight element once"
+            )
+        step = s * d
     return TensorRef(storage, int(storage_offset), shape, strides)
 
 
@@ -140,10 +162,14 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _Marker)):
-            raise CheckpointError(f"{self.source}: unsupported persistent id in the pickle: {str(pid)[:200]}")
+            raise CheckpointError(f"{self.source}: unsupported persistent id in the pickle: {bounded_repr(pid)}")
         _, marker, key, _location, numel = pid[:5]
+        if not isinstance(key, str) or type(numel) is not int or numel < 0 or len(key) > 256:
+            raise CheckpointError(
+                f"{self.source}: a storage in the pickle has key {bounded_repr(key)} and size {bounded_repr(numel)}; "
+                "expected a short string and a non-negative integer"
+            )
         dtype = STORAGE_DTYPES[marker.name]
-        key = str(key)
         ref = self.storages.get(key)
         if ref is None:
             ref = self.storages[key] = _StorageRef(key, dtype, int(numel))
@@ -152,14 +178,150 @@ class _Unpickler(pickle.Unpickler):
         return ref
 
 
+# Opcodes that store into or read from the unpickler's memo, an array the C unpickler grows to the
+# index it is given: one LONG_BINPUT of 2**30 in a 6 KB pickle asked for 8 GB.
+_MEMO_PUT = {"PUT", "BINPUT", "LONG_BINPUT"}
+_MEMO_GET = {"GET", "BINGET", "LONG_BINGET"}
+# Nesting allowed in a pickle. Through the memo one object can appear twice at every level, so
+# hashing (a dict key) or printing an object n levels deep costs 2**n: a 333-byte pickle whose dict
+# key nests 40 levels never finished unpickling. A state dict nests about 6 levels; a metaseq cfg 10.
+MAX_PICKLE_DEPTH = 32
+
+
+def _scan(f: Any, path: Path) -> None:
+    """Walk one pickle's opcodes (pickletools, which builds nothing) simulating only how deep each
+    stack entry nests, and refuse memo slots ahead of the opcodes and nesting beyond
+    `MAX_PICKLE_DEPTH` before the real unpickler runs.
+
+    Raises:
+        CheckpointError: naming the file and the limit. pickle.UnpicklingError: malformed.
+    """
+    stack: list[int | None] = []  # nesting depth of each stack entry; None is a MARK
+    memo: dict[int, int] = {}
+    ops = 0
+    for op, arg, _pos in pickletools.genops(f):
+        ops += 1
+        if op.name in _MEMO_PUT or op.name in _MEMO_GET:
+            if not isinstance(arg, int) or arg > ops:
+                raise CheckpointError(
+                    f"{path}: the pickle uses memo slot {bounded_repr(arg)} after {ops} opcodes; a pickle numbers "
+                    "its memo from 0 as it goes, so this is not one torch.save wrote"
+                )
+            if op.name in _MEMO_PUT:
+                memo[arg] = stack[-1] or 0
+            else:
+                stack.append(memo.get(arg, 0))
+            continue
+        if op.name == "MEMOIZE":
+            memo[len(memo)] = stack[-1] or 0
+            continue
+        before = op.stack_before
+        popped: list[int] = []
+        if pickletools.markobject in before:
+            while stack and stack[-1] is not None:
+                popped.append(stack.pop())  # type: ignore[arg-type]
+            if not stack:
+                raise pickle.UnpicklingError("MARK missing")
+            stack.pop()
+            below = before.index(pickletools.markobject)
+        else:
+            below = len(before)
+        for _ in range(below):
+            if not stack or stack[-1] is None:
+                raise pickle.UnpicklingError("stack underflow")
+            popped.append(stack.pop())  # type: ignore[arg-type]
+        depth = 1 + max(popped) if popped else 0
+        if depth > MAX_PICKLE_DEPTH:
+            raise CheckpointError(
+                f"{path}: the pickle nests objects more than {MAX_PICKLE_DEPTH} levels deep "
+                "(opt_core.formats.torch_bin.MAX_PICKLE_DEPTH); a state dict nests a few"
+            )
+        stack += [None if item is pickletools.markobject else depth for item in op.stack_after]
+
+
+def _load(f: Any, path: Path, storages: dict[str, _StorageRef]) -> Any:
+    """One pickle from `f` (at its position) through the restricted unpickler, after `_scan`."""
+    start = f.tell()
+    try:
+        _scan(f, path)
+    except CheckpointError:
+        raise
+    except Exception:  # malformed: reported by the callers as any unpicklable file
+        raise pickle.UnpicklingError("malformed pickle") from None
+    f.seek(start)
+    return _Unpickler(f, str(path), storages).load()
+
+
 def _local_data_offset(f: Any, info: zipfile.ZipInfo, source: Path) -> int:
     """Where the bytes of a stored zip member start (after its local header)."""
+    if info.header_offset < 0:
+        raise CheckpointError(f"{source}: corrupt zip entry {bounded_repr(info.filename, 120)}")
     f.seek(info.header_offset)
     head = f.read(30)
     if len(head) != 30 or head[:4] != b"PK\x03\x04":
-        raise CheckpointError(f"{source}: corrupt zip entry {info.filename}")
+        raise CheckpointError(f"{source}: corrupt zip entry {bounded_repr(info.filename, 120)}")
     name_len, extra_len = struct.unpack("<HH", head[26:30])
     return info.header_offset + 30 + name_len + extra_len
+
+
+def _naming(e: CheckpointError, path: Path) -> CheckpointError:
+    """`e`, its message prefixed with the file when it does not name it (the tensor and storage
+    checks run inside the unpickler, which knows no file)."""
+    return e if str(path) in str(e) else CheckpointError(f"{path}: {e}")
+
+
+def _problem(e: Exception) -> str:
+    """What went wrong while unpickling, without the exception's text: pickle's own messages quote
+    bytes of the file ("invalid load key, 'r'"), which may not be a pickle at all."""
+    if isinstance(e, (pickle.UnpicklingError, EOFError)):
+        return "not a valid pickle, or a truncated one"
+    if isinstance(e, MemoryError):
+        return "it asks for more memory than there is"
+    return f"the pickle's contents are not a state dict ({type(e).__name__})"
+
+
+# What zipfile raises on a damaged archive (bad offsets, unknown versions, CRC mismatches).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, NotImplementedError, EOFError, RuntimeError,
+               struct.error, ValueError, OverflowError)
+
+
+def _load_zip(f: Any, path: Path, size: int, storages: dict[str, _StorageRef]) -> tuple[Any, list[_StorageRef]]:
+    """`load_pickle` for the zip format (torch >= 1.6); zipfile's own errors propagate."""
+    zf = zipfile.ZipFile(f)
+    members = {i.filename: i for i in zf.infolist()}
+    pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkl) != 1:
+        raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no single data.pkl)")
+    prefix = pkl[0][: -len("data.pkl")]
+    # A pickle larger than the whole file can only come from a compressed member (torch stores its
+    # members raw): refused rather than inflated.
+    if members[pkl[0]].file_size > min(_MAX_PICKLE, size):
+        raise CheckpointError(
+            f"{path}: its pickle claims {members[pkl[0]].file_size:,} bytes, more than the file's {size:,} "
+            f"(or the {_MAX_PICKLE:,}-byte limit); refusing"
+        )
+    raw = zf.read(pkl[0])
+    try:
+        obj = _load(io.BytesIO(raw), path, storages)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot unpickle its state dict ({_problem(e)})") from None
+    for ref in storages.values():
+        info = members.get(f"{prefix}data/{ref.key}")
+        if info is None:
+            raise CheckpointError(f"{path} lacks the storage data/{ref.key} its pickle refers to")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{path}: storage data/{ref.key} is compressed; torch files store them raw")
+        if info.file_size != ref.numel * ref.dtype.itemsize:
+            raise CheckpointError(
+                f"{path}: storage data/{ref.key} holds {info.file_size} bytes, the pickle says "
+                f"{ref.numel} x {ref.dtype}"
+            )
+        ref.offset = _local_data_offset(f, info, path)
+        if ref.offset + info.file_size > size:
+            raise CheckpointError(f"{path} is truncated inside storage data/{ref.key}")
+    return obj, list(storages.values())
 
 
 def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
@@ -169,49 +331,32 @@ def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
     Raises:
         CheckpointError: not a torch file, a refused global, storages missing or out of bounds.
     """
-    size = path.stat().st_size
     storages: dict[str, _StorageRef] = {}
-    with open(path, "rb") as f:
+    # Buffered: the opcode scan and the legacy format's unpickler read a few bytes at a time.
+    with io.BufferedReader(open_file(path)) as f:
+        size = os.fstat(f.fileno()).st_size
+        magic = f.read(4)
+        f.seek(0)
+        if magic == b"PK\x03\x04" and not zipfile.is_zipfile(f):
+            raise CheckpointError(
+                f"{path} is a truncated or damaged zip archive ({size} bytes, no readable central directory at "
+                "its end); torch.save files are zip archives: was the download or copy cut short?"
+            )
+        f.seek(0)
         if zipfile.is_zipfile(f):
             try:
-                zf = zipfile.ZipFile(f)
-            except (zipfile.BadZipFile, OSError) as e:
-                raise CheckpointError(f"{path} is a corrupt zip file ({e})") from None
-            members = {i.filename: i for i in zf.infolist()}
-            pkl = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pkl) != 1:
-                raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no single data.pkl)")
-            prefix = pkl[0][: -len("data.pkl")]
-            if members[pkl[0]].file_size > _MAX_PICKLE:
-                raise CheckpointError(f"{path}: its pickle is {members[pkl[0]].file_size} bytes; refusing")
-            try:
-                raw = zf.read(pkl[0])
-                obj = _Unpickler(io.BytesIO(raw), str(path), storages).load()
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot unpickle its state dict ({type(e).__name__}: {e})") from None
-            for ref in storages.values():
-                info = members.get(f"{prefix}data/{ref.key}")
-                if info is None:
-                    raise CheckpointError(f"{path} lacks the storage data/{ref.key} its pickle refers to")
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise CheckpointError(f"{path}: storage data/{ref.key} is compressed; torch files store them raw")
-                if info.file_size != ref.numel * ref.dtype.itemsize:
-                    raise CheckpointError(
-                        f"{path}: storage data/{ref.key} holds {info.file_size} bytes, the pickle says "
-                        f"{ref.numel} x {ref.dtype}"
-                    )
-                ref.offset = _local_data_offset(f, info, path)
-                if ref.offset + info.file_size > size:
-                    raise CheckpointError(f"{path} is truncated inside storage data/{ref.key}")
-            return obj, list(storages.values())
+                return _load_zip(f, path, size, storages)
+            except CheckpointError as e:
+                raise _naming(e, path) from None
+            except _ZIP_ERRORS as e:
+                # Not the library's message: zipfile's quote names and bytes from the archive.
+                raise CheckpointError(f"{path} is a corrupt zip archive ({type(e).__name__})") from None
         # The legacy format: magic, protocol, system info, the object, the storage keys, storages.
         f.seek(0)
         try:
-            header = [_Unpickler(f, str(path), {}).load() for _ in range(3)]
-        except CheckpointError:
-            raise
+            header = [_load(f, path, {}) for _ in range(3)]
+        except CheckpointError as e:
+            raise _naming(e, path) from None
         except Exception:
             raise CheckpointError(f"{path} is neither a torch.save zip archive nor a legacy torch file") from None
         if header[0] != _LEGACY_MAGIC or not isinstance(header[2], dict):
@@ -219,12 +364,12 @@ def load_pickle(path: Path) -> tuple[Any, list[_StorageRef]]:
         if not header[2].get("little_endian", True):
             raise CheckpointError(f"{path} was written on a big-endian machine; not supported")
         try:
-            obj = _Unpickler(f, str(path), storages).load()
-            keys = _Unpickler(f, str(path), {}).load()
-        except CheckpointError:
-            raise
+            obj = _load(f, path, storages)
+            keys = _load(f, path, {})
+        except CheckpointError as e:
+            raise _naming(e, path) from None
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot unpickle its state dict ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path}: cannot unpickle its state dict ({_problem(e)})") from None
         if not isinstance(keys, list):
             raise CheckpointError(f"{path}: corrupt legacy torch file (no storage key list)")
         pos = f.tell()
@@ -270,6 +415,24 @@ def read_tensor(f: Any, path: Path, key: str, t: TensorRef, out: np.ndarray | No
     return out
 
 
+def check_views(tensors: Mapping[str, TensorRef], path: Path) -> None:
+    """Refuse names that together read a storage more than `_MAX_VIEWS_PER_STORAGE` times over.
+    Names may share a storage (a tied head is the embedding again; through the pickle's memo even
+    the same tensor object), but a thousand names for one tensor would make each read a copy.
+
+    Raises:
+        CheckpointError: naming the file and storage.
+    """
+    viewed: dict[int, int] = {}
+    for t in tensors.values():
+        n = viewed[id(t.storage)] = viewed.get(id(t.storage), 0) + math.prod(t.shape)
+        if n > _MAX_VIEWS_PER_STORAGE * max(t.storage.numel, 1):
+            raise CheckpointError(
+                f"{path}: tensors view storage {bounded_repr(t.storage.key, 60)} ({t.storage.numel} elements) more "
+                f"than {_MAX_VIEWS_PER_STORAGE} times its size; a checkpoint stores each weight once"
+            )
+
+
 def state_dict_of(obj: Any, path: Path) -> dict[str, TensorRef]:
     """The flat key -> tensor dict of a loaded torch file (a training wrapper's `state_dict` unwrapped).
 
@@ -280,9 +443,15 @@ def state_dict_of(obj: Any, path: Path) -> dict[str, TensorRef]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, TensorRef) or not isinstance(k, str)]
+    bad = []
+    for k, v in obj.items():
+        if not isinstance(v, TensorRef) or not isinstance(k, str):
+            bad.append(bounded_repr(k, 100))
+            if len(bad) == 20:
+                break
     if bad:
         raise CheckpointError(f"{path} holds entries that are not tensors: {', '.join(bad[:20])}")
+    check_views(obj, path)
     return obj
 
 
@@ -325,7 +494,7 @@ class TorchBinReader(Reader):
         path = self._where[key]
         f = self._handles.get(path)
         if f is None:
-            f = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
+            f = self._handles[path] = open_file(path)
         return read_tensor(f, path, key, self._tensors[key], out)
 
     def close(self) -> None:

@@ -119,6 +119,43 @@ def _fifo(tmp_path):
     return folder
 
 
+def _link_out(tmp_path):
+    """model.safetensors a link to a valid file outside the folder."""
+    folder = _folder(tmp_path, "link-out")
+    (folder / "model.safetensors").symlink_to(tmp_path / "base" / "model.safetensors")
+    return folder
+
+
+def _stride0_bin(tmp_path):
+    from tests.hostile.fixtures import stride0_bin
+
+    folder = tmp_path / "stride0"
+    stride0_bin(folder, CONFIG)
+    return folder
+
+
+def _unwritten_h5(tmp_path):
+    from tests.hostile.fixtures import unwritten_h5
+
+    folder = tmp_path / "unwritten"
+    unwritten_h5(folder, CONFIG)
+    return folder
+
+
+def _metadata_list(tmp_path):
+    import struct
+
+    folder = _folder(tmp_path, "metadata")
+    raw = (tmp_path / "base" / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = ["not", "an", "object"]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    return folder
+
+
 CASES = {
     # case -> (builder(tmp_path, tensors), what the message must say)
     "index ../outside": (lambda t, s: _index_escape(t, s, "relative"), "must be plain file names"),
@@ -152,6 +189,10 @@ CASES = {
     "msgpack bogus dtype": (lambda t, s: _msgpack(t, "dtype"), "has dtype 'complex512'"),
     "msgpack malformed chunks": (lambda t, s: _msgpack(t, "chunks"), "malformed chunked array"),
     "FIFO as weights": (lambda t, s: _fifo(t), "is a FIFO"),
+    "weights linked from outside": (lambda t, s: _link_out(t), "is a link to .*, outside the model folder"),
+    "stride-0 .bin views": (lambda t, s: _stride0_bin(t), "view whose elements overlap"),
+    "h5 never written": (lambda t, s: _unwritten_h5(t), "but never written"),
+    "__metadata__ not an object": (lambda t, s: _metadata_list(t), "__metadata__ must be an object"),
 }
 
 
