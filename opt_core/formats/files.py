@@ -201,22 +201,31 @@ def write_index(path: Path, weight_map: Mapping[str, str], total_size: int) -> N
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as "5GB", "500MB", "2GiB"."""
+    """Bytes from an int (a byte count) or a string with its unit: "5GB", "500MB", "2GiB", "800B".
+
+    A string must name its unit: "10" from a command line is far more often a forgotten "10GB" than
+    ten bytes (one shard per tensor), so it is refused rather than guessed. Sizes are positive."""
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise ValueError(f"a size must be an integer byte count or a string such as '2GB', got {size!r:.60}")
     if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"a size must be positive, got {size}")
         return size
-    s = str(size).strip().upper()
+    s = size.strip().upper()
     units = {"GIB": 1024**3, "MIB": 1024**2, "KIB": 1024, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
     for unit, factor in units.items():
         if s.endswith(unit):
             number = s[: -len(unit)].strip()
             try:
-                return int(float(number) * factor)
+                value = float(number)
             except ValueError:
                 break
-    try:
-        return int(s)
-    except ValueError:
-        raise ValueError(f"cannot parse size {size!r}; use bytes or a value like '2GB', '500MB'") from None
+            if not 0 < value < float("inf") or int(value * factor) < 1:
+                raise ValueError(f"a size must be positive, got {size!r:.60}")
+            return int(value * factor)
+    hint = f"; did you mean '{s}MB' or '{s}GB'?" if s.replace(".", "", 1).isdigit() else ""
+    raise ValueError(f"cannot parse size {size!r:.60}: give a number with a unit (B, KB, MB, GB, KiB, MiB, GiB), "
+                     f"e.g. '2GB' or '500MB'{hint}")
 
 
 __all__ = [
