@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from opt_core.formats.files import FORMATS, read_index
 from opt_core.safe_files import check_revision
@@ -56,26 +58,33 @@ def resolve_pretrained(name_or_path: str | os.PathLike[str], revision: str | Non
             "(pip install huggingface_hub)"
         ) from None
     repo = str(name_or_path)
-    config = _download(repo, "config.json", revision)
+    # Without a network huggingface_hub retries each file for tens of seconds before giving up: ask
+    # whether the Hub answers at all (one connection attempt, a few seconds at most) and, if not,
+    # read the cache only, as HF_HUB_OFFLINE=1 would.
+    unreachable = None if _offline() else _unreachable_hub()
+    local_only = _offline() or unreachable is not None
+    config = _download(repo, "config.json", revision, local_only)
     if config is None:
+        why = (" (HF_HUB_OFFLINE is set)" if _offline() else
+               f" (the Hub at {unreachable} cannot be reached; set HF_HUB_OFFLINE=1 to use only the cache)"
+               if unreachable else "")
         raise FileNotFoundError(
             f"{repo} is no local folder, and the Hugging Face Hub repo {repo} (revision {revision or 'main'}) has "
-            f"no config.json in the cache ({_cache_dir()}) and could not be downloaded"
-            + (" (HF_HUB_OFFLINE is set)" if _offline() else "")
+            f"no config.json in the cache ({_cache_dir()}) and could not be downloaded{why}"
         )
     folder = config.parent
     for name in SIDE_FILES:
-        _download(repo, name, revision)
+        _download(repo, name, revision, local_only)
     if weights:
         for single, index in FORMATS.values():
             if index is not None:
-                got = _download(repo, index, revision)
+                got = _download(repo, index, revision, local_only)
                 if got is not None:
                     for shard in dict.fromkeys(read_index(got).values()):
-                        if _download(repo, shard, revision) is None:
+                        if _download(repo, shard, revision, local_only) is None:
                             raise FileNotFoundError(f"{repo}: shard {shard} named by {index} is not available")
                     break
-            if _download(repo, single, revision) is not None:
+            if _download(repo, single, revision, local_only) is not None:
                 break
         else:
             raise FileNotFoundError(f"{repo} (revision {revision or 'main'}) has no OPT weights available")
@@ -97,7 +106,31 @@ def _cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def _download(repo: str, filename: str, revision: str | None) -> Path | None:
+def _endpoint() -> str:
+    """The Hub's address, read from the environment now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_ENDPOINT"):
+        return os.environ["HF_ENDPOINT"].rstrip("/")
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT).rstrip("/")
+
+
+def _unreachable_hub(timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to the Hub's host opens within `timeout` seconds; otherwise the
+    endpoint and the reason, for the error message."""
+    endpoint = _endpoint()
+    url = urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return f"{endpoint} (no host in HF_ENDPOINT)"
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{endpoint} ({type(e).__name__}: {str(e)[:80]})"
+    return None
+
+
+def _download(repo: str, filename: str, revision: str | None, local_only: bool) -> Path | None:
     """The cached (downloaded if needed and allowed) file, or None when the repo lacks it."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -109,7 +142,7 @@ def _download(repo: str, filename: str, revision: str | None) -> Path | None:
 
     try:
         return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=_cache_dir(),
-                                    local_files_only=_offline()))
+                                    local_files_only=local_only))
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:

@@ -69,3 +69,29 @@ def test_unknown_hub_ids_say_what_was_tried(hub_cache):
         opt_torch.OPTForCausalLM.from_pretrained("facebook/opt-none")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_pretrained("./not/here")
+
+
+def test_a_cached_repo_loads_without_a_network_and_without_hf_hub_offline(hub_cache, monkeypatch):
+    """Nothing answers at HF_ENDPOINT: the cache is read at once instead of retrying every file."""
+    import time
+
+    snapshot, _ = hub_cache
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    t0 = time.perf_counter()
+    assert resolve_pretrained(REPO) == snapshot
+    assert time.perf_counter() - t0 < 10
+
+
+def test_an_uncached_repo_without_a_network_fails_fast_in_one_line(tmp_path):
+    import time
+
+    from tests.cli.entry import one_line_error, opt
+
+    t0 = time.perf_counter()
+    proc = opt("info", "facebook/opt-none", HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9",
+               HF_HUB_OFFLINE="0")
+    seconds = time.perf_counter() - t0
+    line = one_line_error(proc, 2, "info")  # a MODEL argument that names nothing: exit 2, as a missing folder
+    assert "facebook/opt-none" in line and "cannot be reached" in line and "HF_HUB_OFFLINE=1" in line
+    assert seconds < 20, seconds  # a fresh `opt` process; huggingface_hub's own retries took 23 s and more
