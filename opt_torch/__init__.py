@@ -1,7 +1,7 @@
 """PyTorch backend of the OPT reference implementation (Hugging Face-compatible names and checkpoints)."""
 
 from opt_torch.attention import ATTN_IMPLEMENTATIONS, OPTAttention
-from opt_torch.cache import Cache, DynamicCache, StaticCache
+from opt_torch.cache import Cache, DynamicCache, StaticCache, init_cache
 from opt_torch.modeling import (
     OPTDecoder,
     OPTDecoderLayer,
@@ -27,6 +27,7 @@ __all__ = [
     "OPTOutput",
     "OPTPreTrainedModel",
     "StaticCache",
+    "init_cache",
 ]
 
 from opt_torch.generation import generate  # noqa: E402
