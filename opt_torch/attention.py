@@ -5,6 +5,7 @@ paths (eager, PyTorch's SDPA, flash-attention-2). Shape letters as in `opt_torch
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,9 @@ from opt_torch.kernels import linear
 from opt_torch.layout import Linear, fuse_qkv_views
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+# From flash_attn 2.1 on, `causal=True` with fewer queries than keys aligns the triangle bottom-right
+# (query t of T sees keys 0..S-T+t): what a chunk over a cache needs. 2.0 aligned it top-left.
+FLASH_ATTN_MIN_VERSION = (2, 1)
 
 
 # ---------------------------------------------------------------- masks and positions
@@ -43,8 +47,10 @@ def causal_padding_mask(attention_mask: torch.Tensor, past_length: int, query_le
 class AttentionMask:
     """How the layers mask attention, built once per call.
 
-    allowed: bool [B, 1, T, S] or None (no padding: plain causal, or nothing at all for T == 1).
-    is_causal: with allowed None, whether the causal triangle still applies (T > 1, no cache).
+    allowed: bool [B or 1, 1, T, S] or None (no padding and nothing cached before a chunk: plain
+        causal, or nothing at all for T == 1).
+    is_causal: with allowed None, whether the causal triangle applies (T > 1 over an empty cache,
+        where the top-left alignment of SDPA's `is_causal` is also the right one).
     padding: bool [B, S] (1 = real key) for flash attention's unpadding, or None without padding.
     """
 
@@ -65,13 +71,25 @@ class AttentionMask:
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, query_length: int, past_length: int
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int, device: torch.device | None = None
 ) -> AttentionMask:
-    """Turn a [B, past + T] 0/1 mask (or None) into what the attention layers need."""
-    # No padding: plain causal; one new query over a cache needs no mask at all. (Under
-    # torch.compile the data-dependent check is skipped and the general path below runs.)
+    """Turn a [B, past + T] 0/1 mask (or None) into what the attention layers need.
+
+    Query t of the T new tokens sits at slot past + t and sees keys 0..past+t (the causal triangle
+    aligned bottom-right) that are real tokens. `device`: where the mask goes when
+    `attention_mask` is None."""
+    # No padding. (Under torch.compile the data-dependent check is skipped and the general path
+    # below runs.)
     if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
-        return AttentionMask(None, is_causal=query_length > 1, padding=None)
+        if query_length == 1 or past_length == 0:
+            # One new query sees every key: no mask at all. A chunk over an empty cache: the plain
+            # triangle, where SDPA's `is_causal` (aligned top-left) and bottom-right agree.
+            return AttentionMask(None, is_causal=query_length > 1, padding=None)
+        # A chunk of T > 1 queries after `past` cached keys. SDPA's `is_causal` would let query t see
+        # keys 0..t only (top-left), so the triangle goes in explicitly: [1, 1, T, S].
+        device = attention_mask.device if attention_mask is not None else device
+        keys = torch.ones(1, past_length + query_length, dtype=torch.bool, device=device)  # [1, S]
+        return AttentionMask(causal_padding_mask(keys, past_length, query_length), is_causal=False, padding=None)
     padding = attention_mask.bool()
     if query_length == 1:
         return AttentionMask(padding[:, None, None, :], is_causal=False, padding=padding)  # [B, 1, 1, S]
@@ -97,6 +115,20 @@ def check_attn_implementation(name: str) -> None:
             raise ValueError(
                 "attn_implementation='flash_attention_2' needs the flash_attn package (pip install flash-attn)"
             )
+        import flash_attn
+
+        found = getattr(flash_attn, "__version__", "unknown")
+        if _version_tuple(found) < FLASH_ATTN_MIN_VERSION:
+            raise ValueError(
+                f"attn_implementation='flash_attention_2' needs flash_attn >= "
+                f"{'.'.join(map(str, FLASH_ATTN_MIN_VERSION))} (found {found}): older releases align the causal "
+                "mask top-left, which is wrong for a chunk of tokens over a cache"
+            )
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string; (0,) when it has none."""
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:2]) or (0,)
 
 
 # ---------------------------------------------------------------- the attention module and its paths
@@ -205,8 +237,10 @@ def flash_attention(
 ) -> torch.Tensor:
     """flash_attn kernels (CUDA, fp16/bf16). q/k/v [B, H, T|S, D] -> output [B, T, H, D].
 
-    Without padding the dense kernel runs with its bottom-right causal alignment (right for a
-    cache); with padding the real tokens are packed and the varlen kernel runs.
+    Without padding the dense kernel runs; with padding the real tokens are packed and the varlen
+    kernel runs. Both rely on flash_attn's bottom-right causal alignment (`FLASH_ATTN_MIN_VERSION`,
+    checked when the implementation is chosen): the T new queries are the last T of the S keys
+    (per row, the last real ones), so query t sees keys 0..S-T+t, also over a non-empty cache.
     """
     if q.device.type != "cuda":
         raise ValueError(f"flash_attention_2 needs tensors on a CUDA device, got {q.device}")

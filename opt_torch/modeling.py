@@ -184,7 +184,7 @@ class OPTDecoder(nn.Module):
                 position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
             else:
                 position_ids = positions_from_mask(attention_mask, past, t)  # [B, T]
-        mask = build_attention_mask(attention_mask, t, past)
+        mask = build_attention_mask(attention_mask, t, past, input_ids.device)
 
         x = self.embed_tokens(input_ids)  # [B, T, E]
         if self.project_in is not None:
