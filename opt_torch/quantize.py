@@ -9,8 +9,8 @@
 - "int4": weight-only, 4-bit weights in groups of `INT4_GROUP_SIZE` input channels, each group with
   its own scale and offset (asymmetric; gpt-fast/torchao's "tinygemm" layout), in
   `aten._weight_int4pack_mm_for_cpu` with bf16 activations. Half the bytes of int8, so the fastest
-  batch-1 decode where memory bandwidth bounds it; its rounding costs more perplexity than int8
-  (measured in tests/torch/test_quantize.py). The vocabulary table stays int8 (as for "int8").
+  batch-1 decode where memory bandwidth bounds it; its perplexity change is measured in
+  tests/torch/test_quantize.py. The vocabulary table stays int8 (as for "int8").
 - "w8a8": int8 weights (per output channel, symmetric) and int8 activations quantized on the fly
   (asymmetric uint8, one scale per call: per token at batch-1 decode, per tensor over a prompt or a
   batch), in one of PyTorch's quantized engines (fbgemm, x86, onednn), the fastest measured here
@@ -27,6 +27,19 @@ LayerNorms, the position table and attention itself stay in the model's float dt
 
 A quantized model is for inference: it has no gradients, `save_pretrained` refuses it (save the
 float checkpoint and quantize at load), and `model.quantization` says what was done.
+
+Why these modules and not torchao's (measured with torchao 0.18.0 on torch 2.13 CPU,
+`benchmarks/bench_torchao.py`, opt-125m shape, 2 threads): `from_pretrained(quantize=...)`
+quantizes each layer as soon as it is read, so the float model never exists whole; torchao's
+`quantize_` works on a loaded float model. Peak RSS of "load the checkpoint and quantize": int8 494
+MB here vs 1166 MB with torchao, int4 470 vs 1116 MB (the float model alone peaks at 739 MB;
+importing torchao adds 77 MB; torchao also leaves the vocabulary table float, which ours stores
+int8). Kernels, read from torchao 0.18's source: its CPU int8 weight-only linear converts the int8
+weight to float on every call (`mm(x, w.to(dtype)) * scale`) instead of `_weight_int8pack_mm`, and
+its CPU int4 path (the same `_weight_int4pack_mm_for_cpu` as ours) exists only as a prototype config,
+the stable `Int4WeightOnlyConfig` needing CUDA-only kernels (mslk). Decode-step timings on a busy
+shared machine (load average 9-13 on 2 cores) were too noisy to quote as ratios, but torchao's step
+was the slower one in each of the 8 interleaved comparisons (int8/int4, batch 1/8, two runs).
 """
 
 from __future__ import annotations
@@ -59,7 +72,7 @@ from opt_torch.smoothquant import (  # noqa: F401  (re-exported: the calibration
 logger = logging.getLogger("opt_torch")
 
 MODES = QUANTIZE_MODES["torch"]
-INT4_GROUP_SIZE = 64  # input channels per int4 scale/offset: 32 and 128 measured in tests/torch/test_quantize.py
+INT4_GROUP_SIZE = 64  # input channels per int4 scale/offset (no sweep of other sizes is measured here)
 W8A8_ENGINES = ("fbgemm", "x86", "onednn")
 INT8_ACTIVATIONS = ("bfloat16", "float32")
 
