@@ -22,7 +22,9 @@ from opt_core.masks import POSITION_OFFSET, causal_padding_mask, last_non_pad_in
 from opt_core.params import Head, parameter_table
 
 LAYER_NORM_EPS = 1e-5
-KVCache = list[tuple[np.ndarray, np.ndarray]]  # per layer: keys, values [B, H, S, D]
+# The cache a call takes and returns (a dynamic one: it grows with every call), per layer: keys,
+# values [B, H, S, D]. Chunks of any size over it give the full pass's outputs (tests/common/test_cache_chunks.py).
+PastKeyValues = list[tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -33,7 +35,7 @@ class ReferenceOutput:
     logits: np.ndarray | None = None  # [B, T, V] LM, [B, num_labels] classification
     start_logits: np.ndarray | None = None  # [B, T] QA
     end_logits: np.ndarray | None = None  # [B, T] QA
-    past_key_values: KVCache | None = None
+    past_key_values: PastKeyValues | None = None
     # embeddings, then each layer's output [B, T, C]; the last entry is `last_hidden_state` (HF's way)
     hidden_states: list[np.ndarray] = field(default_factory=list)
 
@@ -155,7 +157,7 @@ class ReferenceOPTModel:
         input_ids: np.ndarray,
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
-        past_key_values: KVCache | None = None,
+        past_key_values: PastKeyValues | None = None,
     ) -> ReferenceOutput:
         """Run the decoder on the new tokens `input_ids` [B, T].
 
@@ -183,7 +185,7 @@ class ReferenceOPTModel:
 
         allowed = causal_padding_mask(attention_mask, past_length, input_ids.shape[1])  # [B, 1, T, S]
         hidden_states = [x]
-        cache: KVCache = []
+        cache: PastKeyValues = []
         for i in range(cfg.num_hidden_layers):
             past = past_key_values[i] if past_key_values is not None else None
             x, kv = self._layer(x, i, allowed, past)

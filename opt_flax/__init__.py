@@ -1,6 +1,6 @@
 """JAX/Flax (NNX) backend of the OPT reference implementation (Hugging Face-compatible names and checkpoints)."""
 
-from opt_flax.cache import KVCache
+from opt_flax.cache import StaticCache, init_cache
 from opt_flax.modeling import (
     OPTAttention,
     OPTDecoder,
@@ -14,7 +14,6 @@ from opt_flax.modeling import (
 )
 
 __all__ = [
-    "KVCache",
     "OPTAttention",
     "OPTDecoder",
     "OPTDecoderLayer",
@@ -24,4 +23,6 @@ __all__ = [
     "OPTModel",
     "OPTOutput",
     "OPTPreTrainedModel",
+    "StaticCache",
+    "init_cache",
 ]

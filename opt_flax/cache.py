@@ -1,9 +1,12 @@
 """The static KV cache: preallocated buffers passed into each call and returned updated.
 
-Explicit data, not module state: `KVCache` is a JAX pytree, so jitted prefill/decode functions take
-it as an argument and return the new one, and it can carry a `NamedSharding` like any array.
+Explicit data, not module state: `StaticCache` is a JAX pytree, so jitted prefill/decode functions
+take it as an argument and return the new one, and it can carry a `NamedSharding` like any array.
 All rows share one write slot (`length`); left padding lives inside the cache, hidden by the mask.
-The module functions `init`, `update` and `reorder` are the names every backend's cache module shares.
+The names every backend's cache module shares: `StaticCache` (methods `update`, `reorder`,
+`max_length`) and its factory `init_cache`.
+
+Letters in shape comments: B batch, H heads, T new tokens, S max_length (slots), D head_dim.
 """
 
 from __future__ import annotations
@@ -19,31 +22,19 @@ from opt_core.config import OPTConfig
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class KVCache:
-    """Per-layer keys and values [B, N, S, H] (S = slots) and the number of slots written.
+class StaticCache:
+    """Per-layer keys and values [B, H, S, D] (S = slots) and the number of slots written.
 
     Attributes:
-        keys / values: one array per layer, [batch, heads, max_length, head_dim] (the layout the
-            attention matmuls read directly).
+        keys / values: one array per layer, [batch, heads, max_length, head_dim] (the layout both
+            attention matmuls read without a transpose; a [B, S, H, D] cache made XLA copy the
+            whole cache every decode step).
         length: int32 scalar, tokens written so far (the next write slot).
     """
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
     length: jax.Array
-
-    @classmethod
-    def init(cls, config: OPTConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
-        """Zeroed buffers for `batch_size` rows of up to `max_length` tokens."""
-        if max_length > config.max_position_embeddings:
-            raise ValueError(
-                f"cache of {max_length} tokens is longer than max_position_embeddings "
-                f"({config.max_position_embeddings})"
-            )
-        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # [B, N, S, H]
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
-        return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
-                   jnp.zeros((), jnp.int32))
 
     @property
     def max_length(self) -> int:
@@ -53,25 +44,44 @@ class KVCache:
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
 
-    def reorder(self, rows: jax.Array) -> KVCache:
-        """Gather rows (beam search: each beam continues from its parent's cache)."""
-        return KVCache(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.length)
+    def update(self, layer_idx: int, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Write `key`/`value` [B, H, T, D] of layer `layer_idx` at slots [length, length + T); return
+        that layer's full buffers [B, H, S, D] (the caller builds the next cache with `advanced`)."""
+        return (_write_slot(self.keys[layer_idx], key, self.length),
+                _write_slot(self.values[layer_idx], value, self.length))
+
+    def advanced(self, keys: list[jax.Array], values: list[jax.Array], new_tokens: int | jax.Array) -> StaticCache:
+        """The cache after a call that wrote `new_tokens` tokens into every layer."""
+        return StaticCache(tuple(keys), tuple(values), self.length + new_tokens)
+
+    def reorder(self, rows: jax.Array) -> StaticCache:
+        """Keep batch rows `rows` [B'] (beam search: each beam continues from its parent's cache)."""
+        return StaticCache(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.length)
 
 
-def init(config: OPTConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
-    """Zeroed buffers for `batch_size` rows of up to `max_length` tokens (`KVCache.init`)."""
-    return KVCache.init(config, batch_size, max_length, dtype)
+def _write_slot(buffer: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
+    """`buffer` [B, H, S, D] with `new` [B, H, T, D] written at slots [slot, slot + T).
+
+    A batch of one is updated without its batch axis: XLA drops that size-1 axis around the
+    attention einsums anyway, and an update in the 4-D shape then ends in a reshape that keeps it
+    from happening in place (a copy of the whole buffer per layer and decode step)."""
+    new = new.astype(buffer.dtype)
+    if buffer.shape[0] == 1:
+        return jax.lax.dynamic_update_slice(buffer[0], new[0], (0, slot, 0))[None]
+    return jax.lax.dynamic_update_slice(buffer, new, (0, 0, slot, 0))
 
 
-def update(cache: KVCache, layer_idx: int, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Layer `layer_idx`'s buffers [B, N, S, H] with `key`/`value` [B, N, T, H] written at slot
-    `cache.length` (the write the attention layer does; the caller advances `length`)."""
-    start = (0, 0, cache.length, 0)
-    keys, values = cache.keys[layer_idx], cache.values[layer_idx]
-    return (jax.lax.dynamic_update_slice(keys, key.astype(keys.dtype), start),
-            jax.lax.dynamic_update_slice(values, value.astype(values.dtype), start))
-
-
-def reorder(cache: KVCache, rows: jax.Array) -> KVCache:
-    """The cache keeping batch rows `rows` (beam search; `KVCache.reorder`)."""
-    return cache.reorder(rows)
+def init_cache(config: OPTConfig, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> StaticCache:
+    """An empty cache for `batch_size` rows of at most `max_length` tokens (zeros)."""
+    if max_length > config.max_position_embeddings:
+        raise ValueError(
+            f"a cache of {max_length} tokens is longer than max_position_embeddings "
+            f"({config.max_position_embeddings}); use a shorter prompt or fewer new tokens"
+        )
+    shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # [B, H, S, D]
+    layers = range(config.num_hidden_layers)
+    return StaticCache(
+        tuple(jnp.zeros(shape, dtype) for _ in layers),
+        tuple(jnp.zeros(shape, dtype) for _ in layers),
+        jnp.zeros((), jnp.int32),
+    )

@@ -35,7 +35,7 @@ from flax import nnx
 from opt_core import sampling as stream
 from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
 from opt_core.inputs import validate_inputs
-from opt_flax.cache import KVCache
+from opt_flax.cache import StaticCache, init_cache
 
 # How many times each jitted function has been traced (= compiled); the no-recompile test reads it.
 COMPILATIONS: collections.Counter[str] = collections.Counter()
@@ -93,7 +93,7 @@ def gumbel_noise(words: jax.Array, step: jax.Array, rows: int, vocab_size: int) 
 # ---------------------------------------------------------------- model steps
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_length"), compiler_options=COMPILER_OPTIONS)
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
-            max_length: int) -> tuple[jax.Array, KVCache]:
+            max_length: int) -> tuple[jax.Array, StaticCache]:
     """Run the prompt [B, P] through a fresh cache of `max_length` slots.
 
     attention_mask is [B, max_length]: the prompt's mask, then ones for the tokens to come.
@@ -101,18 +101,19 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, atte
     """
     COMPILATIONS["prefill"] += 1
     model = nnx.merge(graphdef, state)
-    cache = KVCache.init(model.config, input_ids.shape[0], max_length, model.dtype)
+    cache = init_cache(model.config, input_ids.shape[0], max_length, model.dtype)
     out = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1, validate=False)
     return out.logits[:, -1].astype(jnp.float32), out.past_key_values
 
 
-def _decode_step(model: Any, tokens: jax.Array, attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+def _decode_step(model: Any, tokens: jax.Array, attention_mask: jax.Array,
+                 cache: StaticCache) -> tuple[jax.Array, StaticCache]:
     """One token per row [B] -> next logits [B, V] (float32) and the cache with it written."""
     out = model(tokens[:, None], attention_mask=attention_mask, past_key_values=cache, validate=False)
     return out.logits[:, -1].astype(jnp.float32), out.past_key_values
 
 
-def _to_carry(cache: KVCache) -> KVCache:
+def _to_carry(cache: StaticCache) -> StaticCache:
     """The cache as a while loop carries it: a batch of one drops its batch axis ([N, S, H]).
 
     With a [1, N, S, H] carry, XLA CPU copied every key/value buffer twice per decode step: the
@@ -121,14 +122,14 @@ def _to_carry(cache: KVCache) -> KVCache:
     opt-125m. Carried without the axis, the update stays in place; larger batches already do."""
     if cache.batch_size != 1:
         return cache
-    return KVCache(tuple(k[0] for k in cache.keys), tuple(v[0] for v in cache.values), cache.length)
+    return StaticCache(tuple(k[0] for k in cache.keys), tuple(v[0] for v in cache.values), cache.length)
 
 
-def _from_carry(carried: KVCache, batch: int) -> KVCache:
+def _from_carry(carried: StaticCache, batch: int) -> StaticCache:
     """Inverse of `_to_carry` for a batch of `batch` rows."""
     if batch != 1:
         return carried
-    return KVCache(tuple(k[None] for k in carried.keys), tuple(v[None] for v in carried.values), carried.length)
+    return StaticCache(tuple(k[None] for k in carried.keys), tuple(v[None] for v in carried.values), carried.length)
 
 
 # ---------------------------------------------------------------- logits processors (Hugging Face order)
@@ -256,7 +257,7 @@ def _deliver(tokens: Any) -> None:
 # ---------------------------------------------------------------- greedy and sampling
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "do_sample", "ngram", "min_new",
                                              "stream"), compiler_options=COMPILER_OPTIONS)
-def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax.Array, cache: KVCache,
+def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax.Array, cache: StaticCache,
                           attention_mask: jax.Array, prompt: jax.Array, first: jax.Array, seen: jax.Array | None,
                           max_new_tokens: int, do_sample: bool, eos_ids: jax.Array, pad_token_id: jax.Array,
                           seed: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
@@ -307,7 +308,7 @@ def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits
 # ---------------------------------------------------------------- beam search
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_beams", "early_stopping", "ngram",
                                              "min_new"), compiler_options=COMPILER_OPTIONS)
-def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax.Array, cache: KVCache,
+def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax.Array, cache: StaticCache,
                      attention_mask: jax.Array, prompt: jax.Array, first: jax.Array, seen: jax.Array | None,
                      max_new_tokens: int, num_beams: int, early_stopping: bool | str, eos_ids: jax.Array,
                      pad_token_id: jax.Array, length_penalty: jax.Array, repetition_penalty: jax.Array,

@@ -28,7 +28,7 @@ from opt_core.generation_config import GENERATE_DOC, GenerationConfig
 from opt_core.inputs import validate_inputs
 from opt_core.masks import POSITION_OFFSET
 from opt_core.params import Head
-from opt_flax.cache import KVCache
+from opt_flax.cache import StaticCache
 from opt_flax.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss
 
 LAYER_NORM_EPS = 1e-5
@@ -66,7 +66,7 @@ class OPTOutput:
         logits: [B, T, V] (causal LM) or [B, L] (sequence classification).
         last_hidden_state: [B, T, E], after the final LayerNorm and `project_out`.
         start_logits / end_logits: [B, T] (question answering).
-        past_key_values: the `KVCache`, with this call's keys and values written (when caching).
+        past_key_values: the `StaticCache`, with this call's keys and values written (when caching).
         hidden_states: as Hugging Face returns them: the input of each layer ([B, T, C]; the first is
             the embeddings), then the final output (after final LayerNorm and project_out).
     """
@@ -76,7 +76,7 @@ class OPTOutput:
     last_hidden_state: jax.Array | None = None
     start_logits: jax.Array | None = None
     end_logits: jax.Array | None = None
-    past_key_values: KVCache | None = None
+    past_key_values: StaticCache | None = None
     hidden_states: tuple[jax.Array, ...] | None = None
 
     def __getitem__(self, key: str) -> Any:
@@ -155,18 +155,6 @@ class OPTLearnedPositionalEmbedding(nnx.Module):
         return jnp.take(self.embedding[...], position_ids + POSITION_OFFSET, axis=0).astype(self.dtype)
 
 
-def _write_slot(cache: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
-    """cache [B, H, S, D] with `new` [B, H, T, D] written at slots [slot, slot + T).
-
-    A batch of one is updated without its batch axis: XLA drops that size-1 axis around the
-    attention einsums anyway, and an update in the 4-D shape then ends in a reshape that keeps it
-    from happening in place (a copy of the whole buffer per layer and decode step)."""
-    new = new.astype(cache.dtype)
-    if cache.shape[0] == 1:
-        return jax.lax.dynamic_update_slice(cache[0], new[0], (0, slot, 0))[None]
-    return jax.lax.dynamic_update_slice(cache, new, (0, 0, slot, 0))
-
-
 class OPTAttention(nnx.Module):
     """Multi-head self-attention with an optional static KV cache."""
 
@@ -185,11 +173,13 @@ class OPTAttention(nnx.Module):
         self,
         x: jax.Array,
         allowed: jax.Array,
-        cache: tuple[jax.Array, jax.Array, jax.Array] | None,
+        cache: StaticCache | None,
+        layer_idx: int,
         deterministic: bool | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, C]; allowed bool [B, 1, T, S]; cache (keys, values [B, H, S, D], write slot) or
-        None. Returns the output [B, T, C] and the updated (keys, values) when caching."""
+        """x [B, T, C]; allowed bool [B, 1, T, S]; `cache` (this call's new keys and values are
+        written into layer `layer_idx`'s slots) or None. Returns the output [B, T, C] and the
+        layer's updated (keys, values) [B, H, S, D] when caching."""
         b, t, _ = x.shape
         heads = (b, t, self.num_heads, self.head_dim)
 
@@ -201,10 +191,7 @@ class OPTAttention(nnx.Module):
         v = split(self.v_proj(x))
         new_kv = None
         if cache is not None:
-            # The cache is [B, H, S, D], the layout both attention matmuls read without a transpose
-            # (a [B, S, H, D] cache made XLA copy the whole cache every decode step).
-            cache_k, cache_v, slot = cache
-            k, v = (_write_slot(c, y, slot) for c, y in ((cache_k, k), (cache_v, v)))  # [B, H, S, D]
+            k, v = cache.update(layer_idx, k, v)  # [B, H, S, D]
             k, v = (constrain(y, "data", "model", None, None) for y in (k, v))
             new_kv = (k, v)
         # Scores and softmax in float32 whatever the compute dtype (the fp16/bf16 NaN fix).
@@ -233,11 +220,12 @@ class OPTDecoderLayer(nnx.Module):
         self,
         x: jax.Array,
         allowed: jax.Array,
-        cache: tuple[jax.Array, jax.Array, jax.Array] | None,
+        cache: StaticCache | None,
+        layer_idx: int,
         deterministic: bool | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         h = self.self_attn_layer_norm(x) if self.do_layer_norm_before else x
-        h, new_kv = self.self_attn(h, allowed, cache, deterministic)
+        h, new_kv = self.self_attn(h, allowed, cache, layer_idx, deterministic)
         x = x + self.dropout(h, deterministic=deterministic)
         if not self.do_layer_norm_before:
             x = self.self_attn_layer_norm(x)
@@ -280,10 +268,10 @@ class OPTDecoder(nnx.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array,
         position_ids: jax.Array | None,
-        cache: KVCache | None,
+        cache: StaticCache | None,
         deterministic: bool | None,
         output_hidden_states: bool,
-    ) -> tuple[jax.Array, KVCache | None, tuple[jax.Array, ...] | None]:
+    ) -> tuple[jax.Array, StaticCache | None, tuple[jax.Array, ...] | None]:
         """input_ids [B, T]; attention_mask [B, S] (S = cache slots with a cache, else T).
         Returns the last hidden state [B, T, E], the updated cache and the hidden states."""
         cfg = self.config
@@ -304,11 +292,10 @@ class OPTDecoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden.append(x)
-            layer_cache = (cache.keys[i], cache.values[i], cache.length) if cache is not None else None
             if self.remat and cache is None:
                 y, kv = nnx.remat(_run_layer, static_argnums=(3,))(layer, x, allowed, deterministic)
             else:
-                y, kv = layer(x, allowed, layer_cache, deterministic)
+                y, kv = layer(x, allowed, cache, i, deterministic)
             if training and self.layerdrop > 0:  # skip the whole layer with probability layerdrop
                 keep = jax.random.uniform(self.rngs.dropout()) >= self.layerdrop
                 y = jnp.where(keep, y, x)
@@ -323,14 +310,12 @@ class OPTDecoder(nnx.Module):
             x = self.project_out(x)  # [B, T, E]
         if output_hidden_states:
             hidden.append(x)
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(tuple(new_keys), tuple(new_values), cache.length + t)
+        new_cache = cache.advanced(new_keys, new_values, t) if cache is not None else None
         return x, new_cache, tuple(hidden) if output_hidden_states else None
 
 
 def _run_layer(layer: OPTDecoderLayer, x: jax.Array, allowed: jax.Array, deterministic: bool | None):
-    return layer(x, allowed, None, deterministic)
+    return layer(x, allowed, None, 0, deterministic)
 
 
 # ---------------------------------------------------------------- models
@@ -391,7 +376,7 @@ class OPTPreTrainedModel(nnx.Module):
         _LOADING_INFO[self] = value
 
     def _prepare_inputs(
-        self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: KVCache | None, validate: bool
+        self, input_ids: Any, attention_mask: Any, position_ids: Any, cache: StaticCache | None, validate: bool
     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """Arrays in, checked at the Python boundary (skipped under tracing), mask sized for the cache."""
         cfg = self.config
@@ -429,7 +414,7 @@ class OPTPreTrainedModel(nnx.Module):
         input_ids: Any,
         attention_mask: Any,
         position_ids: Any,
-        past_key_values: KVCache | None,
+        past_key_values: StaticCache | None,
         output_hidden_states: bool,
         deterministic: bool | None,
         validate: bool = True,
@@ -437,10 +422,6 @@ class OPTPreTrainedModel(nnx.Module):
         ids, mask, pos = self._prepare_inputs(input_ids, attention_mask, position_ids, past_key_values, validate)
         h, cache, hidden = self.get_decoder()(ids, mask, pos, past_key_values, deterministic, output_hidden_states)
         return OPTOutput(last_hidden_state=h, past_key_values=cache, hidden_states=hidden)
-
-    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-        """An empty static `KVCache` for `batch_size` rows of up to `max_length` tokens."""
-        return KVCache.init(self.config, batch_size, max_length, dtype if dtype is not None else self.dtype)
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(nnx.state(self, nnx.Param)))
@@ -501,7 +482,7 @@ class OPTModel(OPTPreTrainedModel):
         return self.decoder
 
     def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
-                 past_key_values: KVCache | None = None, output_hidden_states: bool = False,
+                 past_key_values: StaticCache | None = None, output_hidden_states: bool = False,
                  deterministic: bool | None = None, validate: bool = True) -> OPTOutput:
         return self._run_decoder(input_ids, attention_mask, position_ids, past_key_values,
                                  output_hidden_states, deterministic, validate)
@@ -533,7 +514,7 @@ class OPTForCausalLM(_WithDecoder):
             self.lm_head = _linear(config, config.embed_dim, config.vocab_size, False, dtype, param_dtype, rngs)
 
     def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
-                 past_key_values: KVCache | None = None, labels: Any = None,
+                 past_key_values: StaticCache | None = None, labels: Any = None,
                  output_hidden_states: bool = False, deterministic: bool | None = None,
                  logits_to_keep: int = 0, validate: bool = True) -> OPTOutput:
         """Logits [B, T, V] (the last `logits_to_keep` positions only when > 0).

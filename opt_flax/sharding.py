@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from opt_flax.cache import KVCache
+from opt_flax.cache import StaticCache
 
 AXES = ("data", "model")
 
@@ -155,15 +155,15 @@ def shard_process_batch(local_rows: Any, mesh: Mesh) -> jax.Array:
 
 
 def cache_sharding(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
-    """NamedShardings of a `KVCache`: (keys/values [B, N, S, H]: batch over "data", heads over
+    """NamedShardings of a `StaticCache`: (keys/values [B, N, S, H]: batch over "data", heads over
     "model"; the length scalar: replicated)."""
     return NamedSharding(mesh, P("data", "model", None, None)), NamedSharding(mesh, P())
 
 
-def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
-    """Place a `KVCache` on `mesh` (see `cache_sharding`)."""
+def shard_cache(cache: StaticCache, mesh: Mesh) -> StaticCache:
+    """Place a `StaticCache` on `mesh` (see `cache_sharding`)."""
     kv, scalar = cache_sharding(mesh)
-    return KVCache(
+    return StaticCache(
         tuple(put(k, kv) for k in cache.keys),
         tuple(put(v, kv) for v in cache.values),
         put(cache.length, scalar),

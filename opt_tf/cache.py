@@ -4,8 +4,8 @@ TensorFlow tensors are immutable, so the cache is a value: `update` returns a ne
 buffers XLA updates in place (`dynamic_update_slice`). The shapes never change while decoding, so
 a compiled decoding loop carries it through `tf.while_loop` unchanged in structure.
 
-The module functions `init`, `update` and `reorder` are the names every backend's cache module
-shares.
+The names every backend's cache module shares: `StaticCache` (methods `update`, `get_seq_length`,
+`reorder`, `max_length`) and its factory `init_cache`.
 
 Letters in shape comments: B batch, H heads, T new tokens, S max_length (slots), D head_dim.
 """
@@ -62,7 +62,7 @@ class StaticCache(NamedTuple):
         )
 
 
-def init(config: OPTConfig, batch_size: int, max_length: int, dtype: tf.DType | str = tf.float32) -> StaticCache:
+def init_cache(config: OPTConfig, batch_size: int, max_length: int, dtype: tf.DType | str = tf.float32) -> StaticCache:
     """An empty cache for `batch_size` rows of at most `max_length` tokens (zeros)."""
     if max_length > config.max_position_embeddings:
         raise ValueError(
@@ -76,17 +76,3 @@ def init(config: OPTConfig, batch_size: int, max_length: int, dtype: tf.DType | 
         tuple(tf.zeros(shape, dtype) for _ in layers),
         tf.constant(0, tf.int32),
     )
-
-
-def update(cache: StaticCache, layer_idx: int, key: tf.Tensor, value: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Write `key`/`value` [B, H, T, D] of layer `layer_idx` at the cache's next slot; returns that
-    layer's full buffers [B, H, S, D] (`StaticCache.update`)."""
-    return cache.update(layer_idx, key, value)
-
-
-def reorder(cache: StaticCache, beam_idx: tf.Tensor) -> StaticCache:
-    """The cache keeping batch rows `beam_idx` [B'] (beam search; `StaticCache.reorder`)."""
-    return cache.reorder(beam_idx)
-
-
-init_cache = init  # the earlier name

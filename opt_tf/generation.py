@@ -32,7 +32,7 @@ from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 from opt_core import sampling as stream
 from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
 from opt_core.inputs import validate_inputs
-from opt_tf.cache import StaticCache, init
+from opt_tf.cache import StaticCache, init_cache
 
 NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
 INF = float("inf")
@@ -136,7 +136,7 @@ def prefill(
     """Run the prompt into a fresh cache of `total` slots -> (last logits, cache, key mask [B, S],
     next position [B])."""
     b, t = _dims(ids)
-    cache = init(model.config, b, total, model.get_decoder().embed_tokens.dtype)
+    cache = init_cache(model.config, b, total, model.get_decoder().embed_tokens.dtype)
     key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; new slots are switched on as they fill
     positions = tf.cumsum(mask, axis=-1) * mask - 1  # [B, T] (modeling's positions_from_mask; no import cycle)
     logits, cache = _run(model, ids, positions, key_mask, cache)

@@ -1,8 +1,9 @@
 """Explicit key/value caches: passed into the model call and returned from it.
 
-Three functions with the names every backend's cache module shares: `init` (an empty static
-cache), `update` (append one layer's new keys/values), `reorder` (keep beam rows). Under them, two
-kinds of cache with the same methods (`update`, `get_seq_length`, `reorder`):
+The names every backend's cache module shares: `StaticCache` (preallocated buffers, what generation
+uses) and its factory `init_cache`; each cache's methods `update` (write one layer's new
+keys/values, return all of them), `get_seq_length`, `reorder` (keep beam rows), `max_length`.
+torch has two kinds of cache with those methods:
 
 - `DynamicCache` grows by concatenation; any length, no setup.
 - `StaticCache` preallocates `[batch, heads, max_length, head_dim]` buffers once and writes new
@@ -38,10 +39,6 @@ class Cache:
     def max_length(self) -> int | None:
         """The most tokens the cache can hold (None: unbounded)."""
         return None
-
-    # Hugging Face's name for `reorder`.
-    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        self.reorder(beam_idx)
 
 
 class DynamicCache(Cache):
@@ -152,23 +149,11 @@ class StaticCache(Cache):
         self._lengths = [min(n, length) for n in self._lengths]
 
 
-# ---------------------------------------------------------------- the functional names every backend shares
-def init(
+# ---------------------------------------------------------------- the factory every backend shares
+def init_cache(
     config: OPTConfig, batch_size: int, max_length: int, dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None, num_heads: int | None = None,
 ) -> StaticCache:
-    """An empty cache for `batch_size` rows of at most `max_length` tokens (what generation uses);
-    `num_heads`: the heads this process holds (fewer under tensor parallelism), default all."""
+    """An empty `StaticCache` for `batch_size` rows of at most `max_length` tokens (what generation
+    uses); `num_heads`: the heads this process holds (fewer under tensor parallelism), default all."""
     return StaticCache(config, batch_size, max_length, dtype=dtype, device=device, num_heads=num_heads)
-
-
-def update(cache: Cache, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append `key`/`value` [B, H, T, D] to layer `layer_idx`; returns all keys/values [B, H, S, D].
-    (torch's caches are mutable, so the cache itself is updated in place.)"""
-    return cache.update(layer_idx, key, value)
-
-
-def reorder(cache: Cache, beam_idx: torch.Tensor) -> Cache:
-    """Keep batch rows `beam_idx` [B'] (beam search); returns the cache (reordered in place)."""
-    cache.reorder(beam_idx)
-    return cache

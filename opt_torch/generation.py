@@ -260,7 +260,7 @@ generate.__doc__ = "`model.generate(input_ids, ...)` as a function of the model.
 
 def _new_cache(model: Any, batch: int, max_length: int) -> Cache:
     heads = model.get_decoder().layers[0].self_attn.num_heads  # local heads under tensor parallelism
-    return kv_cache.init(model.config, batch, max_length, dtype=model.dtype, device=model.device, num_heads=heads)
+    return kv_cache.init_cache(model.config, batch, max_length, dtype=model.dtype, device=model.device, num_heads=heads)
 
 
 def greedy_or_sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
@@ -411,7 +411,7 @@ def beam_search(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: Generat
         if not go_on:
             break
 
-        kv_cache.reorder(cache, beam_idx)
+        cache.reorder(beam_idx)
         tokens = running[:, :, cur_len - 1].reshape(b * k, 1)
         logits, _ = decode_one_token(
             model, tokens, positions, full_mask[:, :cur_len] if padded else None, cache

@@ -1,5 +1,5 @@
 """What only the Flax models have: Hugging Face's Flax golden runs, bfloat16 parameters, the static
-KVCache, remat and the dropout switch. The tests every backend passes are tests/common/."""
+StaticCache, remat and the dropout switch. The tests every backend passes are tests/common/."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from opt_core.params import Head
-from opt_flax import KVCache, OPTForCausalLM
+from opt_flax import OPTForCausalLM, StaticCache, init_cache
 from tests.flax.helpers import REFERENCE, golden_model, write_random_checkpoint
 from tests.golden import hf_golden
 from tests.variants import TOLERANCE, VARIANTS, left_padded_batch, relative_error
@@ -55,7 +55,7 @@ def test_cached_decoding_equals_full_pass():
     ids, mask = left_padded_batch()
     full = np.asarray(model(ids, attention_mask=mask).logits)
     prompt = 5
-    cache = model.init_cache(ids.shape[0], ids.shape[1])
+    cache = init_cache(model.config, ids.shape[0], ids.shape[1])
     out = model(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache)
     steps = [np.asarray(out.logits)]
     cache = out.past_key_values
@@ -98,4 +98,4 @@ def test_bad_inputs_raise_clear_errors():
         model(np.full((1, 65), 5))
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(np.array([[2, 5]]), attention_mask=np.array([[1, 1, 1]]))
-    assert isinstance(model.init_cache(1, 4), KVCache)
+    assert isinstance(init_cache(model.config, 1, 4), StaticCache)

@@ -131,3 +131,105 @@ def test_static_cache_decode_step_traces_as_one_graph():
 @pytest.mark.slow
 def test_static_cache_decode_step_with_inductor():
     _compiled_decode("inductor")
+
+
+# ---------------------------------------------------------------- flash-attention-2 over a cache
+def _flash_stand_in(monkeypatch, model, dense_kernel, varlen_kernel):
+    """Route `model`'s attention through the flash path with CPU stand-ins for flash_attn's kernels."""
+    import opt_torch.attention as attention
+
+    def fake_flash(q, k, v, mask, dropout):
+        return attention._flash_attention_packed(q, k, v, mask, dropout, dense_kernel, varlen_kernel)
+
+    monkeypatch.setattr(attention, "flash_attention", fake_flash)
+    for layer in model.model.decoder.layers:
+        layer.self_attn.attn_implementation = "flash_attention_2"  # set directly: the check wants CUDA
+
+
+def _top_left_flash(q, k, v, dropout_p, softmax_scale, causal):
+    """flash_attn 2.0's rule: causal aligned top-left (query t sees keys 0..t whatever S is)."""
+    t, s = q.shape[1], k.shape[1]
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * softmax_scale
+    if causal:
+        scores = scores.masked_fill(torch.arange(s)[None, :] > torch.arange(t)[:, None], float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+
+
+def _top_left_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal):
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qi, ki, vi = q[cu_q[i] : cu_q[i + 1]], k[cu_k[i] : cu_k[i + 1]], v[cu_k[i] : cu_k[i + 1]]
+        outs.append(_top_left_flash(qi[None], ki[None], vi[None], dropout_p, softmax_scale, causal)[0])
+    return torch.cat(outs)
+
+
+def _flash_chunk_errors(model, ref, padded, device="cpu", dtype=torch.float32):
+    """{(cache kind, split): relative error of the chunked logits against the reference's full pass}."""
+    from tests.common.test_cache_chunks import SPLITS, WIDTH, chunk_batch, chunk_bounds
+
+    config = model.config
+    ids, mask = chunk_batch(config.vocab_size, padded)
+    want = ref(ids, mask).logits
+    errors = {}
+    for kind in ("dynamic", "static"):
+        for split in SPLITS:
+            cache = DynamicCache() if kind == "dynamic" else StaticCache(config, 3, WIDTH, dtype=dtype, device=device)
+            logits = []
+            with torch.no_grad():
+                for a, b in chunk_bounds(split):
+                    out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache)
+                    logits.append(out.logits.float().cpu().numpy())
+            errors[kind, split] = relative_error(np.concatenate(logits, axis=1), want, mask)
+    return errors
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_flash_path_chunks_over_a_cache_with_cpu_stand_ins(monkeypatch, padded):
+    """The flash path's (un)padding around flash_attn's kernels keeps a chunk over a non-empty cache
+    equal to the full pass, given flash_attn's bottom-right causal alignment (stand-ins in
+    tests/torch/test_modeling.py); with 2.0's top-left alignment the same chunks go wrong, which is
+    why `check_attn_implementation` refuses flash_attn < 2.1."""
+    from tests.torch.test_modeling import _naive_flash, _naive_flash_varlen
+
+    config = VARIANTS["post_ln_proj"]
+    model, ref = model_and_reference(config, Head.CAUSAL_LM, "sdpa")
+    _flash_stand_in(monkeypatch, model, _naive_flash, _naive_flash_varlen)
+    errors = _flash_chunk_errors(model, ref, padded)
+    assert max(errors.values()) < TOLERANCE["float32"], errors
+    _flash_stand_in(monkeypatch, model, _top_left_flash, _top_left_flash_varlen)
+    wrong = _flash_chunk_errors(model, ref, padded)
+    assert min(wrong.values()) > 100 * TOLERANCE["float32"], wrong
+
+
+def test_flash_attention_refuses_flash_attn_before_2_1(monkeypatch):
+    import sys
+    import types
+
+    import opt_torch.attention as attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_flash_attn_available", lambda: True)
+    fake = types.ModuleType("flash_attn")
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    fake.__version__ = "2.0.9"
+    with pytest.raises(ValueError, match=r"flash_attn >= 2\.1 \(found 2\.0\.9\).*top-left"):
+        attention.check_attn_implementation("flash_attention_2")
+    fake.__version__ = "2.7.4.post1"
+    attention.check_attn_implementation("flash_attention_2")
+
+
+def _flash_attn_on_gpu() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+@pytest.mark.skipif(not _flash_attn_on_gpu(), reason="flash_attention_2 runs on a CUDA GPU with flash_attn only")
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_flash_attention_chunks_over_a_cache_on_gpu(padded):  # exercised whenever a GPU and flash_attn are present
+    config = VARIANTS["pre_ln"]
+    model, ref = model_and_reference(config, Head.CAUSAL_LM, "sdpa")
+    model = model.to("cuda", torch.float16)
+    model.set_attn_implementation("flash_attention_2")
+    errors = _flash_chunk_errors(model, ref, padded, device="cuda", dtype=torch.float16)
+    assert max(errors.values()) < TOLERANCE["float16"], errors

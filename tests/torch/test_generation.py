@@ -60,11 +60,11 @@ def small_model():
 
 def test_cache_functions_share_the_backends_names(small_model):
     model, ids, mask = small_model
-    kv = cache.init(model.config, 2, 8)
+    kv = cache.init_cache(model.config, 2, 8)
     k = torch.randn(2, model.config.num_attention_heads, 3, model.config.head_dim)
-    keys, values = cache.update(kv, 0, k, -k)
+    keys, values = kv.update(0, k, -k)
     assert torch.equal(keys, k) and torch.equal(values, -k) and kv.get_seq_length() == 3
-    assert cache.reorder(kv, torch.tensor([1, 1])) is kv
+    kv.reorder(torch.tensor([1, 1]))
     assert torch.equal(kv.keys[0][0, :, :3], k[1])
 
 
