@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
              "| weights | batch 1 ms | batch 8 ms |", "|---|--:|--:|"]
     lines += [f"| {name} | {best[(name, 1)]:.1f} | {best[(name, 8)]:.1f} |" for name in packed]
     w = layers[0][2][0]
-    lines += ["", "opt_torch's choices on this CPU (timed at load, once per process): "
+    lines += ["", "opt_torch's choices on this CPU (timed at load, once per process, among the kernels that "
+              "compute the reference kernel's numbers bit for bit): "
               f"fp32 {kernels.choose_linear(c, f, torch.float32)}, "
               f"bf16 {kernels.choose_linear(c, f, torch.bfloat16)}, "
-              f"int8 activations {str(Q.choose_int8_activation(w)).removeprefix('torch.')}, "
               f"w8a8 engine {Q.choose_w8a8_engine(w)}"]
     text = "\n".join(lines)
     print(text)

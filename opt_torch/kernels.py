@@ -2,11 +2,16 @@
 
 Which weight layout or kernel is fastest depends on the CPU, not on the model: on the same opt-125m
 matrices at 2 threads, storing weights input-major made MKL's batch-1 decode matmuls ~0.8x the time
-on an Intel Xeon but batch 8 25% slower on an AMD EPYC (issue 16). So the loaders time the
-candidates on a matrix of the model's shape (rows 1 and 8: decode), interleaved and best-of-N so
-that load from other processes falls on all of them alike, and keep the fastest. Each choice can be
-forced with an environment variable (named in the function that makes it), e.g. to make a
-benchmark reproducible.
+on an Intel Xeon but batch 8 25% slower on an AMD EPYC. So the loaders time the candidates on a
+matrix of the model's shape (rows 1 and 8: decode), interleaved and best-of-N so that load from other
+processes falls on all of them alike, and keep the fastest.
+
+A measurement may only choose between kernels that compute the same numbers: a model's outputs must
+not depend on how busy the machine was when it loaded. Every choice names a reference kernel (the
+default), and a candidate takes part in the timing only if its results equal the reference's bit
+for bit on the timing inputs and on an odd-sized one (`pick_fastest`). A kernel that rounds
+differently (oneDNN against MKL in float32, for example: another summation order) is used only when
+asked for, by the environment variable named in the function that makes the choice.
 """
 
 from __future__ import annotations
@@ -45,10 +50,37 @@ def bench_inputs(weight: torch.Tensor, rows: Sequence[int] = (1, 8), dtype: torc
     return [torch.randn(m, weight.shape[1], dtype=dtype) for m in rows]
 
 
+def _identical(a: Any, b: Any) -> bool:
+    """Whether two results (tensors, or lists/tuples of them) are equal bit for bit."""
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(_identical, a, b))
+    return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def same_results(candidates: dict[str, Callable[[torch.Tensor], Any]], inputs: list[torch.Tensor],
+                 reference: str) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """The candidates whose results equal `reference`'s bit for bit on `inputs` and on one more input
+    of an odd row count (blocked kernels often agree on 1 and 8 rows and not on a remainder); the
+    others are logged and left out."""
+    odd = torch.randn(33, inputs[0].shape[-1], dtype=inputs[0].dtype)
+    probes = [*inputs, odd]
+    with torch.inference_mode():
+        expected = [candidates[reference](x) for x in probes]
+        kept = {}
+        for name, fn in candidates.items():
+            if name == reference or all(_identical(fn(x), e) for x, e in zip(probes, expected)):
+                kept[name] = fn
+            else:
+                logger.info("%s: not timed (its results differ from %s's)", name, reference)
+    return kept
+
+
 def pick_fastest(key: tuple[Any, ...], candidates: dict[str, Callable[[torch.Tensor], Any]],
-                 inputs: list[torch.Tensor], env: str) -> str:
-    """The name of the candidate (a function of one input) with the least total best-of time over
-    `inputs`; remembered under `key` for the rest of the process. `env`, when set, forces a choice."""
+                 inputs: list[torch.Tensor], env: str, reference: str) -> str:
+    """The name of the fastest candidate (a function of one input) among those whose results equal
+    `reference`'s bit for bit (`same_results`), by least total best-of time over `inputs`;
+    remembered under `key` for the rest of the process. `env`, when set, forces a choice (any
+    candidate: that is how a kernel with other numbers is asked for)."""
     forced = os.environ.get(env)
     if forced:
         if forced not in candidates:
@@ -56,6 +88,9 @@ def pick_fastest(key: tuple[Any, ...], candidates: dict[str, Callable[[torch.Ten
         return forced
     if key in _CHOICES:
         return _CHOICES[key]
+    if reference not in candidates:
+        raise ValueError(f"reference kernel {reference!r} is not among the candidates {sorted(candidates)}")
+    candidates = same_results(candidates, inputs, reference) if len(candidates) > 1 else candidates
     if len(candidates) == 1:
         _CHOICES[key] = next(iter(candidates))
         return _CHOICES[key]
@@ -84,7 +119,7 @@ def bench_shape(out_features: int, in_features: int) -> tuple[int, int]:
 #                     opaque tensor (`.numpy()`, indexing and in-place edits fail), and whether a
 #                     loaded model's weights are ordinary tensors must not depend on a measurement
 LINEAR_KERNELS = ("aten", "aten_input_major", "onednn", "onednn_packed")
-PACK_ROWS = 8  # the batch size oneDNN's packed format is tuned for: decode at batch 1-8 (issue 16)
+PACK_ROWS = 8  # the batch size oneDNN's packed format is tuned for: decode at batch 1-8
 
 
 def onednn_available() -> bool:
@@ -114,24 +149,26 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 def choose_linear(hidden_size: int, ffn_dim: int, dtype: torch.dtype) -> str:
     """The fastest of the kernels that keep ordinary weight tensors ("aten", "aten_input_major",
-    "onednn") for decode-sized inputs on this CPU, timed on fc1- and fc2-shaped stand-ins at rows 1
-    and 8. On an AMD EPYC (Zen 4) oneDNN ran the opt-125m step's matmuls in 0.66x of MKL's time at
-    batch 1 and 8 (0.47x at batch 8 from packed weights); on an Intel Xeon MKL from input-major
-    weights led (issue 16).
+    "onednn") and compute "aten"'s numbers bit for bit, for decode-sized inputs on this CPU, timed
+    on fc1- and fc2-shaped stand-ins at rows 1 and 8. In bfloat16 the three agreed exactly on an AMD
+    EPYC (Zen 4), where oneDNN ran the opt-125m step's matmuls in 0.66x of MKL's time; in float32
+    oneDNN and (at one row) input-major MKL round differently, so float32 runs "aten" unless asked.
     `OPT_TORCH_LINEAR=<kernel>` forces the choice, "onednn_packed" included."""
     shapes = [bench_shape(ffn_dim, hidden_size), bench_shape(hidden_size, ffn_dim)]
     weights = [torch.randn(s, dtype=dtype) * 0.02 for s in shapes]
-    inputs = {s: bench_inputs(w, dtype=dtype) for s, w in zip(shapes, weights)}
     layouts = {"aten": weights, "aten_input_major": [w.t().contiguous().t() for w in weights]}
+    widen = -(-ffn_dim // hidden_size)  # fc2's input [m, ffn] made from x [m, hidden] by repetition
 
     def run(ws: list[torch.Tensor], kernel: str) -> Callable[[torch.Tensor], Any]:
-        return lambda _x: [linear(x, w, None, kernel) for w in ws for x in inputs[tuple(w.shape)]]
+        fc1, fc2 = ws
+        return lambda x: [linear(x, fc1, None, kernel), linear(x.repeat(1, widen)[:, :ffn_dim], fc2, None, kernel)]
 
+    inputs = bench_inputs(weights[0], dtype=dtype)  # [m, hidden] for m = 1, 8
     cands = {name: run(ws, "aten") for name, ws in layouts.items()}
     if onednn_available() and dtype in (torch.float32, torch.bfloat16):
         try:
             with torch.inference_mode():
-                run(weights, "onednn")(None)
+                run(weights, "onednn")(inputs[0])
             cands["onednn"] = run(weights, "onednn")
         except RuntimeError as e:  # a build or CPU without this oneDNN path (e.g. bf16 without AVX-512)
             logger.info("oneDNN linear unavailable for %s: %s", dtype, e)
@@ -141,4 +178,4 @@ def choose_linear(hidden_size: int, ffn_dim: int, dtype: torch.dtype) -> str:
     if forced == "onednn_packed":
         return forced  # on request only: packed weights are opaque tensors (see `pack`)
     key = ("linear kernel", tuple(shapes), dtype, torch.get_num_threads())
-    return pick_fastest(key, cands, [weights[0]], "OPT_TORCH_LINEAR")
+    return pick_fastest(key, cands, inputs, "OPT_TORCH_LINEAR", reference="aten")

@@ -3,9 +3,9 @@
 `quantize_model(model, "int8")` replaces each matmul of a loaded float model with an int8 one:
 
 - "int8": weight-only. Weights int8, one symmetric scale per output channel (max |w| / 127);
-  activations stay floating point and the product runs in `aten._weight_int8pack_mm`, fed bf16 or
-  fp32 activations, whichever measured faster on this CPU (`choose_int8_activation`). The safe path
-  for any OPT size: activations are never rounded to 8 bits.
+  activations stay floating point, in the model's dtype (load with `dtype="bfloat16"` for bf16
+  activations: faster on CPUs with AVX512-BF16, other numbers), and the product runs in
+  `aten._weight_int8pack_mm`. The safe path for any OPT size: activations are never rounded to 8 bits.
 - "int4": weight-only, 4-bit weights in groups of `INT4_GROUP_SIZE` input channels, each group with
   its own scale and offset (asymmetric; gpt-fast/torchao's "tinygemm" layout), in
   `aten._weight_int4pack_mm_for_cpu` with bf16 activations. Half the bytes of int8, so the fastest
@@ -13,8 +13,9 @@
   tests/torch/test_quantize.py. The vocabulary table stays int8 (as for "int8").
 - "w8a8": int8 weights (per output channel, symmetric) and int8 activations quantized on the fly
   (asymmetric uint8, one scale per call: per token at batch-1 decode, per tensor over a prompt or a
-  batch), in one of PyTorch's quantized engines (fbgemm, x86, onednn), the fastest measured here
-  (`choose_w8a8_engine`). Fast, but OPT's larger models (>= ~6.7B) carry a few hidden dimensions
+  batch), in PyTorch's "x86" quantized engine, or fbgemm where it measured faster and computes the
+  same numbers (`choose_w8a8_engine`; onednn rounds differently and runs only when asked for).
+  Fast, but OPT's larger models (>= ~6.7B) carry a few hidden dimensions
   with activations many times larger than the rest, and rounding those to 8 bits with everything
   else loses accuracy (Dettmers et al. 2022). SmoothQuant's remedy (Xiao et al. 2023) is offered:
   per-input-channel factors s_j = max|x_j|^a / max|w_j|^(1-a), calibrated once on a little text
@@ -74,7 +75,7 @@ logger = logging.getLogger("opt_torch")
 MODES = QUANTIZE_MODES["torch"]
 INT4_GROUP_SIZE = 64  # input channels per int4 scale/offset (no sweep of other sizes is measured here)
 W8A8_ENGINES = ("fbgemm", "x86", "onednn")
-INT8_ACTIVATIONS = ("bfloat16", "float32")
+W8A8_REFERENCE_ENGINE = "x86"  # PyTorch's default on x86 CPUs: the numbers w8a8 computes unless told otherwise
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -141,7 +142,7 @@ def has_vnni() -> bool:
 # ---------------------------------------------------------------- the quantized modules
 class Int8WeightOnlyLinear(nn.Module):
     """y = x @ (q * scale)^T + bias with q int8 [out, in]: `aten._weight_int8pack_mm`, whose
-    activations are `act_dtype` (bf16 where the CPU makes that faster); output in x's dtype."""
+    activations are `act_dtype` (the model's dtype); output in x's dtype."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
         super().__init__()
@@ -287,27 +288,15 @@ class _engine:
 
 
 # ---------------------------------------------------------------- choosing kernels by measurement
-def choose_int8_activation(weight: torch.Tensor) -> torch.dtype:
-    """bf16 or fp32 activations for `_weight_int8pack_mm`, by timing both on a weight of this shape
-    (rows 1 and 8) once per process. `OPT_TORCH_INT8_ACTIVATION=bfloat16|float32` overrides."""
-    q, scale = quantize_per_channel(torch.randn(weight.shape) * 0.02)  # values of a stand-in: shape only
-
-    def product(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda x: torch.ops.aten._weight_int8pack_mm(x.to(dtype), q, scale.to(dtype))
-
-    cands = {name: product(getattr(torch, name)) for name in INT8_ACTIVATIONS}
-    key = ("int8 activations", tuple(weight.shape), torch.get_num_threads())
-    return getattr(torch, pick_fastest(key, cands, bench_inputs(weight), "OPT_TORCH_INT8_ACTIVATION"))
-
-
 def available_w8a8_engines() -> list[str]:
     return [e for e in W8A8_ENGINES if e in torch.backends.quantized.supported_engines]
 
 
 def choose_w8a8_engine(weight: torch.Tensor) -> str:
-    """The quantized engine (fbgemm, x86, onednn: those this PyTorch build has) whose dynamic int8
-    linear ran fastest on a weight of this shape (rows 1 and 8), once per process.
-    `OPT_TORCH_W8A8_ENGINE` overrides."""
+    """The quantized engine for w8a8: of those this PyTorch build has (fbgemm, x86, onednn), the one
+    whose dynamic int8 linear ran fastest on a weight of this shape (rows 1 and 8), among those that
+    compute the reference engine's numbers bit for bit; once per process.
+    `OPT_TORCH_W8A8_ENGINE` asks for one (onednn, which rounds differently, only that way)."""
     engines = available_w8a8_engines()
     if not engines:
         raise RuntimeError("this PyTorch build has no x86 quantized engine (fbgemm, x86 or onednn) for w8a8")
@@ -317,7 +306,8 @@ def choose_w8a8_engine(weight: torch.Tensor) -> str:
         lin = DynamicInt8Linear(stand_in, None, e)
         cands[e] = lin.forward
     key = ("w8a8 engine", tuple(weight.shape), torch.get_num_threads())
-    return pick_fastest(key, cands, bench_inputs(weight), "OPT_TORCH_W8A8_ENGINE")
+    reference = W8A8_REFERENCE_ENGINE if W8A8_REFERENCE_ENGINE in cands else engines[0]
+    return pick_fastest(key, cands, bench_inputs(weight), "OPT_TORCH_W8A8_ENGINE", reference=reference)
 
 
 # ---------------------------------------------------------------- the swap
@@ -328,7 +318,7 @@ def _factory(model: nn.Module, mode: str, smoothing: dict[str, torch.Tensor] | N
     config = model.config
     stand_in = torch.empty(config.ffn_dim, config.hidden_size)  # only its shape is used
     if mode == "int8":
-        act = choose_int8_activation(stand_in)
+        act = model.dtype  # a choice of numbers, so the caller's (dtype=), never a measurement
 
         def make(weight: torch.Tensor, bias: torch.Tensor | None, group: str) -> nn.Module:
             q, scale = quantize_per_channel(weight)
@@ -459,8 +449,9 @@ def quantize_model(
     elif isinstance(getattr(model, "lm_head", None), nn.Linear) and not _tied(model):
         model.lm_head = make(model.lm_head.weight, None, "lm_head")
     release_freed_memory()
-    model.quantization = {"mode": mode, "kernel": kernel, "smoothed": smoothing is not None,
-                          "embeddings": include_embeddings, "cpu": cpu_name()}
+    activations = {"int8": str(act).removeprefix("torch."), "int4": "bfloat16"}.get(mode, "uint8 per call")
+    model.quantization = {"mode": mode, "kernel": kernel, "activations": activations,
+                          "smoothed": smoothing is not None, "embeddings": include_embeddings, "cpu": cpu_name()}
     return model
 
 

@@ -108,6 +108,46 @@ def test_timing_never_packs(monkeypatch):
         assert kernels.choose_linear(32, 64, dtype) in ("aten", "aten_input_major", "onednn")
 
 
+def test_timing_chooses_only_among_kernels_with_the_reference_numbers():
+    """A faster kernel that rounds differently must never win a timing: the model's numbers may not
+    depend on how busy the machine was at load."""
+    import time
+
+    def slow_reference(x):
+        time.sleep(0.002)
+        return x * 2.0
+
+    def fast_other_numbers(x):
+        return torch.nextafter(x * 2.0, torch.full_like(x, float("inf")))  # 1 ulp up
+
+    def slow_same_numbers(x):
+        time.sleep(0.004)
+        return x + x
+
+    inputs = [torch.randn(1, 16), torch.randn(8, 16)]
+    cands = {"reference": slow_reference, "fast_other": fast_other_numbers, "same": slow_same_numbers}
+    assert kernels.same_results(cands, inputs, "reference").keys() == {"reference", "same"}
+    key = ("test: identical results only", id(cands))
+    assert kernels.pick_fastest(key, cands, inputs, "OPT_TORCH_TEST_UNSET", reference="reference") == "reference"
+    faster_same = dict(cands, same=lambda x: x + x)
+    key = ("test: identical and faster", id(faster_same))
+    assert kernels.pick_fastest(key, faster_same, inputs, "OPT_TORCH_TEST_UNSET", reference="reference") == "same"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_timed_linear_choice_computes_atens_numbers(dtype, monkeypatch):
+    monkeypatch.delenv("OPT_TORCH_LINEAR", raising=False)
+    chosen = kernels.choose_linear(64, 256, dtype)
+    torch.manual_seed(0)
+    w = torch.randn(256, 64, dtype=dtype)
+    weight = w.t().contiguous().t() if chosen == "aten_input_major" else w
+    kernel = "aten" if chosen.startswith("aten") else chosen
+    for rows in (1, 8, 33):
+        x = torch.randn(rows, 64, dtype=dtype)
+        with torch.inference_mode():
+            assert torch.equal(kernels.linear(x, weight, None, kernel), F.linear(x, w)), (chosen, rows)
+
+
 def test_forcing_an_unknown_kernel_is_an_error(monkeypatch):
     monkeypatch.setenv("OPT_TORCH_LINEAR", "fastest")
     with pytest.raises(ValueError, match="OPT_TORCH_LINEAR='fastest'; expected one of"):

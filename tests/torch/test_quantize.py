@@ -124,10 +124,35 @@ def test_quantized_model_generates_and_refuses_to_save(tmp_path):
 
 def test_kernel_choice_can_be_forced(monkeypatch):
     monkeypatch.setenv("OPT_TORCH_W8A8_ENGINE", Q.available_w8a8_engines()[-1])
-    monkeypatch.setenv("OPT_TORCH_INT8_ACTIVATION", "float32")
     w = torch.randn(16, 8)
     assert Q.choose_w8a8_engine(w) == Q.available_w8a8_engines()[-1]
-    assert Q.choose_int8_activation(w) == torch.float32
+
+
+def test_w8a8_engine_left_to_timing_computes_the_reference_engines_numbers(monkeypatch):
+    monkeypatch.delenv("OPT_TORCH_W8A8_ENGINE", raising=False)
+    w = torch.randn(96, 64) * 0.02
+    chosen = Q.choose_w8a8_engine(w)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        got = Q.DynamicInt8Linear(w, None, chosen)(x)
+        want = Q.DynamicInt8Linear(w, None, Q.W8A8_REFERENCE_ENGINE)(x)
+    assert torch.equal(got, want), chosen
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_activations_are_the_models_dtype_not_a_measurement(dtype):
+    """Which activations int8 weight-only runs with changes the numbers, so it is the caller's dtype=,
+    recorded in model.quantization, and two loads compute the same logits bit for bit."""
+    ids = torch.tensor([[2, 100, 200, 300, 400]])
+    logits = []
+    for _ in range(2):
+        model = OPTForCausalLM.from_pretrained(bundled.path(), dtype=dtype, quantize="int8")
+        swapped = [m for m in model.modules() if isinstance(m, Q.Int8WeightOnlyLinear)]
+        assert swapped and {m.act_dtype for m in swapped} == {getattr(torch, dtype)}
+        assert model.quantization["activations"] == dtype
+        with torch.inference_mode():
+            logits.append(model(ids).logits)
+    assert torch.equal(logits[0], logits[1])
 
 
 # ---------------------------------------------------------------- the accuracy guard
