@@ -26,8 +26,9 @@ from opt_core.checkpoint import DEFAULT_SHARD_BYTES, FROM_PRETRAINED_DOC, SAVE_P
 from opt_core.config import OPTConfig
 from opt_core.generation_config import GENERATE_DOC, GenerationConfig
 from opt_core.inputs import validate_inputs
-from opt_core.masks import POSITION_OFFSET
+from opt_core.masks import POSITION_OFFSET, check_pooling_pad_token
 from opt_core.params import Head
+from opt_core.quantization import refuse_quantized_save
 from opt_flax.cache import KVCache
 from opt_flax.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss
 
@@ -477,6 +478,7 @@ when training).
         formats: Iterable[str] | None = None,
         **backend_options: Any,
     ) -> list[Path]:
+        refuse_quantized_save(self)
         from opt_flax.io import save_pretrained
 
         return save_pretrained(self, folder, max_shard_size=max_shard_size, formats=formats, **backend_options)
@@ -534,8 +536,8 @@ class OPTForCausalLM(_WithDecoder):
 
     def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
                  past_key_values: KVCache | None = None, labels: Any = None,
-                 output_hidden_states: bool = False, deterministic: bool | None = None,
-                 logits_to_keep: int = 0, validate: bool = True) -> OPTOutput:
+                 output_hidden_states: bool = False, logits_to_keep: int = 0,
+                 deterministic: bool | None = None, validate: bool = True) -> OPTOutput:
         """Logits [B, T, V] (the last `logits_to_keep` positions only when > 0).
 
         `labels` [B, T] (-100 = ignore) gives `.loss`: mean cross-entropy of token t+1 given 0..t.
@@ -601,12 +603,15 @@ class OPTForSequenceClassification(_WithDecoder):
         self.score = _linear(config, config.embed_dim, config.num_labels, False, dtype, param_dtype, rngs)
 
     def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
-                 labels: Any = None, output_hidden_states: bool = False, deterministic: bool | None = None,
-                 validate: bool = True) -> OPTOutput:
-        out = self._run_decoder(input_ids, attention_mask, position_ids, None, output_hidden_states,
+                 past_key_values: KVCache | None = None, labels: Any = None, output_hidden_states: bool = False,
+                 deterministic: bool | None = None, validate: bool = True) -> OPTOutput:
+        """Logits [B, L]; `labels` gives `.loss` by `config.problem_type` (inferred like Hugging
+        Face when None: one label -> regression, integer labels -> single-label, else multi-label)."""
+        out = self._run_decoder(input_ids, attention_mask, position_ids, past_key_values, output_hidden_states,
                                 deterministic, validate)
         scores = self.score(out.last_hidden_state)  # [B, T, L]
         ids = jnp.asarray(input_ids)
+        check_pooling_pad_token(self.config.pad_token_id, ids.shape[0])  # shapes are static under jit
         last = last_non_pad_indices(ids, self.config.pad_token_id)  # [B]
         out.logits = scores[jnp.arange(ids.shape[0]), last]  # [B, L]
         if labels is not None:
@@ -625,9 +630,12 @@ class OPTForQuestionAnswering(_WithDecoder):
         self.qa_outputs = _linear(config, config.embed_dim, 2, True, dtype, param_dtype, rngs)
 
     def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
-                 start_positions: Any = None, end_positions: Any = None, output_hidden_states: bool = False,
-                 deterministic: bool | None = None, validate: bool = True) -> OPTOutput:
-        out = self._run_decoder(input_ids, attention_mask, position_ids, None, output_hidden_states,
+                 past_key_values: KVCache | None = None, start_positions: Any = None, end_positions: Any = None,
+                 output_hidden_states: bool = False, deterministic: bool | None = None,
+                 validate: bool = True) -> OPTOutput:
+        """`start_positions`/`end_positions` [B] give `.loss`: the mean of the start and end
+        cross-entropies, positions clamped to [0, T] and T ignored (as Hugging Face)."""
+        out = self._run_decoder(input_ids, attention_mask, position_ids, past_key_values, output_hidden_states,
                                 deterministic, validate)
         both = self.qa_outputs(out.last_hidden_state)  # [B, T, 2]
         out.start_logits, out.end_logits = both[..., 0], both[..., 1]

@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from opt_core.quantization import QUANTIZE_MODES, check_quantize
+from opt_core.quantization import QUANTIZE_MODES, check_quantize, quantize_per_channel
 
 MODES = QUANTIZE_MODES["tf"]
 
@@ -28,14 +27,6 @@ MODES = QUANTIZE_MODES["tf"]
 def check_mode(mode: str | None) -> str | None:
     """`mode` if it is None or one of MODES; ValueError otherwise (`opt_core.quantization`)."""
     return check_quantize(mode, "tf")
-
-
-def quantize_per_channel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel of a kernel [in, out]: (int8 [in, out], float32 [out])."""
-    k = np.asarray(kernel, dtype=np.float32)
-    scale = np.abs(k).max(axis=0) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return np.clip(np.round(k / scale), -127, 127).astype(np.int8), scale
 
 
 class QuantizedLinear(keras.layers.Layer):
