@@ -3,8 +3,7 @@
 Slow on purpose, clear by design: one function per step of OPT's forward pass, shapes written down,
 no fusions. Weights are a dict of canonical name -> array (see `opt_core.params`).
 
-Letters in shape comments: B batch, T new tokens, S keys (cached + new), H heads, D head_dim,
-C hidden_size (d_model), E word_embed_proj_dim, V vocab.
+Shape comments use the one legend of `opt_core.shapes` (H heads, D head_dim).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from opt_core.config import OPTConfig
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    """Per-layer keys and values [B, N, S, H] (S = slots) and the number of slots written.
+    """Per-layer keys and values [B, H, S, D] (S = slots) and the number of slots written.
 
     Attributes:
         keys / values: one array per layer, [batch, heads, max_length, head_dim] (the layout the
@@ -40,7 +40,7 @@ class KVCache:
                 f"cache of {max_length} tokens is longer than max_position_embeddings "
                 f"({config.max_position_embeddings})"
             )
-        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # [B, N, S, H]
+        shape = (batch_size, config.num_attention_heads, max_length, config.head_dim)  # [B, H, S, D]
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
         return cls(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
                    jnp.zeros((), jnp.int32))
@@ -64,7 +64,7 @@ def init(config: OPTConfig, batch_size: int, max_length: int, dtype: Any = jnp.f
 
 
 def update(cache: KVCache, layer_idx: int, key: jax.Array, value: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Layer `layer_idx`'s buffers [B, N, S, H] with `key`/`value` [B, N, T, H] written at slot
+    """Layer `layer_idx`'s buffers [B, H, S, D] with `key`/`value` [B, H, T, D] written at slot
     `cache.length` (the write the attention layer does; the caller advances `length`)."""
     start = (0, 0, cache.length, 0)
     keys, values = cache.keys[layer_idx], cache.values[layer_idx]

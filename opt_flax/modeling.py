@@ -3,9 +3,7 @@
 Module and parameter names follow Hugging Face's Flax OPT, so a model's `nnx.state` paths are the
 Flax checkpoint paths (`model/decoder/layers/0/self_attn/q_proj/kernel`, kernels `[in, out]`).
 
-Shape letters, the same in opt_torch, opt_tf and opt_flax (comments and einsum subscripts):
-B batch, T new tokens, S keys (cached + new, or a static cache's slots), H heads, D head_dim,
-C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
+Shape comments and einsum subscripts use the one legend of `opt_core.shapes` (H heads, D head_dim).
 """
 
 from __future__ import annotations

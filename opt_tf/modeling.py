@@ -4,9 +4,7 @@ Mirrors `opt_torch.modeling` class by class. Weights are created eagerly in `__i
 layout of the canonical table (Dense kernels `[in, out]`); `named_weights()` maps every canonical
 name to its variable, which is all `opt_tf.io` needs to load and save.
 
-Shape letters, the same in opt_torch, opt_tf and opt_flax (comments and einsum subscripts):
-B batch, T new tokens, S keys (cached + new, or a static cache's slots), H heads, D head_dim,
-C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
+Shape comments and einsum subscripts use the one legend of `opt_core.shapes` (H heads, D head_dim).
 """
 
 from __future__ import annotations
