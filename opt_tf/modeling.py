@@ -548,6 +548,8 @@ class OPTForCausalLM(_WithDecoder):
 
     def lm_logits(self, h: tf.Tensor) -> tf.Tensor:
         """[B, T, E] -> logits [B, T, V]."""
+        if isinstance(self.lm_head, keras.layers.Layer):  # an untied head after `quantize_model`
+            return self.lm_head(h)
         if self.lm_head is not None:
             return tf.tensordot(h, tf.cast(self.lm_head, h.dtype), axes=1)
         b, t = tf.shape(h)[0], tf.shape(h)[1]
