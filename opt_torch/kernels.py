@@ -2,7 +2,7 @@
 
 Which weight layout or kernel is fastest depends on the CPU, not on the model: on the same opt-125m
 matrices at 2 threads, storing weights input-major made MKL's batch-1 decode matmuls ~0.8x the time
-on an Intel Xeon but batch 8 25% slower on an AMD EPYC (issue 16). So the loaders time the
+on an Intel Xeon but batch 8 25% slower on an AMD EPYC (BENCHMARKS.md). So the loaders time the
 candidates on a matrix of the model's shape (rows 1 and 8: decode), interleaved and best-of-N so
 that load from other processes falls on all of them alike, and keep the fastest. Each choice can be
 forced with an environment variable (named in the function that makes it), e.g. to make a
@@ -84,7 +84,7 @@ def bench_shape(out_features: int, in_features: int) -> tuple[int, int]:
 #                     opaque tensor (`.numpy()`, indexing and in-place edits fail), and whether a
 #                     loaded model's weights are ordinary tensors must not depend on a measurement
 LINEAR_KERNELS = ("aten", "aten_input_major", "onednn", "onednn_packed")
-PACK_ROWS = 8  # the batch size oneDNN's packed format is tuned for: decode at batch 1-8 (issue 16)
+PACK_ROWS = 8  # the batch size oneDNN's packed format is tuned for: decode at batch 1-8
 
 
 def onednn_available() -> bool:
@@ -117,7 +117,7 @@ def choose_linear(hidden_size: int, ffn_dim: int, dtype: torch.dtype) -> str:
     "onednn") for decode-sized inputs on this CPU, timed on fc1- and fc2-shaped stand-ins at rows 1
     and 8. On an AMD EPYC (Zen 4) oneDNN ran the opt-125m step's matmuls in 0.66x of MKL's time at
     batch 1 and 8 (0.47x at batch 8 from packed weights); on an Intel Xeon MKL from input-major
-    weights led (issue 16).
+    weights led (BENCHMARKS.md).
     `OPT_TORCH_LINEAR=<kernel>` forces the choice, "onednn_packed" included."""
     shapes = [bench_shape(ffn_dim, hidden_size), bench_shape(hidden_size, ffn_dim)]
     weights = [torch.randn(s, dtype=dtype) * 0.02 for s in shapes]

@@ -15,6 +15,7 @@ name or parameter in one backend only fails here until it is mirrored or listed.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +33,9 @@ OWN_NAMES: list[tuple[frozenset[str], str, frozenset[str]]] = [
     (frozenset({"torch"}), "PyTorch's attention paths (SDPA, flash, eager) and the mask object they share",
      frozenset({"AttentionMask", "build_attention_mask", "check_attn_implementation", "eager_attention",
                 "flash_attention", "OPTPreTrainedModel.set_attn_implementation"})),
-    (frozenset({"torch"}), "torch CPU weight layout: column-major / packed oneDNN weights, fused q/k/v, "
-     "meta-device construction for streaming loads",
-     frozenset({"column_major", "empty_weights", "Linear.pack", "Linear.packed", "Linear.unpack",
-                "OPTAttention.fuse_qkv", "OPTPreTrainedModel.fuse_qkv", "OPTPreTrainedModel.optimize_layout",
+    (frozenset({"torch"}), "torch CPU weight layout (opt_torch/layout.py): column-major / packed oneDNN "
+     "weights, fused q/k/v, meta-device construction for streaming loads",
+     frozenset({"OPTAttention.fuse_qkv", "OPTPreTrainedModel.fuse_qkv", "OPTPreTrainedModel.optimize_layout",
                 "OPTPreTrainedModel.pack_weights", "OPTPreTrainedModel.unpack_weights",
                 "OPTPreTrainedModel.empty"})),
     (frozenset({"torch"}), "nn.Module conventions Hugging Face users call (device, dtype, train(), "
@@ -44,10 +44,10 @@ OWN_NAMES: list[tuple[frozenset[str], str, frozenset[str]]] = [
                 "OPTPreTrainedModel.init_weights", "OPTPreTrainedModel.tie_weights", "OPTForCausalLM.tie_weights",
                 "OPTPreTrainedModel.gradient_checkpointing_enable",
                 "OPTPreTrainedModel.gradient_checkpointing_disable", "enable_gradient_checkpointing"})),
-    (frozenset({"torch", "tf"}), "a Linear layer class: Flax uses nnx.Linear as it is",
-     frozenset({"Linear"})),
-    (frozenset({"tf"}), "Keras has no LayerNorm matching OPT's float32 two-pass one; torch and Flax use theirs",
-     frozenset({"LayerNorm"})),
+    (frozenset({"tf"}), "Keras layers for OPT's Linear ([in, out] kernel) and float32 two-pass LayerNorm; "
+     "torch's twins are nn.Linear/nn.LayerNorm subclasses in opt_torch/layout.py (not a mirrored module: "
+     "they carry torch's weight layouts), Flax uses nnx.Linear/nnx.LayerNorm as they are",
+     frozenset({"Linear", "LayerNorm"})),
     (frozenset({"flax"}), "nnx needs a module for the positions table (torch: nn.Embedding subclass-free "
      "lookup in the decoder; TF: a variable); sharding constraints exist only under a JAX mesh",
      frozenset({"OPTLearnedPositionalEmbedding", "constrain"})),
@@ -72,17 +72,16 @@ OWN_NAMES: list[tuple[frozenset[str], str, frozenset[str]]] = [
      frozenset({"AdamW", "KerasTrainingMixin", "TableSchedule"})),
     (frozenset({"flax"}), "optax has no Trainer: the optimizer and the jitted step are public for callers",
      frozenset({"make_optimizer", "train_step"})),
-    # ---- quantize: torch has PyTorch CPU int8/int4 kernels, SmoothQuant and streaming quantization;
-    # TF and Flax one XLA QuantizedLinear (README: "quantize= in each backend")
-    (frozenset({"torch"}), "PyTorch's int8/int4 CPU kernels, the int8 vocabulary table, SmoothQuant "
-     "calibration, quantizing while streaming a checkpoint in, and the CPU probing that picks a kernel",
+    # ---- quantize: torch has PyTorch CPU int8/int4 kernels and quantizes while streaming (its
+    # SmoothQuant calibration is opt_torch/smoothquant.py); TF and Flax one XLA QuantizedLinear
+    # (README: "quantize= in each backend")
+    (frozenset({"torch"}), "PyTorch's int8/int4 CPU kernels, the int8 vocabulary table, quantizing while "
+     "streaming a checkpoint in, and the timing that picks a kernel; TF/Flax take the NumPy "
+     "quantize_per_channel from opt_core",
      frozenset({"DynamicInt8Linear", "Int4WeightOnlyLinear", "Int8Embedding", "Int8WeightOnlyLinear",
-                "activation_ranges", "available_w8a8_engines", "calibrate_smoothing", "calibration_batches",
-                "choose_int8_activation", "choose_w8a8_engine", "cpu_name", "dequantize_groupwise_int4",
-                "dequantize_per_channel", "has_vnni", "load_smoothing", "quantize_groupwise_int4",
-                "quantize_layer", "quantize_vocabulary", "quantizing_checkpoint", "release_freed_memory",
-                "save_smoothing", "smoothing_factors", "smoothing_factors_for", "stored_or_calibrated_smoothing",
-                "quantize_per_channel"})),
+                "available_w8a8_engines", "choose_int8_activation", "choose_w8a8_engine", "cpu_name",
+                "dequantize_groupwise_int4", "dequantize_per_channel", "has_vnni", "quantize_groupwise_int4",
+                "quantize_layer", "quantize_vocabulary", "quantizing_checkpoint", "quantize_per_channel"})),
     (frozenset({"tf", "flax"}), "XLA has one int8 layer for both modes", frozenset({"QuantizedLinear"})),
     # ---- cache and generation: being unified (another branch is rewriting both right now)
     (frozenset({"torch"}), "being unified", frozenset({
@@ -310,3 +309,52 @@ def test_a_parameter_added_to_one_backend_fails(tmp_path, backend):
     (root / f"opt_{backend}" / "losses.py").write_text(planted)
     new = set(signature_problems(read_backends(root))) - set(signature_problems(read_backends()))
     assert len(new) == 1 and new.pop().startswith("losses.causal_lm_loss differs: "), new
+
+
+# ---------------------------------------------------------------- one shape legend
+_PACKAGES = ("opt_core", "opt_torch", "opt_tf", "opt_flax")
+_SHAPE = re.compile(r"#.*?\[([^\]]+)\]")
+# "H heads," in a legend (a letter, then what it means, then the end of that entry)
+_LEGEND_PHRASE = re.compile(r"\b([A-Z]) (heads|head_dim|batch|vocab|hidden_size|ffn_dim|num_labels)(?=[,;.)\"]|$)")
+
+
+def _sources() -> dict[str, str]:
+    return {str(p.relative_to(ROOT)): p.read_text() for pkg in _PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def shape_letter_problems(sources: dict[str, str]) -> list[str]:
+    """Upper-case letters in `# [...]` shape comments that the legend lacks, and legend phrases
+    ("N heads") that give a letter another meaning than `opt_core.shapes` does."""
+    from opt_core.shapes import LETTERS
+
+    meaning = {"heads": "H", "head_dim": "D", "batch": "B", "vocab": "V", "hidden_size": "C", "ffn_dim": "F",
+               "num_labels": "L"}
+    problems = []
+    for path, text in sources.items():
+        for number, line in enumerate(text.splitlines(), 1):
+            for shape in _SHAPE.findall(line):
+                for name in re.findall(r"[A-Za-z_]+", shape):
+                    letter = name.removesuffix("_max")
+                    if len(letter) == 1 and letter.isupper() and letter not in LETTERS:
+                        problems.append(f"{path}:{number}: {letter!r} in [{shape}] is not in opt_core.shapes")
+            for letter, what in _LEGEND_PHRASE.findall(line):
+                if meaning[what] != letter:
+                    problems.append(f"{path}:{number}: '{letter} {what}' (opt_core.shapes: {meaning[what]} {what})")
+    return problems
+
+
+def test_one_shape_legend():
+    """The letters live in `opt_core.shapes`; every backend's modeling module points there instead
+    of restating them, and no shape comment or legend gives a letter another meaning."""
+    assert not shape_letter_problems(_sources())
+    for b in BACKENDS:
+        assert "opt_core.shapes" in ast.get_docstring(ast.parse((ROOT / f"opt_{b}" / "modeling.py").read_text())), b
+
+
+def test_a_conflicting_legend_fails():
+    planted = {"opt_flax/cache.py": "x = zeros(shape)  # [B, N, S, Q]\n\"\"\"Letters: N heads, H head_dim.\"\"\""}
+    assert shape_letter_problems(planted) == [
+        "opt_flax/cache.py:1: 'Q' in [B, N, S, Q] is not in opt_core.shapes",
+        "opt_flax/cache.py:2: 'N heads' (opt_core.shapes: H heads)",
+        "opt_flax/cache.py:2: 'H head_dim' (opt_core.shapes: D head_dim)",
+    ]
