@@ -15,12 +15,13 @@
   guard as int8 and has measured no worse (README). The vocabulary table stays int8 (as for "int8").
 - "w8a8": int8 weights (per output channel, symmetric) and int8 activations quantized on the fly
   (asymmetric uint8, one scale per call: per token at batch-1 decode, per tensor over a prompt or a
-  batch; TF and Flax differ here, see `opt_core.quantization.W8A8`), in one of PyTorch's quantized engines (fbgemm, x86, onednn), the fastest measured here
-  (`choose_w8a8_engine`). Fast, but OPT's larger models (>= ~6.7B) carry a few hidden dimensions
-  with activations many times larger than the rest, and rounding those to 8 bits with everything
-  else loses accuracy (Dettmers et al. 2022). SmoothQuant's remedy (Xiao et al. 2023) is offered:
-  per-input-channel factors s_j = max|x_j|^a / max|w_j|^(1-a), calibrated once on a little text
-  (`opt_torch.smoothquant`), divide the activations and multiply the weights, so that both quantize
+  batch; TF and Flax differ here, see `opt_core.quantization.W8A8`), in one of PyTorch's quantized
+  engines (fbgemm, x86, onednn), the fastest measured here (`choose_w8a8_engine`). Fast, but OPT's
+  larger models (>= ~6.7B) carry a few hidden dimensions with activations many times larger than
+  the rest, and rounding those to 8 bits with everything else loses accuracy (Dettmers et al.
+  2022). SmoothQuant's remedy (Xiao et al. 2023) is offered: per-input-channel factors
+  s_j = max|x_j|^a / max|w_j|^(1-a), calibrated once on a little text (`opt_torch.smoothquant`),
+  divide the activations and multiply the weights, so that both quantize
   well; the product is unchanged in exact arithmetic.
 
 The token embedding (and a tied `lm_head`) become one int8 table with a scale per row, shared by the
