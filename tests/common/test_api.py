@@ -97,7 +97,7 @@ def test_classifying_a_batch_without_a_pad_token_is_one_refusal_everywhere():
     for name in BACKENDS:
         b = get_backend(name)
         model = b.build(config, Head.SEQUENCE_CLASSIFICATION, params)
-        assert _message(lambda: b.forward(model, batch)) == expected, name
+        assert _message(lambda b=b, model=model: b.forward(model, batch)) == expected, name
         np.testing.assert_allclose(b.forward(model, batch[:1])["logits"], one_row, rtol=1e-4, atol=1e-5,
                                    err_msg=name)
 
@@ -117,7 +117,7 @@ def test_saving_a_quantized_model_is_one_refusal_everywhere(tmp_path):
         b = get_backend(name)
         model = b.module("quantize").quantize_model(b.build(_tiny()), "int8")
         folder = tmp_path / name
-        assert _message(lambda: model.save_pretrained(folder)) == expected, name
+        assert _message(lambda model=model, folder=folder: model.save_pretrained(folder)) == expected, name
         assert not folder.exists() or not any(folder.iterdir()), name
 
 
