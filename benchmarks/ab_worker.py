@@ -6,7 +6,7 @@ Loads the opt-125m-shaped random checkpoint through the tree's own benchmark run
 trees from before the benchmarks were split keep them in `run_all`), warms up at each batch size, then
 prints the best of 3 `generate` calls (prompt 32, 64 new tokens, 2 threads) at batch 1 and 8. Run it
 alternately in the two trees (before, after, before, after, ...) so that machine drift lands on both;
-BENCHMARKS.md's issue-13 section was measured this way.
+BENCHMARKS.md's before/after decode-speed section was measured this way.
 """
 
 import json

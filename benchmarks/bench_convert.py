@@ -10,7 +10,7 @@ Measured, each in its own subprocess (peak RSS = that process's VmHWM, imports i
   safetensors->tf-h5
   safetensors->flax-msgpack
   metaseq(2 parts)->safetensors
-Targets (issue 6): peak RSS <= 2 x largest tensor + 300 MB for streaming paths; throughput >= 50%
+Targets: peak RSS <= 2 x largest tensor + 300 MB for streaming paths; throughput >= 50%
 of the plain copy. The synthetic files are generated tensor by tensor into --workdir and deleted
 at the end (--keep to keep them).
 """
@@ -212,7 +212,7 @@ def main() -> int:
                                                 "src_format": "metaseq", "to": "safetensors"}),
             ("safetensors->bin", {"kind": "convert", "src": str(work / "src"), "src_format": "safetensors",
                                   "to": "bin"}),
-            # reading the other formats back (not among the issue's targets; for information)
+            # reading the other formats back (no target; for information)
             ("tf-h5->safetensors", {"kind": "convert", "src": str(work / "h5"), "src_format": "tf-h5",
                                     "to": "safetensors"}),
             ("flax-msgpack->safetensors", {"kind": "convert", "src": str(work / "msgpack"),

@@ -51,7 +51,7 @@ VARIANTS = {
     "ONNX Runtime fp32": ("ort", "fp32"),
     "ONNX Runtime int8": ("ort", "int8"),
 }
-# (ours, peer) pairs whose ratio is reported, with the targets where it has one.
+# (ours, peer) pairs whose ratio is reported, with the target ratio where the project set one.
 TARGETS = [
     ("opt_torch fp32", "CTranslate2 fp32", {1: 1.0, 8: 1.0}),
     ("opt_torch fp32 packed", "CTranslate2 fp32", {1: 1.0, 8: 1.0}),

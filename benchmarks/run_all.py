@@ -135,7 +135,7 @@ def run_extra(name: str, quick: bool, timeout: int, threads: int) -> dict:
 
 
 def run_backend_scripts(shapes: list[str], quick: bool, timeout: int, threads: int) -> dict:
-    """The backends' own benchmark scripts (their issue-specific measurements), when present."""
+    """The backends' own benchmark scripts (measurements only that backend has), when present."""
     found = {}
     for name in ("torch", "tf", "flax"):
         script = ROOT / "benchmarks" / f"bench_{name}.py"

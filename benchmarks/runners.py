@@ -40,6 +40,14 @@ OURS = ("opt_torch", "opt_tf", "opt_flax", "opt_torch_bf16", "opt_torch_int8", "
 REDUCED = ("opt_torch_bf16", "opt_torch_int8", "opt_torch_int4", "opt_torch_w8a8", "opt_flax_int8")
 PEERS = ("hf_torch", "ct2_fp32", "ct2_int8", "ort_fp32", "ort_int8", "hf_tf", "hf_flax")
 
+def _ours(name: str):
+    """This project's backend `name` from the one backend table (`opt_cli.backends`), imported here,
+    in the worker, like the frameworks."""
+    from opt_cli.backends import adapter
+
+    return adapter(name)
+
+
 class _Torchish:
     """opt_torch and Hugging Face torch: same calls."""
 
@@ -71,9 +79,7 @@ def _load_opt_torch(folder, threads, **kwargs):
         import torch
 
         torch.set_num_threads(threads)
-    from opt_torch import OPTForCausalLM
-
-    return _Torchish(OPTForCausalLM.from_pretrained(folder, **{"dtype": "float32", **kwargs}), threads)
+    return _Torchish(_ours("torch").load(folder, **{"dtype": "float32", **kwargs}), threads)
 
 
 def _load_hf_torch(folder, threads):
@@ -119,9 +125,7 @@ def _tf_threads(threads):
 
 def _load_opt_tf(folder, threads):
     _tf_threads(threads)
-    from opt_tf import OPTForCausalLM
-
-    return _TF(OPTForCausalLM.from_pretrained(folder, dtype="float32"), threads, hf=False)
+    return _TF(_ours("tf").load(folder, dtype="float32"), threads, hf=False)
 
 
 def _load_hf_tf(folder, threads):
@@ -157,9 +161,7 @@ class _OptFlax:
 
 
 def _load_opt_flax(folder, threads, **kwargs):
-    from opt_flax import OPTForCausalLM
-
-    return _OptFlax(OPTForCausalLM.from_pretrained(folder, **{"dtype": "float32", **kwargs}))
+    return _OptFlax(_ours("flax").load(folder, **{"dtype": "float32", **kwargs}))
 
 
 class _HFFlax:

@@ -1,4 +1,6 @@
-"""The one place where `opt` meets the backends: a table from backend name to an adapter.
+"""The one backend table of the project: backend name -> adapter. The `opt` commands, opt_verify,
+the benchmarks' runners and the test suite's adapters (tests/backends.py) all read it, so a new
+backend is one class and one row of `ADAPTERS` here.
 
     from opt_cli.backends import adapter
     a = adapter("flax")                      # UsageError listing the names for an unknown one
@@ -17,6 +19,7 @@ New load-time options (dtype, quantization, a tensor-parallel plan) travel as ke
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +29,15 @@ import numpy as np
 
 from opt_cli.errors import UsageError
 from opt_cli.quiet import import_quietly
+from opt_core.arrays import to_numpy
+from opt_core.params import Head
+
+MODEL_CLASS_NAMES = {
+    Head.BASE: "OPTModel",
+    Head.CAUSAL_LM: "OPTForCausalLM",
+    Head.SEQUENCE_CLASSIFICATION: "OPTForSequenceClassification",
+    Head.QUESTION_ANSWERING: "OPTForQuestionAnswering",
+}
 
 
 class Adapter:
@@ -55,16 +67,30 @@ class Adapter:
                 f"`pip install opt-reference[{self.extra}]`"
             ) from None
 
+    def available(self) -> str | None:
+        """None when the package and its framework can be imported (nothing is imported to find
+        out); otherwise why not, in one sentence naming the pip extra."""
+        if importlib.util.find_spec(self.package) is None:
+            return f"package {self.package} is not installed"
+        if importlib.util.find_spec(self.framework) is None:
+            return f"{self.framework} is not installed (pip install 'opt-reference[{self.extra}]')"
+        return None
+
     # ------------------------------------------------------------ models
-    def load(self, folder: Path, **options: Any) -> Any:
-        """`OPTForCausalLM.from_pretrained(folder, **options)`, ready for inference."""
+    def model_class(self, head: Head = Head.CAUSAL_LM) -> type:
+        """This backend's class for `head` (`OPTForCausalLM` by default)."""
+        return getattr(self.module(), MODEL_CLASS_NAMES[Head(head)])
+
+    def load(self, folder: Path, head: Head = Head.CAUSAL_LM, **options: Any) -> Any:
+        """`<head class>.from_pretrained(folder, **options)`, ready for inference."""
         if options.get("tp_plan") and not self.distributed:
             raise UsageError(f"--tp-plan needs a backend that runs under torchrun ({', '.join(distributed())}), "
                              f"not {self.name}")
-        return self.module().OPTForCausalLM.from_pretrained(folder, **options)
+        return self.model_class(head).from_pretrained(folder, **options)
 
-    def new(self, config: Any, seed: int) -> Any:
-        """A freshly initialised `OPTForCausalLM`, its initialisation seeded."""
+    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM) -> Any:
+        """A freshly initialised model of `head` (`OPTForCausalLM` by default), its initialisation
+        seeded, in inference mode."""
         raise NotImplementedError
 
     def trainer(self) -> Any:
@@ -77,7 +103,8 @@ class Adapter:
         raise NotImplementedError
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x)
+        """A framework array as NumPy (`opt_core.arrays.to_numpy`: bfloat16 becomes float32)."""
+        return to_numpy(x)
 
     def generate(self, model: Any, input_ids: np.ndarray, attention_mask: np.ndarray, **kwargs: Any) -> np.ndarray:
         """`model.generate(input_ids, attention_mask=..., **kwargs)` (the contract's keywords: max_new_tokens,
@@ -109,23 +136,20 @@ class TorchAdapter(Adapter):
     compiles = False  # eager
     distributed = True
 
-    def load(self, folder: Path, **options: Any) -> Any:
-        return super().load(folder, **options).eval()
+    def load(self, folder: Path, head: Head = Head.CAUSAL_LM, **options: Any) -> Any:
+        return super().load(folder, head, **options).eval()
 
-    def new(self, config: Any, seed: int) -> Any:
+    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM) -> Any:
+        cls = self.model_class(head)
         import torch
 
-        self.module()
         torch.manual_seed(seed)
-        return self.module().OPTForCausalLM(config)
+        return cls(config).eval()
 
     def set_threads(self, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
 
     def logits(self, model: Any, input_ids: np.ndarray) -> np.ndarray:
         import torch
@@ -137,12 +161,12 @@ class TorchAdapter(Adapter):
 class TFAdapter(Adapter):
     name, package, framework, extra = "tf", "opt_tf", "tensorflow", "tf"
 
-    def new(self, config: Any, seed: int) -> Any:
-        mod = self.module()
+    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM) -> Any:
+        cls = self.model_class(head)
         import keras
 
         keras.utils.set_random_seed(seed)
-        return mod.OPTForCausalLM(config)
+        return cls(config)
 
     def set_threads(self, threads: int) -> None:
         import_quietly("tensorflow").config.threading.set_intra_op_parallelism_threads(threads)
@@ -154,11 +178,11 @@ class FlaxAdapter(Adapter):
     def prepare(self) -> None:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    def new(self, config: Any, seed: int) -> Any:
-        mod = self.module()
+    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM) -> Any:
+        cls = self.model_class(head)
         from flax import nnx
 
-        return mod.OPTForCausalLM(config, rngs=nnx.Rngs(seed))
+        return cls(config, rngs=nnx.Rngs(seed))
 
     def set_threads(self, threads: int) -> None:
         # JAX has no thread-count setting: pin the process to `threads` of the CPUs it may use.

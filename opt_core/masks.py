@@ -4,6 +4,8 @@ Each backend's modeling.py has a twin of every function here with the same name,
 order (`positions_from_mask(attention_mask, past_length, query_length)`,
 `causal_padding_mask(attention_mask, past_length, query_length)`,
 `last_non_pad_indices(input_ids, pad_token_id)`); tests/core/test_masks.py holds them to these.
+`check_pooling_pad_token` is not mirrored: every backend's sequence-classification head calls this
+one, so the refusal reads the same everywhere.
 
 Positions count real tokens only, so left padding does not shift them:
 `pos = cumsum(mask) * mask - 1`, and the learned table is read at row `pos + POSITION_OFFSET`
@@ -61,3 +63,14 @@ def last_non_pad_indices(input_ids: np.ndarray, pad_token_id: int | None) -> np.
         return np.full(ids.shape[0], length - 1, dtype=np.int64)
     non_pad = ids != pad_token_id
     return np.argmax(np.arange(length)[None, :] * non_pad, axis=1).astype(np.int64)
+
+
+def check_pooling_pad_token(pad_token_id: int | None, batch_size: int) -> None:
+    """Raise ValueError when a sequence-classification head cannot find each row's end: with no
+    `pad_token_id`, a batch of more than one row has no way to tell padding from tokens (one row
+    pools its last position, as Hugging Face does). The same message in every backend."""
+    if pad_token_id is None and batch_size != 1:
+        raise ValueError(
+            f"config.pad_token_id is None, so sequence classification cannot find where each of the "
+            f"{batch_size} rows ends; set pad_token_id in the config or classify one row at a time"
+        )

@@ -3,8 +3,7 @@
 Slow on purpose, clear by design: one function per step of OPT's forward pass, shapes written down,
 no fusions. Weights are a dict of canonical name -> array (see `opt_core.params`).
 
-Letters in shape comments: B batch, T new tokens, S keys (cached + new), H heads, D head_dim,
-C hidden_size (d_model), E word_embed_proj_dim, V vocab.
+Shape comments use the one legend of `opt_core.shapes` (H heads, D head_dim).
 """
 
 from __future__ import annotations
@@ -18,7 +17,13 @@ from opt_core.activations import ACTIVATIONS
 from opt_core.checkpoint import load_numpy_state_dict
 from opt_core.config import OPTConfig
 from opt_core.inputs import validate_inputs
-from opt_core.masks import POSITION_OFFSET, causal_padding_mask, last_non_pad_indices, positions_from_mask
+from opt_core.masks import (
+    POSITION_OFFSET,
+    causal_padding_mask,
+    check_pooling_pad_token,
+    last_non_pad_indices,
+    positions_from_mask,
+)
 from opt_core.params import Head, parameter_table
 
 LAYER_NORM_EPS = 1e-5
@@ -241,6 +246,7 @@ class ReferenceOPTForSequenceClassification(ReferenceOPTModel):
         out = self.decoder(input_ids, attention_mask, **kw)
         scores = linear(out.last_hidden_state, self.params["score.weight"], None)  # [B, T, L]
         rows = np.arange(scores.shape[0])
+        check_pooling_pad_token(self.config.pad_token_id, len(rows))
         out.logits = scores[rows, last_non_pad_indices(input_ids, self.config.pad_token_id)]  # [B, L]
         return out
 

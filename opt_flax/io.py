@@ -96,20 +96,20 @@ def fill_params(model: Any, ckpt: CheckpointLoad) -> None:
 
 
 def from_pretrained(
-    cls: type,
+    model_class: type,
     name_or_path: str | os.PathLike[str],
-    *,
     dtype: Any = None,
     param_dtype: Any = None,
+    config: OPTConfig | None = None,
+    *,
     format: str | None = None,
     rngs: nnx.Rngs | None = None,
     remat: bool = False,
-    config: OPTConfig | None = None,
     revision: str | None = None,
     allow_non_finite: bool = False,
     quantize: str | None = None,
 ) -> Any:
-    """Build `cls` (an opt_flax model class) from a Hugging Face folder or Hub id.
+    """Build `model_class` (an opt_flax model class) from a Hugging Face folder or Hub id.
 
     Args:
         name_or_path: a folder holding config.json and weights in any format (safetensors, bin,
@@ -136,9 +136,9 @@ def from_pretrained(
     config = config if config is not None else OPTConfig.from_pretrained(folder)
     dtype = jax_dtype(dtype, config)
     param_dtype = dtype if param_dtype is None else jax_dtype(param_dtype, config)
-    with open_checkpoint(folder, config, Head(cls.head), fmt=format, prefer=LOAD_ORDER,
+    with open_checkpoint(folder, config, Head(model_class.head), fmt=format, prefer=LOAD_ORDER,
                          allow_non_finite=allow_non_finite) as ckpt:
-        model = cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
+        model = model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
         fill_params(model, ckpt)
     model.loading_info = ckpt.accounting
     if hasattr(model, "generate"):  # generate's defaults, as Hugging Face reads them

@@ -3,9 +3,7 @@
 Module and parameter names follow Hugging Face's Flax OPT, so a model's `nnx.state` paths are the
 Flax checkpoint paths (`model/decoder/layers/0/self_attn/q_proj/kernel`, kernels `[in, out]`).
 
-Shape letters, the same in opt_torch, opt_tf and opt_flax (comments and einsum subscripts):
-B batch, T new tokens, S keys (cached + new, or a static cache's slots), H heads, D head_dim,
-C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
+Shape comments and einsum subscripts use the one legend of `opt_core.shapes` (H heads, D head_dim).
 """
 
 from __future__ import annotations
@@ -26,8 +24,9 @@ from opt_core.checkpoint import DEFAULT_SHARD_BYTES, FROM_PRETRAINED_DOC, SAVE_P
 from opt_core.config import OPTConfig
 from opt_core.generation_config import GENERATE_DOC, GenerationConfig
 from opt_core.inputs import validate_inputs
-from opt_core.masks import POSITION_OFFSET
+from opt_core.masks import POSITION_OFFSET, check_pooling_pad_token
 from opt_core.params import Head
+from opt_core.quantization import refuse_quantized_save
 from opt_flax.cache import StaticCache
 from opt_flax.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss
 
@@ -458,6 +457,7 @@ when training).
         formats: Iterable[str] | None = None,
         **backend_options: Any,
     ) -> list[Path]:
+        refuse_quantized_save(self)
         from opt_flax.io import save_pretrained
 
         return save_pretrained(self, folder, max_shard_size=max_shard_size, formats=formats, **backend_options)
@@ -515,8 +515,8 @@ class OPTForCausalLM(_WithDecoder):
 
     def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
                  past_key_values: StaticCache | None = None, labels: Any = None,
-                 output_hidden_states: bool = False, deterministic: bool | None = None,
-                 logits_to_keep: int = 0, validate: bool = True) -> OPTOutput:
+                 output_hidden_states: bool = False, logits_to_keep: int = 0,
+                 deterministic: bool | None = None, validate: bool = True) -> OPTOutput:
         """Logits [B, T, V] (the last `logits_to_keep` positions only when > 0).
 
         `labels` [B, T] (-100 = ignore) gives `.loss`: mean cross-entropy of token t+1 given 0..t.
@@ -582,12 +582,15 @@ class OPTForSequenceClassification(_WithDecoder):
         self.score = _linear(config, config.embed_dim, config.num_labels, False, dtype, param_dtype, rngs)
 
     def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
-                 labels: Any = None, output_hidden_states: bool = False, deterministic: bool | None = None,
-                 validate: bool = True) -> OPTOutput:
-        out = self._run_decoder(input_ids, attention_mask, position_ids, None, output_hidden_states,
+                 past_key_values: StaticCache | None = None, labels: Any = None, output_hidden_states: bool = False,
+                 deterministic: bool | None = None, validate: bool = True) -> OPTOutput:
+        """Logits [B, L]; `labels` gives `.loss` by `config.problem_type` (inferred like Hugging
+        Face when None: one label -> regression, integer labels -> single-label, else multi-label)."""
+        out = self._run_decoder(input_ids, attention_mask, position_ids, past_key_values, output_hidden_states,
                                 deterministic, validate)
         scores = self.score(out.last_hidden_state)  # [B, T, L]
         ids = jnp.asarray(input_ids)
+        check_pooling_pad_token(self.config.pad_token_id, ids.shape[0])  # shapes are static under jit
         last = last_non_pad_indices(ids, self.config.pad_token_id)  # [B]
         out.logits = scores[jnp.arange(ids.shape[0]), last]  # [B, L]
         if labels is not None:
@@ -606,9 +609,12 @@ class OPTForQuestionAnswering(_WithDecoder):
         self.qa_outputs = _linear(config, config.embed_dim, 2, True, dtype, param_dtype, rngs)
 
     def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
-                 start_positions: Any = None, end_positions: Any = None, output_hidden_states: bool = False,
-                 deterministic: bool | None = None, validate: bool = True) -> OPTOutput:
-        out = self._run_decoder(input_ids, attention_mask, position_ids, None, output_hidden_states,
+                 past_key_values: StaticCache | None = None, start_positions: Any = None, end_positions: Any = None,
+                 output_hidden_states: bool = False, deterministic: bool | None = None,
+                 validate: bool = True) -> OPTOutput:
+        """`start_positions`/`end_positions` [B] give `.loss`: the mean of the start and end
+        cross-entropies, positions clamped to [0, T] and T ignored (as Hugging Face)."""
+        out = self._run_decoder(input_ids, attention_mask, position_ids, past_key_values, output_hidden_states,
                                 deterministic, validate)
         both = self.qa_outputs(out.last_hidden_state)  # [B, T, 2]
         out.start_logits, out.end_logits = both[..., 0], both[..., 1]

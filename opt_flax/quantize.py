@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opt_core.quantization import QUANTIZE_MODES, check_quantize
+from opt_core.quantization import QUANTIZE_MODES, check_quantize, quantize_per_channel
 
 MODES = QUANTIZE_MODES["flax"]
 
@@ -29,16 +29,6 @@ MODES = QUANTIZE_MODES["flax"]
 def check_mode(mode: str | None) -> str | None:
     """`mode` if it is None or one of MODES; ValueError otherwise (`opt_core.quantization`)."""
     return check_quantize(mode, "flax")
-
-
-def quantize_per_channel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel of a Flax kernel [in, out]: (int8 [in, out], float32 [out]),
-    kernel ~= q * scale. An all-zero column gets scale 1."""
-    k = np.asarray(kernel, dtype=np.float32)
-    scale = np.abs(k).max(axis=0) / 127.0  # [out]
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.round(k / scale), -127, 127).astype(np.int8)
-    return q, scale
 
 
 class QuantizedLinear(nnx.Module):

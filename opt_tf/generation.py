@@ -33,6 +33,7 @@ from opt_core import sampling as stream
 from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
 from opt_core.inputs import validate_inputs
 from opt_tf.cache import StaticCache, init_cache
+from opt_tf.modeling import positions_from_mask
 
 NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
 INF = float("inf")
@@ -138,7 +139,7 @@ def prefill(
     b, t = _dims(ids)
     cache = init_cache(model.config, b, total, model.get_decoder().embed_tokens.dtype)
     key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; new slots are switched on as they fill
-    positions = tf.cumsum(mask, axis=-1) * mask - 1  # [B, T] (modeling's positions_from_mask; no import cycle)
+    positions = positions_from_mask(mask, 0, t)  # [B, T]
     logits, cache = _run(model, ids, positions, key_mask, cache)
     return logits, cache, key_mask, tf.reduce_sum(mask, axis=1)
 

@@ -4,9 +4,7 @@ Mirrors `opt_torch.modeling` class by class. Weights are created eagerly in `__i
 layout of the canonical table (Dense kernels `[in, out]`); `named_weights()` maps every canonical
 name to its variable, which is all `opt_tf.io` needs to load and save.
 
-Shape letters, the same in opt_torch, opt_tf and opt_flax (comments and einsum subscripts):
-B batch, T new tokens, S keys (cached + new, or a static cache's slots), H heads, D head_dim,
-C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
+Shape comments and einsum subscripts use the one legend of `opt_core.shapes` (H heads, D head_dim).
 """
 
 from __future__ import annotations
@@ -33,8 +31,9 @@ from opt_core import OPTConfig  # noqa: E402
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, FROM_PRETRAINED_DOC, SAVE_PRETRAINED_DOC  # noqa: E402
 from opt_core.generation_config import GENERATE_DOC, GenerationConfig  # noqa: E402
 from opt_core.inputs import validate_inputs  # noqa: E402
-from opt_core.masks import POSITION_OFFSET  # noqa: E402
+from opt_core.masks import POSITION_OFFSET, check_pooling_pad_token  # noqa: E402
 from opt_core.params import Head, parameter_table  # noqa: E402
+from opt_core.quantization import refuse_quantized_save  # noqa: E402
 from opt_tf.cache import StaticCache  # noqa: E402
 from opt_tf.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss  # noqa: E402
 from opt_tf.training import KerasTrainingMixin  # noqa: E402
@@ -480,6 +479,7 @@ float64 is refused.
         formats: Iterable[str] | None = None,
         **backend_options: Any,
     ) -> list[Path]:
+        refuse_quantized_save(self)
         from opt_tf.io import save_pretrained
 
         return save_pretrained(self, folder, max_shard_size=max_shard_size, formats=formats, **backend_options)
@@ -548,6 +548,8 @@ class OPTForCausalLM(_WithDecoder):
 
     def lm_logits(self, h: tf.Tensor) -> tf.Tensor:
         """[B, T, E] -> logits [B, T, V]."""
+        if isinstance(self.lm_head, keras.layers.Layer):  # an untied head after `quantize_model`
+            return self.lm_head(h)
         if self.lm_head is not None:
             return tf.tensordot(h, tf.cast(self.lm_head, h.dtype), axes=1)
         b, t = tf.shape(h)[0], tf.shape(h)[1]
@@ -641,8 +643,8 @@ class OPTForSequenceClassification(_WithDecoder):
             input_ids, attention_mask, position_ids, past_key_values, output_hidden_states, training
         )
         scores = self.score(out.last_hidden_state)  # [B, T, L]
-        if self.config.pad_token_id is None and not _is_symbolic(ids) and ids.shape[0] != 1:
-            raise ValueError("sequence classification of a batch needs config.pad_token_id to find each row's end")
+        if not _is_symbolic(ids):
+            check_pooling_pad_token(self.config.pad_token_id, ids.shape[0])
         last = last_non_pad_indices(ids, self.config.pad_token_id)  # [B]
         out.logits = tf.gather(scores, last, axis=1, batch_dims=1)  # [B, L]
         if labels is not None:

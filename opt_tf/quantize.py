@@ -14,13 +14,14 @@ The token embedding (and the tied output projection) stay float32. Inference onl
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from opt_core.quantization import QUANTIZE_MODES, check_quantize
+from opt_core.quantization import QUANTIZE_MODES, check_quantize, quantize_per_channel
+from opt_tf.modeling import Linear
 
 MODES = QUANTIZE_MODES["tf"]
 
@@ -28,14 +29,6 @@ MODES = QUANTIZE_MODES["tf"]
 def check_mode(mode: str | None) -> str | None:
     """`mode` if it is None or one of MODES; ValueError otherwise (`opt_core.quantization`)."""
     return check_quantize(mode, "tf")
-
-
-def quantize_per_channel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel of a kernel [in, out]: (int8 [in, out], float32 [out])."""
-    k = np.asarray(kernel, dtype=np.float32)
-    scale = np.abs(k).max(axis=0) / 127.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return np.clip(np.round(k / scale), -127, 127).astype(np.int8), scale
 
 
 class QuantizedLinear(keras.layers.Layer):
@@ -66,15 +59,10 @@ class QuantizedLinear(keras.layers.Layer):
         return tf.reshape(y, tf.concat([lead, [self.scale.shape[0]]], 0))
 
 
-def _is_linear(layer: Any) -> bool:
-    """An opt_tf `Linear` (kernel [in, out] and bias), by its variables: importing opt_tf.modeling
-    here would close an import cycle (modeling -> io -> quantize)."""
-    return layer is not None and not isinstance(layer, QuantizedLinear) and hasattr(layer, "kernel")
-
-
 def quantize_model(model: Any, mode: str) -> Any:
     """Swap every `Linear` of the decoder layers, the projections and an untied lm_head for a
-    `QuantizedLinear` (in place); returns the model."""
+    `QuantizedLinear` (in place); returns the model. These are the layers of
+    `opt_core.quantization.W8A8["tf"]`."""
     check_mode(mode)
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is already quantized ({model.quantization['mode']})")
@@ -86,10 +74,11 @@ def quantize_model(model: Any, mode: str) -> Any:
         layer.fc1 = QuantizedLinear(layer.fc1, mode)
         layer.fc2 = QuantizedLinear(layer.fc2, mode)
     for name in ("project_in", "project_out"):
-        if _is_linear(getattr(decoder, name, None)):
+        if isinstance(getattr(decoder, name, None), Linear):
             setattr(decoder, name, QuantizedLinear(getattr(decoder, name), mode))
-    if _is_linear(getattr(model, "lm_head", None)):
-        model.lm_head = QuantizedLinear(model.lm_head, mode)
+    lm_head = getattr(model, "lm_head", None)
+    if isinstance(lm_head, keras.Variable):  # an untied head is a bare [E, V] kernel: quantized like a Linear
+        model.lm_head = QuantizedLinear(SimpleNamespace(name="lm_head", kernel=lm_head, bias=None), mode)
     model.quantization = {"mode": mode, "embeddings": False,
                           "kernel": "XLA matmul of the int8 kernel cast in the graph" if mode == "int8"
                           else "int8 x int8 -> int32 matmul"}

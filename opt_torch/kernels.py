@@ -2,7 +2,7 @@
 
 Which weight layout or kernel is fastest depends on the CPU, not on the model: on the same opt-125m
 matrices at 2 threads, storing weights input-major made MKL's batch-1 decode matmuls ~0.8x the time
-on an Intel Xeon but batch 8 25% slower on an AMD EPYC. So the loaders time the candidates on a
+on an Intel Xeon but batch 8 25% slower on an AMD EPYC (BENCHMARKS.md). So the loaders time the candidates on a
 matrix of the model's shape (rows 1 and 8: decode), interleaved and best-of-N so that load from other
 processes falls on all of them alike, and keep the fastest.
 

@@ -4,9 +4,7 @@
 `qa_outputs.*`; `decoder.*` for `OPTModel`), i.e. `opt_core.params.hf_name` of the canonical table,
 so checkpoints load and save without renaming.
 
-Shape letters, the same in opt_torch, opt_tf and opt_flax (comments and einsum subscripts):
-B batch, T new tokens, S keys (cached + new, or a static cache's slots), H heads, D head_dim,
-C hidden_size, E word_embed_proj_dim, F ffn_dim, V vocab, L num_labels.
+Shape comments and einsum subscripts use the one legend of `opt_core.shapes` (H heads, D head_dim).
 
 Attention (the module, its masks and its eager / SDPA / flash paths) lives in `opt_torch.attention`,
 the weights' in-memory layout and packing in `opt_torch.layout`, the CPU matmul kernel choice in
@@ -28,9 +26,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from opt_core import POSITION_OFFSET, Head, OPTConfig
+from opt_core.arrays import to_numpy
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, FROM_PRETRAINED_DOC, SAVE_PRETRAINED_DOC
 from opt_core.generation_config import GENERATE_DOC, GenerationConfig
 from opt_core.inputs import validate_inputs
+from opt_core.masks import check_pooling_pad_token
+from opt_core.quantization import refuse_quantized_save
 from opt_torch import generation, layout
 from opt_torch.attention import (  # noqa: F401  (re-exported: opt_torch.modeling.X keeps working)
     ATTN_IMPLEMENTATIONS,
@@ -229,14 +230,6 @@ def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -
     return torch.as_tensor(np.asarray(x), device=device, dtype=dtype)
 
 
-def _to_numpy(x: Any) -> np.ndarray | None:
-    if x is None:
-        return None
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 class OPTPreTrainedModel(nn.Module):
     """What the four models share: config, input checks, weight init, loading, saving, generating."""
 
@@ -357,8 +350,8 @@ class OPTPreTrainedModel(nn.Module):
                 f"{type(past_key_values).__name__}; wrap legacy tuples with DynamicCache.from_legacy"
             )
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        ids_np = _to_numpy(input_ids)
-        mask_np = _to_numpy(attention_mask)
+        ids_np = to_numpy(input_ids)
+        mask_np = None if attention_mask is None else to_numpy(attention_mask)
         validate_inputs(ids_np, mask_np, self.config, past)
         device = self.device
         ids = _as_tensor(input_ids, device, torch.long)
@@ -454,6 +447,7 @@ torchrun, `opt_torch.parallel`), `calibration` (w8a8: a text file for SmoothQuan
         formats: Iterable[str] | None = None,
         **backend_options: Any,
     ) -> list[Path]:
+        refuse_quantized_save(self)
         from opt_torch.io import save_pretrained
 
         return save_pretrained(self, folder, max_shard_size=max_shard_size, formats=formats, **backend_options)
@@ -611,8 +605,7 @@ class OPTForSequenceClassification(_WithDecoder):
             output_attentions,
         )
         scores = self.score(out.last_hidden_state)  # [B, T, L]
-        if self.config.pad_token_id is None and ids.shape[0] != 1:
-            raise ValueError("sequence classification of a batch needs config.pad_token_id to find each row's end")
+        check_pooling_pad_token(self.config.pad_token_id, ids.shape[0])
         last = last_non_pad_indices(ids, self.config.pad_token_id)  # [B]
         out.logits = scores[torch.arange(ids.shape[0], device=ids.device), last]  # [B, L]
         if labels is not None:

@@ -8,15 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from opt_core.arrays import to_numpy as core_to_numpy
+
 
 def to_numpy(x: Any) -> np.ndarray:
-    """A framework array (torch, TensorFlow, JAX or NumPy) as a float64 or int64 NumPy array."""
-    if type(x).__module__.startswith("torch"):
-        x = x.detach().cpu()
-        if x.is_floating_point() and x.dtype.itemsize < 4:
-            x = x.float()  # NumPy has no bfloat16
-        x = x.numpy()
-    arr = np.asarray(x)
+    """A framework array (torch, TensorFlow, JAX or NumPy) as a float64 or int64 NumPy array
+    (`opt_core.arrays.to_numpy`, widened for the comparisons)."""
+    arr = core_to_numpy(x)
     if np.issubdtype(arr.dtype, np.integer):
         return arr.astype(np.int64)
     return arr.astype(np.float64)

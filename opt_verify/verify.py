@@ -21,8 +21,6 @@ table's low-precision bounds are calibrated on logits).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import itertools
 import os
 import time
@@ -32,6 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from opt_cli.backends import BACKENDS as TABLE_BACKENDS
+from opt_cli.backends import adapter as backend_adapter
+from opt_cli.errors import UsageError
 from opt_core import OPTConfig, parameter_count
 from opt_core.checkpoint import formats_present
 from opt_verify.comparison import PairResult, _Run, compare, hidden_labels, relative_error, to_numpy
@@ -70,7 +71,7 @@ __all__ = [
     "verify",
 ]
 
-BACKENDS = ("torch", "tf", "flax")
+BACKENDS = TABLE_BACKENDS  # the one backend table: opt_cli.backends
 REFERENCE = "reference"
 # Parameters above which the float64 reference is left out under reference="auto": it keeps a
 # float64 copy of every weight (8 bytes each) and runs plain NumPy, so opt-350m (331M parameters,
@@ -99,9 +100,8 @@ class _BackendAdapter:
     """`opt_<name>.OPTForCausalLM` called exactly as API.md documents it."""
 
     def __init__(self, name: str, model_dir: Path, dtype: str, quantize: str | None = None):
-        module = importlib.import_module(f"opt_{name}")
         extra = {"quantize": quantize} if quantize else {}
-        self.model = module.OPTForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra)
+        self.model = backend_adapter(name).load(Path(model_dir), dtype=dtype, **extra)
         if hasattr(self.model, "generation_config"):
             # Plain greedy decoding, as the reference runs it: a folder's generation_config.json
             # defaults (sampling, penalties) are not part of the numerical check.
@@ -121,12 +121,7 @@ class _BackendAdapter:
 
 def backend_available(name: str) -> str | None:
     """None when `opt_<name>` and its framework import; otherwise why not, in one sentence."""
-    if importlib.util.find_spec(f"opt_{name}") is None:
-        return f"package opt_{name} is not installed"
-    framework = {"torch": "torch", "tf": "tensorflow", "flax": "flax"}[name]
-    if importlib.util.find_spec(framework) is None:
-        return f"{framework} is not installed (pip install 'opt-reference[{name}]')"
-    return None
+    return backend_adapter(name).available()
 
 
 def _one_line(e: BaseException, limit: int = 400) -> str:
@@ -152,6 +147,8 @@ def _run_one(
         t2 = time.perf_counter()
         tokens = adapter.generate(ids, mask, new_tokens) if new_tokens > 0 else ids.copy()
         t3 = time.perf_counter()
+    except UsageError as e:  # the backend table's "framework not installed" (names the pip extra)
+        return BackendResult(name, "missing", f"cannot import it: {e}"), None
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
         if top in ("torch", "tensorflow", "keras", "jax", "jaxlib", "flax") or e.name == f"opt_{name}":

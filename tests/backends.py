@@ -10,29 +10,27 @@ parametrized over `BACKENDS` and carries that backend's pytest marker:
 
 Every adapter does the same thing with the same arguments; what differs is spelled out here, once.
 Per-backend test files keep only what one backend alone has (SDPA/flash, SavedModel, mesh sharding).
+The backend table itself (names, packages, model classes, seeded construction, to-NumPy) is the
+library's, `opt_cli.backends`: these adapters add only what tests need on top (parameters by
+canonical name, a plain SGD step).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from opt_cli.backends import ADAPTERS, MODEL_CLASS_NAMES, Adapter
+from opt_cli.backends import BACKENDS as BACKENDS
 from opt_core import OPTConfig
 from opt_core.layout import from_layout, to_layout
 from opt_core.params import Head, hf_name, parameter_table
 
-BACKENDS = ("torch", "tf", "flax")
-MODEL_CLASS_NAMES = {
-    Head.BASE: "OPTModel",
-    Head.CAUSAL_LM: "OPTForCausalLM",
-    Head.SEQUENCE_CLASSIFICATION: "OPTForSequenceClassification",
-    Head.QUESTION_ANSWERING: "OPTForQuestionAnswering",
-}
+__all__ = ["BACKENDS", "MODEL_CLASS_NAMES", "Backend", "get_backend"]
 # The keyword arguments every backend's model call accepts, with the same meaning.
 FORWARD_KEYWORDS = ("attention_mask", "position_ids", "labels", "start_positions", "end_positions",
                     "output_hidden_states")
@@ -50,11 +48,16 @@ class Backend:
 
     name: str
 
+    @property
+    def adapter(self) -> Adapter:
+        """The library's adapter of this backend (`opt_cli.backends.ADAPTERS`)."""
+        return ADAPTERS[self.name]
+
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"
 
     def module(self, sub: str | None = None) -> ModuleType:
-        return importlib.import_module(f"opt_{self.name}" + (f".{sub}" if sub else ""))
+        return self.adapter.module(sub)
 
     @property
     def package(self) -> ModuleType:
@@ -81,14 +84,17 @@ class Backend:
         return self.module("io")
 
     def model_class(self, head: Head = Head.CAUSAL_LM) -> type:
-        return getattr(self.package, MODEL_CLASS_NAMES[Head(head)])
+        return self.adapter.model_class(head)
 
     # ------------------------------------------------------------ build, weights
     def build(self, config: OPTConfig, head: Head = Head.CAUSAL_LM, params: dict[str, np.ndarray] | None = None,
               seed: int = 0) -> Any:
         """A `head` model of `config` in inference mode, holding `params` (canonical names and
         layout, e.g. `opt_core.reference.random_parameters`) or else its own seeded init."""
-        raise NotImplementedError
+        model = self.adapter.new(config, seed, head)
+        if params is not None:
+            self.set_params(model, params)
+        return model
 
     def params(self, model: Any) -> dict[str, np.ndarray]:
         """Canonical name -> float NumPy array (canonical layout) of every stored parameter (a tied
@@ -128,8 +134,7 @@ class Backend:
         raise NotImplementedError
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        arr = np.asarray(x)
-        return arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr
+        return self.adapter.to_numpy(x)
 
     def train_step(self, model: Any, batch: dict[str, np.ndarray], learning_rate: float = 1e-2) -> float:
         """One plain SGD step (w -= lr * grad) on the head's own loss (`labels` default to the
@@ -160,15 +165,6 @@ def _head_batch(model: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarra
 class TorchBackend(Backend):
     name = "torch"
 
-    def build(self, config, head=Head.CAUSAL_LM, params=None, seed=0):
-        import torch
-
-        torch.manual_seed(seed)
-        model = self.model_class(head)(config).eval()
-        if params is not None:
-            self.set_params(model, params)
-        return model
-
     def params(self, model):
         head = Head(model.head)
         state = model.state_dict()
@@ -198,14 +194,6 @@ class TorchBackend(Backend):
 
         return torch.from_numpy(np.asarray(x))
 
-    def to_numpy(self, x):
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu()
-            return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
-        return super().to_numpy(x)
-
     def train_step(self, model, batch, learning_rate=1e-2):
         import torch
 
@@ -222,15 +210,6 @@ class TorchBackend(Backend):
 
 class TFBackend(Backend):
     name = "tf"
-
-    def build(self, config, head=Head.CAUSAL_LM, params=None, seed=0):
-        import keras
-
-        keras.utils.set_random_seed(seed)
-        model = self.model_class(head)(config)
-        if params is not None:
-            self.set_params(model, params)
-        return model
 
     def params(self, model):
         specs = {s.name: s for s in parameter_table(model.config, model.head)}
@@ -261,14 +240,6 @@ class TFBackend(Backend):
 
 class FlaxBackend(Backend):
     name = "flax"
-
-    def build(self, config, head=Head.CAUSAL_LM, params=None, seed=0):
-        from flax import nnx
-
-        model = self.model_class(head)(config, rngs=nnx.Rngs(seed))
-        if params is not None:
-            self.set_params(model, params)
-        return model
 
     def params(self, model):
         return {k: np.asarray(v, np.float32) if v.dtype.name == "bfloat16" else np.asarray(v)

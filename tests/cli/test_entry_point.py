@@ -1,5 +1,5 @@
-"""Issue 12 point 4, each through the real `opt` entry point (`python -m opt_cli.main` in a subprocess):
-version and help, output folders and --overwrite, interrupted runs, `opt info` on broken folders,
+"""The command line's promises, each through the real `opt` entry point (`python -m opt_cli.main`
+in a subprocess): version and help, output folders and --overwrite, interrupted runs, `opt info` on broken folders,
 `bundled` everywhere, reported adjustments, progress and speed lines, and one-line errors."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 12 point 2: `opt` commands print no framework log noise (TensorFlow / absl / oneDNN / XLA /
+"""`opt` commands print no framework log noise (TensorFlow / absl / oneDNN / XLA /
 CUDA-stub lines, tf.function retracing, Keras UserWarnings); `--verbose` lets it through; warnings of
 this project still show. Through the real entry point, with the environment a user's shell has."""
 

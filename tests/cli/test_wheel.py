@@ -1,4 +1,4 @@
-"""Issue 12 point 5: the wheel installs next to a user's own frameworks.
+"""The wheel installs next to a user's own frameworks.
 
 Fast: build the wheel (no dependencies, no build isolation) from a copy of the sources and read it:
 extras are ranges (no exact torch / TensorFlow pin), every third-party module the packages import is

@@ -1,5 +1,5 @@
-"""Every backend and the reference read every Hugging Face-written format (the issue's table, all
-"yes"): logits match Hugging Face's on the golden checkpoints, whichever file they come from. The
+"""Every backend and the reference read every Hugging Face-written format (every cell of
+the format table "yes"): logits match Hugging Face's on the golden checkpoints, whichever file they come from. The
 reference is checked here; the three backends in tests/common/test_io.py (bit-exact tensors from
 every file, then Hugging Face's logits)."""
 

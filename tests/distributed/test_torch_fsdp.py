@@ -76,6 +76,35 @@ def test_fsdp_saves_a_normal_folder(runs):
     assert all(n < 0.6 * full for n in info["local_bytes_per_rank"]), (info, full)
 
 
+def _loss_of(folder, blocks: np.ndarray) -> float:
+    """The causal LM loss of the model saved in `folder` on `blocks`, computed here in one process
+    (not read from any log)."""
+    from opt_torch import OPTForCausalLM
+
+    model = OPTForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        ids = torch.from_numpy(blocks)
+        return float(model(ids, labels=ids).loss)
+
+
 def test_fsdp_resumes_from_sharded_checkpoint(runs):
+    """A run resumed at step 2 from the sharded checkpoint (into a differently initialised model)
+    ends where the uninterrupted run ends. The resumed log's first two losses are the checkpoint's,
+    copied, so they prove nothing and are not what is compared: the losses it computed itself
+    (steps 3 and 4), and the loss of its final model recomputed here on held-out blocks."""
     tmp, _ = runs
-    np.testing.assert_allclose(_log(tmp / "resumed")["losses"], _log(tmp / "fsdp")["losses"], rtol=1e-6)
+    steps_done = 2
+    checkpoint, resumed, fsdp = (_log(tmp / "fsdp" / f"checkpoint-{steps_done}"), _log(tmp / "resumed"),
+                                 _log(tmp / "fsdp"))
+    assert resumed["losses"][:steps_done] == checkpoint["losses"]  # carried over, not recomputed
+    assert len(resumed["losses"]) == ARGS.max_steps
+    np.testing.assert_allclose(resumed["losses"][steps_done:], fsdp["losses"][steps_done:], rtol=1e-6)
+
+    held_out = np.random.default_rng(1).integers(4, CONFIG.vocab_size, (4, ARGS.block_size))
+    final = _loss_of(tmp / "fsdp", held_out)
+    assert _loss_of(tmp / "resumed", held_out) == pytest.approx(final, rel=1e-6)
+    # The comparison can fail: the checkpoint's model and the fresh one the resume started from differ.
+    assert abs(_loss_of(tmp / "fsdp" / f"checkpoint-{steps_done}", held_out) - final) > 1e-4
+    fresh = make_model(seed=1)
+    fresh.save_pretrained(tmp / "fresh")
+    assert abs(_loss_of(tmp / "fresh", held_out) - final) > 1e-4
