@@ -23,7 +23,16 @@ CONFIG_NAME = "config.json"
 # JSON key -> attribute name, where they differ.
 _JSON_TO_ATTR = {"_remove_final_layer_norm": "remove_final_layer_norm"}
 _ATTR_TO_JSON = {v: k for k, v in _JSON_TO_ATTR.items()}
+# A normal init with std 10 already makes a layer's logits thousands wide; far beyond it float32
+# products overflow. Real checkpoints use 0.02.
+MAX_INIT_STD = 10.0
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages: a value read from a file may be a huge string or a deep list."""
+    text = repr(value) if isinstance(value, (bool, int, float, str, type(None))) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -112,21 +121,24 @@ class OPTConfig:
             )
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(
-                f"OPTConfig.activation_function {self.activation_function!r} is unknown; "
+                f"OPTConfig.activation_function {_short(self.activation_function)} is unknown; "
                 f"expected one of {sorted(ACTIVATIONS)}"
             )
         for name in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"OPTConfig.{name} must be a probability in [0, 1], got {value!r}")
-        if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
-            raise ValueError(f"OPTConfig.init_std must be >= 0, got {self.init_std!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"OPTConfig.{name} must be a probability in [0, 1], got {_short(value)}")
+        # NaN passes every comparison, and Infinity (which Python's json reads) draws infinite weights:
+        # a fresh head then gives NaN logits. MAX_INIT_STD keeps drawn weights and their products finite.
+        init_std = self.init_std
+        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not 0 <= init_std <= MAX_INIT_STD:
+            raise ValueError(f"OPTConfig.init_std must be a number in [0, {MAX_INIT_STD:g}], got {_short(init_std)}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"OPTConfig.{name} must be an integer or null, got {value!r}")
+                raise ValueError(f"OPTConfig.{name} must be an integer or null, got {_short(value)}")
             if not 0 <= value < self.vocab_size:
                 raise ValueError(
                     f"OPTConfig.{name} = {value} is outside the vocabulary [0, {self.vocab_size})"
@@ -140,10 +152,10 @@ class OPTConfig:
             "tie_word_embeddings",
         ):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"OPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"OPTConfig.{name} must be true or false, got {_short(getattr(self, name))}")
         if self.problem_type not in _PROBLEM_TYPES:
             raise ValueError(
-                f"OPTConfig.problem_type {self.problem_type!r} is unknown; expected one of "
+                f"OPTConfig.problem_type {_short(self.problem_type)} is unknown; expected one of "
                 f"{list(_PROBLEM_TYPES)}"
             )
 
@@ -159,7 +171,7 @@ class OPTConfig:
             raise ValueError(f"an OPT config must be a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type", "opt")
         if model_type != "opt":
-            raise ValueError(f"config has model_type {model_type!r}; this library reads 'opt' models")
+            raise ValueError(f"config has model_type {_short(model_type)}; this library reads 'opt' models")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
