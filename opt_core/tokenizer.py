@@ -20,6 +20,63 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 
 
+# The tokenizers library holds ids as unsigned 32-bit integers; anything else overflows inside it.
+MAX_TOKEN_ID = 2**32 - 1
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages (tokens and values come from files)."""
+    text = repr(value) if isinstance(value, (bool, int, float, str, type(None))) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a tokenizer file") from None
+
+
+def check_vocab(vocab: Any) -> None:
+    """Raise `ValueError` unless `vocab` maps token strings to distinct ids >= 0.
+
+    Two tokens sharing an id cannot both be decoded, and a vocabulary that maps every token to one
+    id encodes every text as that id: such a file is broken, not a tokenizer.
+    """
+    if not isinstance(vocab, dict) or not vocab:
+        raise ValueError("the vocabulary must be a non-empty mapping of token -> id")
+    owner: dict[int, str] = {}
+    for token, i in vocab.items():
+        if not isinstance(token, str):
+            raise ValueError(f"vocabulary token {_short(token)} is not a string")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= MAX_TOKEN_ID:
+            raise ValueError(f"vocabulary id of {_short(token)} must be an integer in [0, 2**32), got {_short(i)}")
+        if i in owner:
+            raise ValueError(f"vocabulary ids must be distinct: {_short(owner[i])} and {_short(token)} both have id {i}")
+        owner[i] = token
+
+
+def _token_ids(ids: Any) -> list[int]:
+    """`ids` as Python ints, or a `ValueError` naming the first one that is not a token id."""
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise ValueError(f"token ids must be integers, got {_short(i)}")
+        if not 0 <= i <= MAX_TOKEN_ID:
+            raise ValueError(f"token id {_short(int(i))} is outside [0, 2**32), so it is no token id")
+        out.append(int(i))
+    return out
+
+
 class OPTTokenizer:
     """Byte-level BPE tokenizer with OPT's conventions.
 
@@ -40,10 +97,19 @@ class OPTTokenizer:
         add_bos_token: bool = True,
         padding_side: str = "right",
     ):
+        check_vocab(vocab)
         for name, tok in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token), ("unk", unk_token)):
-            if tok not in vocab:
-                raise ValueError(f"{name} token {tok!r} is not in the vocabulary")
-        self._tok = Tokenizer(models.BPE(vocab, merges, unk_token=None, fuse_unk=False))
+            if not isinstance(tok, str) or tok not in vocab:
+                raise ValueError(f"{name} token {_short(tok)} is not in the vocabulary")
+        for i, pair in enumerate(merges):
+            missing = [t for t in pair if t not in vocab]
+            if missing:  # the tokenizers library's own message for this is a multi-line Rust error
+                raise ValueError(f"merge {i + 1} ({_short(' '.join(pair))}) uses {_short(missing[0])}, "
+                                 "which is not in the vocabulary")
+        try:
+            self._tok = Tokenizer(models.BPE(vocab, merges, unk_token=None, fuse_unk=False))
+        except Exception as e:  # the library raises a bare Exception for anything it cannot build
+            raise ValueError(f"the vocabulary and merges do not form a BPE tokenizer ({_short(str(e))})") from None
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self._tok.decoder = decoders.ByteLevel()
         specials: list[str] = [t for t in ("<s>", "<pad>", "</s>", "<unk>") if t in vocab]
@@ -75,22 +141,23 @@ class OPTTokenizer:
         for path in (vocab_path, merges_path):
             if not path.is_file():
                 raise FileNotFoundError(f"tokenizer file {path} is missing (need {VOCAB_FILE} and {MERGES_FILE})")
-        try:
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{vocab_path} is not valid JSON ({e.msg})") from None
+        vocab = _read_json(vocab_path)
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{vocab_path} must hold a JSON object of token -> id, got {type(vocab).__name__}")
         merges = []
-        for n, line in enumerate(merges_path.read_text(encoding="utf-8").splitlines()):
+        for n, line in enumerate(_read_text(merges_path).splitlines()):
             if not line or line.startswith("#version"):
                 continue
             pair = line.split(" ")
             if len(pair) != 2:
-                raise ValueError(f"{merges_path} line {n + 1} is not a merge pair: {line!r}")
+                raise ValueError(f"{merges_path} line {n + 1} is not a merge pair (two tokens and one space)")
             merges.append((pair[0], pair[1]))
         kwargs: dict[str, Any] = {}
         cfg_path = folder / TOKENIZER_CONFIG
         if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            cfg = _read_json(cfg_path)
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
             for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
                 value = cfg.get(key)
                 if isinstance(value, dict):  # Hugging Face's AddedToken serialisation
@@ -101,8 +168,10 @@ class OPTTokenizer:
                 kwargs["add_bos_token"] = cfg["add_bos_token"]
             if cfg.get("padding_side") in ("left", "right"):
                 kwargs["padding_side"] = cfg["padding_side"]
-        kwargs.update(overrides)
-        return cls(vocab, merges, **kwargs)
+        try:
+            return cls(vocab, merges, **{**kwargs, **overrides})
+        except ValueError as e:  # name the files the problem came from
+            raise ValueError(f"tokenizer in {folder}: {e}") from None
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
         """Write `vocab.json`, `merges.txt` and a Hugging Face-compatible `tokenizer_config.json`."""
@@ -191,7 +260,7 @@ class OPTTokenizer:
     # ------------------------------------------------------------ decoding
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         """Text of a sequence of ids (NumPy, list or framework tensor with `.tolist()`)."""
-        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        ids = _token_ids(ids.tolist() if hasattr(ids, "tolist") else ids)
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -201,7 +270,7 @@ class OPTTokenizer:
         return [self.decode(r, skip_special_tokens) for r in rows]
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
-        return [self._tok.id_to_token(int(i)) for i in ids]
+        return [self._tok.id_to_token(i) for i in _token_ids(ids)]
 
     def __len__(self) -> int:
         return self.vocab_size
