@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
+    from opt_core.platform import cpu_info
     from opt_torch import kernels
     from opt_torch import quantize as Q
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     if rnd:
                         best[(name, m)] = min(best.get((name, m), float("inf")), ms)
     lines = [f"{args.layers} layers x (q/k/v, out_proj, fc1, fc2), hidden {c}, ffn {f}, {args.threads} threads, "
-             f"best of {args.reps} interleaved rounds; {Q.cpu_name()}", "",
+             f"best of {args.reps} interleaved rounds; {cpu_info().model_name}", "",
              "| weights | batch 1 ms | batch 8 ms |", "|---|--:|--:|"]
     lines += [f"| {name} | {best[(name, 1)]:.1f} | {best[(name, 8)]:.1f} |" for name in packed]
     w = layers[0][2][0]

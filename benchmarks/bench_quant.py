@@ -258,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             if "peak_rss_mb" in out:
                 rss[n] = out["peak_rss_mb"]
             print(f"peak RSS {n}: {out}", flush=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")
+    sys.path.insert(0, str(common.ROOT))
+    from opt_core.platform import cpu_info
+
+    cpu = cpu_info().model_name
     text = (f"{args.shape} shape, random weights, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
             f"{args.threads} threads, {args.rounds} interleaved rounds in one process; {cpu}; started {started}, "
             f"load average at the end {[round(x, 1) for x in res['load_average']]}\n\n" + report(args, res, rss))

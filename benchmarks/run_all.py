@@ -228,13 +228,14 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"
 
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from opt_core.platform import cpu_info
+
+    cpu = cpu_info()
+    info["cpu"] = cpu.model_name
+    info["simd"] = [f for f in SIMD_FLAGS if f in cpu.flags]  # what the matmul kernels can use
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and "cpu" not in info:
-                info["cpu"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and "simd" not in info:  # what the matmul kernels can use
-                flags = set(line.split(":", 1)[1].split())
-                info["simd"] = [f for f in SIMD_FLAGS if f in flags]
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         info["memory_gb"] = round(int(mem) / 1024**2, 1)
     except OSError:

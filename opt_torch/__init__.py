@@ -1,9 +1,8 @@
 """PyTorch backend of the OPT reference implementation (Hugging Face-compatible names and checkpoints)."""
 
+from opt_torch.attention import ATTN_IMPLEMENTATIONS, OPTAttention
 from opt_torch.cache import Cache, DynamicCache, StaticCache
 from opt_torch.modeling import (
-    ATTN_IMPLEMENTATIONS,
-    OPTAttention,
     OPTDecoder,
     OPTDecoderLayer,
     OPTForCausalLM,

@@ -74,7 +74,7 @@ def bench_shape(out_features: int, in_features: int) -> tuple[int, int]:
 
 # The kernels `linear` runs for a model whose weights need no gradient, named as the env var takes them:
 #   aten              F.linear on nn.Linear's [out, in] layout (ATen's BLAS: MKL in the x86 wheels)
-#   aten_input_major  F.linear on input-major weights (`modeling.column_major`): faster MKL decode on Intel
+#   aten_input_major  F.linear on input-major weights (`layout.column_major`): faster MKL decode on Intel
 #   onednn            oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`) on the same [out, in]
 #                     tensors, unpacked: no second copy, state_dict and training untouched
 #   onednn_packed     oneDNN's matmul on weights reordered into its blocked format (`pack`), which

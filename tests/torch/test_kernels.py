@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from opt_core import Head
 from opt_torch import OPTForCausalLM, kernels
-from opt_torch.modeling import Linear
+from opt_torch.layout import Linear
 from tests.torch.helpers import model_and_reference
 from tests.variants import TOLERANCE, VARIANTS, left_padded_batch, relative_error
 

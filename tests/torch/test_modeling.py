@@ -266,17 +266,17 @@ def _naive_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_sc
 def test_flash_attention_unpadding_logic_with_cpu_stand_ins(monkeypatch):
     """The flash path's packing of left-padded batches (prefill and cached decoding), run on CPU
     with reference implementations of flash_attn's two kernels in place of the CUDA ones."""
-    import opt_torch.modeling as modeling
+    import opt_torch.attention as attention
 
     def fake_flash(q, k, v, mask, dropout):
-        return modeling._flash_attention_packed(q, k, v, mask, dropout, _naive_flash, _naive_flash_varlen)
+        return attention._flash_attention_packed(q, k, v, mask, dropout, _naive_flash, _naive_flash_varlen)
 
     config = VARIANTS["pre_ln"]
     model, _ = model_and_reference(config, Head.CAUSAL_LM, "sdpa")
     ids, mask = left_padded_batch(config.vocab_size)
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits.numpy()
-        monkeypatch.setattr(modeling, "flash_attention", fake_flash)
+        monkeypatch.setattr(attention, "flash_attention", fake_flash)
         for layer in model.model.decoder.layers:
             layer.self_attn.attn_implementation = "flash_attention_2"
         full = model(input_ids=ids, attention_mask=mask).logits.numpy()
