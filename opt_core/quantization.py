@@ -3,6 +3,9 @@ backend's `from_pretrained`, so a bad value reads the same everywhere)."""
 
 from __future__ import annotations
 
+# SmoothQuant factors (opt_torch w8a8) shipped beside a model's weights: not weights themselves.
+SMOOTHING_FILE = "smoothquant.safetensors"
+
 QUANTIZE_MODES: dict[str, tuple[str, ...]] = {
     "torch": ("int8", "int4", "w8a8"),  # int4: PyTorch's CPU int4 kernel, no XLA counterpart here
     "tf": ("int8", "w8a8"),
