@@ -19,6 +19,8 @@ from opt_core.activations import ACTIVATIONS
 from opt_core.presets import ALIASES, PRESETS
 
 CONFIG_NAME = "config.json"
+# Suffixes of weight files: a path to one given where a model folder belongs gets its own message.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".pt", ".pth", ".ckpt")
 
 # JSON key -> attribute name, where they differ.
 _JSON_TO_ATTR = {"_remove_final_layer_norm": "remove_final_layer_norm"}
@@ -221,6 +223,8 @@ class OPTConfig:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"no OPT config at {path}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -236,11 +240,40 @@ class OPTConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> OPTConfig:
-        """Read a model folder's `config.json`, or a path to a `config.json` file itself."""
+        """Read a model folder's `config.json`, or a path to a `config.json` file itself.
+
+        Raises:
+            ValueError: `path` is a weights file (`model.safetensors`...), not the folder holding it.
+        """
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_NAME
+        elif path.suffix in _WEIGHT_SUFFIXES:
+            raise ValueError(f"{path} is a weights file; from_pretrained takes the model folder that holds it and "
+                             f"config.json ({path.parent})")
         return cls.from_json_file(path)
+
+    @classmethod
+    def from_argument(cls, config: Any, folder: str | os.PathLike[str]) -> OPTConfig:
+        """The `config=` argument of a backend's `from_pretrained`: None reads `folder`'s config.json;
+        an OPTConfig is used as is; a dict (config.json's content) goes through `from_dict`; a path
+        is read with `from_pretrained` (as Hugging Face accepts).
+
+        Raises:
+            TypeError: any other type, named. ValueError: a dict or file with a bad value.
+        """
+        if config is None:
+            return cls.from_pretrained(folder)
+        if isinstance(config, OPTConfig):
+            return config
+        if isinstance(config, dict):
+            try:
+                return cls.from_dict(config)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"config= (a dict): {e}") from None
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_pretrained(config)
+        raise TypeError(f"config= must be an OPTConfig, a dict like config.json or a path, got {type(config).__name__}")
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write `folder/config.json` (created if needed); returns its path."""

@@ -23,3 +23,17 @@ def check_quantize(mode: str | None, backend: str) -> str | None:
     if others:
         raise ValueError(f"quantize={mode!r} is {', '.join(others)} only; opt_{backend} has {list(offered)}")
     raise ValueError(f"quantize={mode!r} is unknown; expected None or one of {list(offered)}")
+
+
+# The model dtypes each backend's quantized models compute in, where that is not every dtype it builds:
+# opt_tf's int8 matmuls produce float32, which a float16/bfloat16 Keras model cannot mix into its
+# BatchMatMul, so the combination is refused before any weight is read.
+QUANTIZE_DTYPES: dict[str, tuple[str, ...]] = {"tf": ("float32",)}
+
+
+def check_quantize_dtype(mode: str | None, backend: str, dtype: str) -> None:
+    """ValueError when `backend` cannot run `quantize=mode` in a model of `dtype` (a dtype name)."""
+    allowed = QUANTIZE_DTYPES.get(backend)
+    if mode is not None and allowed is not None and dtype not in allowed:
+        raise ValueError(f"quantize={mode!r} in opt_{backend} needs dtype {' or '.join(allowed)} (its int8 matmuls "
+                         f"compute in float32), not {dtype}; drop dtype= or quantize=")

@@ -159,7 +159,7 @@ def from_pretrained(
             unreadable files, non-float or non-finite weights, an untied head under a tied config.
     """
     folder = resolve_pretrained(name_or_path, revision)
-    config = config if config is not None else OPTConfig.from_pretrained(folder)
+    config = OPTConfig.from_argument(config, folder)
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if tp_plan is not None or device_mesh is not None:

@@ -176,3 +176,25 @@ def test_dropout_that_is_a_bool_or_nan_is_refused():
         OPTConfig(dropout=float("nan"))
     with pytest.raises(ValueError, match=r"dropout must be a probability"):
         OPTConfig(dropout=True)
+
+
+def test_config_that_is_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"hidden_size": 16, "x": "\xff"}')
+    with pytest.raises(ValueError, match=r"config.json is not UTF-8 text \(invalid start byte at byte 26\)"):
+        OPTConfig.from_pretrained(tmp_path)
+
+
+def test_a_weights_file_given_as_the_config_path_is_named(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match=r"model.safetensors is a weights file; from_pretrained takes the model folder"):
+        OPTConfig.from_pretrained(tmp_path / "model.safetensors")
+
+
+def test_config_argument_accepts_a_dict_and_names_a_wrong_type(tmp_path):
+    cfg = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2)
+    assert OPTConfig.from_argument(cfg.to_dict(), tmp_path) == cfg
+    assert OPTConfig.from_argument(cfg, tmp_path) is cfg
+    with pytest.raises(TypeError, match="config= must be an OPTConfig, a dict like config.json or a path, got list"):
+        OPTConfig.from_argument([1], tmp_path)
+    with pytest.raises(ValueError, match=r"config= \(a dict\): OPTConfig.hidden_size must be positive"):
+        OPTConfig.from_argument({**cfg.to_dict(), "hidden_size": -1}, tmp_path)
