@@ -229,6 +229,8 @@ class OPTConfig:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise ValueError(f"{path} is nested too deeply to be an OPT config") from None
         required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "ffn_dim")
         missing = [k for k in required if not isinstance(data, dict) or k not in data]
         if missing:

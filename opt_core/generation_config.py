@@ -109,6 +109,8 @@ class GenerationConfig:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except RecursionError:
+            raise ValueError(f"{path} is nested too deeply to be a generation config") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
         gen = cls.from_dict(d, config)
@@ -404,24 +406,25 @@ Every keyword left None takes the model's `generation_config.json` value, else H
 beam search, penalties) give Hugging Face's tokens. See docs/generation.md.
 
 Args:
-    input_ids: [batch, prompt] token ids (any integer array; NumPy accepted); left-pad batches.
+    input_ids: [batch, prompt] token ids (any integer array; NumPy accepted); left-pad batches (a row
+        ending in padding gets Hugging Face's right-padding warning).
     attention_mask: [batch, prompt] 0/1 (None: every token is real).
     max_new_tokens: [20] new tokens at most; 0 returns the prompt unchanged. (A file's `max_length`,
         which counts the prompt, is used when it sets no `max_new_tokens`.)
     min_new_tokens: [0] eos is forbidden until this many new tokens exist.
     do_sample: [False] sample instead of greedy / beam search.
-    temperature: [1.0] divides the logits when sampling (> 0).
+    temperature: [1.0] divides the logits when sampling, within [1e-6, 1e6] (float32 stays finite).
     top_k: [50] keep the k most likely tokens when sampling (0: off; an integer >= 0).
     top_p: [1.0] keep the smallest set of most likely tokens with probability >= top_p, in (0, 1].
-    num_beams: [1] beam search when > 1 (not with do_sample); the file's `early_stopping`
+    num_beams: [1] beam search when > 1, at most 256 (not with do_sample); the file's `early_stopping`
         (True, False [default] or "never") applies.
-    length_penalty: [1.0] beam scores are sum(log p) / generated_length ** length_penalty.
-    repetition_penalty: [1.0] > 0; every id already in the row (prompt included) has its logit divided
+    length_penalty: [1.0] beam scores are sum(log p) / generated_length ** length_penalty; within [-10, 10].
+    repetition_penalty: [1.0] within [1e-6, 1e6]; every id already in the row (prompt included) has its logit divided
         (if > 0) or multiplied (if < 0) by it.
     no_repeat_ngram_size: [0] when > 0, no n-gram of this size occurs twice in a row (prompt included).
     eos_token_id: [the model's] an id or a list of ids that end a row; [] never stops. Rows that end
         early are filled with pad_token_id; generation stops when every row has ended.
-    pad_token_id: [the model's, else the first eos id] fills rows that ended.
+    pad_token_id: [the model's, else the first eos id] fills rows that ended; inside the vocabulary.
     seed: an integer in [0, 2**64): sampling draws from opt_core.sampling's counter-based stream, so
         the same seed gives the same tokens in torch, TF, Flax and NumPy. None: fresh randomness.
     streamer: an object with put(ids) and end() (Hugging Face's interface; a plain callable is
