@@ -36,7 +36,8 @@ from opt_cli.registry import register
 from opt_cli.streaming import TextStreamer
 
 
-def encode_prompts(tokenizer: Any, config: Any, prompts: list[str], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_prompts(tokenizer: Any, config: Any, prompts: list[str],
+                   max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, attention_mask) [B, T] of the prompts (`</s>` first), padded on the LEFT as a
     decoder-only model needs (a new token must follow each row's last real token), or a UsageError
     when a prompt is empty or too long."""

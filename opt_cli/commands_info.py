@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from opt_cli.errors import InputError
-from opt_core.quantization import SMOOTHING_FILE
 from opt_cli.paths import MODEL_FOLDER, model_folder
 from opt_cli.registry import register
+from opt_core.quantization import SMOOTHING_FILE
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.h5", "*.msgpack", "*.index.json", "*.pt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit

@@ -128,8 +128,8 @@ def _cut_at(text: str, near: int, final: bool = True) -> int | None:
     for m in _SAFE_CUT.finditer(text, max(near - 4096, 1), near):
         last = m.start()
     if last is None:
-        m = _SAFE_CUT.search(text, near)
-        last = m.start() if m else (near if final else None)
+        after = _SAFE_CUT.search(text, near)
+        last = after.start() if after else (near if final else None)
     return last
 
 

@@ -126,7 +126,8 @@ class GenerationConfig:
         for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
             if getattr(self, name) is not None:
                 _int(name, getattr(self, name), 0)
-        _int("num_beams", self.num_beams, 1, MAX_NUM_BEAMS, " (the limit MAX_NUM_BEAMS: every beam holds a full KV cache)")
+        _int("num_beams", self.num_beams, 1, MAX_NUM_BEAMS,
+             " (the limit MAX_NUM_BEAMS: every beam holds a full KV cache)")
         _int("top_k", self.top_k, 0)
         _int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
         if not isinstance(self.do_sample, bool):

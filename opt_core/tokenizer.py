@@ -61,7 +61,9 @@ def check_vocab(vocab: Any) -> None:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= MAX_TOKEN_ID:
             raise ValueError(f"vocabulary id of {_short(token)} must be an integer in [0, 2**32), got {_short(i)}")
         if i in owner:
-            raise ValueError(f"vocabulary ids must be distinct: {_short(owner[i])} and {_short(token)} both have id {i}")
+            raise ValueError(
+                f"vocabulary ids must be distinct: {_short(owner[i])} and {_short(token)} both have id {i}"
+            )
         owner[i] = token
 
 

@@ -23,10 +23,10 @@ import numpy as np
 from opt_core import CheckpointError, GenerationConfig, OPTConfig
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointLoad, open_checkpoint, save_checkpoint
 from opt_core.formats import dtype_name, resolve_dtype
-from opt_core.quantization import check_quantize_dtype
 from opt_core.hub import resolve_pretrained
 from opt_core.layout import from_layout, to_layout
 from opt_core.params import parameter_table
+from opt_core.quantization import check_quantize_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -207,7 +207,8 @@ def check_smoothing(
     missing = [g for g in groups if g not in factors]
     if unexpected or missing:
         names = (f"unexpected tensor {_short(unexpected[0])}" if unexpected else f"no tensor {missing[0]}")
-        raise ValueError(f"{where} do not fit this model: {names} ({len(unexpected)} unexpected, {len(missing)} missing)")
+        raise ValueError(f"{where} do not fit this model: {names} "
+                         f"({len(unexpected)} unexpected, {len(missing)} missing)")
     lo, hi = SMOOTHING_RANGE
     for group in groups:
         # from the config: after a layer-by-layer quantizing load the float Linears are gone

@@ -25,7 +25,8 @@ def test_config_as_a_dict_or_a_wrong_type(backend):
     assert model.config == config
     with pytest.raises(TypeError, match="config= must be an OPTConfig, a dict like config.json or a path, got int"):
         cls.from_pretrained(FOLDER, config=42)
-    with pytest.raises(ValueError, match=r"config= \(a dict\): OPTConfig.init_std must be a number in \[0, 10\], got inf"):
+    with pytest.raises(ValueError,
+                       match=r"config= \(a dict\): OPTConfig.init_std must be a number in \[0, 10\], got inf"):
         cls.from_pretrained(FOLDER, config={**config.to_dict(), "init_std": float("inf")})
 
 

@@ -186,7 +186,7 @@ def test_config_that_is_not_utf8_names_the_file(tmp_path):
 
 def test_a_weights_file_given_as_the_config_path_is_named(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(ValueError, match=r"model.safetensors is a weights file; from_pretrained takes the model folder"):
+    with pytest.raises(ValueError, match=r"model.safetensors is a weights file; from_pretrained takes the model"):
         OPTConfig.from_pretrained(tmp_path / "model.safetensors")
 
 
