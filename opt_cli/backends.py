@@ -49,6 +49,7 @@ class Adapter:
     extra: str = ""  # pip extra that installs it
     compiles: bool = True  # the first generate call traces / compiles (XLA, tf.function)
     distributed: bool = False  # runs under torchrun: --fsdp training, --tp-plan loading
+    calibrates: bool = False  # w8a8 takes SmoothQuant factors calibrated on a text (--calibration)
 
     # ------------------------------------------------------------ modules
     def prepare(self) -> None:
@@ -86,6 +87,11 @@ class Adapter:
         if options.get("tp_plan") and not self.distributed:
             raise UsageError(f"--tp-plan needs a backend that runs under torchrun ({', '.join(distributed())}), "
                              f"not {self.name}")
+        if options.get("calibration") is not None and not self.calibrates:
+            have = [a.name for a in ADAPTERS.values() if a.calibrates]
+            raise UsageError(f"--calibration (SmoothQuant factors) is {', '.join(have)} only: the {self.name} "
+                             "backend's w8a8 quantizes activations per token without smoothing; drop --calibration "
+                             "or use --backend " + have[0])
         return self.model_class(head).from_pretrained(folder, **options)
 
     def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM) -> Any:
@@ -135,6 +141,7 @@ class TorchAdapter(Adapter):
     name, package, framework, extra = "torch", "opt_torch", "torch", "torch"
     compiles = False  # eager
     distributed = True
+    calibrates = True
 
     def load(self, folder: Path, head: Head = Head.CAUSAL_LM, **options: Any) -> Any:
         return super().load(folder, head, **options).eval()

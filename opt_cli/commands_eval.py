@@ -90,10 +90,10 @@ def _eval_ppl(p: argparse.ArgumentParser):
 
     def run(args: argparse.Namespace) -> int:
         from opt_core import OPTConfig, OPTTokenizer
-        from opt_core.data import read_text
+        from opt_core.data import tokenize_file
 
         backend = adapter(args.backend)
-        text = read_text(input_file(args.text, "--text"))
+        text_path = input_file(args.text, "--text")
         folder = model_folder(args.model)
         config = OPTConfig.from_pretrained(folder)
         tokenizer = OPTTokenizer.from_pretrained(tokenizer_folder(folder, what="--model"))
@@ -103,9 +103,10 @@ def _eval_ppl(p: argparse.ArgumentParser):
             print(f"note: --window {window} is longer than the model's context; using {context}", file=sys.stderr)
             window = context
         stride = window if args.stride is None else args.stride
-        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-        if args.max_tokens is not None:
-            ids = ids[: args.max_tokens]
+        # read and tokenized piece by piece, only as far as --max-tokens needs; `</s>` first, as encode() does
+        first = [tokenizer.bos_token_id] if tokenizer.add_bos_token else []
+        budget = None if args.max_tokens is None else args.max_tokens - len(first)
+        ids = np.concatenate([np.asarray(first, dtype=np.int64), tokenize_file(text_path, tokenizer, budget, "--text")])
         windows(len(ids), window, stride)  # argument errors before loading the model
         backend.module()
         if args.threads:

@@ -29,17 +29,22 @@ from opt_cli.options import (
     generation_kwargs,
     load_options,
     print_on_first_rank_only,
+    require_distributed_launch,
 )
 from opt_cli.paths import model_folder, tokenizer_folder
 from opt_cli.registry import register
 from opt_cli.streaming import TextStreamer
 
 
-def encode_prompt(tokenizer: Any, config: Any, prompt: str, max_new_tokens: int) -> np.ndarray:
-    """[1, T] ids of the prompt (`</s>` first), or a UsageError when it is empty or too long."""
-    if not prompt or not prompt.strip():
+def encode_prompts(tokenizer: Any, config: Any, prompts: list[str],
+                   max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention_mask) [B, T] of the prompts (`</s>` first), padded on the LEFT as a
+    decoder-only model needs (a new token must follow each row's last real token), or a UsageError
+    when a prompt is empty or too long."""
+    if not prompts or any(not p or not p.strip() for p in prompts):
         raise UsageError("the prompt is empty; pass some text with --prompt")
-    ids = np.asarray([tokenizer.encode(prompt)], dtype=np.int64)
+    enc = tokenizer(prompts, padding=True, padding_side="left")
+    ids, mask = np.asarray(enc["input_ids"], dtype=np.int64), np.asarray(enc["attention_mask"], dtype=np.int64)
     limit = config.max_position_embeddings
     if ids.shape[1] >= limit:
         raise UsageError(
@@ -56,7 +61,12 @@ def encode_prompt(tokenizer: Any, config: Any, prompt: str, max_new_tokens: int)
             f"the tokenizer produced id {int(ids.max())}, outside the model's vocabulary ({config.vocab_size}); "
             "the tokenizer files do not belong to this model"
         )
-    return ids
+    return ids, mask
+
+
+def encode_prompt(tokenizer: Any, config: Any, prompt: str, max_new_tokens: int) -> np.ndarray:
+    """[1, T] ids of one prompt (`</s>` first), or a UsageError when it is empty or too long."""
+    return encode_prompts(tokenizer, config, [prompt], max_new_tokens)[0]
 
 
 def load_model_and_tokenizer(model_arg: str) -> tuple[Any, Any, Any]:
@@ -70,15 +80,16 @@ def load_model_and_tokenizer(model_arg: str) -> tuple[Any, Any, Any]:
 
 
 def generate_streaming(backend: Any, model: Any, ids: np.ndarray, streamer: TextStreamer,
-                       **kwargs: Any) -> tuple[np.ndarray, bool]:
+                       mask: np.ndarray | None = None, **kwargs: Any) -> tuple[np.ndarray, bool]:
     """Generate through the contract's `streamer=`; (tokens, streamed). A backend whose `generate`
     does not take a streamer yet runs without one (streamed False)."""
+    mask = np.ones_like(ids) if mask is None else mask
     try:
-        out = backend.generate(model, ids, np.ones_like(ids), streamer=streamer, **kwargs)
+        out = backend.generate(model, ids, mask, streamer=streamer, **kwargs)
     except TypeError as e:
         if "streamer" not in str(e):
             raise
-        return backend.generate(model, ids, np.ones_like(ids), **kwargs), False
+        return backend.generate(model, ids, mask, **kwargs), False
     streamer.end()
     return out, streamer.streamed
 
@@ -100,11 +111,12 @@ def _generate(p: argparse.ArgumentParser):
         if not args.prompt or not args.prompt.strip():
             raise UsageError("the prompt is empty; pass some text with --prompt")
         folder, config, tokenizer = load_model_and_tokenizer(args.model)
-        ids = encode_prompt(tokenizer, config, args.prompt, args.max_new_tokens)
+        ids, mask = encode_prompts(tokenizer, config, [args.prompt], args.max_new_tokens)
         backend.module()
         if args.threads:
             backend.set_threads(args.threads)
         if args.tp_plan:
+            require_distributed_launch("--tp-plan")
             print_on_first_rank_only()
         model = backend.load(folder, **load_options(args))
         kwargs = generation_kwargs(args)
@@ -114,9 +126,9 @@ def _generate(p: argparse.ArgumentParser):
         streamer = TextStreamer(tokenizer, config.eos_token_id, out=sys.stdout) if args.stream else None
         t0 = time.perf_counter()
         if streamer is not None:
-            out, streamed = generate_streaming(backend, model, ids, streamer, **kwargs)
+            out, streamed = generate_streaming(backend, model, ids, streamer, mask, **kwargs)
         else:
-            out, streamed = backend.generate(model, ids, np.ones_like(ids), **kwargs), False
+            out, streamed = backend.generate(model, ids, mask, **kwargs), False
         total = time.perf_counter() - t0
         new = out[0, ids.shape[1] :]
         if not streamed:
@@ -129,7 +141,7 @@ def _generate(p: argparse.ArgumentParser):
             rate, how = streamer.decode_rate(), "after the first token: excludes prefill and compilation"
         elif backend.compiles:  # the call above compiled; time the compiled program
             t0 = time.perf_counter()
-            backend.generate(model, ids, np.ones_like(ids), **kwargs)
+            backend.generate(model, ids, mask, **kwargs)
             rate, how = (n, n / max(time.perf_counter() - t0, 1e-9)), "second call: excludes compilation"
         else:
             rate, how = (n, n / max(total, 1e-9)), f"{backend.name} runs eagerly: no compilation to exclude"

@@ -21,6 +21,7 @@ from typing import Any
 from opt_cli.errors import InputError
 from opt_cli.paths import MODEL_FOLDER, model_folder
 from opt_cli.registry import register
+from opt_core.quantization import SMOOTHING_FILE
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.h5", "*.msgpack", "*.index.json", "*.pt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -81,6 +82,8 @@ def safetensors_dtypes(folder: Path) -> dict[str, int]:
 
     for path in sorted(folder.glob("*.safetensors")):
         check_inside(path, folder, InputError, "weight file")  # as every loader: no link out of the folder
+        if path.name == SMOOTHING_FILE:  # SmoothQuant factors, shown on their own (`smoothing`)
+            continue
         for key, entry in safetensors_header(path).items():
             if key != "__metadata__":
                 counts[entry["dtype"]] += 1
@@ -114,9 +117,22 @@ def describe(folder: Path) -> dict[str, Any]:
         "stored_dtypes": safetensors_dtypes(folder),
         "config_dtype": config.torch_dtype,
         "tokenizer": [f for f in ("vocab.json", "merges.txt", "tokenizer_config.json") if (folder / f).is_file()],
+        "smoothing": _smoothing(folder),
         "size_bytes": sum(p.stat().st_size for p in files),
         "files": sorted(str(p.relative_to(folder)) for p in files),
     }
+
+
+def _smoothing(folder: Path) -> dict[str, Any] | None:
+    """The SmoothQuant factor file beside the weights (header only), or None."""
+    path = folder / SMOOTHING_FILE
+    if not path.exists():
+        return None
+    _regular(path)
+    header = safetensors_header(path)
+    meta = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
+    return {"file": SMOOTHING_FILE, "groups": sum(1 for k in header if k != "__metadata__"),
+            "bound_to_weights": "weights_sha256" in meta, "size_bytes": path.stat().st_size}
 
 
 def _human(n: float) -> str:
@@ -156,6 +172,11 @@ def _info(p: argparse.ArgumentParser):
             if info["stored_dtypes"] else ("dtype", f"{info['config_dtype'] or 'unknown'} (config)"),
             ("config torch_dtype", str(info["config_dtype"])),
             ("tokenizer", ", ".join(info["tokenizer"]) or "missing"),
+            ("smoothing", "none" if info["smoothing"] is None else
+             f"{SMOOTHING_FILE}: SmoothQuant factors for w8a8, {info['smoothing']['groups']} groups "
+             f"({_human(info['smoothing']['size_bytes'])}; not weights"
+             + ("" if info["smoothing"]["bound_to_weights"] else "; not bound to these weights: refused on load")
+             + ")"),
             ("size on disk", f"{_human(info['size_bytes'])} in {len(info['files'])} files"),
         ]
         width = max(len(k) for k, _ in rows)

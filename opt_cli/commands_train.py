@@ -28,6 +28,7 @@ from opt_cli.options import (
     is_first_rank,
     positive_int,
     print_on_first_rank_only,
+    require_distributed_launch,
 )
 from opt_cli.paths import clear_owned, input_file, model_folder, output_folder, tokenizer_folder
 from opt_cli.registry import register
@@ -104,6 +105,7 @@ def _train(p: argparse.ArgumentParser):
             if not backend.distributed:
                 raise UsageError(f"--fsdp needs a backend that trains under torchrun ({', '.join(distributed())}), "
                                  f"not {backend.name}")
+            require_distributed_launch("--fsdp")
             print_on_first_rank_only()
         corpus = input_file(args.corpus, "--corpus")
         read_text(corpus)  # clear errors for an empty or non-UTF-8 corpus before any heavy import

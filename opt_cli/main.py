@@ -2,7 +2,8 @@
 `opt_cli.registry.COMMAND_MODULES`) and import their backend lazily, so `opt --help` is instant and a
 missing backend is a clear message, not a traceback.
 
-Exit codes: 0 success, 1 the work failed or an input was unusable, 2 a bad argument, 130 Ctrl-C.
+Exit codes: 0 success, 1 the work failed or an input was unusable, 2 a bad argument, 130 Ctrl-C,
+141 the reader of the output went away (`opt generate ... | head -1`: quietly, like any Unix tool).
 Every failure is one line on stderr, `opt CMD: ...`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nopt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _output_closed()
     except (UsageError, InputError) as e:
         print(f"opt {args.command}: {e}", file=sys.stderr)
         return e.exit_code
@@ -59,13 +63,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+EXIT_OUTPUT_CLOSED = 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
+
+
+def _output_closed() -> int:
+    """The reader of stdout went away (`| head -1`): nothing to report to anyone. Point stdout at
+    /dev/null so the interpreter's last flush does not raise (and print) the same error again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout already closed or replaced by something without a descriptor
+        pass
+    return EXIT_OUTPUT_CLOSED
+
+
 def entry_point() -> None:
     """The `opt` console script: `main`, then exit with its code (Ctrl-C during start-up included)."""
     try:
         code = main()
+        sys.stdout.flush()  # here, where a closed pipe is handled, not in the interpreter's shutdown
     except KeyboardInterrupt:
         print("\nopt: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        code = _output_closed()
     sys.exit(code)
 
 

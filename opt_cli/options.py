@@ -72,9 +72,34 @@ def add_backends_argument(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, any of: {', '.join(BACKENDS)}")
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def threads_type(text: str) -> int:
+    """argparse `type=` of --threads: 1 .. the usable CPUs (more threads than CPUs only slow a
+    framework down, and asking TensorFlow or torch for 100,000 makes them try to start them)."""
+    return int_in(1, usable_cpus(), "an integer (threads, at most the CPUs this process may use)")(text)
+
+
+threads_type.__name__ = "integer"
+
+
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads to compute with (default: the framework's own choice)")
+    p.add_argument("--threads", type=threads_type, default=None, metavar="N",
+                   help="CPU threads to compute with, at most the CPUs this process may use "
+                        "(default: the framework's own choice)")
+
+
+def require_distributed_launch(flag: str) -> None:
+    """A UsageError unless this process was started by torchrun (which sets WORLD_SIZE), before any
+    work: --fsdp and --tp-plan shard over the processes of such a launch."""
+    if "WORLD_SIZE" not in os.environ:
+        raise UsageError(f"{flag} shards over the processes of a torchrun launch; run "
+                         f"`torchrun --nproc-per-node N -m opt_cli.main ... {flag}` (WORLD_SIZE is not set)")
 
 
 def add_load_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,7 +109,8 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
                    help="int8: int8 weights; int4: 4-bit weight groups (torch only); "
                         "w8a8: int8 weights and activations (inference)")
     p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="with --quantize w8a8: text to calibrate SmoothQuant factors on (stored beside the model)")
+                   help="torch with --quantize w8a8: text to calibrate SmoothQuant factors on (its first 2,048 "
+                        "tokens; the factors are cached in $OPT_CACHE, default ~/.cache/opt-reference)")
     p.add_argument("--tp-plan", choices=("auto",), default=None,
                    help="torch under torchrun: shard the model over the ranks (tensor parallelism)")
 
@@ -93,6 +119,15 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for `Adapter.load` from the options `add_load_arguments` declared."""
     if getattr(args, "calibration", None) and getattr(args, "quantize", None) != "w8a8":
         raise UsageError("--calibration needs --quantize w8a8")
+    if getattr(args, "calibration", None):
+        from opt_core.data import check_text_file
+
+        try:  # by type, before the model loads: a folder, FIFO or device is named as such
+            check_text_file(args.calibration, "--calibration")
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e)) from None
+    if getattr(args, "tp_plan", None):
+        require_distributed_launch("--tp-plan")
     names = ("dtype", "quantize", "calibration", "tp_plan")
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 

@@ -157,6 +157,10 @@ def output_folder(arg: str | os.PathLike[str], overwrite: bool, owned: Iterable[
     folder = Path(arg)
     if str(arg) == BUNDLED:
         raise UsageError(f"{what}: refusing to write into the bundled model; choose another folder")
+    if folder.name in ("", ".", ".."):  # ".", "..", "a/..": the folder they name, so siblings can be named
+        folder = Path(os.path.abspath(folder))
+        if not folder.name:
+            raise UsageError(f"{what}: {arg} is the root folder; choose a new or empty folder")
     kind = _kind(folder)
     if kind == "missing":
         return folder

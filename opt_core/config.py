@@ -20,10 +20,15 @@ from opt_core.presets import ALIASES, PRESETS
 from opt_core.safe_files import MAX_CONFIG_BYTES, read_json
 
 CONFIG_NAME = "config.json"
+# Suffixes of weight files: a path to one given where a model folder belongs gets its own message.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".pt", ".pth", ".ckpt")
 
 # JSON key -> attribute name, where they differ.
 _JSON_TO_ATTR = {"_remove_final_layer_norm": "remove_final_layer_norm"}
 _ATTR_TO_JSON = {v: k for k, v in _JSON_TO_ATTR.items()}
+# A normal init with std 10 already makes a layer's logits thousands wide; far beyond it float32
+# products overflow. Real checkpoints use 0.02.
+MAX_INIT_STD = 10.0
 _PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 # Upper limits on the sizes a config may declare. They sit far above every released OPT (175b: 96
@@ -43,6 +48,12 @@ SIZE_LIMITS: dict[str, int] = {
 # The total the sizes imply (about 11 x 175b): the product of fields that are each within limits
 # can still be absurd.
 MAX_PARAMETERS = 2 * 10**12
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages: a value read from a file may be a huge string or a deep list."""
+    text = repr(value) if isinstance(value, (bool, int, float, str, type(None))) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -151,21 +162,24 @@ class OPTConfig:
             )
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(
-                f"OPTConfig.activation_function {self.activation_function!r} is unknown; "
+                f"OPTConfig.activation_function {_short(self.activation_function)} is unknown; "
                 f"expected one of {sorted(ACTIVATIONS)}"
             )
         for name in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"OPTConfig.{name} must be a probability in [0, 1], got {value!r}")
-        if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
-            raise ValueError(f"OPTConfig.init_std must be >= 0, got {self.init_std!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"OPTConfig.{name} must be a probability in [0, 1], got {_short(value)}")
+        # NaN passes every comparison, and Infinity (which Python's json reads) draws infinite weights:
+        # a fresh head then gives NaN logits. MAX_INIT_STD keeps drawn weights and their products finite.
+        init_std = self.init_std
+        if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not 0 <= init_std <= MAX_INIT_STD:
+            raise ValueError(f"OPTConfig.init_std must be a number in [0, {MAX_INIT_STD:g}], got {_short(init_std)}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"OPTConfig.{name} must be an integer or null, got {value!r}")
+                raise ValueError(f"OPTConfig.{name} must be an integer or null, got {_short(value)}")
             if not 0 <= value < self.vocab_size:
                 raise ValueError(
                     f"OPTConfig.{name} = {value} is outside the vocabulary [0, {self.vocab_size})"
@@ -179,10 +193,10 @@ class OPTConfig:
             "tie_word_embeddings",
         ):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"OPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"OPTConfig.{name} must be true or false, got {_short(getattr(self, name))}")
         if self.problem_type not in _PROBLEM_TYPES:
             raise ValueError(
-                f"OPTConfig.problem_type {self.problem_type!r} is unknown; expected one of "
+                f"OPTConfig.problem_type {_short(self.problem_type)} is unknown; expected one of "
                 f"{list(_PROBLEM_TYPES)}"
             )
 
@@ -198,7 +212,7 @@ class OPTConfig:
             raise ValueError(f"an OPT config must be a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type", "opt")
         if model_type != "opt":
-            raise ValueError(f"config has model_type {model_type!r}; this library reads 'opt' models")
+            raise ValueError(f"config has model_type {_short(model_type)}; this library reads 'opt' models")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -266,11 +280,40 @@ class OPTConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> OPTConfig:
-        """Read a model folder's `config.json`, or a path to a `config.json` file itself."""
+        """Read a model folder's `config.json`, or a path to a `config.json` file itself.
+
+        Raises:
+            ValueError: `path` is a weights file (`model.safetensors`...), not the folder holding it.
+        """
         path = Path(path)
         if path.is_dir():
             path = path / CONFIG_NAME
+        elif path.suffix in _WEIGHT_SUFFIXES:
+            raise ValueError(f"{path} is a weights file; from_pretrained takes the model folder that holds it and "
+                             f"config.json ({path.parent})")
         return cls.from_json_file(path)
+
+    @classmethod
+    def from_argument(cls, config: Any, folder: str | os.PathLike[str]) -> OPTConfig:
+        """The `config=` argument of a backend's `from_pretrained`: None reads `folder`'s config.json;
+        an OPTConfig is used as is; a dict (config.json's content) goes through `from_dict`; a path
+        is read with `from_pretrained` (as Hugging Face accepts).
+
+        Raises:
+            TypeError: any other type, named. ValueError: a dict or file with a bad value.
+        """
+        if config is None:
+            return cls.from_pretrained(folder)
+        if isinstance(config, OPTConfig):
+            return config
+        if isinstance(config, dict):
+            try:
+                return cls.from_dict(config)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"config= (a dict): {e}") from None
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_pretrained(config)
+        raise TypeError(f"config= must be an OPTConfig, a dict like config.json or a path, got {type(config).__name__}")
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         """Write `folder/config.json` (created if needed); returns its path."""

@@ -15,7 +15,10 @@ same seed see the same batches in the same order.
 
 from __future__ import annotations
 
+import codecs
 import os
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,23 +32,139 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 
 
 # ---------------------------------------------------------------- text
-def read_text(path: str | os.PathLike[str]) -> str:
-    """The UTF-8 text of a file.
+# Texts are read and tokenized in pieces of about this many characters, so a text of any size costs
+# memory for its token ids only (the tokenizers library keeps ~100 bytes per token of a whole encoding).
+TEXT_PIECE_CHARS = 1 << 20
+_READ_BYTES = 1 << 20
+# A piece ends before one space or line break that sits between two non-space characters: GPT-2's
+# pre-tokenizer splits there anyway (the space starts the next word; a lone line break is a word of
+# its own), so tokenizing piece by piece gives exactly the tokens of the whole text.
+_SAFE_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
+
+
+def check_text_file(path: str | os.PathLike[str], what: str = "text file") -> Path:
+    """`path` if it is a regular file; looked at with `stat` only, never opened (a FIFO would block
+    and a device never end).
+
+    Raises:
+        FileNotFoundError: nothing is there.
+        IsADirectoryError: a folder.
+        ValueError: a FIFO, a device or a socket.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except NotADirectoryError:
+        raise FileNotFoundError(f"{what} {path} does not exist (a part of the path is a file)") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{what} {path} is a folder, not a text file")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise ValueError(f"{what} {path} is {kind}, not a text file")
+    return path
+
+
+def iter_text(path: str | os.PathLike[str], what: str = "text file") -> Iterator[str]:
+    """The UTF-8 text of a file in consecutive pieces of about `TEXT_PIECE_CHARS` characters, each
+    cut where tokenizing piece by piece gives the tokens of the whole (see `_SAFE_CUT`).
+
+    Raises (on the first piece that shows it):
+        FileNotFoundError / IsADirectoryError / ValueError: see `check_text_file`.
+        ValueError: the file is not UTF-8, holds a NUL byte (a binary file), or is empty or blank.
+    """
+    path = check_text_file(path, what)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, buffer, blank = 0, "", True
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(_READ_BYTES)
+            nul = raw.find(b"\0")
+            if nul != -1:
+                raise ValueError(f"{what} {path} holds a NUL byte at offset {offset + nul}: a binary file, not text")
+            pending = len(decoder.getstate()[0])  # bytes of a character split by the previous read
+            try:
+                buffer += decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start
+                raise ValueError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {at})") from None
+            offset += len(raw)
+            while len(buffer) > TEXT_PIECE_CHARS:
+                # wait for more text when no safe cut is in sight yet, up to a hard ceiling
+                cut = _cut_at(buffer, TEXT_PIECE_CHARS, final=not raw or len(buffer) > 16 * TEXT_PIECE_CHARS)
+                if cut is None:
+                    break
+                blank = blank and not buffer[:cut].strip()
+                yield buffer[:cut]
+                buffer = buffer[cut:]
+            if not raw:
+                break
+    if blank and not buffer.strip():
+        raise ValueError(f"{what} {path} is empty" if offset == 0 else f"{what} {path} holds only white space")
+    if buffer:
+        yield buffer
+
+
+def text_pieces(text: str, piece_chars: int | None = None) -> Iterator[str]:
+    """`text` in consecutive pieces of about `piece_chars` (default `TEXT_PIECE_CHARS`) characters,
+    cut as `iter_text` cuts."""
+    piece_chars = piece_chars or TEXT_PIECE_CHARS
+    while len(text) > piece_chars:
+        cut = _cut_at(text, piece_chars)
+        assert cut is not None
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
+def _cut_at(text: str, near: int, final: bool = True) -> int | None:
+    """The last safe cut in `text[:near]`, else the first after it. With none: `near` when `final`
+    (a text without a space between words for a whole piece may then tokenize differently at that
+    one boundary), None when more text may still bring one."""
+    last = None
+    for m in _SAFE_CUT.finditer(text, max(near - 4096, 1), near):
+        last = m.start()
+    if last is None:
+        after = _SAFE_CUT.search(text, near)
+        last = after.start() if after else (near if final else None)
+    return last
+
+
+def read_text(path: str | os.PathLike[str], what: str = "text file") -> str:
+    """The UTF-8 text of a regular file.
 
     Raises:
         FileNotFoundError: the file does not exist (the message names it).
-        ValueError: the file is empty or not UTF-8.
+        IsADirectoryError: it is a folder.
+        ValueError: a FIFO or device; the file is empty, blank, binary (a NUL byte) or not UTF-8.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise ValueError(f"text file {path} is empty")
-    return text
+    return "".join(iter_text(path, what))
+
+
+def tokenize_file(
+    path: str | os.PathLike[str], tokenizer: OPTTokenizer, max_tokens: int | None = None, what: str = "text file"
+) -> np.ndarray:
+    """Token ids of a text file, without the leading `</s>`: int64 [n_tokens], read and tokenized
+    piece by piece and only until `max_tokens` ids exist (None: the whole file).
+
+    Raises: as `iter_text`.
+    """
+    return _tokenize_pieces(iter_text(path, what), tokenizer, max_tokens)
+
+
+def _tokenize_pieces(pieces: Iterator[str], tokenizer: OPTTokenizer, max_tokens: int | None) -> np.ndarray:
+    parts, count = [], 0
+    for piece in pieces:
+        ids = np.asarray(tokenizer.encode(piece, add_special_tokens=False), dtype=np.int64)
+        parts.append(ids)
+        count += len(ids)
+        if max_tokens is not None and count >= max_tokens:
+            break
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return ids if max_tokens is None else ids[:max_tokens]
 
 
 def split_text(text: str, validation_fraction: float = 0.1) -> tuple[str, str]:
@@ -107,9 +226,10 @@ def _chunks(text: str, lines_per_chunk: int = 64) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------- blocks
-def tokenize_text(text: str, tokenizer: OPTTokenizer) -> np.ndarray:
-    """Token ids of a whole text, without the leading `</s>`: int64 [n_tokens]."""
-    return np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+def tokenize_text(text: str, tokenizer: OPTTokenizer, max_tokens: int | None = None) -> np.ndarray:
+    """Token ids of a text, without the leading `</s>`: int64 [n_tokens], tokenized piece by piece
+    (the same ids as the whole at once) and only until `max_tokens` ids exist (None: all)."""
+    return _tokenize_pieces(text_pieces(text), tokenizer, max_tokens)
 
 
 def pack_blocks(ids: np.ndarray, block_size: int, bos_token_id: int | None = 2) -> np.ndarray:

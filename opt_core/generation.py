@@ -127,7 +127,7 @@ def reference_generate(
     part of the reference (its tokens are checked against Hugging Face directly)."""
     ids = np.asarray(input_ids).astype(np.int64)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).astype(np.int64)
-    validate_inputs(ids, mask, model.config)
+    validate_inputs(ids, mask, model.config, generating=True)
     opts = resolve_generation_options(model.config, generation_config, prompt_length=ids.shape[1], **kwargs)
     if opts.num_beams > 1:
         raise NotImplementedError("the NumPy reference has no beam search")

@@ -33,6 +33,18 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 # max_new_tokens (see DEFAULT_MAX_NEW_TOKENS).
 DEFAULT_MAX_NEW_TOKENS = 20  # HF's fallback is max_length=20 *including* the prompt; ours counts new tokens
 
+# Limits that keep one `generate` call within memory and float32 arithmetic finite.
+# Each beam is a full row of the KV cache: 10**6 beams of opt-125m ask for gigabytes before the first
+# token, while beam search stops gaining long before 256 beams.
+MAX_NUM_BEAMS = 256
+# Logits are divided by the temperature and multiplied or divided by the repetition penalty in float32
+# (largest finite value 3.4e38): with factors within [1e-6, 1e6] a logit up to 3e32 in magnitude stays
+# finite, while temperature=1e-40 (a float32 subnormal) turns an ordinary logit of 10 into inf.
+MIN_SCALE, MAX_SCALE = 1e-6, 1e6
+# Beam scores are sum(log p) / length ** length_penalty: |length_penalty| <= 10 keeps 2048 ** 10 (1.3e33)
+# and the scores it multiplies finite in float32.
+MAX_ABS_LENGTH_PENALTY = 10.0
+
 
 @dataclass
 class GenerationConfig:
@@ -94,7 +106,40 @@ class GenerationConfig:
         from opt_core.safe_files import MAX_CONFIG_BYTES, read_json
 
         d = read_json(path, what="generation config", max_bytes=MAX_CONFIG_BYTES, expect=dict)
-        return cls.from_dict(d, config)
+        gen = cls.from_dict(d, config)
+        try:
+            gen.check()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return gen
+
+    def check(self) -> None:
+        """Raise `ValueError` naming the first field whose type or range no `generate` call accepts
+        (so a bad file is refused when it is read, naming the field, not mid-generation)."""
+        for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), 0)
+        _int("num_beams", self.num_beams, 1, MAX_NUM_BEAMS,
+             " (the limit MAX_NUM_BEAMS: every beam holds a full KV cache)")
+        _int("top_k", self.top_k, 0)
+        _int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be true or false, got {_short(self.do_sample)}")
+        _float("temperature", self.temperature, 0.0, MAX_SCALE, _FLOAT32_WHY)
+        if self.do_sample:
+            _float("temperature", self.temperature, MIN_SCALE, MAX_SCALE, _FLOAT32_WHY + " when sampling")
+        if not 0.0 < _float("top_p", self.top_p) <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _float("repetition_penalty", self.repetition_penalty, MIN_SCALE, MAX_SCALE, _FLOAT32_WHY)
+        _float("length_penalty", self.length_penalty, -MAX_ABS_LENGTH_PENALTY, MAX_ABS_LENGTH_PENALTY,
+               " (so float32 beam scores stay finite)")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be true, false or \"never\", got {_short(self.early_stopping)}")
+        for name in ("pad_token_id", "bos_token_id"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), 0)
+        if self.eos_token_id is not None:
+            _eos_ids(self.eos_token_id)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that differ from Hugging Face's defaults, plus the special tokens and `extra`."""
@@ -140,21 +185,36 @@ class GenerationOptions:
     streamer: Any = None
 
 
-def _int(name: str, value: Any, least: int) -> int:
+def _short(value: Any) -> str:
+    """A bounded repr for error messages (a value from a file can be arbitrarily large)."""
+    text = repr(value) if isinstance(value, (bool, int, float, str, type(None))) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int(name: str, value: Any, least: int, most: int | None = None, limit: str = "") -> int:
+    span = f">= {least}" if most is None else f"in [{least}, {most}]"
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    if value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value}")
+        raise ValueError(f"{name} must be an integer {span}, got {_short(value)}")
+    if value < least or (most is not None and value > most):
+        raise ValueError(f"{name} must be an integer {span}{limit}, got {_short(int(value))}")
     return int(value)
 
 
-def _float(name: str, value: Any) -> float:
+def _float(name: str, value: Any, lo: float | None = None, hi: float | None = None, why: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
+        raise ValueError(f"{name} must be a number, got {_short(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # a Python int beyond float's range
+        raise ValueError(f"{name} must be a finite number, got an integer of {int(value).bit_length()} bits") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo:g}, {hi:g}]{why}, got {value:g}")
     return value
+
+
+_FLOAT32_WHY = " (so float32 logits stay finite)"
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -162,7 +222,7 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     out = []
     for e in items:
         if isinstance(e, bool) or not isinstance(e, (int, np.integer)):
-            raise ValueError(f"eos_token_id must be a token id or a list of them, got {value!r}")
+            raise ValueError(f"eos_token_id must be a token id or a list of them, got {_short(value)}")
         if e < 0:
             raise ValueError(
                 f"eos_token_id {int(e)} is not a token id (ids are >= 0); pass eos_token_id=[] to "
@@ -218,66 +278,92 @@ def resolve_generation_options(
     """
     gen = generation_config if generation_config is not None else GenerationConfig.from_model_config(config)
     prompt_length = _int("prompt length", prompt_length, 1)
+    given = {
+        "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "do_sample": do_sample,
+        "temperature": temperature, "top_k": top_k, "top_p": top_p, "num_beams": num_beams,
+        "length_penalty": length_penalty, "repetition_penalty": repetition_penalty,
+        "no_repeat_ngram_size": no_repeat_ngram_size, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+    }
 
     def pick(value: Any, name: str) -> Any:
         return value if value is not None else getattr(gen, name)
+
+    def label(name: str) -> str:
+        """The option's name, and where its value came from when the call did not give it."""
+        return name if given.get(name) is not None else f"{name} (from the generation config)"
 
     if max_new_tokens is None:
         if gen.max_new_tokens is not None:
             max_new_tokens = gen.max_new_tokens
         elif gen.max_length is not None:
-            max_new_tokens = max(int(gen.max_length) - prompt_length, 0)
+            max_length = _int("max_length (from the generation config)", gen.max_length, 0)
+            max_new_tokens = max(max_length - prompt_length, 0)
         else:
             max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    max_new_tokens = _int("max_new_tokens", max_new_tokens, 0)
+    max_new_tokens = _int(label("max_new_tokens"), max_new_tokens, 0)
     total = prompt_length + max_new_tokens
     if total > config.max_position_embeddings:
         raise ValueError(
-            f"prompt of {prompt_length} tokens + max_new_tokens {max_new_tokens} = {total} exceeds "
-            f"max_position_embeddings ({config.max_position_embeddings}); shorten the prompt or generate fewer tokens"
+            f"prompt of {prompt_length} tokens + {label('max_new_tokens')} {max_new_tokens} = {total} exceeds "
+            f"max_position_embeddings ({config.max_position_embeddings}), the length limit; shorten the prompt or "
+            "generate fewer tokens"
         )
     if min_new_tokens is None:
         if gen.min_new_tokens is not None:
             min_new_tokens = gen.min_new_tokens
         else:
-            min_new_tokens = max(int(gen.min_length or 0) - prompt_length, 0)
-    min_new_tokens = _int("min_new_tokens", min_new_tokens, 0)
+            min_length = _int("min_length (from the generation config)", gen.min_length or 0, 0)
+            min_new_tokens = max(min_length - prompt_length, 0)
+    min_new_tokens = _int(label("min_new_tokens"), min_new_tokens, 0)
 
     do_sample = pick(do_sample, "do_sample")
     if not isinstance(do_sample, (bool, np.bool_)):
-        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+        raise ValueError(f"{label('do_sample')} must be True or False, got {_short(do_sample)}")
     do_sample = bool(do_sample)
-    temperature = _float("temperature", pick(temperature, "temperature"))
+    temperature = _float(label("temperature"), pick(temperature, "temperature"))
     if do_sample and not temperature > 0:
         raise ValueError(
-            f"temperature must be > 0 when sampling, got {temperature}; for greedy decoding pass do_sample=False"
+            f"{label('temperature')} must be > 0 when sampling, got {temperature}; for greedy decoding pass "
+            "do_sample=False"
         )
+    if do_sample:  # greedy decoding never divides by the temperature
+        _float(label("temperature"), temperature, MIN_SCALE, MAX_SCALE, _FLOAT32_WHY + " when sampling")
     top_k = pick(top_k, "top_k")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 turns top-k filtering off), got {top_k!r}")
+        raise ValueError(f"{label('top_k')} must be an integer >= 0 (0 turns top-k filtering off), got {_short(top_k)}")
     top_k = int(top_k)
-    top_p = _float("top_p", pick(top_p, "top_p"))
+    top_p = _float(label("top_p"), pick(top_p, "top_p"))
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 turns nucleus filtering off), got {top_p}")
-    num_beams = _int("num_beams", pick(num_beams, "num_beams"), 1)
+        raise ValueError(f"{label('top_p')} must be in (0, 1] (1 turns nucleus filtering off), got {top_p}")
+    num_beams = _int(label("num_beams"), pick(num_beams, "num_beams"), 1, MAX_NUM_BEAMS,
+                     " (the limit MAX_NUM_BEAMS: every beam holds a full KV cache)")
     if num_beams > 1 and do_sample:
         raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; "
                          "pass do_sample=False for beam search or num_beams=1 to sample")
-    length_penalty = _float("length_penalty", pick(length_penalty, "length_penalty"))
+    length_penalty = _float(label("length_penalty"), pick(length_penalty, "length_penalty"),
+                            -MAX_ABS_LENGTH_PENALTY, MAX_ABS_LENGTH_PENALTY, " (so float32 beam scores stay finite)")
     early_stopping = gen.early_stopping
     if early_stopping not in (True, False, "never"):
-        raise ValueError(f"generation_config early_stopping must be true, false or \"never\", got {early_stopping!r}")
-    repetition_penalty = _float("repetition_penalty", pick(repetition_penalty, "repetition_penalty"))
+        raise ValueError(
+            f"generation_config early_stopping must be true, false or \"never\", got {_short(early_stopping)}"
+        )
+    repetition_penalty = _float(label("repetition_penalty"), pick(repetition_penalty, "repetition_penalty"))
     if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}")
-    no_repeat_ngram_size = _int("no_repeat_ngram_size", pick(no_repeat_ngram_size, "no_repeat_ngram_size"), 0)
+        raise ValueError(f"{label('repetition_penalty')} must be > 0 (1 turns it off), got {repetition_penalty}")
+    _float(label("repetition_penalty"), repetition_penalty, MIN_SCALE, MAX_SCALE, _FLOAT32_WHY)
+    no_repeat_ngram_size = _int(label("no_repeat_ngram_size"), pick(no_repeat_ngram_size, "no_repeat_ngram_size"), 0)
 
     eos = pick(eos_token_id, "eos_token_id")
     eos_ids = _eos_ids(eos) if eos is not None else ()
     pad = pick(pad_token_id, "pad_token_id")
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0  # HF pads with the first eos id when there is no pad token
-    pad = _int("pad_token_id", pad, 0)
+    pad = _int(label("pad_token_id"), pad, 0)
+    if pad >= config.vocab_size:  # it is written into the output and fed back as an input id
+        raise ValueError(
+            f"{label('pad_token_id')} {pad} is outside the vocabulary [0, {config.vocab_size}); "
+            "pass a token id of the model"
+        )
 
     if seed is not None:
         seed = check_seed(seed)
@@ -314,24 +400,25 @@ Every keyword left None takes the model's `generation_config.json` value, else H
 beam search, penalties) give Hugging Face's tokens. See docs/generation.md.
 
 Args:
-    input_ids: [batch, prompt] token ids (any integer array; NumPy accepted); left-pad batches.
+    input_ids: [batch, prompt] token ids (any integer array; NumPy accepted); left-pad batches (a row
+        ending in padding gets Hugging Face's right-padding warning).
     attention_mask: [batch, prompt] 0/1 (None: every token is real).
     max_new_tokens: [20] new tokens at most; 0 returns the prompt unchanged. (A file's `max_length`,
         which counts the prompt, is used when it sets no `max_new_tokens`.)
     min_new_tokens: [0] eos is forbidden until this many new tokens exist.
     do_sample: [False] sample instead of greedy / beam search.
-    temperature: [1.0] divides the logits when sampling (> 0).
+    temperature: [1.0] divides the logits when sampling, within [1e-6, 1e6] (float32 stays finite).
     top_k: [50] keep the k most likely tokens when sampling (0: off; an integer >= 0).
     top_p: [1.0] keep the smallest set of most likely tokens with probability >= top_p, in (0, 1].
-    num_beams: [1] beam search when > 1 (not with do_sample); the file's `early_stopping`
+    num_beams: [1] beam search when > 1, at most 256 (not with do_sample); the file's `early_stopping`
         (True, False [default] or "never") applies.
-    length_penalty: [1.0] beam scores are sum(log p) / generated_length ** length_penalty.
-    repetition_penalty: [1.0] > 0; every id already in the row (prompt included) has its logit divided
+    length_penalty: [1.0] beam scores are sum(log p) / generated_length ** length_penalty; within [-10, 10].
+    repetition_penalty: [1.0] within [1e-6, 1e6]; every id already in the row (prompt included) has its logit divided
         (if > 0) or multiplied (if < 0) by it.
     no_repeat_ngram_size: [0] when > 0, no n-gram of this size occurs twice in a row (prompt included).
     eos_token_id: [the model's] an id or a list of ids that end a row; [] never stops. Rows that end
         early are filled with pad_token_id; generation stops when every row has ended.
-    pad_token_id: [the model's, else the first eos id] fills rows that ended.
+    pad_token_id: [the model's, else the first eos id] fills rows that ended; inside the vocabulary.
     seed: an integer in [0, 2**64): sampling draws from opt_core.sampling's counter-based stream, so
         the same seed gives the same tokens in torch, TF, Flax and NumPy. None: fresh randomness.
     streamer: an object with put(ids) and end() (Hugging Face's interface; a plain callable is

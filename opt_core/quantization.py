@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# SmoothQuant factors (opt_torch w8a8) shipped beside a model's weights: not weights themselves.
+SMOOTHING_FILE = "smoothquant.safetensors"
+
 QUANTIZE_MODES: dict[str, tuple[str, ...]] = {
     "torch": ("int8", "int4", "w8a8"),  # int4: PyTorch's CPU int4 kernel, no XLA counterpart here
     "tf": ("int8", "w8a8"),
@@ -107,3 +110,16 @@ def w8a8_linear(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None) -> n
     acc = qx.astype(np.int32) @ qw.astype(np.int32)  # [N, out], exact
     y = acc.astype(np.float32) * x_scale * w_scale
     return y if bias is None else y + np.asarray(bias, np.float32)
+
+# The model dtypes each backend's quantized models compute in, where that is not every dtype it builds:
+# opt_tf's int8 matmuls produce float32, which a float16/bfloat16 Keras model cannot mix into its
+# BatchMatMul, so the combination is refused before any weight is read.
+QUANTIZE_DTYPES: dict[str, tuple[str, ...]] = {"tf": ("float32",)}
+
+
+def check_quantize_dtype(mode: str | None, backend: str, dtype: str) -> None:
+    """ValueError when `backend` cannot run `quantize=mode` in a model of `dtype` (a dtype name)."""
+    allowed = QUANTIZE_DTYPES.get(backend)
+    if mode is not None and allowed is not None and dtype not in allowed:
+        raise ValueError(f"quantize={mode!r} in opt_{backend} needs dtype {' or '.join(allowed)} (its int8 matmuls "
+                         f"compute in float32), not {dtype}; drop dtype= or quantize=")

@@ -21,6 +21,49 @@ MAX_MERGES_BYTES = 32 * 1024 * 1024  # OPT's merges.txt is 456 KB
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 
 
+# The tokenizers library holds ids as unsigned 32-bit integers; anything else overflows inside it.
+MAX_TOKEN_ID = 2**32 - 1
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages (tokens and values come from files)."""
+    text = repr(value) if isinstance(value, (bool, int, float, str, type(None))) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_vocab(vocab: Any) -> None:
+    """Raise `ValueError` unless `vocab` maps token strings to distinct ids >= 0.
+
+    Two tokens sharing an id cannot both be decoded, and a vocabulary that maps every token to one
+    id encodes every text as that id: such a file is broken, not a tokenizer.
+    """
+    if not isinstance(vocab, dict) or not vocab:
+        raise ValueError("the vocabulary must be a non-empty mapping of token -> id")
+    owner: dict[int, str] = {}
+    for token, i in vocab.items():
+        if not isinstance(token, str):
+            raise ValueError(f"vocabulary token {_short(token)} is not a string")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= MAX_TOKEN_ID:
+            raise ValueError(f"vocabulary id of {_short(token)} must be an integer in [0, 2**32), got {_short(i)}")
+        if i in owner:
+            raise ValueError(
+                f"vocabulary ids must be distinct: {_short(owner[i])} and {_short(token)} both have id {i}"
+            )
+        owner[i] = token
+
+
+def _token_ids(ids: Any) -> list[int]:
+    """`ids` as Python ints, or a `ValueError` naming the first one that is not a token id."""
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise ValueError(f"token ids must be integers, got {_short(i)}")
+        if not 0 <= i <= MAX_TOKEN_ID:
+            raise ValueError(f"token id {_short(int(i))} is outside [0, 2**32), so it is no token id")
+        out.append(int(i))
+    return out
+
+
 class OPTTokenizer:
     """Byte-level BPE tokenizer with OPT's conventions.
 
@@ -41,10 +84,19 @@ class OPTTokenizer:
         add_bos_token: bool = True,
         padding_side: str = "right",
     ):
+        check_vocab(vocab)
         for name, tok in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token), ("unk", unk_token)):
-            if tok not in vocab:
-                raise ValueError(f"{name} token {tok!r} is not in the vocabulary")
-        self._tok = Tokenizer(models.BPE(vocab, merges, unk_token=None, fuse_unk=False))
+            if not isinstance(tok, str) or tok not in vocab:
+                raise ValueError(f"{name} token {_short(tok)} is not in the vocabulary")
+        for i, pair in enumerate(merges):
+            missing = [t for t in pair if t not in vocab]
+            if missing:  # the tokenizers library's own message for this is a multi-line Rust error
+                raise ValueError(f"merge {i + 1} ({_short(' '.join(pair))}) uses {_short(missing[0])}, "
+                                 "which is not in the vocabulary")
+        try:
+            self._tok = Tokenizer(models.BPE(vocab, merges, unk_token=None, fuse_unk=False))
+        except Exception as e:  # the library raises a bare Exception for anything it cannot build
+            raise ValueError(f"the vocabulary and merges do not form a BPE tokenizer ({_short(str(e))})") from None
         self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self._tok.decoder = decoders.ByteLevel()
         specials: list[str] = [t for t in ("<s>", "<pad>", "</s>", "<unk>") if t in vocab]
@@ -78,14 +130,14 @@ class OPTTokenizer:
                 raise FileNotFoundError(f"tokenizer file {path} is missing (need {VOCAB_FILE} and {MERGES_FILE})")
         from opt_core.safe_files import read_json, read_text
 
-        vocab = read_json(vocab_path, what="tokenizer file")
+        vocab = read_json(vocab_path, what="tokenizer file", expect=dict)
         merges = []
         for n, line in enumerate(read_text(merges_path, MAX_MERGES_BYTES, what="tokenizer file").splitlines()):
             if not line or line.startswith("#version"):
                 continue
             pair = line.split(" ")
             if len(pair) != 2:
-                raise ValueError(f"{merges_path} line {n + 1} is not a merge pair: {line!r}")
+                raise ValueError(f"{merges_path} line {n + 1} is not a merge pair (two tokens and one space)")
             merges.append((pair[0], pair[1]))
         kwargs: dict[str, Any] = {}
         cfg_path = folder / TOKENIZER_CONFIG
@@ -101,8 +153,10 @@ class OPTTokenizer:
                 kwargs["add_bos_token"] = cfg["add_bos_token"]
             if cfg.get("padding_side") in ("left", "right"):
                 kwargs["padding_side"] = cfg["padding_side"]
-        kwargs.update(overrides)
-        return cls(vocab, merges, **kwargs)
+        try:
+            return cls(vocab, merges, **{**kwargs, **overrides})
+        except ValueError as e:  # name the files the problem came from
+            raise ValueError(f"tokenizer in {folder}: {e}") from None
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
         """Write `vocab.json`, `merges.txt` and a Hugging Face-compatible `tokenizer_config.json`."""
@@ -191,7 +245,7 @@ class OPTTokenizer:
     # ------------------------------------------------------------ decoding
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         """Text of a sequence of ids (NumPy, list or framework tensor with `.tolist()`)."""
-        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        ids = _token_ids(ids.tolist() if hasattr(ids, "tolist") else ids)
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -201,7 +255,7 @@ class OPTTokenizer:
         return [self.decode(r, skip_special_tokens) for r in rows]
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
-        return [self._tok.id_to_token(int(i)) for i in ids]
+        return [self._tok.id_to_token(i) for i in _token_ids(ids)]
 
     def __len__(self) -> int:
         return self.vocab_size

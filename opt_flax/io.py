@@ -52,15 +52,24 @@ def jax_dtype(dtype: Any, config: OPTConfig | None = None) -> Any:
     config's torch_dtype).
 
     Raises:
-        ValueError: an unknown dtype.
+        ValueError: an unknown dtype, or float64 without JAX's x64 mode.
     """
     if dtype is None:
         return jnp.float32
     if isinstance(dtype, str):
         if dtype == "auto":
             dtype = (config.torch_dtype if config is not None else None) or "float32"
-        return jnp.dtype(dtype_name(resolve_dtype(dtype)))  # type: ignore[arg-type]
-    return jnp.dtype(dtype)
+        return _computable(jnp.dtype(dtype_name(resolve_dtype(dtype))))  # type: ignore[arg-type]
+    return _computable(jnp.dtype(dtype))
+
+
+def _computable(dtype: Any) -> Any:
+    """`dtype`, unless JAX would silently compute in another one: float64 needs JAX's x64 mode
+    (without it every float64 array is created as float32)."""
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("opt_flax computes in float64 only with JAX's x64 mode "
+                         "(jax.config.update('jax_enable_x64', True)); without it float64 would silently be float32")
+    return dtype
 
 
 def fill_params(model: Any, ckpt: CheckpointLoad) -> None:
@@ -133,7 +142,7 @@ def from_pretrained(
         FileNotFoundError: no config or no weights.
     """
     folder = resolve_pretrained(name_or_path, revision)
-    config = config if config is not None else OPTConfig.from_pretrained(folder)
+    config = OPTConfig.from_argument(config, folder)
     dtype = jax_dtype(dtype, config)
     param_dtype = dtype if param_dtype is None else jax_dtype(param_dtype, config)
     with open_checkpoint(folder, config, Head(model_class.head), fmt=format, prefer=LOAD_ORDER,

@@ -492,7 +492,7 @@ def generate(
     cfg = model.config
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
-    validate_inputs(ids, mask, cfg)
+    validate_inputs(ids, mask, cfg, generating=True)
     o = resolve_generation_options(
         cfg, getattr(model, "generation_config", None), prompt_length=ids.shape[1], max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -26,6 +26,7 @@ from opt_core.formats import dtype_name, resolve_dtype
 from opt_core.hub import resolve_pretrained
 from opt_core.layout import from_layout, to_layout
 from opt_core.params import parameter_table
+from opt_core.quantization import check_quantize_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,9 @@ def from_pretrained(
         ValueError: a dtype the TF models cannot use (float64).
     """
     folder = resolve_pretrained(name_or_path, revision)
-    config = config if config is not None else OPTConfig.from_pretrained(folder)
+    config = OPTConfig.from_argument(config, folder)
     policy = keras_dtype(dtype, config)
+    check_quantize_dtype(quantize, "tf", policy)
     with open_checkpoint(folder, config, model_class.head, fmt=format, prefer=LOAD_ORDER,
                          allow_non_finite=allow_non_finite) as ckpt:
         previous = keras.config.dtype_policy()

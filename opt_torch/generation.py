@@ -230,7 +230,7 @@ def generate(
         model.eval()
     ids_np = _as_numpy(input_ids)
     mask_np = None if attention_mask is None else _as_numpy(attention_mask)
-    validate_inputs(ids_np, mask_np, config)
+    validate_inputs(ids_np, mask_np, config, generating=True)
     gen_config = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(config)
     opts = resolve_generation_options(
         config, gen_config, prompt_length=ids_np.shape[1], max_new_tokens=max_new_tokens,

@@ -177,7 +177,7 @@ def from_pretrained(
             unreadable files, non-float or non-finite weights, an untied head under a tied config.
     """
     folder = resolve_pretrained(name_or_path, revision)
-    config = config if config is not None else OPTConfig.from_pretrained(folder)
+    config = OPTConfig.from_argument(config, folder)
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     if device_map is not None or max_memory is not None or offload_folder is not None:
         from opt_torch.offload import check_dispatch_options, from_pretrained_dispatched

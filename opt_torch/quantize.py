@@ -412,7 +412,7 @@ def quantizing_checkpoint(model: nn.Module, ckpt: Any, mode: str | None, folder:
     is quantized once it and the other non-layer tensors are read, before the first layer."""
     if check_mode(mode) is None or (mode == "w8a8" and must_calibrate(folder, calibration)):
         return ckpt
-    smoothing = stored_or_calibrated_smoothing(model, folder, None) if mode == "w8a8" else None
+    smoothing = stored_or_calibrated_smoothing(model, folder, calibration) if mode == "w8a8" else None
     make, kernel, act = _factory(model, mode, smoothing)
     return _LayerByLayer(ckpt, lambda i: quantize_layer(model, i, make),
                          lambda: quantize_vocabulary(model, mode, make, kernel, act))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Calibration results go to the user's cache folder (opt_core.user_cache): the suite's to a temporary one.
+os.environ.setdefault("OPT_CACHE", tempfile.mkdtemp(prefix="opt-test-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

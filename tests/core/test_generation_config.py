@@ -67,7 +67,7 @@ def test_unseeded_sampling_draws_fresh_seeds():
     (dict(min_new_tokens=-2), "min_new_tokens must be an integer >= 0"),
     (dict(do_sample=True, temperature=0.0), "temperature must be > 0 when sampling"),
     (dict(do_sample="yes"), "do_sample must be True or False"),
-    (dict(num_beams=0), "num_beams must be an integer >= 1"),
+    (dict(num_beams=0), r"num_beams must be an integer in \[1, 256\]"),
     (dict(num_beams=2, do_sample=True), "beam sampling"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
     (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),

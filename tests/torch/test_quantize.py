@@ -23,6 +23,7 @@ from opt_core import OPTConfig, bundled
 from opt_core.data import read_text, split_text
 from opt_torch import OPTForCausalLM
 from opt_torch import quantize as Q
+from opt_torch.smoothquant import smoothing_cache_path, text_sha256, weights_sha256
 from tests.conftest import CORPUS_DIR
 
 pytestmark = pytest.mark.torch
@@ -223,8 +224,10 @@ def test_planted_outliers_need_smoothing(capsys, texts, tmp_path):
     smoothed = eval_ppl(capsys, planted, held_out, "--quantize", "w8a8", "--calibration", calibration)
     assert smoothed <= base * (1 + GUARD["w8a8"]), f"smoothed w8a8 {smoothed} vs fp32 {base}"
 
-    # The factors were stored beside the checkpoint and are reused (not recalibrated) next time.
-    stored = planted / Q.SMOOTHING_FILE
+    # The factors were stored in the user's cache (never beside the checkpoint), bound to these weights
+    # and this text, and are reused (not recalibrated) next time.
+    assert not (planted / Q.SMOOTHING_FILE).exists()
+    stored = smoothing_cache_path(weights_sha256(planted), text_sha256(calibration), 0.5)
     assert stored.is_file()
     factors, meta = Q.load_smoothing(stored)
     assert meta["alpha"] == 0.5 and len(factors) == 4 * OPTConfig.from_pretrained(planted).num_hidden_layers
