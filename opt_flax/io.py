@@ -30,6 +30,7 @@ from opt_core.checkpoint import (
     save_checkpoint,
 )
 from opt_core.config import OPTConfig
+from opt_core.config_overrides import apply_config_overrides, loader_options
 from opt_core.formats import dtype_name, resolve_dtype
 from opt_core.formats.flax_msgpack import flax_path
 from opt_core.generation_config import GenerationConfig
@@ -108,6 +109,7 @@ def from_pretrained(
     revision: str | None = None,
     allow_non_finite: bool = False,
     quantize: str | None = None,
+    **config_overrides: Any,
 ) -> Any:
     """Build `cls` (an opt_flax model class) from a Hugging Face folder or Hub id.
 
@@ -124,6 +126,9 @@ def from_pretrained(
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
         quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_flax.quantize`).
+        **config_overrides: `OPTConfig` fields to change (`num_labels=3`, `dropout=0.0`, any
+            config.json field), `id2label`, `label2id`, as Hugging Face's from_pretrained
+            (`opt_core.config_overrides`); an unknown keyword is a TypeError naming it.
     Returns:
         The model, every parameter loaded (a task head missing from the checkpoint is initialised);
         `model.loading_info` is the `KeyAccounting` of the load.
@@ -134,6 +139,7 @@ def from_pretrained(
     """
     folder = resolve_pretrained(name_or_path, revision)
     config = config if config is not None else OPTConfig.from_pretrained(folder)
+    config = apply_config_overrides(config, config_overrides, options=loader_options(from_pretrained))
     dtype = jax_dtype(dtype, config)
     param_dtype = dtype if param_dtype is None else jax_dtype(param_dtype, config)
     with open_checkpoint(folder, config, Head(cls.head), fmt=format, prefer=LOAD_ORDER,

@@ -22,6 +22,7 @@ import numpy as np
 
 from opt_core import CheckpointError, GenerationConfig, OPTConfig
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointLoad, open_checkpoint, save_checkpoint
+from opt_core.config_overrides import apply_config_overrides, loader_options
 from opt_core.formats import dtype_name, resolve_dtype
 from opt_core.hub import resolve_pretrained
 from opt_core.layout import from_layout, to_layout
@@ -93,6 +94,7 @@ def from_pretrained(
     revision: str | None = None,
     allow_non_finite: bool = False,
     quantize: str | None = None,
+    **config_overrides: Any,
 ) -> Any:
     """Load a Hugging Face OPT folder or Hub id into `model_class` (an `OPTPreTrainedModel` subclass).
 
@@ -107,6 +109,9 @@ def from_pretrained(
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
         quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_tf.quantize`).
+        **config_overrides: `OPTConfig` fields to change (`num_labels=3`, `dropout=0.0`, any
+            config.json field), `id2label`, `label2id`, as Hugging Face's from_pretrained
+            (`opt_core.config_overrides`); an unknown keyword is a TypeError naming it.
     Returns:
         The model; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -117,6 +122,7 @@ def from_pretrained(
     """
     folder = resolve_pretrained(name_or_path, revision)
     config = config if config is not None else OPTConfig.from_pretrained(folder)
+    config = apply_config_overrides(config, config_overrides, options=loader_options(from_pretrained))
     policy = keras_dtype(dtype, config)
     with open_checkpoint(folder, config, model_class.head, fmt=format, prefer=LOAD_ORDER,
                          allow_non_finite=allow_non_finite) as ckpt:

@@ -26,6 +26,7 @@ import torch
 
 from opt_core import CheckpointError, GenerationConfig, OPTConfig
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointLoad, open_checkpoint, save_checkpoint
+from opt_core.config_overrides import apply_config_overrides, loader_options
 from opt_core.formats import Scratch
 from opt_core.hub import resolve_pretrained
 from opt_core.params import hf_name, parameter_table
@@ -128,6 +129,7 @@ def from_pretrained(
     allow_non_finite: bool = False,
     quantize: str | None = None,
     calibration: str | os.PathLike[str] | None = None,
+    **config_overrides: Any,
 ) -> Any:
     """Load a Hugging Face OPT folder or Hub id into `model_class` (an `OPTPreTrainedModel` subclass).
 
@@ -151,6 +153,9 @@ def from_pretrained(
             only, quantized here from the float weights (`opt_torch.quantize`).
         calibration: w8a8 only: a text file to calibrate SmoothQuant factors on (stored beside the
             checkpoint and reused); without it, factors already stored there are used if present.
+        **config_overrides: `OPTConfig` fields to change (`num_labels=3`, `dropout=0.0`, any
+            config.json field), `id2label`, `label2id`, as Hugging Face's from_pretrained
+            (`opt_core.config_overrides`); an unknown keyword is a TypeError naming it.
     Returns:
         The model in eval mode; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -160,6 +165,7 @@ def from_pretrained(
     """
     folder = resolve_pretrained(name_or_path, revision)
     config = config if config is not None else OPTConfig.from_pretrained(folder)
+    config = apply_config_overrides(config, config_overrides, options=loader_options(from_pretrained))
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if tp_plan is not None or device_mesh is not None:
