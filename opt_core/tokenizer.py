@@ -10,7 +10,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -213,10 +213,18 @@ class OPTTokenizer:
         (folder / SPECIAL_TOKENS_MAP).write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------ encoding
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of one text, `</s>` first when `add_special_tokens` (and add_bos_token)."""
+    @overload
+    def encode(self, text: str, add_special_tokens: bool = ..., return_tensors: None = ...) -> list[int]: ...
+    @overload
+    def encode(self, text: str, add_special_tokens: bool = ..., *, return_tensors: str) -> Any: ...
+
+    def encode(self, text: str, add_special_tokens: bool = True, return_tensors: str | None = None) -> Any:
+        """Token ids of one text, `</s>` first when `add_special_tokens` (and add_bos_token): a list,
+        or with `return_tensors` ("np", "pt", "tf", "jax") an array [1, seq], as Hugging Face's."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if return_tensors is not None:
+            return self(text, add_special_tokens=add_special_tokens, return_tensors=return_tensors)["input_ids"]
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_special_tokens and self.add_bos_token else ids
 

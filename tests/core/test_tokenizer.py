@@ -155,3 +155,11 @@ def test_to_moves_torch_tensors_in_place(tok):
     assert again.to(torch.device("cpu")).input_ids.device.type == "cpu"
     with pytest.raises(TypeError, match="input_ids is a numpy.ndarray.*return_tensors='pt'"):
         tok(TEXTS, padding=True).to("cpu")
+
+
+def test_encode_takes_return_tensors_too(tok):
+    ids = tok.encode(TEXTS[0], return_tensors="np")
+    assert ids.shape == (1, 7) and ids.dtype == np.int64 and ids[0].tolist() == tok.encode(TEXTS[0])
+    assert tok.encode(TEXTS[0], add_special_tokens=False, return_tensors="np")[0].tolist() == tok.encode(TEXTS[0])[1:]
+    with pytest.raises(ValueError, match="return_tensors='pytorch' is unknown"):
+        tok.encode(TEXTS[0], return_tensors="pytorch")
