@@ -461,18 +461,26 @@ Args:
     allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
     quantize: None, "int8" (weight-only) or "w8a8": inference only, quantized from the float weights
         (torch also has "int4"; another backend refuses it with a ValueError).
-    **backend_options: what one backend alone has (listed below); another backend raises TypeError.
+    **backend_options: what one backend alone has (listed below), and, as in Hugging Face,
+        config overrides: any `OPTConfig` field by its config.json name (`num_labels=3`,
+        `dropout=0.0`, `attention_dropout`, `pad_token_id`, ...), `id2label` and `label2id`, applied
+        to the folder's config (or `config=`) and checked like config.json values; `id2label`
+        sets `num_labels` (`opt_core.config_overrides`). A head the checkpoint lacks (a causal LM
+        loaded for classification) is initialised at the new size; a stored head of another size
+        is a CheckpointError. Any other keyword, another backend's option included, is a
+        TypeError naming it.
         torch alone loads models larger than memory: `device_map` ("auto", or module path -> GPU
         index / "cpu" / "disk"), `max_memory` ({0: "10GiB", "cpu": "1GB"}), `offload_folder`
         (`opt_torch.offload`; `model.hf_device_map` reports the placement).
 Returns:
     The model (inference mode); `model.loading_info` is the `KeyAccounting` of the load and, for a
-    causal LM, `model.generation_config` the folder's generation_config.json.
+    causal LM, `model.generation_config` the folder's generation_config.json; `model.config` has
+    the overrides.
 Raises:
     FileNotFoundError: no folder, config or weights.
     CheckpointError: missing, unexpected or misshapen tensors (all listed), hostile or unreadable
         files, non-float or non-finite weights, an untied head under a tied config.
-    ValueError: an unknown dtype or quantize mode.
+    ValueError: an unknown dtype or quantize mode; an override a config.json could not hold.
 """
 
 SAVE_PRETRAINED_DOC = """Write `config.json`, the weights under Hugging Face's names (a tied `lm_head.weight` left

@@ -341,3 +341,29 @@ class OPTConfig:
         )
         fields.update(overrides)
         return cls(**fields)
+
+
+def _frozen_error(name: str, verb: str) -> dataclasses.FrozenInstanceError:
+    if name in {f.name for f in dataclasses.fields(OPTConfig)}:
+        return dataclasses.FrozenInstanceError(
+            f"OPTConfig is frozen: cannot {verb} field {name!r}; make a changed copy with "
+            f"config.replace({name}=...), or pass it to from_pretrained (from_pretrained(path, {name}=...))"
+        )
+    return dataclasses.FrozenInstanceError(
+        f"OPTConfig is frozen and has no field {name!r}; keys it does not model live in `extra`: "
+        f"config.replace(extra={{**config.extra, {name!r}: ...}})"
+    )
+
+
+def _refuse_setattr(self: OPTConfig, name: str, value: Any) -> None:
+    raise _frozen_error(name, "set")
+
+
+def _refuse_delattr(self: OPTConfig, name: str) -> None:
+    raise _frozen_error(name, "delete")
+
+
+# A frozen dataclass may not define __setattr__ in its body, so the generated one (a bare
+# "cannot assign to field") is replaced here by one that says how to change a config.
+OPTConfig.__setattr__ = _refuse_setattr  # type: ignore[method-assign,assignment]
+OPTConfig.__delattr__ = _refuse_delattr  # type: ignore[method-assign,assignment]

@@ -6,10 +6,11 @@ tokens written in the text are kept whole, and padding is `<pad>` (id 1) on the 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -19,6 +20,89 @@ MERGES_FILE = "merges.txt"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 MAX_MERGES_BYTES = 32 * 1024 * 1024  # OPT's merges.txt is 456 KB
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+
+# `return_tensors` value -> (module imported on demand, the framework's name for the error message).
+# opt_core imports no framework at import time: each is imported only when asked for.
+TENSOR_TYPES = {"np": None, "pt": ("torch", "PyTorch"), "tf": ("tensorflow", "TensorFlow"), "jax": ("jax.numpy", "JAX")}
+
+
+def _framework(module: str, framework: str, return_tensors: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"return_tensors={return_tensors!r} needs {framework} ({module.split('.')[0]}), which is not "
+            "installed here; install it, or use return_tensors='np' (NumPy) or None (lists)"
+        ) from None
+
+
+class BatchEncoding(dict):
+    """What the tokenizer returns, as Hugging Face's `BatchEncoding`: a dict of `input_ids` and
+    `attention_mask` whose keys also read as attributes (`enc.input_ids`), so `model(**enc)` and
+    `model.generate(**enc)` take it as it is in every backend.
+
+    The values are lists (`return_tensors=None`), NumPy arrays ("np"), or torch ("pt"), TensorFlow
+    ("tf") or JAX ("jax") arrays; `.to(device)` moves torch tensors.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchEncoding has no key or attribute {name!r}; its keys are {list(self)}") from None
+
+    def convert_to_tensors(self, return_tensors: str | None) -> BatchEncoding:
+        """Turn the values (lists or NumPy int64 arrays) into `return_tensors` arrays in place;
+        None leaves them as they are. Returns self.
+
+        Raises:
+            ValueError: an unknown `return_tensors`, or ragged rows (pad them to make a tensor).
+            ImportError: the framework asked for is not installed.
+        """
+        if return_tensors is None:
+            return self
+        if return_tensors not in TENSOR_TYPES:
+            raise ValueError(
+                f"return_tensors={return_tensors!r} is unknown; expected one of {list(TENSOR_TYPES)} or None (lists)"
+            )
+        arrays = {}
+        for key, value in self.items():
+            try:
+                arrays[key] = np.asarray(value, dtype=np.int64)
+            except ValueError:
+                raise ValueError(
+                    f"cannot make a {return_tensors!r} tensor of {key}: its rows have different lengths; "
+                    "pass padding=True to pad them"
+                ) from None
+        spec = TENSOR_TYPES[return_tensors]
+        if spec is not None:
+            fw = _framework(*spec, return_tensors)
+            if return_tensors == "pt":
+                arrays = {k: fw.from_numpy(v) for k, v in arrays.items()}  # int64, as torch's LongTensor ids
+            elif return_tensors == "tf":
+                arrays = {k: fw.constant(v, dtype=fw.int64) for k, v in arrays.items()}
+            else:  # JAX keeps its default integer width (int32 unless jax_enable_x64), as Hugging Face's "jax"
+                arrays = {k: fw.asarray(v) for k, v in arrays.items()}
+        self.update(arrays)
+        return self
+
+    def to(self, device: Any, *, non_blocking: bool = False) -> BatchEncoding:
+        """Move every torch tensor to `device` (a string, `torch.device` or index), in place, as
+        Hugging Face does; returns self.
+
+        Raises:
+            TypeError: a value is not a torch tensor (ask the tokenizer for return_tensors="pt").
+        """
+        for key, value in self.items():
+            if type(value).__module__.split(".")[0] != "torch" or not hasattr(value, "to"):
+                raise TypeError(
+                    f"BatchEncoding.to({device!r}) moves torch tensors, but {key} is a "
+                    f"{type(value).__module__}.{type(value).__name__}; call the tokenizer with return_tensors='pt'"
+                )
+        for key, value in self.items():
+            self[key] = value.to(device, non_blocking=non_blocking)
+        return self
+
 
 
 # The tokenizers library holds ids as unsigned 32-bit integers; anything else overflows inside it.
@@ -183,10 +267,18 @@ class OPTTokenizer:
         (folder / SPECIAL_TOKENS_MAP).write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------ encoding
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of one text, `</s>` first when `add_special_tokens` (and add_bos_token)."""
+    @overload
+    def encode(self, text: str, add_special_tokens: bool = ..., return_tensors: None = ...) -> list[int]: ...
+    @overload
+    def encode(self, text: str, add_special_tokens: bool = ..., *, return_tensors: str) -> Any: ...
+
+    def encode(self, text: str, add_special_tokens: bool = True, return_tensors: str | None = None) -> Any:
+        """Token ids of one text, `</s>` first when `add_special_tokens` (and add_bos_token): a list,
+        or with `return_tensors` ("np", "pt", "tf", "jax") an array [1, seq], as Hugging Face's."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if return_tensors is not None:
+            return self(text, add_special_tokens=add_special_tokens, return_tensors=return_tensors)["input_ids"]
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_special_tokens and self.add_bos_token else ids
 
@@ -199,17 +291,32 @@ class OPTTokenizer:
         truncation: bool = False,
         max_length: int | None = None,
         add_special_tokens: bool = True,
-    ) -> dict[str, Any]:
+        return_tensors: str | None = "np",
+    ) -> BatchEncoding:
         """Encode one text or a batch.
 
         Args:
             padding: True / "longest" pads to the longest row; "max_length" pads to `max_length`;
-                False leaves rows ragged (lists), which only works for a single text or equal lengths.
+                False leaves rows ragged, which only works for a single text or equal lengths
+                (unless `return_tensors=None`).
             padding_side: "left" (for generation) or "right"; default the tokenizer's.
             truncation: cut rows to `max_length` (from the right, keeping the prompt start).
+            return_tensors: "np" (default: int64 NumPy arrays), "pt" (torch), "tf" (TensorFlow),
+                "jax" (JAX), as Hugging Face's; None gives Python lists, as Hugging Face's default
+                (a flat list for one str, ragged rows allowed without padding).
         Returns:
-            {"input_ids", "attention_mask"}: int64 NumPy arrays [batch, seq] ([1, seq] for one str).
+            A `BatchEncoding` (a dict; keys also read as attributes) of "input_ids" and
+            "attention_mask", [batch, seq] ([1, seq] for one str), ready for `model(**enc)` and
+            `model.generate(**enc)`.
+        Raises:
+            ValueError: bad padding/truncation arguments, rows of different lengths without padding,
+                an unknown `return_tensors`.
+            ImportError: `return_tensors` names a framework that is not installed.
         """
+        if return_tensors is not None and return_tensors not in TENSOR_TYPES:
+            raise ValueError(
+                f"return_tensors={return_tensors!r} is unknown; expected one of {list(TENSOR_TYPES)} or None (lists)"
+            )
         batch: list[str] = [texts] if isinstance(texts, str) else list(texts)
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
@@ -227,6 +334,11 @@ class OPTTokenizer:
             width = max((len(r) for r in rows), default=0)
         elif padding is False or padding == "do_not_pad":
             lengths = {len(r) for r in rows}
+            if return_tensors is None:  # lists may be ragged, as Hugging Face's
+                masks = [[1] * len(r) for r in rows]
+                if isinstance(texts, str):
+                    return BatchEncoding(input_ids=rows[0], attention_mask=masks[0])
+                return BatchEncoding(input_ids=rows, attention_mask=masks)
             if len(lengths) > 1:
                 raise ValueError("rows have different lengths; pass padding=True to pad them")
             width = lengths.pop() if lengths else 0
@@ -240,7 +352,11 @@ class OPTTokenizer:
             sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
             ids[i, sl] = r
             mask[i, sl] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        if return_tensors is None:
+            if isinstance(texts, str):  # one text: flat lists, as Hugging Face's
+                return BatchEncoding(input_ids=ids[0].tolist(), attention_mask=mask[0].tolist())
+            return BatchEncoding(input_ids=ids.tolist(), attention_mask=mask.tolist())
+        return BatchEncoding(input_ids=ids, attention_mask=mask).convert_to_tensors(return_tensors)
 
     # ------------------------------------------------------------ decoding
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:

@@ -30,6 +30,7 @@ from opt_core.checkpoint import (
     save_checkpoint,
 )
 from opt_core.config import OPTConfig
+from opt_core.config_overrides import apply_config_overrides, loader_options
 from opt_core.formats import dtype_name, resolve_dtype
 from opt_core.formats.flax_msgpack import flax_path
 from opt_core.generation_config import GenerationConfig
@@ -117,6 +118,7 @@ def from_pretrained(
     revision: str | None = None,
     allow_non_finite: bool = False,
     quantize: str | None = None,
+    **config_overrides: Any,
 ) -> Any:
     """Build `model_class` (an opt_flax model class) from a Hugging Face folder or Hub id.
 
@@ -133,6 +135,9 @@ def from_pretrained(
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
         quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_flax.quantize`).
+        **config_overrides: `OPTConfig` fields to change (`num_labels=3`, `dropout=0.0`, any
+            config.json field), `id2label`, `label2id`, as Hugging Face's from_pretrained
+            (`opt_core.config_overrides`); an unknown keyword is a TypeError naming it.
     Returns:
         The model, every parameter loaded (a task head missing from the checkpoint is initialised);
         `model.loading_info` is the `KeyAccounting` of the load.
@@ -142,7 +147,8 @@ def from_pretrained(
         FileNotFoundError: no config or no weights.
     """
     folder = resolve_pretrained(name_or_path, revision)
-    config = OPTConfig.from_argument(config, folder)
+    config = apply_config_overrides(OPTConfig.from_argument(config, folder), config_overrides,
+                                    options=loader_options(from_pretrained))
     dtype = jax_dtype(dtype, config)
     param_dtype = dtype if param_dtype is None else jax_dtype(param_dtype, config)
     with open_checkpoint(folder, config, Head(model_class.head), fmt=format, prefer=LOAD_ORDER,

@@ -22,6 +22,7 @@ import numpy as np
 
 from opt_core import CheckpointError, GenerationConfig, OPTConfig
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointLoad, open_checkpoint, save_checkpoint
+from opt_core.config_overrides import apply_config_overrides, loader_options
 from opt_core.formats import dtype_name, resolve_dtype
 from opt_core.hub import resolve_pretrained
 from opt_core.layout import from_layout, to_layout
@@ -94,6 +95,7 @@ def from_pretrained(
     revision: str | None = None,
     allow_non_finite: bool = False,
     quantize: str | None = None,
+    **config_overrides: Any,
 ) -> Any:
     """Load a Hugging Face OPT folder or Hub id into `model_class` (an `OPTPreTrainedModel` subclass).
 
@@ -108,6 +110,9 @@ def from_pretrained(
         revision: branch, tag or commit of a Hub id.
         allow_non_finite: load NaN/infinite weights instead of refusing them (for inspection).
         quantize: None, "int8" (weight-only) or "w8a8": inference only (`opt_tf.quantize`).
+        **config_overrides: `OPTConfig` fields to change (`num_labels=3`, `dropout=0.0`, any
+            config.json field), `id2label`, `label2id`, as Hugging Face's from_pretrained
+            (`opt_core.config_overrides`); an unknown keyword is a TypeError naming it.
     Returns:
         The model; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -117,7 +122,8 @@ def from_pretrained(
         ValueError: a dtype the TF models cannot use (float64).
     """
     folder = resolve_pretrained(name_or_path, revision)
-    config = OPTConfig.from_argument(config, folder)
+    config = apply_config_overrides(OPTConfig.from_argument(config, folder), config_overrides,
+                                    options=loader_options(from_pretrained))
     policy = keras_dtype(dtype, config)
     check_quantize_dtype(quantize, "tf", policy)
     with open_checkpoint(folder, config, model_class.head, fmt=format, prefer=LOAD_ORDER,

@@ -26,6 +26,7 @@ import torch
 
 from opt_core import CheckpointError, GenerationConfig, OPTConfig
 from opt_core.checkpoint import DEFAULT_SHARD_BYTES, CheckpointLoad, open_checkpoint, save_checkpoint
+from opt_core.config_overrides import apply_config_overrides, loader_options
 from opt_core.formats import Scratch
 from opt_core.hub import resolve_pretrained
 from opt_core.params import hf_name, parameter_table
@@ -139,6 +140,7 @@ def from_pretrained(
     device_map: Any = None,
     max_memory: dict[Any, Any] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
+    **config_overrides: Any,
 ) -> Any:
     """Load a Hugging Face OPT folder or Hub id into `model_class` (an `OPTPreTrainedModel` subclass).
 
@@ -169,6 +171,9 @@ def from_pretrained(
             (default: what is free).
         offload_folder: where layers placed on disk are written once when they cannot be read in
             place (a checkpoint not in safetensors, or stored in another dtype).
+        **config_overrides: `OPTConfig` fields to change (`num_labels=3`, `dropout=0.0`, any
+            config.json field), `id2label`, `label2id`, as Hugging Face's from_pretrained
+            (`opt_core.config_overrides`); an unknown keyword is a TypeError naming it.
     Returns:
         The model in eval mode; `model.loading_info` is the `KeyAccounting` of the load.
     Raises:
@@ -177,7 +182,8 @@ def from_pretrained(
             unreadable files, non-float or non-finite weights, an untied head under a tied config.
     """
     folder = resolve_pretrained(name_or_path, revision)
-    config = OPTConfig.from_argument(config, folder)
+    config = apply_config_overrides(OPTConfig.from_argument(config, folder), config_overrides,
+                                    options=loader_options(from_pretrained))
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     if device_map is not None or max_memory is not None or offload_folder is not None:
         from opt_torch.offload import check_dispatch_options, from_pretrained_dispatched
