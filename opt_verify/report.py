@@ -24,6 +24,7 @@ class BackendResult:
     load_s: float | None = None
     forward_s: float | None = None
     generate_s: float | None = None
+    numerics: str = ""  # the loaded model's number-changing choices (quantization, matmul kernels)
 
 
 @dataclass
@@ -118,7 +119,7 @@ def _backend_lines(report: VerifyReport) -> list[str]:
     for b in report.backends:
         if b.status == "ok":
             times = f"load {b.load_s:.2f}s, forward {b.forward_s:.2f}s, generate {b.generate_s:.2f}s"
-            lines.append(f"{b.name}: ok ({times})")
+            lines.append(f"{b.name}: ok ({times})" + (f"; {b.numerics}" if b.numerics else ""))
         else:
             lines.append(f"{b.name}: {b.status.upper()} - {b.message}")
     return lines

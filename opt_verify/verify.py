@@ -119,6 +119,23 @@ class _BackendAdapter:
         return to_numpy(out)
 
 
+def numerics_of(model: Any) -> str:
+    """What a loaded model computes with, where a choice changes the numbers: its quantization
+    (`model.quantization`: mode, kernel, activations) and the matmul kernels of its layers (torch's
+    `Linear.kernel`); "" when neither is recorded."""
+    parts = []
+    quantization = dict(getattr(model, "quantization", None) or {})
+    if quantization:
+        parts.append("quantize=" + ", ".join(f"{k} {quantization[k]}" for k in ("mode", "kernel", "activations")
+                                             if k in quantization))
+    modules = getattr(model, "modules", None)
+    if callable(modules):
+        kernels = sorted({m.kernel for m in modules() if isinstance(getattr(m, "kernel", None), str)})
+        if kernels:
+            parts.append("matmul kernel " + ", ".join(kernels))
+    return "; ".join(parts)
+
+
 def backend_available(name: str) -> str | None:
     """None when `opt_<name>` and its framework import; otherwise why not, in one sentence."""
     return backend_adapter(name).available()
@@ -157,6 +174,7 @@ def _run_one(
     except Exception as e:  # reported, never raised: one broken backend must not hide the others
         return BackendResult(name, "error", _one_line(e)), None
     result.load_s, result.forward_s, result.generate_s = t1 - t0, t2 - t1, t3 - t2
+    result.numerics = numerics_of(getattr(adapter, "model", None))
     problems = []
     if logits.shape[:2] != ids.shape:
         expected = f"[{ids.shape[0]}, {ids.shape[1]}, vocab]"

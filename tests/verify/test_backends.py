@@ -81,3 +81,22 @@ def test_corrupted_format_is_caught(tmp_path):
     assert pair.hidden_rel[0] < 1e-6 and pair.hidden_rel[1] < 1e-6
     assert not np.isfinite(pair.logits_rel) or pair.logits_rel > 1e-3
     assert "layer 1" in format_table(report)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_report_names_what_changes_the_numbers(dtype, monkeypatch):
+    """The quantization (mode, kernel, activations) and the matmul kernel are in the report, so
+    two reports with different numbers say why."""
+    from opt_core import bundled
+
+    report = verify(bundled.path(), backends=("torch",), dtype=dtype, quantize="int8", new_tokens=2)
+    (torch_result,) = [b for b in report.backends if b.name == "torch"]
+    assert "quantize=mode int8" in torch_result.numerics
+    assert f"activations {dtype}" in torch_result.numerics
+    assert torch_result.numerics in format_table(report)
+    if dtype == "float32":  # a float model: its layers' kernel, ATen unless another is asked for
+        monkeypatch.delenv("OPT_TORCH_LINEAR", raising=False)
+        report = verify(bundled.path(), backends=("torch",), dtype=dtype, new_tokens=2)
+        (torch_result,) = [b for b in report.backends if b.name == "torch"]
+        assert torch_result.numerics == "matmul kernel aten"
