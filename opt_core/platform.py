@@ -28,7 +28,8 @@ def cpu_info(cpuinfo: str | Path = CPUINFO) -> CPUInfo:
     Where the file is missing or unreadable (not Linux) or names no model, the model name is
     Python's `platform.processor()` (or "unknown CPU") and the flags are empty: callers treat a
     missing flag as a missing feature, which is the safe reading."""
-    name, flags = None, frozenset()
+    name: str | None = None
+    flags: frozenset[str] = frozenset()
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
