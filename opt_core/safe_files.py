@@ -222,7 +222,7 @@ def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError,
     raw = read_bytes(path, max_bytes, error, what)
     data = parse_json(raw, f"{what} {path}", error, max_depth=max_depth, max_values=max_values)
     if expect is not None and not isinstance(data, expect):
-        kind = {dict: "object", list: "array"}.get(expect, expect.__name__)
+        kind = "object" if expect is dict else "array" if expect is list else expect.__name__
         raise error(f"{what} {path} must hold a JSON {kind}, not {_json_kind(data)}")
     return data
 
@@ -256,7 +256,8 @@ def bounded_repr(obj: Any, limit: int = 200, *, depth: int = 4, items: int = 8) 
         if isinstance(x, (str, bytes, bytearray)):
             return emit(repr(x[:limit]) + ("..." if len(x) > limit else ""))
         if isinstance(x, (tuple, list, set, frozenset, dict)):
-            open_, close = {tuple: "()", list: "[]", dict: "{}"}.get(type(x), "{}")
+            brackets = {tuple: "()", list: "[]", dict: "{}"}.get(type(x), "{}")
+            open_, close = brackets[0], brackets[1]
             if level >= depth:
                 return emit(f"<{type(x).__name__} of {len(x)}>")
             if not emit(open_):

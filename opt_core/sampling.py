@@ -26,6 +26,7 @@ float32 log, so two backends can only disagree when two candidates tie to within
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 MASK32 = 0xFFFFFFFF
 SEED_SALT = 0x243F6A88
@@ -33,9 +34,9 @@ VOCAB_SALT = 0x9E3779B9
 MAX_SEED = 2**64 - 1
 
 
-def fmix32(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finaliser, elementwise on a uint32 array."""
-    x = np.asarray(x, dtype=np.uint32)
+def fmix32(value: npt.ArrayLike) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser, elementwise on a uint32 array (or scalar)."""
+    x: np.ndarray = np.asarray(value, dtype=np.uint32)
     with np.errstate(over="ignore"):  # multiplication mod 2**32 is the point
         x = x ^ (x >> np.uint32(16))
         x = x * np.uint32(0x85EBCA6B)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from opt_core.config import OPTConfig
@@ -38,7 +39,7 @@ from opt_core.formats.base import (
 from opt_core.formats.files import READ_FORMATS, WRITE_FORMATS, detect_format, resolve_files
 
 
-def reader_class(fmt: str) -> type[Reader]:
+def reader_class(fmt: str) -> Callable[..., Reader]:
     """The reader of format `fmt`."""
     if fmt == "safetensors":
         from opt_core.formats.safetensors import SafetensorsReader
@@ -75,7 +76,7 @@ def open_reader(path: str | os.PathLike[str], fmt: str | None = None, config: OP
     fmt = fmt or detect_format(path)
     cls = reader_class(fmt)
     files, weight_map = resolve_files(path, fmt)
-    return cls(path, config, files=files, weight_map=weight_map)  # type: ignore[call-arg]
+    return cls(path, config, files=files, weight_map=weight_map)
 
 
 def writer_class(fmt: str) -> type[Writer]:

@@ -90,17 +90,18 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 _FINITE_CHUNK = 1 << 20  # elements per pass: bounded temporary memory
 # The exponent bits of each float type: all set means infinity or NaN.
-_EXPONENT = {2: (np.uint16, {"float16": 0x7C00, "bfloat16": 0x7F80}), 4: (np.uint32, 0x7F800000),
-             8: (np.uint64, 0x7FF0000000000000)}
+# bytes per element -> (the unsigned view, the exponent bits: one mask, or one per 2-byte float type)
+_EXPONENT: dict[int, tuple[type[np.unsignedinteger], int | dict[str, int]]] = {
+    2: (np.uint16, {"float16": 0x7C00, "bfloat16": 0x7F80}), 4: (np.uint32, 0x7F800000),
+    8: (np.uint64, 0x7FF0000000000000)}
 
 
 def first_non_finite(x: np.ndarray) -> int | None:
     """The flat index of the first NaN or infinity in `x`, or None. Works in bounded memory, on the
     bits (a masked max per chunk: ten times faster than `np.isfinite` on float16)."""
     flat = x.reshape(-1)
-    uint, mask = _EXPONENT.get(x.dtype.itemsize, (None, None))
-    if isinstance(mask, dict):
-        mask = mask.get(x.dtype.name)
+    uint, masks = _EXPONENT.get(x.dtype.itemsize, (None, None))
+    mask = masks.get(x.dtype.name) if isinstance(masks, dict) else masks
     if uint is None or mask is None or x.dtype.kind not in "fV":
         return _first_non_finite_slow(flat)
     bits = flat.view(uint)

@@ -161,7 +161,7 @@ class _Slice(TensorSlice):
         out = np.empty((hi - lo, *self.shape[1:]), dtype=e.dtype)
         f = self.reader._file(e.path)  # type: ignore[attr-defined]
         f.seek(e.start + lo * row_bytes)
-        read_exact(f, memoryview(out.reshape(-1).view(np.uint8)), e.path, self.key)
+        read_exact(f, out.reshape(-1).view(np.uint8).data, e.path, self.key)
         rest = (slice(None), *index[1:])
         return np.ascontiguousarray(out[rest]) if len(index) > 1 else out
 
@@ -209,7 +209,7 @@ class SafetensorsReader(Reader):
         out = out_array(out, e.shape, e.dtype)
         f = self._file(e.path)
         f.seek(e.start)
-        read_exact(f, memoryview(out.reshape(-1).view(np.uint8)), e.path, key)
+        read_exact(f, out.reshape(-1).view(np.uint8).data, e.path, key)
         return out
 
     def get_slice(self, key: str) -> TensorSlice:
@@ -280,7 +280,7 @@ class SafetensorsWriter(Writer):
         i, off = self._where[name]
         f = self._handles[i]
         f.seek(off)
-        f.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+        f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
 
     def commit(self) -> list[Path]:
         self._require_complete()

@@ -319,8 +319,9 @@ class TFH5Reader(Reader):
 
     def close(self) -> None:
         """Close the file; safe to call twice."""
-        if getattr(self, "_h5", None) is not None:
-            self._h5.close()
+        h5 = getattr(self, "_h5", None)
+        if h5 is not None:
+            h5.close()
             self._h5 = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:

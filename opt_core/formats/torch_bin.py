@@ -403,13 +403,13 @@ def read_tensor(f: Any, path: Path, key: str, t: TensorRef, out: np.ndarray | No
         contiguous[i] = contiguous[i + 1] * t.shape[i + 1]
     if all(s == c or d == 1 for s, c, d in zip(t.stride, contiguous, t.shape)):
         f.seek(t.storage.offset + t.storage_offset * item)
-        read_exact(f, memoryview(out.reshape(-1).view(np.uint8)), path, key)
+        read_exact(f, out.reshape(-1).view(np.uint8).data, path, key)
         return out
     # A strided view (rare in state dicts): read the span it covers, then gather.
     extent = 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
     span = np.empty(extent, dtype=t.dtype)
     f.seek(t.storage.offset + t.storage_offset * item)
-    read_exact(f, memoryview(span.view(np.uint8)), path, key)
+    read_exact(f, span.view(np.uint8).data, path, key)
     view = np.lib.stride_tricks.as_strided(span, t.shape, tuple(s * item for s in t.stride))
     np.copyto(out, view)
     return out
@@ -528,7 +528,8 @@ def state_dict_pickle(entries: list[tuple[str, str, np.dtype, tuple[int, ...]]])
     out = [b"\x80\x02", b"ccollections\nOrderedDict\n)R", b"("]
     for key, storage_key, dtype, shape in entries:
         numel = int(np.prod(shape, dtype=np.int64))
-        stride, step = [], 1
+        stride: list[int] = []
+        step = 1
         for d in reversed(shape):
             stride.insert(0, step)
             step *= d
@@ -573,7 +574,7 @@ class _StreamingTorchFile:
         if array.dtype not in _STORAGE_NAMES:
             raise CheckpointError(f"cannot write {key} as {array.dtype} to pytorch_model.bin")
         storage_key = str(len(self._entries))
-        self._write(f"data/{storage_key}", memoryview(array.reshape(-1).view(np.uint8)), array.nbytes)
+        self._write(f"data/{storage_key}", array.reshape(-1).view(np.uint8).data, array.nbytes)
         self._entries.append((key, storage_key, array.dtype, tuple(array.shape)))
 
     def finish(self) -> None:
