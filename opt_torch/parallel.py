@@ -161,6 +161,16 @@ def local_parameter_bytes(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- mesh
+def _require_launch(what: str) -> None:
+    """ValueError naming `what` when this process is neither in a torch.distributed group nor
+    started by a distributed launcher (torchrun sets WORLD_SIZE)."""
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        raise ValueError(
+            f"{what} over the processes of a distributed launch; run under "
+            "`torchrun --nproc-per-node N ...` (or initialise torch.distributed yourself)"
+        )
+
+
 def tensor_parallel_mesh(tp_plan: str | None = "auto", device_mesh: DeviceMesh | None = None) -> DeviceMesh:
     """The 1-D mesh to shard over: `device_mesh` (its "tp" dimension when it has one), or, for
     `tp_plan="auto"`, every process of the job torchrun started (the process group is created when
@@ -178,11 +188,7 @@ def tensor_parallel_mesh(tp_plan: str | None = "auto", device_mesh: DeviceMesh |
     if tp_plan not in TP_PLANS:
         raise ValueError(f"tp_plan must be one of {TP_PLANS} (or pass device_mesh=), got {tp_plan!r}")
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            raise ValueError(
-                "tp_plan='auto' shards over the processes of a distributed launch; run under "
-                "`torchrun --nproc-per-node N ...` (or initialise torch.distributed yourself)"
-            )
+        _require_launch("tp_plan='auto' shards the model")
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -341,6 +347,7 @@ def data_parallel_mesh(device_mesh: DeviceMesh | None = None) -> DeviceMesh:
     process group is created when none exists, as in `tensor_parallel_mesh`)."""
     if device_mesh is not None:
         return device_mesh
+    _require_launch("fsdp=True shards parameters, gradients and optimizer state")
     mesh = tensor_parallel_mesh("auto")
     return init_device_mesh(mesh.device_type, (mesh.size(),), mesh_dim_names=("dp",))
 

@@ -60,3 +60,12 @@ def test_blocks_longer_than_context_are_refused():
         train_causal_lm(_model(), affine_blocks(length=80), ARGS, log=None)
 
 
+
+
+def test_fsdp_outside_a_distributed_launch_says_so(monkeypatch):
+    """fsdp=True in a plain process: the error names FSDP and torchrun, not tensor parallelism."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    blocks = affine_blocks()
+    with pytest.raises(ValueError, match=r"fsdp=True shards .* run under `torchrun") as info:
+        train_causal_lm(_model(), blocks, ARGS.replace(max_steps=1), log=None, fsdp=True)
+    assert "tp_plan" not in str(info.value)
