@@ -123,12 +123,12 @@ def _probe_writable(dst: Path, what: str) -> None:
     folder nobody can write in (`/proc/x`, a read-only mount) fails now, not after the work."""
     import secrets
 
-    from opt_core.transaction import MARKER_NAME
+    from opt_core.transaction import MARKER_NAME, entry_kind
 
     ancestor = dst.parent
-    while _kind(ancestor) == "missing" and ancestor.parent != ancestor:
+    while entry_kind(ancestor) == "missing" and ancestor.parent != ancestor:
         ancestor = ancestor.parent
-    if _kind(ancestor) != "folder":
+    if _kind(ancestor) != "folder":  # following a link to a folder, as mkdir does
         raise UsageError(f"{what}: cannot create {dst}: {ancestor} is a {_kind(ancestor)}, not a folder")
     probe = ancestor / f".{dst.name}.opt-tmp-{secrets.token_hex(16)}"
     try:

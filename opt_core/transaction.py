@@ -10,11 +10,13 @@ What a write owns
     such as `checkpoint-100/`) that the write created. That list, never a name pattern, is what a
     later write may replace or delete. Anything else in the folder is the user's: `overwrite=True`
     refuses a folder holding any such entry, listing them, and deletes nothing. One exception, so
-    that a model folder written by Hugging Face or an older version can be overwritten: a folder
-    with *no* manifest whose entries are all regular files with exactly the names a model folder
-    has (`config.json`, `model.safetensors`, `model-00001-of-00002.safetensors`, `vocab.json`, ...;
-    `ADOPTABLE`) is treated as owned. A folder entry, a symbolic link, or a name that merely looks
-    like a model file (`model-notes-of-2024.safetensors`) is never adopted.
+    that a model folder written by Hugging Face, by an older version or by a library call that
+    keeps no manifest (`tokenizer.save_pretrained`) can be overwritten: a *regular file* with exactly
+    a name a model folder has (`config.json`, `model.safetensors`, `model-00001-of-00002.safetensors`,
+    `vocab.json`, ...; `ADOPTABLE`) counts as owned, being what `--overwrite` was asked to replace.
+    A folder, a symbolic link, or a name that merely looks like a model file
+    (`model-notes-of-2024.safetensors`, `checkpoint-keep/`, a folder named `config.json/`) is never
+    adopted.
 
     `save_pretrained` into a folder that also holds other files (Hugging Face allows it) keeps them:
     it replaces the regular files at exactly the names it writes, removes the weight files of its
@@ -124,11 +126,11 @@ def _crash_point(step: str) -> None:
 
 
 # ---------------------------------------------------------------- small file-system helpers
-def _lkind(path: Path) -> str:
+def entry_kind(path: Path) -> str:
     """'file', 'folder', 'link', 'missing' or 'special' without following a symbolic link."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a/b where a is a file: b cannot exist
         return "missing"
     if stat.S_ISLNK(mode):
         return "link"
@@ -164,7 +166,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def _read_small_json(path: Path) -> Any:
     """JSON from a regular file of at most 1 MB, or None when it is absent, not regular or invalid."""
-    if _lkind(path) != "file" or os.lstat(path).st_size > _MAX_MANIFEST_BYTES:
+    if entry_kind(path) != "file" or os.lstat(path).st_size > _MAX_MANIFEST_BYTES:
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -173,7 +175,7 @@ def _read_small_json(path: Path) -> Any:
 
 
 def _remove_entry(path: Path) -> None:
-    if _lkind(path) == "folder":
+    if entry_kind(path) == "folder":
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
@@ -257,7 +259,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, str] | None:
         OutputError: a manifest that is not a small regular JSON file of the expected form.
     """
     path = Path(folder) / MANIFEST_NAME
-    kind = _lkind(path)
+    kind = entry_kind(path)
     if kind == "missing":
         return None
     data = _read_small_json(path)
@@ -284,22 +286,21 @@ def classify(folder: Path, *, adopt: bool = True) -> tuple[dict[str, str], list[
     """(owned entries name -> kind, foreign entry names) of an existing folder.
 
     Owned: what its manifest lists, when the entry on disk still has the listed kind (a listed
-    file replaced by a link or a folder is the user's); without a manifest and with `adopt`, the
-    regular files with exactly a model folder's names (`is_adoptable`). The reserved names, as
-    regular files, are owned and not listed.
+    file replaced by a link or a folder is the user's); with `adopt`, also the regular files with
+    exactly a model folder's names (`is_adoptable`). The reserved names, as regular files, are owned
+    and not listed.
     """
     manifest = read_manifest(folder)
     owned: dict[str, str] = {}
     foreign: list[str] = []
     for entry in sorted(os.listdir(folder)):
-        kind = _lkind(folder / entry)
+        kind = entry_kind(folder / entry)
         if entry in RESERVED and kind == "file":
             continue
-        if manifest is not None:
-            if manifest.get(entry) == kind:
-                owned[entry] = kind
-                continue
-        elif adopt and kind == "file" and is_adoptable(entry):
+        if manifest is not None and manifest.get(entry) == kind:
+            owned[entry] = kind
+            continue
+        if adopt and kind == "file" and is_adoptable(entry):
             owned[entry] = kind
             continue
         foreign.append(entry + ("/" if kind == "folder" else ""))
@@ -353,10 +354,10 @@ def recover(dst: str | os.PathLike[str], log: Callable[[str], None] | None = Non
         return journal.get("token") == ended_token or not _alive(journal["pid"])
 
     parent = dst.parent
-    if _lkind(parent) != "folder":
+    if entry_kind(parent) != "folder":
         return done
     # 1. the marker moved into dst with the new folder: the swap happened, the old folder remains
-    stray = _marker(dst, dst.name) if _lkind(dst) == "folder" else None
+    stray = _marker(dst, dst.name) if entry_kind(dst) == "folder" else None
     if stray is not None and ended(stray):
         for name in stray.get("old_folders", []):
             if isinstance(name, str) and _plain_name(name) and _marker(parent / name, dst.name) is None:
@@ -375,22 +376,23 @@ def recover(dst: str | os.PathLike[str], log: Callable[[str], None] | None = Non
         if tag not in (_TMP_TAG, _OLD_TAG) or not _TOKEN.fullmatch(token):
             continue
         folder = parent / name
-        if _lkind(folder) != "folder":
+        if entry_kind(folder) != "folder":
             continue
         journal = _marker(folder, dst.name, token)
         if journal is None or journal.get("role") != tag or not ended(journal):
             continue  # not ours, or still being written: never touched
         if tag == _OLD_TAG:
-            if _lkind(parent / str(journal.get("tmp_folder"))) == "missing":
+            if entry_kind(parent / str(journal.get("tmp_folder"))) == "missing":
                 shutil.rmtree(folder)  # the swap had finished; these are the replaced old files
                 say(f"removed {folder}, old files of an interrupted write into {dst}")
             continue
+        recover(folder, log, ended_token=ended_token)  # a save_pretrained into it killed with it
         state = journal.get("state")
         old = [parent / n for n in journal.get("old_folders", []) if isinstance(n, str) and _plain_name(n)]
         if state == "swapping-files":
             _roll_forward_files(folder, dst, journal)
             say(f"finished the interrupted write into {dst} (its new files were complete)")
-        elif state == "swapping-folder" and _lkind(dst) == "missing" and any(p.exists() for p in old):
+        elif state == "swapping-folder" and entry_kind(dst) == "missing" and any(p.exists() for p in old):
             os.rename(folder, dst)  # the old folder had moved aside: the new one takes its place
             for p in old:
                 _delete_old(p, journal)
@@ -405,14 +407,14 @@ def recover(dst: str | os.PathLike[str], log: Callable[[str], None] | None = Non
 def _delete_old(old: Path, journal: dict[str, Any]) -> None:
     """Delete the entries of the replaced folder `old` the journal lists as owned, then the folder if
     that empties it. A user's file that arrived in the meantime stays (with the folder)."""
-    if not old.name or _lkind(old) != "folder":
+    if not old.name or entry_kind(old) != "folder":
         return
     owned = journal.get("old_owned", {})
     for name, kind in (owned.items() if isinstance(owned, dict) else ()):
-        if isinstance(name, str) and _plain_name(name) and _lkind(old / name) == kind:
+        if isinstance(name, str) and _plain_name(name) and entry_kind(old / name) == kind:
             _remove_entry(old / name)
     for name in RESERVED:
-        if _lkind(old / name) == "file":
+        if entry_kind(old / name) == "file":
             (old / name).unlink()
     with contextlib.suppress(OSError):
         old.rmdir()
@@ -426,10 +428,10 @@ def _roll_forward_files(tmp: Path, dst: Path, journal: dict[str, Any]) -> None:
     backup.mkdir(exist_ok=True)
     for name in journal["old_moves"]:
         ours = _plain_name(name) or name == MANIFEST_NAME
-        if ours and _lkind(dst / name) != "missing" and _lkind(backup / name) == "missing":
+        if ours and entry_kind(dst / name) != "missing" and entry_kind(backup / name) == "missing":
             os.rename(dst / name, backup / name)
     for name in journal["new"]:
-        if (_plain_name(name) or name == MANIFEST_NAME) and _lkind(tmp / name) != "missing":
+        if (_plain_name(name) or name == MANIFEST_NAME) and entry_kind(tmp / name) != "missing":
             os.replace(tmp / name, dst / name)
     shutil.rmtree(backup)
     shutil.rmtree(tmp)
@@ -463,7 +465,7 @@ class WriteTransaction:
         if token is not None and not _TOKEN.fullmatch(token):
             raise ValueError(f"token must be 32 lowercase hex digits, got {token!r}")
         self.dst = Path(os.path.abspath(dst))
-        if _lkind(self.dst) == "link":
+        if entry_kind(self.dst) == "link":
             self.dst = Path(os.path.realpath(self.dst))  # write where the link points, not over the link
         self.overwrite, self.merge, self.stale, self.what, self.log = overwrite, merge, stale, what, log
         self.token = token or secrets.token_hex(16)
@@ -478,7 +480,7 @@ class WriteTransaction:
 
     def check_destination(self) -> dict[str, str]:
         """Validate `dst` as it is now; returns the owned entries a replacing write would delete."""
-        kind = _lkind(self.dst)
+        kind = entry_kind(self.dst)
         if kind == "missing":
             return {}
         if kind != "folder":
@@ -506,7 +508,7 @@ class WriteTransaction:
             raise OutputError(f"{self._label()}: a file-system root cannot be replaced; choose a folder inside it")
         recover(self.dst, self.log)
         self.check_destination()
-        self.existed = _lkind(self.dst) == "folder"
+        self.existed = entry_kind(self.dst) == "folder"
         parent = self.dst.parent
         created = False
         try:
@@ -526,7 +528,7 @@ class WriteTransaction:
 
     def written(self) -> dict[str, str]:
         """The entries written so far into the temporary folder (name -> kind)."""
-        return {n: _lkind(self.path / n) for n in sorted(os.listdir(self.path)) if n not in RESERVED}
+        return {n: entry_kind(self.path / n) for n in sorted(os.listdir(self.path)) if n not in RESERVED}
 
     def commit(self) -> Path:
         """Swap the finished temporary folder in (see the module docstring); returns `dst`.
@@ -564,7 +566,7 @@ class WriteTransaction:
         error.args = (f"{error.args[0]}; the finished output is kept in {kept}",) + error.args[1:]
 
     def _commit_replace(self, new: dict[str, str]) -> None:
-        if _lkind(self.dst) != "missing" and not self.existed and not self.overwrite:
+        if entry_kind(self.dst) != "missing" and not self.existed and not self.overwrite:
             raise DestinationExistsError(f"{self._label()} was created by someone else while this command ran; "
                                          "it is left as it is")
         owned = self.check_destination()
@@ -578,7 +580,7 @@ class WriteTransaction:
         _write_marker(self.path, self._journal)
         _crash_point("journal")
         with _sigint_held():
-            if _lkind(self.dst) == "missing":
+            if entry_kind(self.dst) == "missing":
                 _rename_noreplace(self.path, self.dst)
                 _crash_point("renamed")
             elif _renameat2(self.path, self.dst, _RENAME_EXCHANGE):
@@ -596,16 +598,16 @@ class WriteTransaction:
             (self.dst / MARKER_NAME).unlink(missing_ok=True)
             _fsync_dir(self.dst.parent)
         for leftover in [self.dst.parent / n for n in self._journal["old_folders"]]:
-            if _lkind(leftover) == "folder" and self.log is not None:
+            if entry_kind(leftover) == "folder" and self.log is not None:
                 self.log(f"note: {leftover} keeps files that appeared in {self.dst} while writing")
 
     def _commit_merge(self, new: dict[str, str]) -> None:
-        kind = _lkind(self.dst)
+        kind = entry_kind(self.dst)
         manifest = read_manifest(self.dst) if kind == "folder" else None
         owned = self.check_destination()
         names = set(os.listdir(self.dst)) - set(RESERVED) if kind == "folder" else set()
-        blocked = [n + ("/" if _lkind(self.dst / n) == "folder" else "") for n in sorted(new)
-                   if n in names and owned.get(n) != new[n] and not (new[n] == "file" == _lkind(self.dst / n))]
+        blocked = [n + ("/" if entry_kind(self.dst / n) == "folder" else "") for n in sorted(new)
+                   if n in names and owned.get(n) != new[n] and not (new[n] == "file" == entry_kind(self.dst / n))]
         stale = self.stale or (lambda name: False)
         superseded = [n for n in sorted(names) if n not in new and stale(n)]
         conflicting = [n for n in superseded if n not in owned]
@@ -631,7 +633,7 @@ class WriteTransaction:
         _write_marker(self.path, self._journal)  # first: from here on, recover() finishes the swap
         backup.mkdir()
         _write_marker(backup, {**self._journal, "role": _OLD_TAG, "tmp_folder": self.path.name})
-        _crash_point("journal")
+        _crash_point("files-journal")
         with _sigint_held():
             for i, name in enumerate(moves):
                 os.rename(self.dst / name, backup / name)
@@ -650,11 +652,12 @@ class WriteTransaction:
         `recover` settles a killed one (finished, the new files being complete)."""
         if self.committed:
             return
-        journal = _marker(self.path, self.dst.name, self.token) if _lkind(self.path) == "folder" else None
+        journal = _marker(self.path, self.dst.name, self.token) if entry_kind(self.path) == "folder" else None
         if self._journal.get("state", "writing") != "writing" or (journal and journal.get("state") != "writing"):
             recover(self.dst, self.log, ended_token=self.token)
             return
         if journal is not None:
+            recover(self.path, self.log, ended_token=self.token)  # what a failed nested save left
             shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self) -> WriteTransaction:
@@ -682,7 +685,7 @@ def check_report_path(path: str | os.PathLike[str], *, force: bool, what: str,
         OutputError: naming `what` and the path.
     """
     path = Path(path)
-    kind = _lkind(path)
+    kind = entry_kind(path)
     if kind == "link":
         kind = "link" if not path.exists() else ("file" if path.is_file() else "special")
     if kind not in ("missing", "file"):
@@ -720,6 +723,7 @@ def write_report_file(path: str | os.PathLike[str], text: str) -> Path:
 
 __all__ = [
     "ADOPTABLE", "MANIFEST_NAME", "MARKER_NAME", "DestinationExistsError", "ForeignFilesError", "OutputError",
+    "entry_kind",
     "WriteTransaction", "check_report_path", "classify", "is_adoptable", "read_manifest", "recover",
     "write_json_atomic", "write_manifest", "write_report_file", "write_transaction",
 ]
