@@ -30,7 +30,7 @@ def _kind(path: Path) -> str:
     """'folder', 'file', 'missing' or what else the path is (a FIFO, a socket, a device)."""
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a/b where a is a file: b cannot exist
         return "missing"
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
@@ -156,12 +156,17 @@ def output_folder(arg: str | os.PathLike[str], overwrite: bool, what: str = "--o
     folder = Path(arg)
     if str(arg) == BUNDLED or _inside_package(folder):
         raise UsageError(f"{what}: refusing to write into the installed package ({folder}); choose another folder")
+    tx = WriteTransaction(folder, overwrite=overwrite, what=what)
+    if tx.dst.parent == tx.dst:
+        raise UsageError(f"{what}: {folder} is a file-system root; choose a folder inside it")
+    if _kind(tx.dst) not in ("missing", "folder"):
+        raise UsageError(f"{what}: {folder} is a {_kind(tx.dst)}, not a folder; choose a new or empty folder")
     for inp in inputs:
         real, target = Path(os.path.realpath(inp)), Path(os.path.realpath(folder))
         if real == target or target in real.parents:
             raise UsageError(f"{what}: {folder} holds the input {inp}; choose another output folder")
     try:
-        WriteTransaction(folder, overwrite=overwrite, what=what).check_destination()
+        tx.check_destination()
     except OutputError as e:
         raise UsageError(str(e)) from None
     _probe_writable(Path(os.path.abspath(folder)), what)

@@ -223,6 +223,9 @@ def _sigint_held() -> Iterator[None]:
         return
     pending: list[Any] = []
     previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler installed outside Python: it cannot be put back, so leave it
+        yield
+        return
     try:
         signal.signal(signal.SIGINT, lambda *a: pending.append(a))
     except (ValueError, TypeError):
@@ -388,12 +391,14 @@ def recover(dst: str | os.PathLike[str], log: Callable[[str], None] | None = Non
             continue
         recover(folder, log, ended_token=ended_token)  # a save_pretrained into it killed with it
         state = journal.get("state")
-        old = [parent / n for n in journal.get("old_folders", []) if isinstance(n, str) and _plain_name(n)]
+        old = [parent / n for n in journal.get("old_folders", [])
+               if isinstance(n, str) and _plain_name(n) and n != name]
         if state == "swapping-files":
             _roll_forward_files(folder, dst, journal)
             say(f"finished the interrupted write into {dst} (its new files were complete)")
-        elif state == "swapping-folder" and entry_kind(dst) == "missing" and any(p.exists() for p in old):
-            os.rename(folder, dst)  # the old folder had moved aside: the new one takes its place
+        elif state == "swapping-folder" and entry_kind(dst) == "missing":
+            # the old folder had moved aside (or there was none): the complete new one takes its place
+            os.rename(folder, dst)
             for p in old:
                 _delete_old(p, journal)
             (dst / MARKER_NAME).unlink(missing_ok=True)
@@ -476,7 +481,7 @@ class WriteTransaction:
         self._journal: dict[str, Any] = {}
 
     def _label(self) -> str:
-        return f"{self.what} {self.dst}"
+        return f"{self.what}: {self.dst}"
 
     def check_destination(self) -> dict[str, str]:
         """Validate `dst` as it is now; returns the owned entries a replacing write would delete."""
@@ -505,7 +510,8 @@ class WriteTransaction:
     def begin(self) -> WriteTransaction:
         """Settle an interrupted earlier write, check the destination, create the temporary folder."""
         if self.dst.parent == self.dst:
-            raise OutputError(f"{self._label()}: a file-system root cannot be replaced; choose a folder inside it")
+            raise OutputError(f"{self._label()} is a file-system root, which cannot be replaced; choose a folder "
+                              "inside it")
         recover(self.dst, self.log)
         self.check_destination()
         self.existed = entry_kind(self.dst) == "folder"
@@ -521,7 +527,7 @@ class WriteTransaction:
         except OSError as e:
             if created:
                 shutil.rmtree(self.path, ignore_errors=True)
-            raise OutputError(f"cannot write {self._label()}: {e.strerror or e} (creating {self.path.name} "
+            raise OutputError(f"{self._label()} cannot be written: {e.strerror or e} (creating {self.path.name} "
                               f"in {parent})") from None
         _crash_point("begin")
         return self
