@@ -580,32 +580,57 @@ class WriteTransaction:
         self._swap_folder(owned)
 
     def _swap_folder(self, owned: dict[str, str]) -> None:
-        """Exchange the temporary folder with `dst` (absent, empty or holding only `owned`)."""
+        """Exchange the temporary folder with `dst` (absent, empty or holding only `owned`, as
+        checked a moment ago). Whatever appeared in `dst` since is never moved away: an entry that
+        is not in `owned` makes the swap go back (or not happen) and raise."""
+        expect_missing = entry_kind(self.dst) == "missing"
         self._journal.update(state="swapping-folder", old_owned=owned,
                              old_folders=[self.path.name, _temp_name(self.dst, _OLD_TAG, self.token).name])
         _write_marker(self.path, self._journal)
         _crash_point("journal")
         with _sigint_held():
-            if entry_kind(self.dst) == "missing":
-                _rename_noreplace(self.path, self.dst)
+            if expect_missing:
+                try:
+                    _rename_noreplace(self.path, self.dst)
+                except FileExistsError:  # created between the check and the rename: left alone
+                    self._back_to_writing()
+                    raise DestinationExistsError(f"{self._label()} was created by someone else while this "
+                                                 "command ran; it is left as it is") from None
                 _crash_point("renamed")
             elif _renameat2(self.path, self.dst, _RENAME_EXCHANGE):
                 # dst is the new folder now (the marker went with it); the old one sits at self.path
                 _crash_point("exchanged")
+                if self._appeared(self.path):
+                    _renameat2(self.path, self.dst, _RENAME_EXCHANGE)  # put it back as it was
+                    self._refuse_appeared()
                 _delete_old(self.path, self._journal)
             else:
                 old = self.dst.parent / self._journal["old_folders"][1]
                 os.rename(self.dst, old)
                 _crash_point("moved-old")
+                if self._appeared(old):
+                    os.rename(old, self.dst)
+                    self._refuse_appeared()
                 os.rename(self.path, self.dst)
                 _crash_point("moved-new")
                 _delete_old(old, self._journal)
             _crash_point("deleted-old")
             (self.dst / MARKER_NAME).unlink(missing_ok=True)
             _fsync_dir(self.dst.parent)
-        for leftover in [self.dst.parent / n for n in self._journal["old_folders"]]:
-            if entry_kind(leftover) == "folder" and self.log is not None:
-                self.log(f"note: {leftover} keeps files that appeared in {self.dst} while writing")
+
+    def _appeared(self, old: Path) -> list[str]:
+        """Entries of the replaced folder `old` that the check before the swap did not find owned."""
+        return sorted(n for n in os.listdir(old) if n not in RESERVED and n not in self._journal["old_owned"])
+
+    def _back_to_writing(self) -> None:
+        self._journal["state"] = "writing"
+        _write_marker(self.path, self._journal)
+
+    def _refuse_appeared(self) -> None:
+        self._back_to_writing()
+        foreign = self._appeared(self.dst)
+        raise ForeignFilesError(f"{self._label()} received files while this command ran ({_shown(foreign)}); "
+                                "it is left as it is", foreign)
 
     def _commit_merge(self, new: dict[str, str]) -> None:
         kind = entry_kind(self.dst)

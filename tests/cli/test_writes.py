@@ -271,6 +271,40 @@ def test_a_folder_created_while_converting_is_not_replaced(tmp_path, monkeypatch
     assert same_model(weights(kept[0]), _scaled(1.0)) and hidden(tmp_path) == []
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("existed", [True, False], ids=["replacing", "new"])
+def test_what_appears_in_the_destination_during_the_swap_is_never_moved_away(tmp_path, monkeypatch, exchange,
+                                                                              existed):
+    import opt_core.transaction as t
+
+    dst = tmp_path / "out"
+    if existed:
+        with WriteTransaction(dst) as tx:
+            (tx.path / "config.json").write_text("old")
+            tx.commit()
+    if not exchange:
+        plain = t._renameat2
+        monkeypatch.setattr(t, "_renameat2", lambda a, b, flags: False if flags == t._RENAME_EXCHANGE
+                            else plain(a, b, flags))
+
+    def user_writes(step: str) -> None:  # right after the last check, before the renames
+        if step == "journal":
+            dst.mkdir(exist_ok=True)
+            (dst / "late.txt").write_text("mine")
+
+    monkeypatch.setattr(t, "_crash_point", user_writes)
+    tx = WriteTransaction(dst, overwrite=True).begin()
+    (tx.path / "config.json").write_text("new")
+    with pytest.raises(FileExistsError, match="left as it is") as e:
+        tx.commit()
+    tx.abort()
+    expected = {"late.txt": b"mine"} | ({"config.json": b"old", MANIFEST_NAME: None} if existed else {})
+    got = snapshot(dst)
+    assert got.keys() == expected.keys() and all(got[k] == v for k, v in expected.items() if v is not None)
+    assert (tx.kept / "config.json").read_text() == "new" and str(tx.kept) in str(e.value)
+    assert hidden(tmp_path) == []
+
+
 # ---------------------------------------------------------------- the commands
 def test_the_issues_user_files_survive_every_command(tmp_path):
     dst = tmp_path / "out"
