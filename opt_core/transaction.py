@@ -491,6 +491,13 @@ class WriteTransaction:
         if kind != "folder":
             raise OutputError(f"{self._label()} is a {'special file' if kind == 'special' else kind}, not a folder; "
                               "choose a new or empty folder")
+        try:
+            mount = os.stat(self.dst).st_dev != os.stat(self.dst.parent).st_dev
+        except OSError:
+            mount = False
+        if mount:  # renames cannot cross file systems, and the temporary folder sits beside dst
+            raise OutputError(f"{self._label()} is a mount point: a write is swapped in from a folder beside it, "
+                              "which cannot cross file systems; choose a folder inside it")
         if not os.listdir(self.dst):
             return {}
         owned, foreign = classify(self.dst, adopt=not self.merge)

@@ -336,6 +336,7 @@ def test_output_folders_are_validated_before_any_work(tmp_path):
     cases = [
         (["train", "--corpus", corpus, "--out", "/proc/opt-x"], "cannot write"),
         (["convert", "bundled", "/proc/opt-x", "--to", "bin"], "cannot write"),
+        (["convert", "bundled", "/proc", "--to", "bin", "--overwrite"], "is a mount point"),
         (["train", "--corpus", corpus, "--out", a_file], "not a folder"),
         (["train", "--corpus", corpus, "--out", a_file / "sub"], "not a folder"),
         (["train", "--corpus", corpus, "--out", BUNDLED / "more"], "installed package"),
