@@ -29,7 +29,7 @@ from opt_cli.options import (
     positive_int,
     print_on_first_rank_only,
 )
-from opt_cli.paths import input_file, model_folder, output_transaction, tokenizer_folder
+from opt_cli.paths import input_file, model_folder, output_folder, output_transaction, tokenizer_folder
 from opt_cli.registry import register
 
 
@@ -98,13 +98,14 @@ def _train(p: argparse.ArgumentParser):
                                  f"not {backend.name}")
             print_on_first_rank_only()
         corpus = input_file(args.corpus, "--corpus")
+        output_folder(args.out, args.overwrite, what="--out", inputs=[corpus])  # before reading anything large
         read_text(corpus)  # clear errors for an empty or non-UTF-8 corpus before any heavy import
         init = model_folder(args.init, "--init") if args.init else None
         # Everything is written into the transaction's temporary folder and swapped in at the end:
         # with --init X --out X the old model stays whole until the new one is complete.
         # Rank 0 owns the folder: it settles, creates, commits or removes the temporary folder.
         first = is_first_rank()
-        tx = output_transaction(args.out, args.overwrite, "--out", inputs=[corpus], token=_job_token(args.out),
+        tx = output_transaction(args.out, args.overwrite, what="--out", inputs=[corpus], token=_job_token(args.out),
                                 begin=first)
         try:
             return _train_into(args, backend, corpus, init, tx)

@@ -142,7 +142,7 @@ def _probe_writable(dst: Path, what: str) -> None:
             probe.rmdir()
 
 
-def output_folder(arg: str | os.PathLike[str], overwrite: bool, what: str = "--out",
+def output_folder(arg: str | os.PathLike[str], overwrite: bool, *, what: str = "--out",
                   inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
     """Check an output folder before any work (the write itself is `opt_core.transaction`): missing
     or empty is fine; a non-empty one needs `--overwrite`, and even then may hold only what an
@@ -173,7 +173,7 @@ def output_folder(arg: str | os.PathLike[str], overwrite: bool, what: str = "--o
     return folder
 
 
-def output_transaction(arg: str | os.PathLike[str], overwrite: bool, what: str = "--out",
+def output_transaction(arg: str | os.PathLike[str], overwrite: bool, *, what: str = "--out",
                        inputs: Iterable[str | os.PathLike[str]] = (), token: str | None = None,
                        begin: bool = True) -> Any:
     """`output_folder`'s checks, then a begun `WriteTransaction` whose temporary folder the
@@ -182,7 +182,7 @@ def output_transaction(arg: str | os.PathLike[str], overwrite: bool, what: str =
     whose rank 0 begins it, with the same `token`)."""
     from opt_core.transaction import OutputError, WriteTransaction
 
-    folder = output_folder(arg, overwrite, what, inputs)
+    folder = output_folder(arg, overwrite, what=what, inputs=inputs)
     tx = WriteTransaction(folder, overwrite=overwrite, what=what, log=lambda line: print(line, file=sys.stderr),
                           token=token)
     try:
