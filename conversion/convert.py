@@ -10,19 +10,20 @@ The order of work is what makes it safe:
 2. account for every key against the canonical table and make the checks every load makes
    (`conversion.plan.plan`): an unknown, missing, duplicated, misshapen or non-float tensor, or an
    untied head under a tied config, stops here before any file is created;
-3. stream tensor by tensor (read, refuse NaN/inf, cast, write) into a temporary folder beside the
-   destination;
-4. copy config, generation config and tokenizer files, then rename the folder into place
-   (`conversion.install`); with `verify=True`, compare every written tensor with the still-open
-   source (`conversion.verify`).
-Any error after step 2 removes the temporary folder; an existing destination is replaced only with
-`overwrite=True`, and a destination that holds an input file is refused outright.
+3. stream tensor by tensor (read, refuse NaN/inf, cast, write) into the temporary folder of a write
+   transaction beside the destination (`opt_core.transaction`);
+4. copy config, generation config and tokenizer files, then swap the finished folder in; with
+   `verify=True`, compare every written tensor with the still-open source (`conversion.verify`).
+Any error or Ctrl-C before the swap removes the temporary folder and leaves the destination as it
+was. An existing non-empty destination is replaced only with `overwrite=True`, and only when it
+holds nothing but what an earlier write owns (its `.opt-manifest.json`, or a plain model folder);
+one a user creates while the conversion runs is never replaced. A destination that holds an input
+file is refused outright.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from conversion.install import install, write_side_files
-from conversion.plan import check_paths, open_source, os_pid_tmp, plan, progress_bar
+from conversion.install import write_side_files
+from conversion.plan import check_paths, open_source, plan, progress_bar
 from conversion.verify import VerifyResult, compare
 from opt_core.checkpoint import check_finite
 from opt_core.config import OPTConfig
@@ -39,6 +40,7 @@ from opt_core.formats import WRITE_FORMATS, Scratch, cast, dtype_name, resolve_d
 from opt_core.formats.base import CheckpointError
 from opt_core.formats.files import DEFAULT_SHARD_BYTES, parse_size
 from opt_core.params import Head
+from opt_core.transaction import WriteTransaction
 
 
 @dataclass
@@ -108,7 +110,10 @@ def convert(
     Raises:
         CheckpointError: unknown/missing/misshapen/non-float/non-finite tensors, a hostile, corrupt
             or truncated file, a failed verification (the output is then removed).
-        FileExistsError: `dst` exists and `overwrite` is False.
+        FileExistsError: `dst` exists and is not empty and `overwrite` is False; with `overwrite`,
+            `dst` holds entries no earlier write owns (`opt_core.transaction.ForeignFilesError`,
+            listing them); `dst` was created by someone else while converting.
+        opt_core.transaction.OutputError (an OSError): `dst` cannot be written.
         FileNotFoundError: no checkpoint at `src`.
         ValueError: bad arguments, or `dst` would overwrite an input.
     """
@@ -122,59 +127,57 @@ def convert(
     shard_bytes = parse_size(shard_size) if shard_size is not None else DEFAULT_SHARD_BYTES
     if shard_bytes <= 0:
         raise ValueError(f"shard size must be positive, got {shard_size!r}")
-    if dst.exists() and not overwrite:  # before opening anything large
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    tx = WriteTransaction(dst, overwrite=overwrite, what="output folder")
+    if not overwrite:
+        tx.check_destination()  # before opening anything
 
-    reader, cfg, config_source, raw = open_source(src, src_format, config)
+    reader, cfg, config_source, raw = open_source(src, src_format, config)  # headers only
     try:
         check_paths(src, dst, reader, overwrite)
+        tx.check_destination()
         job = plan(src, reader, cfg, config_source, raw, to, target_dtype, head)
         out_config = job.config
         out_dtype = dtype_name(job.plan[0].dtype) if job.plan else "float32"
         if target_dtype is not None:
             out_config = out_config.replace(torch_dtype=out_dtype)
 
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = os_pid_tmp(dst)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         writer = None
         by_name = {p.spec.name: p for p in job.plan}
         total = sum(p.nbytes for p in job.plan)
-        try:
-            writer = writer_class(to)(tmp, job.plan, out_config, job.head, shard_bytes)
-            scratch = Scratch()  # every writer consumes a fetched array before the next fetch
-            with progress_bar(total, f"{reader.fmt} -> {to}", progress) as bar:
-                done = [0]
+        with tx:
+            tmp = tx.path
+            try:
+                writer = writer_class(to)(tmp, job.plan, out_config, job.head, shard_bytes)
+                scratch = Scratch()  # every writer consumes a fetched array before the next fetch
+                with progress_bar(total, f"{reader.fmt} -> {to}", progress) as bar:
+                    done = [0]
 
-                def fetch(name: str) -> np.ndarray:
-                    p = by_name[name]
-                    key = job.mapping[name]
-                    arr = reader.read(key, out=scratch.array(p.spec.shape, reader.dtype(key)))
-                    if not allow_non_finite:
-                        check_finite(arr, key, reader.where(key))
-                    arr = cast(arr, p.dtype)
-                    done[0] += 1
-                    bar.update(p.nbytes)
-                    bar.set_postfix_str(f"{done[0]}/{len(job.plan)} tensors", refresh=False)
-                    return arr
+                    def fetch(name: str) -> np.ndarray:
+                        p = by_name[name]
+                        key = job.mapping[name]
+                        arr = reader.read(key, out=scratch.array(p.spec.shape, reader.dtype(key)))
+                        if not allow_non_finite:
+                            check_finite(arr, key, reader.where(key))
+                        arr = cast(arr, p.dtype)
+                        done[0] += 1
+                        bar.update(p.nbytes)
+                        bar.set_postfix_str(f"{done[0]}/{len(job.plan)} tensors", refresh=False)
+                        return arr
 
-                writer.write_all(fetch)
-            notes = []
-            for name, target in job.tied_checks:
-                a, b = reader.read(job.mapping[name]), reader.read(job.mapping[target])
-                if not same_bits(a, b):  # check_tensors refused this already; kept as a guard
-                    raise CheckpointError(f"{src}: {job.mapping[name]} differs from {job.mapping[target]}")
-                notes.append(f"{job.mapping[name]} equals {job.mapping[target]} (tied); {to} stores it once")
-            files = [p.name for p in writer.commit()]
-            files += write_side_files(src, tmp, job.raw_config, out_config, target_dtype, out_dtype)
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        install(tmp, dst)
+                    writer.write_all(fetch)
+                notes = []
+                for name, target in job.tied_checks:
+                    a, b = reader.read(job.mapping[name]), reader.read(job.mapping[target])
+                    if not same_bits(a, b):  # check_tensors refused this already; kept as a guard
+                        raise CheckpointError(f"{src}: {job.mapping[name]} differs from {job.mapping[target]}")
+                    notes.append(f"{job.mapping[name]} equals {job.mapping[target]} (tied); {to} stores it once")
+                files = [p.name for p in writer.commit()]
+                files += write_side_files(src, tmp, job.raw_config, out_config, target_dtype, out_dtype)
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
+            tx.commit()
         report = ConversionReport(
             src=src, dst=dst, src_format=reader.fmt, to=to, head=job.head.value, config_source=job.config_source,
             tensors=len(job.plan), bytes_written=total, files=files, notes=notes,

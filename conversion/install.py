@@ -1,10 +1,9 @@
-"""The finished conversion's folder: config and side files beside the weights, then an atomic
-rename into place (an existing destination is replaced last)."""
+"""The finished conversion's folder: config and side files beside the weights (the swap into place
+is `opt_core.transaction`'s)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -48,17 +47,3 @@ def write_side_files(src: Path, tmp: Path, raw_config: dict[str, Any] | None, co
     for name in copied:
         final_permissions(tmp / name)
     return copied
-
-
-def install(tmp: Path, dst: Path) -> None:
-    """Move the finished temporary folder to `dst`, replacing an existing one last."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)

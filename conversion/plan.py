@@ -5,7 +5,6 @@ tensors the writer will receive."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,21 +175,13 @@ def plan(src: Path, reader: Reader, cfg: OPTConfig, config_source: str, raw: dic
 
 
 def check_paths(src: Path, dst: Path, reader: Reader, overwrite: bool) -> None:
-    """Refuse a destination that holds an input, or exists without `overwrite`."""
+    """Refuse a destination that holds an input (what may be replaced is the write transaction's
+    rule, `opt_core.transaction`)."""
     dst_res = dst.resolve()
     for f in [src, *reader.files]:
         r = f.resolve()
         if r == dst_res or dst_res in r.parents:
             raise ValueError(f"refusing to write {dst}: it holds the input {f}; choose another output folder")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst} exists and is not a folder")
-
-
-def os_pid_tmp(dst: Path) -> Path:
-    """The temporary folder beside `dst` a conversion writes into."""
-    return dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:

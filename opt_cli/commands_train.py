@@ -30,17 +30,8 @@ from opt_cli.options import (
     print_on_first_rank_only,
     require_distributed_launch,
 )
-from opt_cli.paths import clear_owned, input_file, model_folder, output_folder, tokenizer_folder
+from opt_cli.paths import input_file, model_folder, output_folder, output_transaction, tokenizer_folder
 from opt_cli.registry import register
-
-# Everything `opt train --out DIR` writes (names or glob patterns): `--overwrite` replaces these and
-# refuses a folder that holds anything else.
-TRAIN_OUTPUTS = (
-    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-    "model.safetensors.index.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-    "special_tokens_map.json", "training_args.json", "trainer_log.json", "training_summary.json",
-    "checkpoint-*",
-)
 
 
 def add_model_shape_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,9 +74,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
 @register("train", "Train or fine-tune a causal-LM OPT on a text file (tokenizer too, when new)")
 def _train(p: argparse.ArgumentParser):
     p.add_argument("--corpus", required=True, metavar="FILE", help="UTF-8 text file to train on")
-    p.add_argument("--out", required=True, metavar="DIR", help="output model folder (new or empty)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output model folder (new or empty); written whole at the end, so an interrupted run "
+                        "leaves it as it was")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the model files of a previous run in --out (a folder holding other files is refused)")
+                   help="replace the model a previous run wrote in --out (listed in its .opt-manifest.json; a plain "
+                        "model folder too) once training has finished; a folder holding other files is refused")
     add_backend_argument(p)
     p.add_argument("--init", default=None, metavar="DIR",
                    help="model folder (or 'bundled') to fine-tune instead of a new model")
@@ -96,9 +90,7 @@ def _train(p: argparse.ArgumentParser):
     add_training_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
-        from opt_core import OPTConfig, OPTTokenizer
-        from opt_core.data import load_text_datasets, read_text, split_text, train_tokenizer
-        from opt_core.training_args import TrainingArguments
+        from opt_core.data import read_text
 
         backend = adapter(args.backend)
         if args.fsdp:
@@ -108,93 +100,125 @@ def _train(p: argparse.ArgumentParser):
             require_distributed_launch("--fsdp")
             print_on_first_rank_only()
         corpus = input_file(args.corpus, "--corpus")
+        output_folder(args.out, args.overwrite, what="--out", inputs=[corpus])  # before reading anything large
         read_text(corpus)  # clear errors for an empty or non-UTF-8 corpus before any heavy import
-        out = output_folder(args.out, args.overwrite, TRAIN_OUTPUTS)
         init = model_folder(args.init, "--init") if args.init else None
-        if init is not None:
-            tokenizer = OPTTokenizer.from_pretrained(tokenizer_folder(init, "--init"))
-            config = OPTConfig.from_pretrained(init)
-        else:
-            if args.tokenizer:
-                tokenizer = OPTTokenizer.from_pretrained(tokenizer_folder(args.tokenizer))
-            else:
-                train_text, _ = split_text(read_text(corpus), args.validation_fraction)
-                print(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on the training split")
-                tokenizer = train_tokenizer(train_text, vocab_size=args.vocab_size)
-                if len(tokenizer) < args.vocab_size:
-                    print(f"note: the BPE vocabulary has {len(tokenizer)} tokens, fewer than --vocab-size "
-                          f"{args.vocab_size}: the corpus has no more merges to learn", file=sys.stderr)
-            if args.hidden_size % args.heads:
-                raise UsageError(f"--hidden-size {args.hidden_size} is not divisible by --heads {args.heads}")
-            config = OPTConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=args.hidden_size,
-                num_hidden_layers=args.layers,
-                num_attention_heads=args.heads,
-                ffn_dim=args.ffn_dim,
-                max_position_embeddings=args.context,
-                dropout=args.dropout,
-                word_embed_proj_dim=args.hidden_size,
-            )
-        block = args.block_size or config.max_position_embeddings
-        if block > config.max_position_embeddings:
-            raise UsageError(f"--block-size {block} is longer than the model's context "
-                             f"({config.max_position_embeddings})")
-        warmup = args.warmup
-        if warmup > args.steps:
-            print(f"note: --warmup {warmup} is longer than the run (--steps {args.steps}); warming up for "
-                  f"{args.steps} steps", file=sys.stderr)
-            warmup = args.steps
-        targs = TrainingArguments(
-            max_steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-            block_size=block, learning_rate=args.lr, min_lr_ratio=args.min_lr_ratio,
-            warmup_steps=warmup, lr_schedule=args.schedule,
-            weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm or None, seed=args.seed,
-            validation_fraction=args.validation_fraction, eval_every=args.eval_every,
-            eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
-            output_dir=str(out), bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
-        )
-        train, val = load_text_datasets(corpus, tokenizer, block, args.validation_fraction)
-        print(f"data: {corpus}: {train.num_tokens:,} training tokens in {len(train)} blocks of {block}, "
-              f"{val.num_tokens:,} validation tokens ({len(val)} blocks)")
-        backend.module()
-        if args.threads:
-            backend.set_threads(args.threads)
-        model = backend.load(init) if init else backend.new(config, seed=args.seed)
-        from opt_core.params import parameter_count
-
-        print(f"model: {parameter_count(config):,} parameters, {config.num_hidden_layers} layers x "
-              f"{config.hidden_size} wide, context {config.max_position_embeddings}; backend {backend.name}")
-        removed = clear_owned(out, TRAIN_OUTPUTS)
-        if removed:
-            print(f"--overwrite: replacing {len(removed)} files of a previous run in {out}")
-        t0 = time.perf_counter()
-        result = backend.trainer().train_causal_lm(model, train, targs, eval_data=val if len(val) else None,
-                                                   tokenizer=tokenizer, log=lambda line: print(line, flush=True),
-                                                   **({"fsdp": True} if args.fsdp else {}))
-        if not is_first_rank():
-            return 0  # rank 0 writes the folder
-        write_generation_config(out, config)
-        summary: dict[str, Any] = {
-            "command": "opt " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "opt" else None,
-            "arguments": {k: v for k, v in vars(args).items() if k != "handler"},
-            "backend": backend.name,
-            "parameters": parameter_count(config),
-            "steps": result.steps,
-            "tokens_seen": result.tokens,
-            "final_train_loss": result.losses[-1],
-            "mean_train_loss_last_10": sum(result.losses[-10:]) / len(result.losses[-10:]),
-            "validation": result.evals[-1] if result.evals else None,
-            "seconds": time.perf_counter() - t0,
-        }
-        (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        val_text = f", validation perplexity {result.evals[-1]['perplexity']:.2f}" if result.evals else ""
-        print(f"saved {out}: {result.steps} steps in {summary['seconds']:.0f} s, final train loss "
-              f"{result.losses[-1]:.4f}{val_text}")
-        return 0
+        # Everything is written into the transaction's temporary folder and swapped in at the end:
+        # with --init X --out X the old model stays whole until the new one is complete.
+        # Rank 0 owns the folder: it settles, creates, commits or removes the temporary folder.
+        first = is_first_rank()
+        tx = output_transaction(args.out, args.overwrite, what="--out", inputs=[corpus], token=_job_token(args.out),
+                                begin=first)
+        try:
+            return _train_into(args, backend, corpus, init, tx)
+        finally:
+            if first:
+                tx.abort()  # nothing when committed
 
     return run
+
+
+def _job_token(out: str) -> str | None:
+    """Every rank of a torchrun job writes into one temporary folder: its name comes from the job id."""
+    import hashlib
+    import os
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None or os.environ.get("WORLD_SIZE", "1") == "1":
+        return None
+    return hashlib.sha256(f"{run_id}\0{os.path.abspath(out)}".encode()).hexdigest()[:32]
+
+
+def _train_into(args: argparse.Namespace, backend: Any, corpus: Path, init: Path | None, tx: Any) -> int:
+    from opt_core import OPTConfig, OPTTokenizer
+    from opt_core.data import load_text_datasets, read_text, split_text, train_tokenizer
+    from opt_core.training_args import TrainingArguments
+
+    out = tx.path
+    replaced = tx.check_destination()
+    if init is not None:
+        tokenizer = OPTTokenizer.from_pretrained(tokenizer_folder(init, "--init"))
+        config = OPTConfig.from_pretrained(init)
+    else:
+        if args.tokenizer:
+            tokenizer = OPTTokenizer.from_pretrained(tokenizer_folder(args.tokenizer))
+        else:
+            train_text, _ = split_text(read_text(corpus), args.validation_fraction)
+            print(f"training a byte-level BPE tokenizer (vocab {args.vocab_size}) on the training split")
+            tokenizer = train_tokenizer(train_text, vocab_size=args.vocab_size)
+            if len(tokenizer) < args.vocab_size:
+                print(f"note: the BPE vocabulary has {len(tokenizer)} tokens, fewer than --vocab-size "
+                      f"{args.vocab_size}: the corpus has no more merges to learn", file=sys.stderr)
+        if args.hidden_size % args.heads:
+            raise UsageError(f"--hidden-size {args.hidden_size} is not divisible by --heads {args.heads}")
+        config = OPTConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            ffn_dim=args.ffn_dim,
+            max_position_embeddings=args.context,
+            dropout=args.dropout,
+            word_embed_proj_dim=args.hidden_size,
+        )
+    block = args.block_size or config.max_position_embeddings
+    if block > config.max_position_embeddings:
+        raise UsageError(f"--block-size {block} is longer than the model's context "
+                         f"({config.max_position_embeddings})")
+    warmup = args.warmup
+    if warmup > args.steps:
+        print(f"note: --warmup {warmup} is longer than the run (--steps {args.steps}); warming up for "
+              f"{args.steps} steps", file=sys.stderr)
+        warmup = args.steps
+    targs = TrainingArguments(
+        max_steps=args.steps, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        block_size=block, learning_rate=args.lr, min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=warmup, lr_schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None, seed=args.seed,
+        validation_fraction=args.validation_fraction, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
+        output_dir=str(out), bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+    )
+    train, val = load_text_datasets(corpus, tokenizer, block, args.validation_fraction)
+    print(f"data: {corpus}: {train.num_tokens:,} training tokens in {len(train)} blocks of {block}, "
+          f"{val.num_tokens:,} validation tokens ({len(val)} blocks)")
+    backend.module()
+    if args.threads:
+        backend.set_threads(args.threads)
+    model = backend.load(init) if init else backend.new(config, seed=args.seed)
+    from opt_core.params import parameter_count
+
+    print(f"model: {parameter_count(config):,} parameters, {config.num_hidden_layers} layers x "
+          f"{config.hidden_size} wide, context {config.max_position_embeddings}; backend {backend.name}")
+    if replaced:
+        print(f"--overwrite: the {len(replaced)} files of a previous run in {tx.dst} are replaced when "
+              "training has finished")
+    t0 = time.perf_counter()
+    result = backend.trainer().train_causal_lm(model, train, targs, eval_data=val if len(val) else None,
+                                               tokenizer=tokenizer, log=lambda line: print(line, flush=True),
+                                               **({"fsdp": True} if args.fsdp else {}))
+    if not is_first_rank():
+        return 0  # rank 0 writes the folder
+    write_generation_config(out, config)
+    summary: dict[str, Any] = {
+        "command": "opt " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "opt" else None,
+        "arguments": {k: v for k, v in vars(args).items() if k != "handler"},
+        "backend": backend.name,
+        "parameters": parameter_count(config),
+        "steps": result.steps,
+        "tokens_seen": result.tokens,
+        "final_train_loss": result.losses[-1],
+        "mean_train_loss_last_10": sum(result.losses[-10:]) / len(result.losses[-10:]),
+        "validation": result.evals[-1] if result.evals else None,
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    tx.commit()
+    val_text = f", validation perplexity {result.evals[-1]['perplexity']:.2f}" if result.evals else ""
+    print(f"saved {tx.dst}: {result.steps} steps in {summary['seconds']:.0f} s, final train loss "
+          f"{result.losses[-1]:.4f}{val_text}")
+    return 0
 
 
 def write_generation_config(folder: Path, config: Any) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from opt_cli.backends import adapters
 from opt_cli.errors import UsageError
 from opt_cli.options import add_backends_argument, int_in
-from opt_cli.paths import input_file, model_folder, tokenizer_folder
+from opt_cli.paths import input_file, model_folder, report_file, tokenizer_folder
 from opt_cli.registry import register
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -56,8 +56,13 @@ def _verify(p: argparse.ArgumentParser):
                      help="leave the float64 reference out")
     p.add_argument("--allow-missing", action="store_true",
                    help="report backends that are not installed without failing")
-    p.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON")
-    p.add_argument("--markdown", type=Path, metavar="OUT", help="also write the report as Markdown")
+    p.add_argument("--json", type=Path, metavar="OUT",
+                   help="also write the report as JSON (an existing OUT is refused unless --force)")
+    p.add_argument("--markdown", type=Path, metavar="OUT",
+                   help="also write the report as Markdown (an existing OUT is refused unless --force)")
+    p.add_argument("--force", action="store_true",
+                   help="let --json / --markdown replace an existing file (never a folder, a special file "
+                        "or an input)")
     p.add_argument("--quiet-progress", action="store_true", help="no per-backend progress lines on stderr")
 
     def run(args: argparse.Namespace) -> int:
@@ -65,6 +70,12 @@ def _verify(p: argparse.ArgumentParser):
         folder = model_folder(args.model_dir, what="MODEL")
         tokenizer = tokenizer_folder(args.tokenizer) if args.tokenizer else None
         prompts, ids = read_prompts(Path(args.prompts)) if args.prompts else (None, None)
+        # the report files are checked before any work, and may never be an input (config.json...)
+        inputs = [p for p in (folder, tokenizer, args.prompts) if p is not None]
+        json_out = report_file(args.json, args.force, "--json", inputs)
+        markdown_out = report_file(args.markdown, args.force, "--markdown", inputs)
+        if json_out is not None and markdown_out is not None and json_out.resolve() == markdown_out.resolve():
+            raise UsageError(f"--json and --markdown name the same file {json_out}")
 
         def progress(line: str) -> None:
             if not args.quiet_progress:
@@ -75,7 +86,8 @@ def _verify(p: argparse.ArgumentParser):
                 backend.module()
             except UsageError:
                 pass  # verify reports a missing backend itself
-        from opt_verify import VerifyError, format_table, verify, write_json, write_markdown
+        from opt_core.transaction import write_report_file
+        from opt_verify import VerifyError, format_table, to_markdown, verify
 
         try:
             report = verify(
@@ -86,10 +98,10 @@ def _verify(p: argparse.ArgumentParser):
         except VerifyError as e:
             raise UsageError(str(e)) from None
         print(format_table(report))
-        if args.json:
-            print(f"JSON report: {write_json(report, args.json)}")
-        if args.markdown:
-            print(f"Markdown report: {write_markdown(report, args.markdown)}")
+        if json_out is not None:
+            print(f"JSON report: {write_report_file(json_out, report.to_json() + chr(10))}")
+        if markdown_out is not None:
+            print(f"Markdown report: {write_report_file(markdown_out, to_markdown(report))}")
         return 0 if report.passed else 1
 
     return run

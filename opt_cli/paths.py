@@ -7,10 +7,11 @@ Every model-folder argument accepts `bundled` (the model shipped in the package)
 from __future__ import annotations
 
 import os
-import shutil
 import stat
+import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from opt_cli.errors import UsageError
 
@@ -29,7 +30,7 @@ def _kind(path: Path) -> str:
     """'folder', 'file', 'missing' or what else the path is (a FIFO, a socket, a device)."""
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a/b where a is a file: b cannot exist
         return "missing"
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
@@ -108,91 +109,106 @@ def input_file(arg: str | os.PathLike[str], what: str) -> Path:
     return path
 
 
-def stale_siblings(dst: Path) -> list[Path]:
-    """Temporary folders `.DST.tmp-PID` / `.DST.old-PID` beside `dst` left by a killed `opt convert`
-    (their process no longer runs)."""
-    out = []
-    parent = dst.parent if str(dst.parent) else Path(".")
-    if not parent.is_dir():
-        return out
-    for tag in ("tmp", "old"):
-        for p in parent.glob(f".{dst.name}.{tag}-*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _running(int(pid)):
-                out.append(p)
-    return out
+def _inside_package(path: Path) -> bool:
+    import opt_core
+
+    package = Path(os.path.realpath(Path(opt_core.__file__).parent.parent))
+    real = Path(os.path.realpath(path))
+    return any(real == package / name or package / name in real.parents
+               for name in ("opt_core", "opt_torch", "opt_tf", "opt_flax", "opt_cli", "opt_verify", "conversion"))
 
 
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def _probe_writable(dst: Path, what: str) -> None:
+    """Create and remove a marked temporary folder where the write will create its own, so that a
+    folder nobody can write in (`/proc/x`, a read-only mount) fails now, not after the work."""
+    import secrets
+
+    from opt_core.transaction import MARKER_NAME, entry_kind
+
+    ancestor = dst.parent
+    while entry_kind(ancestor) == "missing" and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if _kind(ancestor) != "folder":  # following a link to a folder, as mkdir does
+        raise UsageError(f"{what}: cannot create {dst}: {ancestor} is a {_kind(ancestor)}, not a folder")
+    probe = ancestor / f".{dst.name}.opt-tmp-{secrets.token_hex(16)}"
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        probe.mkdir()
+        (probe / MARKER_NAME).write_text("{}", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{what}: cannot write {dst}: {e.strerror or e} in {ancestor}") from None
+    finally:
+        if probe.is_dir():
+            (probe / MARKER_NAME).unlink(missing_ok=True)
+            probe.rmdir()
 
 
-def remove_stale_siblings(dst: Path) -> list[Path]:
-    """Remove what `stale_siblings` finds; returns the removed paths."""
-    removed = []
-    for p in stale_siblings(dst):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
-
-
-def output_folder(arg: str | os.PathLike[str], overwrite: bool, owned: Iterable[str], what: str = "--out") -> Path:
-    """Check an output folder before any work: missing or empty is fine; a non-empty one needs
-    `--overwrite`, and even then may hold only files this command writes (`owned`: names or
-    glob patterns), which the command then replaces. Nothing else is ever deleted.
+def output_folder(arg: str | os.PathLike[str], overwrite: bool, *, what: str = "--out",
+                  inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Check an output folder before any work (the write itself is `opt_core.transaction`): missing
+    or empty is fine; a non-empty one needs `--overwrite`, and even then may hold only what an
+    earlier write owns (its manifest, or a plain model folder); it must be creatable (a writable
+    place, not a file, not inside the installed package) and hold none of the `inputs` files.
 
     Returns the folder (not created). Raises UsageError.
     """
+    from opt_core.transaction import OutputError, WriteTransaction
+
     folder = Path(arg)
-    if str(arg) == BUNDLED:
-        raise UsageError(f"{what}: refusing to write into the bundled model; choose another folder")
-    if folder.name in ("", ".", ".."):  # ".", "..", "a/..": the folder they name, so siblings can be named
-        folder = Path(os.path.abspath(folder))
-        if not folder.name:
-            raise UsageError(f"{what}: {arg} is the root folder; choose a new or empty folder")
-    kind = _kind(folder)
-    if kind == "missing":
-        return folder
-    if kind != "folder":
-        raise UsageError(f"{what}: {folder} is a {kind}, not a folder; choose a new or empty folder")
-    entries = sorted(folder.iterdir())
-    if not entries:
-        return folder
-    if not overwrite:
-        raise UsageError(f"{what}: {folder} is not empty; pass --overwrite to replace the model files in it, "
-                         "or choose a new folder")
-    patterns = list(owned)
-    foreign = [p.name for p in entries if not any(p.match(pat) for pat in patterns)]
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise UsageError(f"{what}: {folder} holds files this command does not write ({shown}); "
-                         "--overwrite replaces model files only: move them away or choose another folder")
+    if str(arg) == BUNDLED or _inside_package(folder):
+        raise UsageError(f"{what}: refusing to write into the installed package ({folder}); choose another folder")
+    tx = WriteTransaction(folder, overwrite=overwrite, what=what)
+    if tx.dst.parent == tx.dst:
+        raise UsageError(f"{what}: {folder} is a file-system root; choose a folder inside it")
+    if _kind(tx.dst) not in ("missing", "folder"):
+        raise UsageError(f"{what}: {folder} is a {_kind(tx.dst)}, not a folder; choose a new or empty folder")
+    for inp in inputs:
+        real, target = Path(os.path.realpath(inp)), Path(os.path.realpath(folder))
+        if real == target or target in real.parents:
+            raise UsageError(f"{what}: {folder} holds the input {inp}; choose another output folder")
+    try:
+        tx.check_destination()
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    _probe_writable(Path(os.path.abspath(folder)), what)
     return folder
 
 
-def clear_owned(folder: Path, owned: Iterable[str]) -> list[str]:
-    """Delete the entries of `folder` that match `owned` (after `output_folder` accepted it)."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    patterns = list(owned)
-    for p in sorted(folder.iterdir()):
-        if any(p.match(pat) for pat in patterns):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            removed.append(p.name)
-    return removed
+def output_transaction(arg: str | os.PathLike[str], overwrite: bool, *, what: str = "--out",
+                       inputs: Iterable[str | os.PathLike[str]] = (), token: str | None = None,
+                       begin: bool = True) -> Any:
+    """`output_folder`'s checks, then a begun `WriteTransaction` whose temporary folder the
+    command writes into (commit it at the end, or `abort`). Lines about an interrupted earlier write
+    it settles go to stderr. `begin=False` only names the temporary folder (the other ranks of a job
+    whose rank 0 begins it, with the same `token`)."""
+    from opt_core.transaction import OutputError, WriteTransaction
 
+    folder = output_folder(arg, overwrite, what=what, inputs=inputs)
+    tx = WriteTransaction(folder, overwrite=overwrite, what=what, log=lambda line: print(line, file=sys.stderr),
+                          token=token)
+    try:
+        return tx.begin() if begin else tx
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+
+
+def settle_output(arg: str | os.PathLike[str]) -> list[str]:
+    """Settle what an interrupted earlier write left at `arg` (`opt_core.transaction.recover`),
+    reporting each action on stderr."""
+    from opt_core.transaction import recover
+
+    return recover(Path(os.path.abspath(arg)), log=lambda line: print(line, file=sys.stderr))
+
+
+def report_file(arg: str | os.PathLike[str] | None, force: bool, what: str,
+                inputs: Iterable[str | os.PathLike[str]] = ()) -> Path | None:
+    """Check a report output file (`--json OUT`, `--markdown OUT`) before any work: an existing
+    file is replaced only with `--force`; a folder, special file or an input is refused.
+    Returns the path (None for None). Raises UsageError."""
+    from opt_core.transaction import OutputError, check_report_path
+
+    if arg is None:
+        return None
+    try:
+        return check_report_path(arg, force=force, what=what, inputs=inputs)
+    except OutputError as e:
+        raise UsageError(str(e)) from None

@@ -11,9 +11,11 @@ infinite values unless `allow_non_finite=True`. Loaders then read one canonical 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -372,10 +374,16 @@ def save_checkpoint(
     formats: Iterable[str] = ("safetensors",),
     max_shard_size: int | str = DEFAULT_SHARD_BYTES,
     architecture: str | None = None,
+    generation_config: Any = None,
 ) -> list[Path]:
-    """Write a Hugging Face model folder: `config.json` (its `torch_dtype` the weights' dtype) and
+    """Write a Hugging Face model folder: `config.json` (its `torch_dtype` the weights' dtype),
     the weights in each of `formats` ("safetensors", "bin", "tf-h5", "flax-msgpack"), streamed one
-    tensor at a time. Stale files of a written format (old shards, index) are removed first.
+    tensor at a time, and `generation_config` (anything with `save_pretrained(folder)`) when given.
+
+    The write is a transaction (`opt_core.transaction`, merge rule): everything goes into a fresh
+    temporary folder and is swapped in complete; the folder's other files stay; weight files of an
+    earlier save listed in its `.opt-manifest.json` and not written again are removed, while weight
+    files this project did not write make the save refuse (they would contradict the new weights).
 
     Args:
         tensors: canonical name -> array in canonical layout for every stored parameter (the tied
@@ -385,36 +393,59 @@ def save_checkpoint(
     Returns:
         Every written path, config.json first.
     Raises:
-        CheckpointError: a tensor missing or misshapen; ValueError: a format that cannot hold the model.
+        CheckpointError: a tensor missing or misshapen; ValueError: a format that cannot hold the model;
+        opt_core.transaction.OutputError (an OSError): a folder that cannot be written as asked.
     """
-    from opt_core.formats import TensorPlan, dtype_name, writer_class
-    from opt_core.formats.base import final_permissions
-    from opt_core.params import hf_name
+    from opt_core.formats import writer_class
+    from opt_core.transaction import WriteTransaction
 
     folder = Path(folder)
     head = Head(head)
+    formats = list(formats)
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     stored = [s for s in parameter_table(config, head) if s.tied_to is None]
     missing = [s.name for s in stored if s.name not in tensors]
     if missing:
         raise CheckpointError(f"cannot save to {folder}: tensors missing: {', '.join(missing)}")
-    formats = list(formats)
+    for fmt in formats:
+        writer_class(fmt).check_model(config, head)
+    with WriteTransaction(folder, merge=True, stale=is_weight_file, what="save_pretrained folder") as tx:
+        written = _write_checkpoint(tx.path, tensors, config, head, stored, formats, max_shard_size, architecture)
+        if generation_config is not None:
+            written.append(Path(generation_config.save_pretrained(tx.path)))
+        tx.commit()
+    return [tx.dst / p.name for p in written]
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether `name` is exactly a Hugging Face weight file of any format (single file, shard with
+    five-digit numbering, or index): what a new save supersedes."""
+    for single, index in FORMATS.values():
+        stem, ext = single.rsplit(".", 1)
+        if name in (single, index) or re.fullmatch(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.{ext}", name):
+            return True
+    return False
+
+
+def _write_checkpoint(folder: Path, tensors: Mapping[str, np.ndarray], config: OPTConfig, head: Head,
+                      stored: list[ParamSpec], formats: list[str], max_shard_size: int | str,
+                      architecture: str | None) -> list[Path]:
+    """`save_checkpoint`'s files, written into the fresh folder `folder`."""
+    from opt_core.formats import TensorPlan, dtype_name, writer_class
+    from opt_core.formats.base import final_permissions
+    from opt_core.params import hf_name
+
     extra = dict(config.extra)
     extra.pop("dtype", None)
     if architecture is not None:
         extra["architectures"] = [architecture]
     dtype = np.asarray(tensors[stored[0].name]).dtype
     config = config.replace(torch_dtype=dtype_name(dtype), extra=extra)
-    for fmt in formats:
-        writer_class(fmt).check_model(config, head)
-    folder.mkdir(parents=True, exist_ok=True)
     written = [config.save_pretrained(folder)]
     final_permissions(written[0])
     for fmt in formats:
-        single, index = FORMATS[fmt]
-        stem, ext = single.rsplit(".", 1)
-        for old in [*folder.glob(f"{stem}-*-of-*.{ext}"), folder / single, *([folder / index] if index else [])]:
-            if old.is_file():
-                old.unlink()
         plan = [TensorPlan(s, hf_name(s.name, head), np.asarray(tensors[s.name]).dtype) for s in stored]
         writer = writer_class(fmt)(folder, plan, config, head, parse_size(max_shard_size))
         try:
@@ -501,7 +532,8 @@ __all__ = [
     "DEFAULT_SHARD_BYTES", "FLAX_MSGPACK", "FORMATS", "FROM_PRETRAINED_DOC", "SAVE_PRETRAINED_DOC",
     "LOAD_FORMATS", "SAFETENSORS", "SAFETENSORS_INDEX", "TF_H5",
     "TORCH_BIN", "TORCH_BIN_INDEX", "CheckpointError", "CheckpointLoad", "KeyAccounting", "account_keys",
-    "check_finite", "check_tensors", "detect_format", "formats_present", "iter_safetensors", "load_numpy_state_dict",
+    "check_finite", "check_tensors", "detect_format", "formats_present",
+    "is_weight_file", "iter_safetensors", "load_numpy_state_dict",
     "open_checkpoint", "parse_size", "plan_shards", "read_index", "safetensors_shapes", "save_checkpoint",
     "save_numpy_safetensors",
     "shard_file_names", "weight_files", "write_index",

@@ -198,8 +198,7 @@ def save_pretrained(
     """
     if formats is None:
         formats = [*(["safetensors"] if safetensors else []), *(["flax-msgpack"] if flax_msgpack else [])]
-    written = save_checkpoint(folder, canonical_tensors(model), model.config, Head(model.head), formats=formats,
-                              max_shard_size=max_shard_size, architecture=type(model).__name__)
-    if hasattr(model, "generate"):  # generate's defaults beside config.json, as Hugging Face writes them
-        written.append(model.generation_config.save_pretrained(folder))
-    return written
+    # generate's defaults beside config.json, as Hugging Face writes them; one transaction for all
+    return save_checkpoint(folder, canonical_tensors(model), model.config, Head(model.head), formats=formats,
+                           max_shard_size=max_shard_size, architecture=type(model).__name__,
+                           generation_config=model.generation_config if hasattr(model, "generate") else None)

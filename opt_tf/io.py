@@ -175,9 +175,8 @@ def save_pretrained(
         Every written path, config.json first.
     """
     formats = list(formats) if formats is not None else ["safetensors", *(["tf-h5"] if tf_h5 else [])]
-    written = save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
-                              max_shard_size=max_shard_size, architecture=type(model).__name__)
+    gen = None
     if hasattr(model, "generate"):  # generate's defaults beside config.json, as Hugging Face writes them
         gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
-        written.append(gen.save_pretrained(folder))
-    return written
+    return save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
+                           max_shard_size=max_shard_size, architecture=type(model).__name__, generation_config=gen)

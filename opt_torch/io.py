@@ -252,8 +252,7 @@ def save_pretrained(
     if getattr(model, "quantization", None):
         raise ValueError("a quantized model cannot be saved; save the float model and pass quantize= when loading")
     formats = ("safetensors",) if formats is None else formats
-    written = save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
-                              max_shard_size=max_shard_size, architecture=type(model).__name__)
-    if getattr(model, "generation_config", None) is not None:  # generate's defaults, as Hugging Face writes them
-        written.append(model.generation_config.save_pretrained(folder))
-    return written
+    # generate's defaults beside config.json, as Hugging Face writes them; one transaction for all
+    return save_checkpoint(folder, canonical_tensors(model), model.config, model.head, formats=formats,
+                           max_shard_size=max_shard_size, architecture=type(model).__name__,
+                           generation_config=getattr(model, "generation_config", None))

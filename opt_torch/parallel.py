@@ -31,7 +31,6 @@ import atexit
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -396,7 +395,9 @@ def save_pretrained_gathered(
     soon as it is complete, so rank 0 never holds more than one shard of full tensors."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
+    from opt_core.checkpoint import is_weight_file
+    from opt_core.transaction import WriteTransaction
+
     rank0 = dist.get_rank() == 0
     config: OPTConfig = model.config
     head = model.head
@@ -405,34 +406,38 @@ def save_pretrained_gathered(
     sizes = {k: state[k].numel() * state[k].element_size() for k in names}
     shards = plan_shards(sizes, parse_size(max_shard_size))
     files = shard_file_names(SAFETENSORS, len(shards))
-    if rank0:
-        folder.mkdir(parents=True, exist_ok=True)
-        dtype = str(state[names[0]].dtype).removeprefix("torch.")
-        extra = dict(config.extra) | {"architectures": [type(model).__name__]}
-        config.replace(torch_dtype=dtype, extra=extra).save_pretrained(folder)
-        for old in folder.glob("model-*-of-*.safetensors"):
-            old.unlink()
-    for shard, name in zip(shards, files):
-        tensors = {}
-        for key in shard:
-            t = state[key]
-            full = t.full_tensor() if isinstance(t, DTensor) else t  # collective: every rank calls it
-            if rank0:
-                tensors[key] = full.detach().cpu().contiguous().clone()
-            del full
-        if rank0:
-            save_file(tensors, str(folder / f".{name}.tmp"), metadata={"format": "pt"})
-            os.replace(folder / f".{name}.tmp", folder / name)
-        del tensors
-    if rank0:
-        index = folder / SAFETENSORS_INDEX
-        if len(shards) > 1:
-            (folder / SAFETENSORS).unlink(missing_ok=True)
-            write_index(index, {k: n for shard, n in zip(shards, files) for k in shard}, sum(sizes.values()))
-        else:
-            index.unlink(missing_ok=True)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
+    # rank 0 writes a fresh temporary folder and swaps it in whole (opt_core.transaction): the
+    # folder's other files stay, and an interruption leaves the previous save as it was
+    tx = WriteTransaction(folder, merge=True, stale=is_weight_file, what="save_pretrained folder") if rank0 else None
+    try:
+        if tx is not None:
+            tx.begin()
+            out = tx.path
+            dtype = str(state[names[0]].dtype).removeprefix("torch.")
+            extra = dict(config.extra) | {"architectures": [type(model).__name__]}
+            config.replace(torch_dtype=dtype, extra=extra).save_pretrained(out)
+        for shard, name in zip(shards, files):
+            tensors = {}
+            for key in shard:
+                t = state[key]
+                full = t.full_tensor() if isinstance(t, DTensor) else t  # collective: every rank calls it
+                if rank0:
+                    tensors[key] = full.detach().cpu().contiguous().clone()
+                del full
+            if tx is not None:
+                save_file(tensors, str(out / f".{name}.tmp"), metadata={"format": "pt"})
+                os.replace(out / f".{name}.tmp", out / name)
+            del tensors
+        if tx is not None:
+            if len(shards) > 1:
+                write_index(out / SAFETENSORS_INDEX, {k: n for shard, n in zip(shards, files) for k in shard},
+                            sum(sizes.values()))
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(out)
+            tx.commit()
+    finally:
+        if tx is not None:
+            tx.abort()  # nothing once committed
     dist.barrier()
 
 

@@ -316,19 +316,31 @@ def save_numpy_safetensors(
     """Write NumPy tensors (Hugging Face keys, canonical layout) as Hugging Face safetensors: one
     file, or shards plus `model.safetensors.index.json` above `max_shard_bytes` (default 5GB).
 
-    Each file is written under a temporary name and renamed; stale shards and index of an earlier
-    save in `folder` are removed. Returns the written paths.
+    The files are written into a fresh temporary folder and swapped in (`opt_core.transaction`):
+    the folder's other files stay; shards and index of an earlier save listed in its manifest go,
+    and ones this project did not write make it refuse. Returns the written paths.
     """
+    import re
+
+    from opt_core.transaction import WriteTransaction
+
+    stem = base_name.rsplit(".", 1)[0]
+
+    def stale(name: str) -> bool:  # a stale shard or index would confuse a reader
+        return name in (base_name, base_name + ".index.json") or \
+            re.fullmatch(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.safetensors", name) is not None
+
+    with WriteTransaction(folder, merge=True, stale=stale, what="safetensors folder") as tx:
+        written = _save_numpy_safetensors(tx.path, tensors, max_shard_bytes, base_name)
+        tx.commit()
+    return [tx.dst / p.name for p in written]
+
+
+def _save_numpy_safetensors(folder: Path, tensors: Mapping[str, np.ndarray], max_shard_bytes: int | str | None,
+                            base_name: str) -> list[Path]:
     from opt_core.formats.files import DEFAULT_SHARD_BYTES, parse_size
     from opt_core.params import ParamSpec, Role
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = base_name.rsplit(".", 1)[0]
-    for old in [*folder.glob(f"{stem}-*-of-*.safetensors"), folder / (base_name + ".index.json"),
-                folder / base_name]:
-        if old.is_file():
-            old.unlink()  # a stale shard or index would confuse a reader
     arrays = {k: np.asarray(v) for k, v in tensors.items()}
     plan = [TensorPlan(ParamSpec(k, tuple(a.shape), Role.LINEAR_BIAS), k, a.dtype) for k, a in arrays.items()]
     limit = parse_size(max_shard_bytes if max_shard_bytes is not None else DEFAULT_SHARD_BYTES)

@@ -98,12 +98,22 @@ def test_overwrite_never_deletes_files_the_command_did_not_write(tiny_model_dir,
 
 def test_convert_bundled_overwrite_and_a_killed_runs_temp_folder(tmp_path):
     out = tmp_path / "out"
-    stale = tmp_path / f".out.tmp-{dead_pid()}"
+    token = "0123456789abcdef" * 2
+    stale = tmp_path / f".out.opt-tmp-{token}"  # what a killed conversion leaves: marker inside
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half written")
+    (stale / ".opt-transaction").write_text(json.dumps(
+        {"format": "opt-transaction", "token": token, "dst": "out", "pid": dead_pid(), "role": "opt-tmp",
+         "state": "writing"}))
+    users = tmp_path / f".out.opt-tmp-{'f' * 32}"  # a user's folder that only looks like one
+    users.mkdir()
+    (users / "thesis.tex").write_text("mine")
     proc = opt("convert", "bundled", out, "--to", "safetensors", "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    assert not stale.exists() and "left by an interrupted conversion" in proc.stderr
+    assert not stale.exists() and "left by an interrupted write" in proc.stderr
+    assert (users / "thesis.tex").read_text() == "mine"
+    users.joinpath("thesis.tex").unlink()
+    users.rmdir()
     assert (out / "model.safetensors").is_file() and (out / "vocab.json").is_file()
     err = one_line_error(opt("convert", "bundled", out, "--to", "bin", "--no-progress"), 2, "convert")
     assert "--overwrite" in err
@@ -115,9 +125,12 @@ def test_convert_bundled_overwrite_and_a_killed_runs_temp_folder(tmp_path):
 
 @pytest.mark.torch
 def test_train_reports_adjusted_arguments_and_overwrites_its_own_run(tiny_model_dir, tmp_path):
+    from opt_core.transaction import write_manifest
+
     out = tmp_path / "run"
-    (out / "checkpoint-99").mkdir(parents=True)  # what a longer earlier run leaves
+    (out / "checkpoint-99").mkdir(parents=True)  # what a longer earlier run leaves, listed as its own
     (out / "config.json").write_text("{}")
+    write_manifest(out, {"checkpoint-99": "folder", "config.json": "file"})
     proc = opt("train", "--corpus", tiny_model_dir / "text.txt", "--out", out, "--overwrite", "--vocab-size", "5000",
                "--hidden-size", "16", "--layers", "1", "--heads", "2", "--ffn-dim", "32", "--context", "16",
                "--steps", "2", "--batch-size", "2", "--warmup", "50", "--eval-every", "0", "--threads", "1")
@@ -125,7 +138,7 @@ def test_train_reports_adjusted_arguments_and_overwrites_its_own_run(tiny_model_
     notes = [ln for ln in lines(proc.stderr) if ln.startswith("note: ")]
     assert any("--warmup 50 is longer than the run (--steps 2)" in n for n in notes), proc.stderr
     assert any("fewer than --vocab-size 5000" in n for n in notes), proc.stderr
-    assert "replacing 2 files of a previous run" in proc.stdout and not (out / "checkpoint-99").exists()
+    assert "the 2 files of a previous run" in proc.stdout and not (out / "checkpoint-99").exists()
     assert json.loads((out / "training_summary.json").read_text())["steps"] == 2
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 16
 

@@ -113,8 +113,13 @@ def test_existing_output_needs_overwrite(src, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         convert(src, dst, to="safetensors", progress=False)
     assert snapshot(dst) == {"keep.txt": b"mine"}
-    convert(src, dst, to="safetensors", progress=False, overwrite=True)
-    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+    with pytest.raises(FileExistsError, match=r"does not write \(keep.txt\)"):  # a user's file: never replaced
+        convert(src, dst, to="safetensors", progress=False, overwrite=True)
+    assert snapshot(dst) == {"keep.txt": b"mine"}
+    (dst / "keep.txt").unlink()
+    convert(src, dst, to="safetensors", progress=False)  # an empty folder needs no --overwrite
+    convert(src, dst, to="safetensors", progress=False, overwrite=True)  # its own earlier output
+    assert sorted(p.name for p in dst.iterdir()) == [".opt-manifest.json", "config.json", "model.safetensors"]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -171,6 +176,7 @@ def test_cli_converts_and_verifies(src, tmp_path, capsys):
 
 def test_cli_errors_are_one_paragraph_and_nonzero(src, tmp_path, capsys):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")  # an empty folder is a fine destination
     rc = main(["convert", str(src), str(tmp_path / "out"), "--to", "safetensors", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
