@@ -50,6 +50,7 @@ class Adapter:
     compiles: bool = True  # the first generate call traces / compiles (XLA, tf.function)
     distributed: bool = False  # runs under torchrun: --fsdp training, --tp-plan loading
     calibrates: bool = False  # w8a8 takes SmoothQuant factors calibrated on a text (--calibration)
+    checkpoints_gradients: bool = True  # training can recompute layers in backward (--gradient-checkpointing)
 
     # ------------------------------------------------------------ modules
     def prepare(self) -> None:
@@ -94,10 +95,15 @@ class Adapter:
                              "or use --backend " + have[0])
         return self.model_class(head).from_pretrained(folder, **options)
 
-    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM) -> Any:
+    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM, **options: Any) -> Any:
         """A freshly initialised model of `head` (`OPTForCausalLM` by default), its initialisation
-        seeded, in inference mode."""
+        seeded, in inference mode; `options` go to the model class (`bf16_training`'s)."""
         raise NotImplementedError
+
+    def bf16_training(self) -> dict[str, Any]:
+        """Prepare bfloat16 training (`opt train --bf16`) before the model is built or loaded, and
+        return the options `new` / `load` then take. torch: none (autocast wraps each step)."""
+        return {}
 
     def trainer(self) -> Any:
         """The backend's `training` module (`train_causal_lm`)."""
@@ -146,12 +152,12 @@ class TorchAdapter(Adapter):
     def load(self, folder: Path, head: Head = Head.CAUSAL_LM, **options: Any) -> Any:
         return super().load(folder, head, **options).eval()
 
-    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM) -> Any:
+    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM, **options: Any) -> Any:
         cls = self.model_class(head)
         import torch
 
         torch.manual_seed(seed)
-        return cls(config).eval()
+        return cls(config, **options).eval()
 
     def set_threads(self, threads: int) -> None:
         import torch
@@ -167,13 +173,19 @@ class TorchAdapter(Adapter):
 
 class TFAdapter(Adapter):
     name, package, framework, extra = "tf", "opt_tf", "tensorflow", "tf"
+    checkpoints_gradients = False  # Keras fit has no per-layer recomputation here
 
-    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM) -> Any:
+    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM, **options: Any) -> Any:
         cls = self.model_class(head)
         import keras
 
         keras.utils.set_random_seed(seed)
-        return cls(config)
+        return cls(config, **options)
+
+    def bf16_training(self) -> dict[str, Any]:
+        # Keras fixes a layer's compute dtype when the layer is built: the policy must be set first.
+        import_quietly("keras").mixed_precision.set_global_policy("mixed_bfloat16")
+        return {}
 
     def set_threads(self, threads: int) -> None:
         import_quietly("tensorflow").config.threading.set_intra_op_parallelism_threads(threads)
@@ -185,11 +197,17 @@ class FlaxAdapter(Adapter):
     def prepare(self) -> None:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM) -> Any:
+    def new(self, config: Any, seed: int, head: Head = Head.CAUSAL_LM, **options: Any) -> Any:
         cls = self.model_class(head)
         from flax import nnx
 
-        return cls(config, rngs=nnx.Rngs(seed))
+        return cls(config, rngs=nnx.Rngs(seed), **options)
+
+    def bf16_training(self) -> dict[str, Any]:
+        # Flax fixes the compute dtype at construction: bf16 compute over float32 parameters.
+        import jax.numpy as jnp
+
+        return {"dtype": jnp.bfloat16, "param_dtype": jnp.float32}
 
     def set_threads(self, threads: int) -> None:
         # JAX has no thread-count setting: pin the process to `threads` of the CPUs it may use.

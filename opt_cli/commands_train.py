@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from opt_cli.backends import adapter, distributed
+from opt_cli.backends import BACKENDS, adapter, distributed
 from opt_cli.errors import UsageError
 from opt_cli.options import (
     add_backend_argument,
@@ -66,8 +66,11 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batches", type=positive_int, default=None, help="validation batches per pass (default: all)")
     g.add_argument("--save-every", type=int_in(0), default=0, help="steps between checkpoints (0: end only)")
     g.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (torch) / compute (flax, tf)")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
+    g.add_argument("--bf16", action="store_true",
+                   help="bfloat16: autocast (torch), bf16 compute over float32 parameters (flax), Keras' "
+                        "mixed_bfloat16 policy (tf)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute layers in backward (torch and flax; tf has none)")
     g.add_argument("--fsdp", action="store_true", help="torch under torchrun: FSDP2 over the ranks, rank 0 saves")
 
 
@@ -93,6 +96,9 @@ def _train(p: argparse.ArgumentParser):
         from opt_core.data import read_text
 
         backend = adapter(args.backend)
+        if args.gradient_checkpointing and not backend.checkpoints_gradients:
+            have = [name for name in BACKENDS if adapter(name).checkpoints_gradients]
+            raise UsageError(f"--gradient-checkpointing is available in {' and '.join(have)}, not {backend.name}")
         if args.fsdp:
             if not backend.distributed:
                 raise UsageError(f"--fsdp needs a backend that trains under torchrun ({', '.join(distributed())}), "
@@ -186,7 +192,8 @@ def _train_into(args: argparse.Namespace, backend: Any, corpus: Path, init: Path
     backend.module()
     if args.threads:
         backend.set_threads(args.threads)
-    model = backend.load(init) if init else backend.new(config, seed=args.seed)
+    options = backend.bf16_training() if args.bf16 else {}  # before the model exists: some fix dtypes at build
+    model = backend.load(init, **options) if init else backend.new(config, seed=args.seed, **options)
     from opt_core.params import parameter_count
 
     print(f"model: {parameter_count(config):,} parameters, {config.num_hidden_layers} layers x "
