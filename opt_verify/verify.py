@@ -35,6 +35,7 @@ from opt_cli.backends import adapter as backend_adapter
 from opt_cli.errors import UsageError
 from opt_core import OPTConfig, parameter_count
 from opt_core.checkpoint import formats_present
+from opt_core.quantization import QUANTIZE_MODES
 from opt_verify.comparison import PairResult, _Run, compare, hidden_labels, relative_error, to_numpy
 from opt_verify.inputs import DEFAULT_PROMPTS, VerifyError, build_inputs, default_ids, left_pad
 from opt_verify.report import BackendResult, VerifyReport
@@ -282,6 +283,12 @@ def verify(
             why = "the folder holds no weights it can read"
         results.append(BackendResult(REFERENCE, "skipped", f"float64 reference left out: {why}"))
     for name in backends:
+        offered = QUANTIZE_MODES.get(name, ())
+        if quantize is not None and quantize not in offered:
+            # Checked where it exists: a mode one backend lacks is no failure of the others.
+            results.append(BackendResult(name, "skipped", f"quantize={quantize!r} is not offered by opt_{name} "
+                                                          f"(it offers {', '.join(offered) or 'none'})"))
+            continue
         why_not = backend_available(name)
         if why_not is None:
             names.append(name)
@@ -290,6 +297,8 @@ def verify(
             if not allow_missing:
                 errors.append(f"backend {name} is missing: {why_not}")
 
+    if quantize is not None and not [n for n in names if n != REFERENCE]:
+        errors.append(f"none of the backends {', '.join(backends)} offers quantize={quantize!r}")
     runs: dict[str, _Run] = {}
     for i, name in enumerate(names, 1):
         if progress is not None:
