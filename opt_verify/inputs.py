@@ -46,6 +46,24 @@ def default_ids(config: OPTConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return left_pad(rows, config.pad_token_id)
 
 
+# verify runs the whole batch through every implementation at once (the float64 reference included)
+# and keeps every hidden state for the per-layer comparison: its memory and time grow with rows x
+# length, so the batch is bounded and the limit names itself rather than the run going silent.
+MAX_ROWS = 64
+MAX_BATCH_TOKENS = 16_384
+
+
+def check_batch_size(ids: np.ndarray) -> None:
+    """VerifyError when the batch is larger than `MAX_ROWS` rows or `MAX_BATCH_TOKENS` tokens."""
+    rows, length = ids.shape
+    if rows > MAX_ROWS or rows * length > MAX_BATCH_TOKENS:
+        raise VerifyError(
+            f"{rows} prompts of up to {length} tokens ({rows * length:,} tokens) exceed what one verify run "
+            f"compares (at most {MAX_ROWS} prompts and {MAX_BATCH_TOKENS:,} tokens: every implementation runs "
+            "them as one batch and keeps every layer's hidden states); split the prompts over several runs"
+        )
+
+
 def build_inputs(
     model_dir: Path,
     config: OPTConfig,
@@ -81,6 +99,8 @@ def build_inputs(
             texts = list(prompts if prompts is not None else DEFAULT_PROMPTS)
             if not texts or not all(isinstance(t, str) and t for t in texts):
                 raise VerifyError("prompts must be a non-empty list of non-empty strings")
+            if len(texts) > MAX_ROWS:  # before tokenizing thousands of lines
+                check_batch_size(np.zeros((len(texts), 1), np.int64))
             tok = OPTTokenizer.from_pretrained(tok_dir)
             rows = [tok.encode(t) for t in texts]
             ids, mask = left_pad(rows, config.pad_token_id)
@@ -88,6 +108,7 @@ def build_inputs(
         else:
             ids, mask = default_ids(config)
             texts, source = None, "default ids"
+    check_batch_size(ids)
     if ids.max() >= config.vocab_size or ids.min() < 0:
         bad = int(ids.max()) if ids.max() >= config.vocab_size else int(ids.min())
         raise VerifyError(f"token id {bad} is outside the model's vocabulary [0, {config.vocab_size})")

@@ -1,4 +1,5 @@
-"""`opt verify --quantize MODE` checks the backends that offer MODE and says which it skipped."""
+"""`opt verify` on inputs it must bound or modes some backends lack: `--quantize MODE` checks the backends
+that offer MODE and says which it skipped; thousands of prompts are refused at once, naming the limit."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 
 from opt_core import bundled
 from opt_verify import format_table, verify
-from tests.cli.entry import opt
+from tests.cli.entry import one_line_error, opt
 
 
 @pytest.mark.torch
@@ -25,3 +26,15 @@ def test_a_mode_no_requested_backend_offers_fails_with_one_line():
     assert "none of the backends tf, flax offers quantize='int4'" in format_table(report)
     proc = opt("verify", "bundled", "--backends", "tf,flax", "--quantize", "int4")
     assert proc.returncode == 1, proc.stdout + proc.stderr
+
+
+def test_thousands_of_prompts_are_refused_at_once_naming_the_limit(tmp_path):
+    import time
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(5000)))
+    t0 = time.perf_counter()
+    proc = opt("verify", "bundled", "--backends", "torch", "--prompts", prompts)
+    assert time.perf_counter() - t0 < 60
+    line = one_line_error(proc, 2, "verify")
+    assert "5000 prompts" in line and "at most 64 prompts" in line and "split the prompts" in line
