@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from opt_cli import quiet, version
 from opt_cli.errors import InputError, UsageError
 from opt_cli.registry import COMMAND_MODULES, COMMANDS, ArgumentParser, HelpFormatter
+from opt_core.formats.base import CheckpointError
 
 VERBOSE_HELP = "let the frameworks' own log lines and warnings through (TensorFlow, absl, XLA, Keras, JAX)"
 
@@ -55,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, InputError) as e:
         print(f"opt {args.command}: {e}", file=sys.stderr)
         return e.exit_code
+    except CheckpointError as e:  # a weights file that cannot be used: an unusable input, whichever command read it
+        print(f"opt {args.command}: {e}", file=sys.stderr)
+        return InputError.exit_code
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         print(f"opt {args.command}: {e}", file=sys.stderr)
         return 2
