@@ -15,6 +15,7 @@ from opt_cli.options import (
     add_load_arguments,
     add_model_argument,
     add_threads_argument,
+    apply_threads,
     load_options,
     positive_int,
 )
@@ -50,8 +51,7 @@ def _demo(p: argparse.ArgumentParser):
             try:
                 t0 = time.perf_counter()
                 backend.module()
-                if args.threads:
-                    backend.set_threads(args.threads)
+                apply_threads(backend, args.threads)
                 model = backend.load(folder, **load_options(args))
                 t_load = time.perf_counter() - t0
                 t0 = time.perf_counter()  # first call: includes tracing / XLA compilation

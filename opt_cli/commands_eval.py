@@ -24,6 +24,7 @@ from opt_cli.options import (
     add_load_arguments,
     add_model_argument,
     add_threads_argument,
+    apply_threads,
     int_in,
     load_options,
 )
@@ -109,8 +110,7 @@ def _eval_ppl(p: argparse.ArgumentParser):
         ids = np.concatenate([np.asarray(first, dtype=np.int64), tokenize_file(text_path, tokenizer, budget, "--text")])
         windows(len(ids), window, stride)  # argument errors before loading the model
         backend.module()
-        if args.threads:
-            backend.set_threads(args.threads)
+        apply_threads(backend, args.threads)
         model = backend.load(folder, **load_options(args))
         t0 = time.perf_counter()
         res = perplexity_of_ids(backend, model, ids, window, stride, progress=not args.no_progress)

@@ -26,6 +26,7 @@ from opt_cli.options import (
     add_model_argument,
     add_sampling_arguments,
     add_threads_argument,
+    apply_threads,
     generation_kwargs,
     load_options,
     print_on_first_rank_only,
@@ -113,8 +114,7 @@ def _generate(p: argparse.ArgumentParser):
         folder, config, tokenizer = load_model_and_tokenizer(args.model)
         ids, mask = encode_prompts(tokenizer, config, [args.prompt], args.max_new_tokens)
         backend.module()
-        if args.threads:
-            backend.set_threads(args.threads)
+        apply_threads(backend, args.threads)
         if args.tp_plan:
             require_distributed_launch("--tp-plan")
             print_on_first_rank_only()

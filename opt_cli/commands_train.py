@@ -23,6 +23,7 @@ from opt_cli.errors import UsageError
 from opt_cli.options import (
     add_backend_argument,
     add_threads_argument,
+    apply_threads,
     float_in,
     int_in,
     is_first_rank,
@@ -190,8 +191,7 @@ def _train_into(args: argparse.Namespace, backend: Any, corpus: Path, init: Path
     print(f"data: {corpus}: {train.num_tokens:,} training tokens in {len(train)} blocks of {block}, "
           f"{val.num_tokens:,} validation tokens ({len(val)} blocks)")
     backend.module()
-    if args.threads:
-        backend.set_threads(args.threads)
+    apply_threads(backend, args.threads)
     options = backend.bf16_training() if args.bf16 else {}  # before the model exists: some fix dtypes at build
     model = backend.load(init, **options) if init else backend.new(config, seed=args.seed, **options)
     from opt_core.params import parameter_count

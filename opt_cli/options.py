@@ -94,6 +94,38 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
                         "(default: the framework's own choice)")
 
 
+def busy_cpu_hint() -> str | None:
+    """A one-line note when the CPUs this process may use are already busy (1-minute load average
+    above their number): each framework starts a thread per core, and on a shared machine those
+    threads wait on each other at every matmul (README: "Threads on a shared machine")."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this system
+        return None
+    if cpus < 2 or load <= cpus:
+        return None
+    return (f"note: the CPUs are busy (load average {load:.1f} on {cpus}); on a shared machine --threads 1 "
+            "often runs several times faster than the default")
+
+
+def apply_threads(backend: Any, threads: int | None) -> None:
+    """`--threads N` for `backend`, or, left to the framework on a busy machine, `busy_cpu_hint`."""
+    if threads:
+        backend.set_threads(threads)
+    elif not _HINTED and _at_a_terminal() and (hint := busy_cpu_hint()) is not None:
+        _HINTED.append(hint)  # once per process (opt demo loads three backends)
+        print(hint, file=sys.stderr)
+
+
+def _at_a_terminal() -> bool:
+    """Hints are for a person reading stderr; a script parsing it gets exactly the command's lines."""
+    return sys.stderr.isatty()
+
+
+_HINTED: list[str] = []
+
+
 def require_distributed_launch(flag: str) -> None:
     """A UsageError unless this process was started by torchrun (which sets WORLD_SIZE), before any
     work: --fsdp and --tp-plan shard over the processes of such a launch."""
