@@ -43,13 +43,13 @@ def test_degenerate_or_malformed_vocabulary_is_refused(tmp_path, vocab, message)
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("vocab_list", r"vocab.json must hold a JSON object of token -> id, got list"),
+    ("vocab_list", r"vocab.json must hold a JSON object, not an array"),
     ("vocab_bad_json", r"vocab.json is not valid JSON"),
-    ("vocab_not_utf8", r"vocab.json is not UTF-8 text"),
-    ("vocab_deep", r"vocab.json (is nested too deeply|is not valid JSON)"),
+    ("vocab_not_utf8", r"vocab.json is not valid UTF-8"),
+    ("vocab_deep", r"vocab.json nests JSON 100000 levels deep; the limit is 64"),
     ("merge_three", r"merges.txt line 2 is not a merge pair"),
     ("merge_unknown", r"merge 1 \('a z'\) uses 'z', which is not in the vocabulary"),
-    ("merges_not_utf8", r"merges.txt is not UTF-8 text"),
+    ("merges_not_utf8", r"merges.txt is not valid UTF-8 text"),
     ("config_bad_json", r"tokenizer_config.json is not valid JSON"),
     ("config_list", r"tokenizer_config.json must hold a JSON object"),
     ("config_unknown_pad", r"pad token '<nope>' is not in the vocabulary"),

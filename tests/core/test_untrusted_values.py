@@ -80,7 +80,7 @@ def test_wrong_typed_max_length_in_code_is_named_at_generate_time():
 
 def test_invalid_utf8_generation_config_is_one_line(tmp_path):
     (tmp_path / "generation_config.json").write_bytes(b'{"top_k": "\xff"}')
-    with pytest.raises(ValueError, match=r"generation_config.json is not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"generation_config.json is not valid UTF-8"):
         GenerationConfig.from_pretrained(tmp_path, CONFIG)
 
 
@@ -180,7 +180,7 @@ def test_dropout_that_is_a_bool_or_nan_is_refused():
 
 def test_config_that_is_not_utf8_names_the_file(tmp_path):
     (tmp_path / "config.json").write_bytes(b'{"hidden_size": 16, "x": "\xff"}')
-    with pytest.raises(ValueError, match=r"config.json is not UTF-8 text \(invalid start byte at byte 26\)"):
+    with pytest.raises(ValueError, match=r"config.json is not valid UTF-8 \(invalid start byte at byte 26\)"):
         OPTConfig.from_pretrained(tmp_path)
 
 
