@@ -136,6 +136,18 @@ def check_vocab(vocab: Any) -> None:
         owner[i] = token
 
 
+def _as_lists(x: Any) -> Any:
+    """Nested Python lists from NumPy arrays and framework tensors (torch and JAX have `tolist`, a TF
+    tensor goes through NumPy); lists and tuples as they are."""
+    if isinstance(x, list | tuple):
+        return x
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if hasattr(x, "__array__"):
+        return np.asarray(x).tolist()
+    return x
+
+
 def _token_ids(ids: Any) -> list[int]:
     """`ids` as Python ints, or a `ValueError` naming the first one that is not a token id."""
     out = []
@@ -361,14 +373,13 @@ class OPTTokenizer:
     # ------------------------------------------------------------ decoding
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         """Text of a sequence of ids (NumPy, list or framework tensor with `.tolist()`)."""
-        ids = _token_ids(ids.tolist() if hasattr(ids, "tolist") else ids)
+        ids = _token_ids(_as_lists(ids))
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def batch_decode(self, batch: Any, skip_special_tokens: bool = False) -> list[str]:
-        rows = batch.tolist() if hasattr(batch, "tolist") else batch
-        return [self.decode(r, skip_special_tokens) for r in rows]
+        return [self.decode(r, skip_special_tokens) for r in _as_lists(batch)]
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
         return [self._tok.id_to_token(i) for i in _token_ids(ids)]

@@ -95,3 +95,15 @@ def test_ids_beyond_the_tokenizer_but_inside_the_model_table_decode_to_nothing(t
     """A model's vocab_size pads the tokenizer's (50272 vs 50265): generated ids there are not errors."""
     tok = OPTTokenizer.from_pretrained(folder_with(tmp_path))
     assert tok.decode([4, 9, 5]) == "ab"
+
+
+@pytest.mark.tf
+def test_decode_takes_tf_tensors():
+    import tensorflow as tf
+
+    from opt_core import OPTTokenizer, bundled
+
+    tok = OPTTokenizer.from_pretrained(bundled.path())
+    ids = tok("ROMEO: what light")["input_ids"]
+    assert tok.batch_decode(tf.constant(ids)) == tok.batch_decode(ids)
+    assert tok.decode(tf.constant(ids[0])) == tok.decode(ids[0])
