@@ -59,6 +59,8 @@ class GenerationConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
+    num_return_sequences: int = 1
+    penalty_alpha: float | None = None  # contrastive search when > 0 (with top_k > 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -141,6 +143,13 @@ class GenerationOptions:
     pad_token_id: int
     seed: int | None
     streamer: Any = None
+    # Rows per prompt in the result: the best `num_return_sequences` beams, or as many samples.
+    num_return_sequences: int = 1
+    # Contrastive search when > 0 (Hugging Face's switch: penalty_alpha > 0 and top_k > 1, greedy).
+    penalty_alpha: float = 0.0
+    # The padding of a row that finished early, as Hugging Face writes it: greedy and sampling use
+    # pad_token_id; beam search uses `pad_token_id or eos_token_id[0]` (so pad id 0 gives eos).
+    beam_fill_id: int = 0
 
 
 def _int(name: str, value: Any, least: int) -> int:
@@ -204,6 +213,9 @@ def resolve_generation_options(
     pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Any = None,
+    early_stopping: bool | str | None = None,
+    num_return_sequences: int | None = None,
+    penalty_alpha: float | None = None,
 ) -> GenerationOptions:
     """Fill every None from `generation_config` (then Hugging Face's defaults) and check every value.
 
@@ -267,9 +279,11 @@ def resolve_generation_options(
         raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported; "
                          "pass do_sample=False for beam search or num_beams=1 to sample")
     length_penalty = _float("length_penalty", pick(length_penalty, "length_penalty"))
-    early_stopping = gen.early_stopping
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"generation_config early_stopping must be true, false or \"never\", got {early_stopping!r}")
+    early_stopping = pick(early_stopping, "early_stopping")
+    if isinstance(early_stopping, np.bool_):
+        early_stopping = bool(early_stopping)
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"early_stopping must be True, False or \"never\", got {early_stopping!r}")
     repetition_penalty = _float("repetition_penalty", pick(repetition_penalty, "repetition_penalty"))
     if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}")
@@ -281,6 +295,23 @@ def resolve_generation_options(
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0  # HF pads with the first eos id when there is no pad token
     pad = _int("pad_token_id", pad, 0)
+
+    num_return_sequences = _int("num_return_sequences", pick(num_return_sequences, "num_return_sequences"), 1)
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}): "
+                         "beam search returns its best num_beams hypotheses at most")
+    penalty_alpha = pick(penalty_alpha, "penalty_alpha")
+    penalty_alpha = 0.0 if penalty_alpha is None else _float("penalty_alpha", penalty_alpha)
+    if not 0.0 <= penalty_alpha <= 1.0:
+        raise ValueError(f"penalty_alpha must be in [0, 1] (0 turns contrastive search off), got {penalty_alpha}")
+    contrastive = penalty_alpha > 0 and top_k > 1 and not do_sample and num_beams == 1  # Hugging Face's switch
+    if num_beams == 1 and not do_sample and num_return_sequences > 1:
+        raise ValueError(f"num_return_sequences={num_return_sequences} needs beam search (num_beams >= "
+                         "num_return_sequences) or sampling (do_sample=True): greedy decoding has one answer")
+    if not contrastive:
+        penalty_alpha = 0.0
+    if contrastive and streamer is not None:
+        raise ValueError("a streamer cannot be used with contrastive search (penalty_alpha > 0) in this project")
 
     if seed is not None:
         seed = check_seed(seed)
@@ -301,7 +332,8 @@ def resolve_generation_options(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, eos_token_ids=eos_ids,
-        pad_token_id=pad, seed=seed, streamer=streamer,
+        pad_token_id=pad, seed=seed, streamer=streamer, num_return_sequences=num_return_sequences,
+        penalty_alpha=penalty_alpha, beam_fill_id=(pad or eos_ids[0]) if eos_ids else pad,
     )
 
 
@@ -310,7 +342,7 @@ GENERATE_DOC = """Continue each row of `input_ids`; the same call, defaults, res
     generate(input_ids, attention_mask=None, *, max_new_tokens=None, min_new_tokens=None, do_sample=None,
              temperature=None, top_k=None, top_p=None, num_beams=None, length_penalty=None,
              repetition_penalty=None, no_repeat_ngram_size=None, eos_token_id=None, pad_token_id=None,
-             seed=None, streamer=None)
+             seed=None, streamer=None, early_stopping=None, num_return_sequences=None, penalty_alpha=None)
 
 Every keyword left None takes the model's `generation_config.json` value, else Hugging Face's default
 (shown in brackets). Semantics are Hugging Face transformers 4.57's; deterministic modes (greedy,
@@ -326,8 +358,8 @@ Args:
     temperature: [1.0] divides the logits when sampling (> 0).
     top_k: [50] keep the k most likely tokens when sampling (0: off; an integer >= 0).
     top_p: [1.0] keep the smallest set of most likely tokens with probability >= top_p, in (0, 1].
-    num_beams: [1] beam search when > 1 (not with do_sample); the file's `early_stopping`
-        (True, False [default] or "never") applies.
+    num_beams: [1] beam search when > 1 (not with do_sample): Hugging Face 4.57's algorithm, the prompt
+        run once and its cache copied to every beam.
     length_penalty: [1.0] beam scores are sum(log p) / generated_length ** length_penalty.
     repetition_penalty: [1.0] > 0; every id already in the row (prompt included) has its logit divided
         (if > 0) or multiplied (if < 0) by it.
@@ -339,12 +371,22 @@ Args:
         the same seed gives the same tokens in torch, TF, Flax and NumPy. None: fresh randomness.
     streamer: an object with put(ids) and end() (Hugging Face's interface; a plain callable is
         called like put): put receives the prompt [batch, prompt] first, then each step's new
-        tokens [batch], as NumPy int64 arrays; end() after the last. Not with beam search.
+        tokens [batch], as NumPy int64 arrays; end() after the last. Not with beam or contrastive search.
+    early_stopping: [False] beam search: True stops a row once it has num_beams finished hypotheses,
+        False stops when the best running beam can no longer beat them, "never" when it cannot even
+        at max length (Hugging Face's heuristics).
+    num_return_sequences: [1] results per prompt: the best beams (<= num_beams) or that many samples;
+        rows [b * n, (b + 1) * n) of the result belong to prompt b.
+    penalty_alpha: [None] contrastive search (Su et al. 2022) when > 0 with top_k > 1 and no
+        sampling: among the top_k tokens pick the one maximising (1 - penalty_alpha) * p(token)
+        - penalty_alpha * (max cosine similarity of its hidden state to the row's earlier ones).
 
 Returns:
-    [batch, prompt + generated] int64 token ids, the prompt included (torch.int64 tensor, tf.int64
+    [batch * num_return_sequences, prompt + generated] int64 token ids, the prompt included (torch.int64 tensor, tf.int64
     tensor, or for Flax a NumPy int64 array, since JAX holds no int64 without x64). Fewer than
-    max_new_tokens columns are generated when every row (or beam search) has finished.
+    max_new_tokens columns are generated when every row (or beam search) has finished. Rows that
+    finished early are padded with pad_token_id; beam search pads as Hugging Face does, with
+    `pad_token_id or eos_token_id[0]` (pad id 0 gives the first eos id).
 
 Raises:
     ValueError: a bad input or option, named, with what would be accepted.
