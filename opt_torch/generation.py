@@ -224,6 +224,9 @@ def generate(
     pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Any = None,
+    early_stopping: bool | str | None = None,
+    num_return_sequences: int | None = None,
+    penalty_alpha: float | None = None,
 ) -> torch.Tensor:
     config = model.config
     if model.training:
@@ -237,7 +240,8 @@ def generate(
         min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        seed=seed, streamer=streamer,
+        seed=seed, streamer=streamer, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+        penalty_alpha=penalty_alpha,
     )
     if seed is None and opts.seed is not None and getattr(model, "device_mesh", None) is not None:
         from opt_torch.parallel import rank0_value  # a fresh seed differs per rank: take rank 0's
@@ -246,6 +250,9 @@ def generate(
     device = model.device
     ids = torch.as_tensor(ids_np.astype(np.int64), device=device)
     mask = torch.ones_like(ids) if mask_np is None else torch.as_tensor(mask_np.astype(np.int64), device=device)
+    if opts.num_beams == 1 and opts.num_return_sequences > 1:  # samples: rows b * n + j, as Hugging Face
+        ids = ids.repeat_interleave(opts.num_return_sequences, dim=0)
+        mask = mask.repeat_interleave(opts.num_return_sequences, dim=0)
     if opts.max_new_tokens == 0:
         _put(opts, ids)
         _end(opts)
@@ -304,6 +311,9 @@ def greedy_or_sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: Ge
 
 
 # ---------------------------------------------------------------- beam search (HF 4.57's algorithm)
+NEG = -1.0e9  # Hugging Face's "impossible" beam score, added (not assigned) as HF does
+
+
 def _gather_beams(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, K, ...] -> x[b, idx[b, j], ...] for idx [B, K']."""
     while idx.dim() < x.dim():
@@ -311,116 +321,143 @@ def _gather_beams(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(x, idx, dim=1)
 
 
+@dataclasses.dataclass
+class BeamState:
+    """Beam search's state between steps: opt_core.generation.BeamState's fields, as torch tensors
+    (running [B, K, L], running_scores [B, K], running_parents [B, K, N], the same three for the
+    finished hypotheses, is_finished [B, K], improvable [B, 1])."""
+
+    running: torch.Tensor
+    running_scores: torch.Tensor
+    running_parents: torch.Tensor
+    finished: torch.Tensor
+    finished_scores: torch.Tensor
+    finished_parents: torch.Tensor
+    is_finished: torch.Tensor
+    improvable: torch.Tensor
+
+    @classmethod
+    def start(cls, ids: torch.Tensor, num_beams: int, max_new_tokens: int, fill: int) -> BeamState:
+        """Every beam of a row starts from its prompt; only beam 0 is live (the others score -1e9)."""
+        b, t = ids.shape
+        running = torch.full((b, num_beams, t + max_new_tokens), fill, dtype=torch.long, device=ids.device)
+        running[:, :, :t] = ids[:, None, :]
+        scores = torch.zeros((b, num_beams), dtype=torch.float32, device=ids.device)
+        scores[:, 1:] = NEG
+        parents = torch.full((b, num_beams, max_new_tokens), -1, dtype=torch.long, device=ids.device)
+        return cls(running, scores, parents, running.clone(), torch.full_like(scores, NEG), parents.clone(),
+                   torch.zeros((b, num_beams), dtype=torch.bool, device=ids.device),
+                   torch.ones((b, 1), dtype=torch.bool, device=ids.device))
+
+
+def beam_search_step(
+    state: BeamState, log_probs: torch.Tensor, step: int, prompt_length: int, opts: GenerationOptions,
+) -> tuple[BeamState, torch.Tensor, bool]:
+    """One step of Hugging Face 4.57's `_beam_search` (opt_core.generation.beam_search_step) on
+    processed log-probs [B * K, V]. Returns the new state, the flat row [B * K] each running beam
+    continues (the cache reorder) and whether the search goes on."""
+    b, k, max_length = state.running.shape
+    vocab = log_probs.shape[-1]
+    device = log_probs.device
+    cur_len = prompt_length + step
+    keep = max(2, 1 + len(opts.eos_token_ids)) * k  # K stay open even if the best all end here
+    scores = (log_probs.view(b, k, vocab) + state.running_scores[:, :, None]).reshape(b, k * vocab)
+    top_scores, top = torch.topk(scores, k=keep)  # [B, keep]
+    parent, token = top // vocab, top % vocab
+    top_running = _gather_beams(state.running, parent)  # [B, keep, L]
+    top_running[:, :, cur_len] = token
+    top_parents = _gather_beams(state.running_parents, parent)
+    top_parents[:, :, step] = parent + torch.arange(b, device=device)[:, None] * k
+    hits = torch.full_like(token, cur_len + 1 >= max_length, dtype=torch.bool)  # max length: every candidate ends
+    if opts.eos_token_ids:
+        hits |= torch.isin(token, torch.tensor(opts.eos_token_ids, device=device))
+
+    # The best K candidates that did not end keep running.
+    open_scores = top_scores + hits.to(torch.float32) * NEG
+    nxt = torch.topk(open_scores, k=k)[1]
+    running = _gather_beams(top_running, nxt)
+    running_scores = _gather_beams(open_scores, nxt)
+    running_parents = _gather_beams(top_parents, nxt)
+
+    # Candidates that ended among the top K join the finished ones if they score higher.
+    just_finished = hits & (torch.arange(keep, device=device) < k)[None, :]
+    done_scores = top_scores / float(cur_len + 1 - prompt_length) ** opts.length_penalty
+    full = state.is_finished.all(-1, keepdim=True) & (opts.early_stopping is True)
+    done_scores = done_scores + full.to(torch.float32) * NEG + (~state.improvable).to(torch.float32) * NEG
+    done_scores = done_scores + (~just_finished).to(torch.float32) * NEG
+    merged_scores = torch.cat([state.finished_scores, done_scores], dim=1)
+    best = torch.topk(merged_scores, k=k)[1]
+    finished = _gather_beams(torch.cat([state.finished, top_running], dim=1), best)
+    finished_scores = _gather_beams(merged_scores, best)
+    finished_parents = _gather_beams(torch.cat([state.finished_parents, top_parents], dim=1), best)
+    is_finished = _gather_beams(torch.cat([state.is_finished, just_finished], dim=1), best)
+
+    # Hugging Face's early-stop heuristic: can the best running beam still beat the worst finished?
+    if opts.early_stopping == "never" and opts.length_penalty > 0.0:
+        best_length = max_length - prompt_length
+    else:
+        best_length = cur_len + 1 - prompt_length
+    best_running = running_scores[:, :1] / float(best_length) ** opts.length_penalty
+    worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True)[0], NEG)
+    improvable = state.improvable & (best_running > worst_finished).any(-1, keepdim=True)
+    go_on = (bool(improvable.any()) and not (bool(is_finished.all()) and opts.early_stopping is True)
+             and not bool(hits.all()))
+    rows = running_parents[:, :, step].reshape(-1)
+    new = BeamState(running, running_scores, running_parents, finished, finished_scores, finished_parents,
+                    is_finished, improvable)
+    return new, rows, go_on
+
+
+def beam_search_result(state: BeamState, prompt_length: int, num_return_sequences: int) -> torch.Tensor:
+    """The best `num_return_sequences` hypotheses per prompt [B * n, prompt + generated], cut after
+    the longest of them (Hugging Face's trim)."""
+    seqs = state.finished[:, :num_return_sequences].flatten(0, 1)
+    parents = state.finished_parents[:, :num_return_sequences].flatten(0, 1)
+    generated = int((parents >= 0).sum(1).max())
+    return seqs[:, : prompt_length + generated]
+
+
+def _expanded_cache(model: Any, prompt_cache: Cache, num_beams: int, max_length: int) -> Cache:
+    """A cache for B * K rows holding each prompt row's entries K times (beams of a row adjacent),
+    so the prompt is run once, not once per beam."""
+    batch = prompt_cache.keys[0].shape[0]
+    length = prompt_cache.get_seq_length()
+    cache = _new_cache(model, batch * num_beams, max_length)
+    for layer, (keys, values) in enumerate(zip(prompt_cache.keys, prompt_cache.values)):
+        cache.update(layer, keys[:, :, :length].repeat_interleave(num_beams, 0),
+                     values[:, :, :length].repeat_interleave(num_beams, 0))
+    return cache
+
+
 def beam_search(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
-    """Beam search exactly as Hugging Face transformers 4.57 (`_beam_search`): keep the top
-    `2 * num_beams` continuations per step, finished hypotheses scored by
-    `sum log p / generated_length ** length_penalty`, the same early-stop heuristic. Returns the best
-    hypothesis per row [B, T + generated]."""
+    """Beam search exactly as Hugging Face transformers 4.57 (`_beam_search`), equal to
+    opt_core.generation.reference_beam_search: the prompt runs once, its cache is copied to the K
+    beams, then one token per beam per step. Returns [B * num_return_sequences, T + generated]."""
     b, prompt_len = ids.shape
-    k, length_penalty, early_stopping = opts.num_beams, opts.length_penalty, opts.early_stopping
-    eos_ids, pad, max_new_tokens = list(opts.eos_token_ids), opts.pad_token_id, opts.max_new_tokens
-    max_length = prompt_len + max_new_tokens
-    device = ids.device
-    vocab = model.config.vocab_size
-    beams_to_keep = max(2, 1 + len(eos_ids)) * k
-    top_num_beam_mask = torch.cat(
-        [torch.ones(k, dtype=torch.bool), torch.zeros(beams_to_keep - k, dtype=torch.bool)]
-    ).to(device)
-    eos = torch.tensor(eos_ids, device=device) if eos_ids else None
-    fill = (pad if pad else eos_ids[0]) if eos_ids else -1
-
-    running = torch.full((b, k, max_length), fill, dtype=torch.long, device=device)  # [B, K, T_max]
-    running[:, :, :prompt_len] = ids[:, None, :]
-    sequences = running.clone()
-    running_scores = torch.zeros((b, k), dtype=torch.float, device=device)
-    running_scores[:, 1:] = -1e9
-    beam_scores = torch.full((b, k), -1e9, dtype=torch.float, device=device)
-    is_finished = torch.zeros((b, k), dtype=torch.bool, device=device)
-    improvable = torch.ones((b, 1), dtype=torch.bool, device=device)
-    hits_stop = torch.zeros((b, k), dtype=torch.bool, device=device)
-    running_beam_idx = torch.full((b, k, max_new_tokens), -1, dtype=torch.int32, device=device)
-    beam_indices = running_beam_idx.clone()
-
-    flat_mask = mask.repeat_interleave(k, dim=0)  # [B * K, T]
+    k = opts.num_beams
+    max_length = prompt_len + opts.max_new_tokens
     padded = not bool(mask.all())
-    full_mask = torch.ones((b * k, max_length), dtype=torch.long, device=device)
-    full_mask[:, :prompt_len] = flat_mask
-    positions = flat_mask.sum(-1, keepdim=True)  # [B * K, 1]
-    cache = _new_cache(model, b * k, max_length)
-
-    cur_len = prompt_len
-    logits, _ = prefill(model, ids.repeat_interleave(k, dim=0), flat_mask if padded else None, cache)
-    while True:
-        flat_running = running[:, :, :cur_len].reshape(b * k, cur_len)
-        log_probs = F.log_softmax(logits, dim=-1)  # [B * K, V]
-        log_probs = process_logits(log_probs, flat_running, cur_len - prompt_len, opts)
-        log_probs = log_probs.view(b, k, vocab) + running_scores[:, :, None]
-        log_probs = log_probs.reshape(b, k * vocab)
-
-        # The top 2K continuations (so K stay open even if some end here).
-        topk_log_probs, topk_indices = torch.topk(log_probs, k=beams_to_keep)  # [B, 2K]
-        topk_beam = topk_indices // vocab
-        topk_running_beam_idx = _gather_beams(running_beam_idx, topk_beam)
-        topk_running = _gather_beams(running, topk_beam)
-        topk_ids = topk_indices % vocab
-        topk_running[:, :, cur_len] = topk_ids
-        batch_offset = torch.arange(b, device=device).view(-1, 1) * k
-        topk_running_beam_idx[:, :, cur_len - prompt_len] = (topk_beam + batch_offset).to(torch.int32)
-
-        hits_stop = torch.full_like(topk_ids, cur_len + 1 >= max_length, dtype=torch.bool)
-        if eos is not None:
-            hits_stop |= torch.isin(topk_ids, eos)
-
-        # Continue with the best K that did not stop.
-        running_log = topk_log_probs + hits_stop.to(torch.float32) * -1.0e9
-        next_idx = torch.topk(running_log, k=k)[1]
-        running = _gather_beams(topk_running, next_idx)
-        running_scores = _gather_beams(running_log, next_idx)
-        running_beam_idx = _gather_beams(topk_running_beam_idx, next_idx)
-
-        # Merge the ones that stopped (among the top K) into the finished hypotheses.
-        just_finished = hits_stop & top_num_beam_mask[None, :]
-        scored = topk_log_probs / ((cur_len + 1 - prompt_len) ** length_penalty)
-        full = torch.all(is_finished, dim=-1, keepdim=True) & (early_stopping is True)
-        scored = scored + full.to(torch.float32) * -1.0e9
-        scored = scored + (~improvable).to(torch.float32) * -1.0e9
-        scored = scored + (~just_finished) * -1.0e9
-        merged_seq = torch.cat([sequences, topk_running], dim=1)
-        merged_scores = torch.cat([beam_scores, scored], dim=1)
-        merged_idx = torch.cat([beam_indices, topk_running_beam_idx], dim=1)
-        merged_finished = torch.cat([is_finished, just_finished], dim=1)
-        best = torch.topk(merged_scores, k=k)[1]
-        sequences = _gather_beams(merged_seq, best)
-        beam_scores = _gather_beams(merged_scores, best)
-        beam_indices = _gather_beams(merged_idx, best)
-        is_finished = _gather_beams(merged_finished, best)
-
-        beam_idx = running_beam_idx[..., cur_len - prompt_len].reshape(-1).long()  # [B * K]
-        cur_len += 1
-
-        # Hugging Face's early-stop heuristic.
-        if early_stopping == "never" and length_penalty > 0.0:
-            best_len = max_length - prompt_len
-        else:
-            best_len = cur_len - prompt_len
-        best_running = running_scores[:, :1] / (best_len**length_penalty)
-        worst_finished = torch.where(is_finished, torch.min(beam_scores, dim=1, keepdim=True)[0], -1.0e9)
-        improvable = improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
-        open_beam = ~(torch.all(is_finished) & (early_stopping is True))
-        go_on = bool(torch.any(improvable)) and bool(open_beam) and not bool(torch.all(hits_stop))
+    full_mask = torch.ones((b * k, max_length), dtype=torch.long, device=ids.device)  # [B * K, S]
+    full_mask[:, :prompt_len] = mask.repeat_interleave(k, dim=0)
+    positions = full_mask[:, :prompt_len].sum(-1, keepdim=True)  # [B * K, 1]
+    prompt_cache = _new_cache(model, b, prompt_len)
+    logits, _ = prefill(model, ids, mask if padded else None, prompt_cache)
+    logits = logits.repeat_interleave(k, dim=0)  # [B * K, V]
+    cache = _expanded_cache(model, prompt_cache, k, max_length)
+    del prompt_cache
+    state = BeamState.start(ids, k, opts.max_new_tokens, opts.beam_fill_id)
+    for step in range(opts.max_new_tokens):
+        cur_len = prompt_len + step
+        rows = state.running[:, :, :cur_len].reshape(b * k, cur_len)
+        log_probs = process_logits(F.log_softmax(logits, dim=-1), rows, step, opts)
+        state, parents, go_on = beam_search_step(state, log_probs, step, prompt_len, opts)
         if not go_on:
             break
-
-        kv_cache.reorder(cache, beam_idx)
-        tokens = running[:, :, cur_len - 1].reshape(b * k, 1)
-        logits, _ = decode_one_token(
-            model, tokens, positions, full_mask[:, :cur_len] if padded else None, cache
-        )
+        kv_cache.reorder(cache, parents)
+        tokens = state.running[:, :, cur_len].reshape(b * k, 1)
+        logits, _ = decode_one_token(model, tokens, positions, full_mask[:, : cur_len + 1] if padded else None, cache)
         positions = positions + 1
-
-    best_seq = sequences[:, 0]  # [B, T_max]
-    generated = int((beam_indices[:, 0] + 1).bool().sum(dim=1).max())
-    return best_seq[:, : prompt_len + generated]
+    return beam_search_result(state, prompt_len, opts.num_return_sequences)
 
 
 # ---------------------------------------------------------------- contrastive search
