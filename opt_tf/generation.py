@@ -51,6 +51,7 @@ class GenerationSettings:
     repetition_penalty: bool = False  # whether the penalty runs (its value is a tensor)
     no_repeat_ngram_size: int = 0
     min_new_tokens: bool = False  # whether eos can be forbidden (the count is a tensor)
+    num_return_sequences: int = 1  # beam search: hypotheses returned per prompt
     stream: bool = False  # deliver each step's tokens to the host (graph mode, not XLA)
 
 
@@ -337,113 +338,139 @@ def _gather_beams(x: tf.Tensor, idx: tf.Tensor) -> tf.Tensor:
     return tf.gather(x, idx, axis=1, batch_dims=1)
 
 
+class BeamState(NamedTuple):
+    """Beam search's state between steps: opt_core.generation.BeamState's fields as tensors
+    (running [B, K, S], running_scores [B, K], running_parents [B, K, N], the same three for the
+    finished hypotheses, is_finished [B, K], improvable [B, 1])."""
+
+    running: tf.Tensor
+    running_scores: tf.Tensor
+    running_parents: tf.Tensor
+    finished: tf.Tensor
+    finished_scores: tf.Tensor
+    finished_parents: tf.Tensor
+    is_finished: tf.Tensor
+    improvable: tf.Tensor
+
+
+class BeamLoop(NamedTuple):
+    """What the beam search while-loop carries from one step to the next."""
+
+    step: tf.Tensor  # int32: tokens generated so far
+    state: BeamState
+    cache: StaticCache  # B*K rows
+    key_mask: tf.Tensor  # [B*K, S]
+    logits: tf.Tensor  # [B*K, V] of the running beams' last tokens
+    next_pos: tf.Tensor  # [B*K]
+    seen: tf.Tensor  # [B*K, V] ids in each running beam (repetition penalty), else [0]
+    go_on: tf.Tensor  # bool: Hugging Face's "beam search has unfinished sequences"
+
+
+def beam_search_step(
+    state: BeamState, log_probs: tf.Tensor, step: tf.Tensor, prompt_length: Any, max_length: Any, v: Knobs,
+    s: GenerationSettings,
+) -> tuple[BeamState, tf.Tensor, tf.Tensor]:
+    """One step of Hugging Face 4.57's `_beam_search` (opt_core.generation.beam_search_step) on
+    processed log-probs [B*K, V]; `max_length` = prompt + the new tokens allowed. Returns the new
+    state, the flat row [B*K] each running beam continues (the cache reorder) and go-on (bool)."""
+    b, k = tf.shape(state.running)[0], s.num_beams
+    vocab = log_probs.shape[-1]
+    cur_len = prompt_length + step
+    keep = max(2, 1 + s.num_eos) * k  # K stay open even if the best all end here
+    scores = tf.reshape(tf.reshape(log_probs, [b, k, vocab]) + state.running_scores[:, :, None], [b, k * vocab])
+    top_scores, top = tf.math.top_k(scores, k=keep)  # [B, keep]
+    parent, token = top // vocab, top % vocab
+    cols = tf.range(tf.shape(state.running)[2])[None, None, :]
+    top_running = tf.where(cols == cur_len, token[:, :, None], _gather_beams(state.running, parent))  # [B, keep, S]
+    steps = tf.range(tf.shape(state.running_parents)[2])[None, None, :]
+    flat_parent = parent + tf.range(b)[:, None] * k
+    top_parents = tf.where(steps == step, flat_parent[:, :, None], _gather_beams(state.running_parents, parent))
+    hits = tf.fill(tf.shape(token), cur_len + 1 >= max_length)  # max length: every candidate ends
+    if s.num_eos:
+        hits = hits | _is_any(token, v.eos_ids)
+
+    # The best K candidates that did not end keep running.
+    open_scores = top_scores + tf.cast(hits, tf.float32) * NEG
+    nxt = tf.math.top_k(open_scores, k=k).indices
+    running = _gather_beams(top_running, nxt)
+    running_scores = _gather_beams(open_scores, nxt)
+    running_parents = _gather_beams(top_parents, nxt)
+
+    # Candidates that ended among the top K join the finished ones if they score higher.
+    just_finished = hits & (tf.range(keep) < k)[None, :]
+    done_scores = top_scores / tf.cast(cur_len + 1 - prompt_length, tf.float32) ** v.length_penalty
+    full = tf.reduce_all(state.is_finished, axis=-1, keepdims=True) & (s.early_stopping is True)
+    done_scores += tf.cast(full, tf.float32) * NEG
+    done_scores += tf.cast(~state.improvable, tf.float32) * NEG
+    done_scores += tf.cast(~just_finished, tf.float32) * NEG
+    merged_scores = tf.concat([state.finished_scores, done_scores], axis=1)  # [B, K + keep]
+    best = tf.math.top_k(merged_scores, k=k).indices
+    finished = _gather_beams(tf.concat([state.finished, top_running], axis=1), best)
+    finished_scores = _gather_beams(merged_scores, best)
+    finished_parents = _gather_beams(tf.concat([state.finished_parents, top_parents], axis=1), best)
+    is_finished = _gather_beams(tf.concat([state.is_finished, just_finished], axis=1), best)
+
+    # Hugging Face's early-stop heuristic: can the best running beam still beat the worst finished?
+    best_length = tf.cast(cur_len + 1 - prompt_length, tf.float32)
+    if s.early_stopping == "never":
+        best_length = tf.where(v.length_penalty > 0.0, tf.cast(max_length - prompt_length, tf.float32), best_length)
+    best_running = running_scores[:, :1] / best_length**v.length_penalty
+    worst_finished = tf.where(is_finished, tf.reduce_min(finished_scores, axis=1, keepdims=True), NEG)
+    improvable = state.improvable & tf.reduce_any(best_running > worst_finished, axis=-1, keepdims=True)
+    go_on = (tf.reduce_any(improvable) & ~(tf.reduce_all(is_finished) & (s.early_stopping is True))
+             & ~tf.reduce_all(hits))
+    rows = tf.reshape(running_parents[:, :, step], [-1])
+    new = BeamState(running, running_scores, running_parents, finished, finished_scores, finished_parents,
+                    is_finished, improvable)
+    return new, rows, go_on
+
+
 def _beam_loop(
     model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Hugging Face's vectorised beam search -> (best sequence per row [B, S], new columns)."""
+    """Hugging Face's beam search, equal to opt_core.generation.reference_beam_search: the prompt
+    runs once, its cache is copied to the K beams. Returns (the best `num_return_sequences`
+    sequences per prompt [B * n, S] filled with the pad knob, new columns kept)."""
     b, t = _dims(ids)
     k, cap = s.num_beams, s.total_length - t  # cap: new-token slots of the buffers
-    n = tf.minimum(limit, cap)
-    max_length = t + n
+    max_length = t + tf.minimum(limit, cap)
     vocab = model.config.vocab_size
-    keep = max(2, 1 + s.num_eos) * k  # candidates per step
-    top_num_beam_mask = tf.constant([True] * k + [False] * (keep - k))  # [keep]
-    early_true = s.early_stopping is True
+    logits, cache, key_mask, next_pos = prefill(model, ids, mask, s.total_length)
+    beams = tf.repeat(tf.range(b), k)  # [B*K]: each beam's prompt row, beams of a row adjacent
+    cache = cache.reorder(beams)
+    seen = tf.gather(seen_tokens(ids, vocab), beams) if s.repetition_penalty else tf.zeros([0], tf.bool)
 
-    flat_ids = tf.repeat(ids, k, axis=0)  # [B*K, T]
-    flat_mask = tf.repeat(mask, k, axis=0)
-    logits, cache, key_mask, next_pos = prefill(model, flat_ids, flat_mask, s.total_length)
-    seen = seen_tokens(flat_ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
+    running = tf.pad(tf.repeat(ids[:, None, :], k, axis=1), [[0, 0], [0, 0], [0, cap]],
+                     constant_values=v.pad_token_id)  # [B, K, S]
+    scores = tf.tile(tf.constant([[0.0] + [NEG] * (k - 1)]), [b, 1])  # only beam 0 is live at first
+    parents = tf.fill([b, k, cap], -1)  # [B, K, N]
+    state = BeamState(running, scores, parents, running, tf.fill([b, k], NEG), parents, tf.zeros([b, k], tf.bool),
+                      tf.ones([b, 1], tf.bool))
 
-    running_sequences = tf.pad(tf.reshape(flat_ids, [b, k, t]), [[0, 0], [0, 0], [0, cap]],
-                               constant_values=v.pad_token_id)  # [B, K, S]
-    sequences = running_sequences
-    running_scores = tf.tile(tf.constant([[0.0] + [NEG] * (k - 1)]), [b, 1])  # [B, K]
-    beam_scores = tf.fill([b, k], NEG)
-    is_sent_finished = tf.zeros([b, k], tf.bool)
-    early_unsat = tf.ones([b, 1], tf.bool)
-    running_beam_indices = tf.fill([b, k, cap], -1)  # [B, K, N]
-    beam_indices = running_beam_indices
-    batch_offset = tf.range(b)[:, None] * k  # [B, 1]
-    cols_s = tf.range(s.total_length)[None, None, :]
-    cols_n = tf.range(cap)[None, None, :]
-
-    def body(i, running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-             running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, seen, go_on):
-        cur_len = t + i
-        log_probs = tf.nn.log_softmax(logits, axis=-1)  # [B*K, V]
-        flat_running = tf.reshape(running_sequences, [b * k, s.total_length])
-        log_probs = process_logits(log_probs, s, i, seen, flat_running, cur_len, v.repetition_penalty,
+    def body(c: BeamLoop) -> tuple[BeamLoop]:
+        log_probs = tf.nn.log_softmax(c.logits, axis=-1)  # [B*K, V]
+        rows_so_far = tf.reshape(c.state.running, [b * k, s.total_length])
+        log_probs = process_logits(log_probs, s, c.step, c.seen, rows_so_far, t + c.step, v.repetition_penalty,
                                    v.min_new_tokens, v.eos_ids)
-        log_probs = tf.reshape(log_probs, [b, k, vocab]) + running_scores[:, :, None]
-        log_probs = tf.reshape(log_probs, [b, k * vocab])
-        topk_log_probs, topk_indices = tf.math.top_k(log_probs, k=keep)  # [B, keep]
-        topk_beam = topk_indices // vocab
-        topk_ids = topk_indices % vocab
-        topk_sequences = _gather_beams(running_sequences, topk_beam)  # [B, keep, S]
-        topk_sequences = tf.where(cols_s == cur_len, topk_ids[:, :, None], topk_sequences)
-        topk_beam_indices = _gather_beams(running_beam_indices, topk_beam)  # [B, keep, N]
-        topk_beam_indices = tf.where(cols_n == i, (topk_beam + batch_offset)[:, :, None], topk_beam_indices)
-
-        hits = tf.fill([b, keep], cur_len + 1 >= max_length)  # max-length criterion
-        if s.num_eos:
-            hits = hits | _is_any(topk_ids, v.eos_ids)
-
-        # The best K continuations that did not stop keep running.
-        topk_running = topk_log_probs + tf.cast(hits, tf.float32) * NEG
-        next_idx = tf.math.top_k(topk_running, k=k).indices  # [B, K]
-        running_sequences = _gather_beams(topk_sequences, next_idx)
-        running_scores = _gather_beams(topk_running, next_idx)
-        running_beam_indices = _gather_beams(topk_beam_indices, next_idx)
-
-        # Continuations that stopped among the top K join the finished beams if they score higher.
-        just_finished = hits & top_num_beam_mask[None, :]
-        scores = topk_log_probs / (tf.cast(cur_len + 1 - t, tf.float32) ** v.length_penalty)
-        full = tf.reduce_all(is_sent_finished, axis=-1, keepdims=True) & early_true
-        scores += tf.cast(full, tf.float32) * NEG
-        scores += tf.cast(~early_unsat, tf.float32) * NEG
-        scores += tf.cast(~just_finished, tf.float32) * NEG
-        merged_scores = tf.concat([beam_scores, scores], axis=1)  # [B, K + keep]
-        best = tf.math.top_k(merged_scores, k=k).indices
-        sequences = _gather_beams(tf.concat([sequences, topk_sequences], axis=1), best)
-        beam_scores = _gather_beams(merged_scores, best)
-        beam_indices = _gather_beams(tf.concat([beam_indices, topk_beam_indices], axis=1), best)
-        is_sent_finished = _gather_beams(tf.concat([is_sent_finished, just_finished], axis=1), best)
-
-        rows = tf.reshape(running_beam_indices[:, :, i], [b * k])  # each beam's parent row
-        cache = cache.reorder(rows)
-        cur_len = cur_len + 1
-        best_len = tf.cast(cur_len - t, tf.float32)
-        if s.early_stopping == "never":
-            best_len = tf.where(v.length_penalty > 0.0, tf.cast(max_length - t, tf.float32), best_len)
-        best_running = running_scores[:, :1] / best_len**v.length_penalty
-        worst_finished = tf.where(is_sent_finished, tf.reduce_min(beam_scores, axis=1, keepdims=True), NEG)
-        early_unsat = early_unsat & tf.reduce_any(best_running > worst_finished, axis=-1, keepdims=True)
-        go_on = (
-            tf.reduce_any(early_unsat)
-            & ~(tf.reduce_all(is_sent_finished) & early_true)
-            & ~tf.reduce_all(hits)
-        )
-
-        nxt = tf.reshape(running_sequences[:, :, t + i], [b * k])  # [B*K]
+        state, rows, go_on = beam_search_step(c.state, log_probs, c.step, t, max_length, v, s)
+        nxt = tf.reshape(state.running[:, :, t + c.step], [b * k])  # [B*K]
+        seen = c.seen
         if s.repetition_penalty:
             seen = tf.gather(seen, rows) | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
-        key_mask = _set_column(key_mask, t + i, tf.ones([b * k], key_mask.dtype))
-        logits, cache = _run(model, nxt[:, None], next_pos[:, None], key_mask, cache)
-        return (i + 1, running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-                running_beam_indices, beam_indices, cache, key_mask, logits, next_pos + 1, seen, go_on)
+        key_mask = _set_column(c.key_mask, t + c.step, tf.ones([b * k], c.key_mask.dtype))
+        logits, cache = _run(model, nxt[:, None], c.next_pos[:, None], key_mask, c.cache.reorder(rows))
+        return (BeamLoop(c.step + 1, state, cache, key_mask, logits, c.next_pos + 1, seen, go_on),)
 
-    def cond(i, *state):
-        return (i < n) & state[-1]
+    def cond(c: BeamLoop) -> tf.Tensor:
+        return (c.step < max_length - t) & c.go_on
 
-    state = tf.while_loop(
-        cond, body,
-        (tf.constant(0), running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-         running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, seen, tf.constant(True)),
-    )
-    sequences, beam_indices = state[2], state[8]
-    best = sequences[:, 0]  # [B, S]
-    generated = tf.reduce_max(tf.reduce_sum(tf.cast(beam_indices[:, 0] >= 0, tf.int32), axis=1))
+    start = BeamLoop(tf.constant(0), state, cache, tf.repeat(key_mask, k, axis=0), tf.repeat(logits, k, axis=0),
+                     tf.repeat(next_pos, k, axis=0), seen, tf.constant(True))
+    (end,) = tf.while_loop(cond, body, (start,))
+    n = s.num_return_sequences
+    best = tf.reshape(end.state.finished[:, :n], [b * n, s.total_length])
+    kept = tf.reshape(end.state.finished_parents[:, :n], [b * n, cap])
+    generated = tf.reduce_max(tf.reduce_sum(tf.cast(kept >= 0, tf.int32), axis=1))
     return best, generated
 
 
@@ -487,6 +514,9 @@ def generate(
     pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Any = None,
+    early_stopping: bool | str | None = None,
+    num_return_sequences: int | None = None,
+    penalty_alpha: float | None = None,
 ) -> tf.Tensor:
     cfg = model.config
     ids = np.asarray(input_ids)
@@ -497,7 +527,8 @@ def generate(
         min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-        streamer=streamer,
+        streamer=streamer, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+        penalty_alpha=penalty_alpha,
     )
     return run(model, ids, mask, o)
 
@@ -523,6 +554,8 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
     """Generate with resolved options `o` (`opt_core.generation_config.resolve_generation_options`)
     from checked inputs ids / mask [B, T]; returns tf.int64 [B, T + generated]."""
     streamer = o.streamer
+    if o.num_beams == 1 and o.num_return_sequences > 1:  # samples: rows b * n + j, as Hugging Face
+        ids, mask = np.repeat(ids, o.num_return_sequences, 0), np.repeat(mask, o.num_return_sequences, 0)
     emit(streamer, ids.astype(np.int64))
     if o.max_new_tokens == 0:
         if streamer is not None:
@@ -533,8 +566,10 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
         top_k=o.top_k if o.do_sample else 0, num_beams=o.num_beams, num_eos=len(o.eos_token_ids),
         early_stopping=o.early_stopping, repetition_penalty=o.repetition_penalty != 1.0,
         no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens > 0,
-        stream=streamer is not None,
+        num_return_sequences=o.num_return_sequences if o.num_beams > 1 else 1, stream=streamer is not None,
     )
+    # Beam search fills unfinished columns as Hugging Face does (pad or, for pad id 0, the first eos).
+    fill = o.beam_fill_id if o.num_beams > 1 else o.pad_token_id
     fn = compiled_generate_fn(model, settings)
     slot = model.__dict__.setdefault("_opt_stream_slot", _StreamSlot())
     slot.streamer = streamer
@@ -542,7 +577,7 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
         tokens, produced = fn(
             tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(o.max_new_tokens, tf.int32),
             knobs(o.seed or 0, o.temperature, o.top_p, o.repetition_penalty, o.min_new_tokens, o.eos_token_ids,
-                  o.pad_token_id, o.length_penalty),
+                  fill, o.length_penalty),
         )
     finally:
         slot.streamer = None
