@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -305,106 +305,146 @@ def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits
 
 
 # ---------------------------------------------------------------- beam search
+def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, K, ...] -> x[b, idx[b, j], ...] for idx [B, J]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+class BeamState(NamedTuple):
+    """Beam search's state between steps: opt_core.generation.BeamState's fields as arrays, except
+    that `running` and `finished` hold only the new tokens [B, K, N] (the bucketed prompt is the
+    same for every beam of a row and lives beside them)."""
+
+    running: jax.Array
+    running_scores: jax.Array
+    running_parents: jax.Array
+    finished: jax.Array
+    finished_scores: jax.Array
+    finished_parents: jax.Array
+    is_finished: jax.Array
+    improvable: jax.Array
+
+
+class BeamLoop(NamedTuple):
+    """What the beam search while-loop carries from one step to the next."""
+
+    step: jax.Array  # int32: tokens generated so far
+    state: BeamState
+    cache: KVCache  # B*K rows
+    logits: jax.Array  # [B*K, V] of the running beams' last tokens
+    seen: jax.Array | None  # [B*K, V] ids in each running beam (repetition penalty)
+    go_on: jax.Array  # bool: Hugging Face's "beam search has unfinished sequences"
+
+
+def beam_search_step(state: BeamState, log_probs: jax.Array, step: jax.Array, num_eos: int,
+                     eos_ids: jax.Array, length_penalty: jax.Array, early_stopping: bool | str
+                     ) -> tuple[BeamState, jax.Array, jax.Array]:
+    """One step of Hugging Face 4.57's `_beam_search` (opt_core.generation.beam_search_step) on
+    processed log-probs [B*K, V]; the search may run N = running.shape[2] new tokens. Returns the
+    new state, the flat row [B*K] each running beam continues (the cache reorder) and go-on."""
+    b, k, n = state.running.shape
+    vocab = log_probs.shape[-1]
+    keep = max(2, 1 + num_eos) * k  # K stay open even if the best all end here
+    scores = (log_probs.reshape(b, k, vocab) + state.running_scores[:, :, None]).reshape(b, k * vocab)
+    top_scores, top = jax.lax.top_k(scores, keep)  # [B, keep]
+    parent, token = top // vocab, (top % vocab).astype(jnp.int32)
+    top_running = jax.lax.dynamic_update_slice(_gather_beams(state.running, parent), token[:, :, None], (0, 0, step))
+    flat_parent = (parent + jnp.arange(b)[:, None] * k).astype(jnp.int32)
+    top_parents = jax.lax.dynamic_update_slice(_gather_beams(state.running_parents, parent), flat_parent[:, :, None],
+                                               (0, 0, step))
+    hits = (step + 1 >= n) | _is_any(token, eos_ids)  # max length or eos: the candidate ends
+
+    # The best K candidates that did not end keep running.
+    open_scores = top_scores + hits * NEG
+    _, nxt = jax.lax.top_k(open_scores, k)
+    running = _gather_beams(top_running, nxt)
+    running_scores = _gather_beams(open_scores, nxt)
+    running_parents = _gather_beams(top_parents, nxt)
+
+    # Candidates that ended among the top K join the finished ones if they score higher.
+    just_finished = hits & (jnp.arange(keep) < k)[None, :]
+    done_scores = top_scores / ((step + 1).astype(jnp.float32) ** length_penalty)
+    full = jnp.all(state.is_finished, axis=-1, keepdims=True) & (early_stopping is True)
+    done_scores = done_scores + full * NEG + (~state.improvable) * NEG + (~just_finished) * NEG
+    merged_scores = jnp.concatenate([state.finished_scores, done_scores], axis=1)  # [B, K + keep]
+    _, best = jax.lax.top_k(merged_scores, k)
+    finished = _gather_beams(jnp.concatenate([state.finished, top_running], axis=1), best)
+    finished_scores = _gather_beams(merged_scores, best)
+    finished_parents = _gather_beams(jnp.concatenate([state.finished_parents, top_parents], axis=1), best)
+    is_finished = _gather_beams(jnp.concatenate([state.is_finished, just_finished], axis=1), best)
+
+    # Hugging Face's early-stop heuristic: can the best running beam still beat the worst finished?
+    best_length = (step + 1).astype(jnp.float32)
+    if early_stopping == "never":
+        best_length = jnp.where(length_penalty > 0.0, jnp.float32(n), best_length)
+    best_running = running_scores[:, :1] / best_length**length_penalty
+    worst_finished = jnp.where(is_finished, jnp.min(finished_scores, axis=1, keepdims=True), NEG)
+    improvable = state.improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+    go_on = jnp.any(improvable) & ~(jnp.all(is_finished) & (early_stopping is True)) & ~jnp.all(hits)
+    rows = running_parents[:, :, step].reshape(-1)
+    new = BeamState(running, running_scores, running_parents, finished, finished_scores, finished_parents,
+                    is_finished, improvable)
+    return new, rows, go_on
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_beams", "early_stopping", "ngram",
-                                             "min_new"), compiler_options=COMPILER_OPTIONS)
+                                             "min_new", "num_return_sequences"), compiler_options=COMPILER_OPTIONS)
 def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax.Array, cache: KVCache,
                      attention_mask: jax.Array, prompt: jax.Array, first: jax.Array, seen: jax.Array | None,
                      max_new_tokens: int, num_beams: int, early_stopping: bool | str, eos_ids: jax.Array,
                      pad_token_id: jax.Array, length_penalty: jax.Array, repetition_penalty: jax.Array,
-                     min_new_tokens: jax.Array, ngram: int = 0, min_new: bool = False
+                     min_new_tokens: jax.Array, ngram: int = 0, min_new: bool = False, num_return_sequences: int = 1
                      ) -> tuple[jax.Array, jax.Array]:
-    """Hugging Face torch's vectorised beam search (4.57), one while_loop.
+    """Hugging Face's beam search (4.57), one while_loop, equal to
+    opt_core.generation.reference_beam_search.
 
-    first_logits [B, V] and cache/attention_mask with B rows (the prompt is prefilled once per row
-    and copied to its beams here); prompt, first, seen, eos_ids as in `greedy_or_sample_loop`.
-    Returns the best sequence's new tokens [B, max_new_tokens] (pad-filled) and the number of new
-    tokens the output keeps (Hugging Face's trimmed length).
+    first_logits [B, V] and cache/attention_mask with B rows: the prompt was run once per row and
+    is copied to its K beams here. prompt, first, seen, eos_ids as in `greedy_or_sample_loop`;
+    pad_token_id is the fill of unfinished columns. Returns the best `num_return_sequences`
+    hypotheses' new tokens per prompt [B * n, max_new_tokens] and the number of new tokens kept
+    (Hugging Face's trimmed length).
     """
     COMPILATIONS["beam_search_loop"] += 1
     model = nnx.merge(graphdef, state)
     b, vocab = first_logits.shape
     k, n = num_beams, max_new_tokens
-    w = max(2, 1 + eos_ids.shape[0]) * k  # Hugging Face's beams_to_keep (a [-1] placeholder counts as one eos)
-    top_num_beam_mask = jnp.arange(w) < k  # [W]
     width = prompt.shape[1]
+    # Hugging Face keeps max(2, 1 + #eos) * K candidates; the [-1] placeholder of "no eos" counts as
+    # one eos there, which gives the same 2 * K.
+    num_eos = int(eos_ids.shape[0])
 
-    # Every beam starts from its row's prompt: repeat rows (B -> B*K, beams of a row adjacent).
-    cache = cache.reorder(jnp.repeat(jnp.arange(b), k))
-    mask = jnp.repeat(attention_mask, k, axis=0)  # [B*K, S]
-    logits = jnp.repeat(first_logits, k, axis=0)  # [B*K, V]
-    flat_prompt = jnp.repeat(prompt, k, axis=0)  # [B*K, W]
-    seen = None if seen is None else jnp.repeat(seen, k, axis=0)  # [B*K, V]
+    beams = jnp.repeat(jnp.arange(b), k)  # [B*K]: each beam's prompt row, beams of a row adjacent
+    mask = attention_mask[beams]  # [B*K, S]
+    flat_prompt = prompt[beams]  # [B*K, W]
 
-    def gather(x: jax.Array, idx: jax.Array) -> jax.Array:  # x [B, W or K, ...], idx [B, J]
-        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+    def cond(c: BeamLoop) -> jax.Array:
+        return (c.step < n) & c.go_on
 
-    def cond(c: dict) -> jax.Array:
-        return (c["step"] < n) & c["go"]
-
-    def body(c: dict) -> dict:
-        i = c["step"]
-        log_probs = jax.nn.log_softmax(c["logits"], axis=-1)  # [B*K, V]
-        full = jnp.concatenate([flat_prompt, c["run_seqs"].reshape(b * k, n)], axis=1) if ngram else None
-        log_probs = process_logits(log_probs, i, c["seen"], full, width + i, first, eos_ids, repetition_penalty,
-                                   min_new_tokens, ngram, min_new)
-        log_probs = (log_probs.reshape(b, k, vocab) + c["run_scores"][:, :, None]).reshape(b, k * vocab)
-        topk_scores, topk_idx = jax.lax.top_k(log_probs, w)  # [B, W]
-        parent = topk_idx // vocab
-        tok = (topk_idx % vocab).astype(jnp.int32)
-        topk_seqs = gather(c["run_seqs"], parent)  # [B, W, N]
-        topk_seqs = jax.lax.dynamic_update_slice(topk_seqs, tok[:, :, None], (0, 0, i))
-        hits = _is_any(tok, eos_ids) | (i + 1 >= n)  # eos or max length reached
-
-        # Running beams for the next step: the best K continuations that did not stop.
-        run_cand = topk_scores + hits.astype(jnp.float32) * NEG
-        _, nidx = jax.lax.top_k(run_cand, k)  # [B, K]
-        run_seqs = gather(topk_seqs, nidx)
-        run_scores = gather(run_cand, nidx)
-        run_parent = gather(parent, nidx)  # [B, K]
-
-        # Finished hypotheses: merge the top-K continuations that stopped, length-normalised.
-        did_finish = hits & top_num_beam_mask[None, :]
-        fin_cand = topk_scores / ((i + 1).astype(jnp.float32) ** length_penalty)
-        full_fin = jnp.all(c["is_fin"], axis=-1, keepdims=True) & (early_stopping is True)
-        fin_cand = fin_cand + full_fin * NEG + (~c["unsat"]) * NEG + (~did_finish) * NEG
-        merged_scores = jnp.concatenate([c["fin_scores"], fin_cand], axis=1)  # [B, K + W]
-        _, midx = jax.lax.top_k(merged_scores, k)
-        fin_seqs = gather(jnp.concatenate([c["fin_seqs"], topk_seqs], axis=1), midx)
-        fin_scores = gather(merged_scores, midx)
-        is_fin = gather(jnp.concatenate([c["is_fin"], did_finish], axis=1), midx)
-        fin_len = gather(jnp.concatenate([c["fin_len"], jnp.full((b, w), i + 1)], axis=1), midx)
-
-        # Early-stop heuristic (Hugging Face's `_check_early_stop_heuristic`).
-        if early_stopping == "never":
-            best_len = jnp.where(length_penalty > 0.0, n, i + 1).astype(jnp.float32)
-        else:
-            best_len = (i + 1).astype(jnp.float32)
-        best_running = run_scores[:, :1] / best_len**length_penalty
-        worst_fin = jnp.where(is_fin, jnp.min(fin_scores, axis=1, keepdims=True), NEG)
-        unsat = c["unsat"] & jnp.any(best_running > worst_fin, axis=-1, keepdims=True)
-        go = jnp.any(unsat) & ~(jnp.all(is_fin) & (early_stopping is True)) & ~jnp.all(hits)
-
-        # Each surviving beam continues from its parent's cache.
-        rows = (jnp.arange(b)[:, None] * k + run_parent).reshape(-1)  # [B*K]
-        cache = c["cache"].reorder(rows)
-        new_tok = run_seqs[:, :, i].reshape(-1)  # [B*K]
-        seen = c["seen"]
+    def body(c: BeamLoop) -> BeamLoop:
+        log_probs = jax.nn.log_softmax(c.logits, axis=-1)  # [B*K, V]
+        rows_so_far = jnp.concatenate([flat_prompt, c.state.running.reshape(b * k, n)], axis=1) if ngram else None
+        log_probs = process_logits(log_probs, c.step, c.seen, rows_so_far, width + c.step, first, eos_ids,
+                                   repetition_penalty, min_new_tokens, ngram, min_new)
+        beam, rows, go_on = beam_search_step(c.state, log_probs, c.step, num_eos, eos_ids, length_penalty,
+                                             early_stopping)
+        nxt = beam.running[:, :, c.step].reshape(-1)  # [B*K]
+        seen = c.seen
         if seen is not None:
-            seen = seen[rows] | (jnp.arange(vocab)[None, :] == new_tok[:, None])
-        logits, cache = _decode_step(model, new_tok, mask, cache)
-        return dict(step=i + 1, go=go, logits=logits, cache=cache, run_seqs=run_seqs, run_scores=run_scores,
-                    fin_seqs=fin_seqs, fin_scores=fin_scores, is_fin=is_fin, fin_len=fin_len, unsat=unsat,
-                    seen=seen)
+            seen = seen[rows] | (jnp.arange(vocab)[None, :] == nxt[:, None])
+        logits, cache = _decode_step(model, nxt, mask, c.cache.reorder(rows))
+        return BeamLoop(c.step + 1, beam, cache, logits, seen, go_on)
 
-    seqs0 = jnp.full((b, k, n), pad_token_id, jnp.int32)
-    carry = dict(
-        step=jnp.int32(0), go=jnp.bool_(True), logits=logits, cache=cache, run_seqs=seqs0,
-        run_scores=jnp.where(jnp.arange(k)[None, :] == 0, 0.0, NEG) * jnp.ones((b, 1)),
-        fin_seqs=seqs0, fin_scores=jnp.full((b, k), NEG), is_fin=jnp.zeros((b, k), bool),
-        fin_len=jnp.zeros((b, k), jnp.int32), unsat=jnp.ones((b, 1), bool), seen=seen,
-    )
-    c = jax.lax.while_loop(cond, body, carry)
-    return c["fin_seqs"][:, 0], jnp.max(c["fin_len"][:, 0])
+    running = jnp.full((b, k, n), pad_token_id, jnp.int32)
+    parents = jnp.full((b, k, n), -1, jnp.int32)
+    scores = jnp.where(jnp.arange(k)[None, :] == 0, 0.0, NEG) * jnp.ones((b, 1))  # only beam 0 is live at first
+    beam = BeamState(running, scores, parents, running, jnp.full((b, k), NEG), parents, jnp.zeros((b, k), bool),
+                     jnp.ones((b, 1), bool))
+    start = BeamLoop(jnp.int32(0), beam, cache.reorder(beams), first_logits[beams], None if seen is None else
+                     seen[beams], jnp.bool_(True))
+    end = jax.lax.while_loop(cond, body, start)
+    m = num_return_sequences
+    kept = end.state.finished_parents[:, :m].reshape(b * m, n)
+    return end.state.finished[:, :m].reshape(b * m, n), jnp.max(jnp.sum(kept >= 0, axis=1))
 
 
 # ---------------------------------------------------------------- the public entry point
@@ -431,6 +471,9 @@ def generate(
     pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Any = None,
+    early_stopping: bool | str | None = None,
+    num_return_sequences: int | None = None,
+    penalty_alpha: float | None = None,
 ) -> np.ndarray:
     cfg = model.config
     ids = np.asarray(input_ids)
@@ -441,7 +484,8 @@ def generate(
         min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-        streamer=streamer,
+        streamer=streamer, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+        penalty_alpha=penalty_alpha,
     )
     return run(model, ids, mask, o)
 
@@ -457,6 +501,8 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
     from checked inputs ids / mask [B, T]; returns NumPy int64 [B, T + generated]."""
     cfg = model.config
     streamer, max_new_tokens, eos, pad = o.streamer, o.max_new_tokens, list(o.eos_token_ids), o.pad_token_id
+    if o.num_beams == 1 and o.num_return_sequences > 1:  # samples: rows b * n + j, as Hugging Face
+        ids, mask = np.repeat(ids, o.num_return_sequences, 0), np.repeat(mask, o.num_return_sequences, 0)
     emit(streamer, ids.astype(np.int64))
     if max_new_tokens == 0:
         if streamer is not None:
@@ -479,9 +525,12 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
                   min_new_tokens=jnp.int32(o.min_new_tokens), ngram=o.no_repeat_ngram_size,
                   min_new=bool(o.min_new_tokens > 0 and eos))
     if o.num_beams > 1:
+        # Unfinished columns are filled as Hugging Face does (pad or, for pad id 0, the first eos).
+        common["pad_token_id"] = jnp.int32(o.beam_fill_id)
         new, count = beam_search_loop(graphdef, state, logits, cache, jnp.asarray(mask_full), num_beams=o.num_beams,
                                       early_stopping=o.early_stopping, length_penalty=jnp.float32(o.length_penalty),
-                                      **common)
+                                      num_return_sequences=o.num_return_sequences, **common)
+        ids = np.repeat(ids, o.num_return_sequences, 0)
     else:
         _STREAMER[0] = streamer
         try:
