@@ -256,6 +256,60 @@ def reference_beam_search(model: Any, ids: np.ndarray, mask: np.ndarray, opts: G
     return beam_search_result(state, t, opts.num_return_sequences)
 
 
+# ---------------------------------------------------------------- contrastive search (Hugging Face 4.55's algorithm)
+def normalize(x: np.ndarray) -> np.ndarray:
+    """x / its L2 norm along the last axis."""
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def contrastive_choice(top_probs: np.ndarray, context: np.ndarray, context_mask: np.ndarray,
+                       candidates: np.ndarray, penalty_alpha: float) -> np.ndarray:
+    """Which of the K candidates each row takes (Hugging Face's `_ranking_fast`): the first argmax of
+    (1 - alpha) * p(candidate) - alpha * max cosine(candidate's hidden state, an earlier real one).
+
+    top_probs [B, K]; context [B, S, E] the hidden states so far, context_mask [B, S] 1 at real
+    tokens; candidates [B, K, E] each candidate's hidden state. Returns [B] indices into K."""
+    cosine = np.einsum("bse,bke->bks", normalize(context), normalize(candidates))  # [B, K, S]
+    cosine = np.where(context_mask[:, None, :] > 0, cosine, -np.inf)
+    score = (1.0 - penalty_alpha) * top_probs - penalty_alpha * cosine.max(-1)
+    return np.argmax(score, axis=-1)
+
+
+def reference_contrastive_search(model: Any, ids: np.ndarray, mask: np.ndarray, opts: GenerationOptions) -> np.ndarray:
+    """Contrastive search (Su et al. 2022) with the float64 reference model, every row recomputed:
+    each step runs the K most likely tokens of every row one step ahead and keeps the one
+    `contrastive_choice` picks. Finished rows are padded with pad_token_id as in greedy decoding."""
+    b = ids.shape[0]
+    k = opts.top_k
+    eos = np.array(opts.eos_token_ids, dtype=np.int64)
+    unfinished = np.ones(b, dtype=bool)
+    logits = np.asarray(model(input_ids=ids, attention_mask=mask).logits[:, -1], dtype=np.float64)
+    for step in range(opts.max_new_tokens):
+        probs = softmax(process_logits(logits, ids, step, opts))
+        top = top_k_indices(probs, k)  # [B, K]
+        rows = np.concatenate([np.repeat(ids, k, 0), top.reshape(-1, 1)], axis=1)  # [B*K, L+1]
+        rows_mask = np.concatenate([np.repeat(mask, k, 0), np.ones((b * k, 1), mask.dtype)], axis=1)
+        out = model(input_ids=rows, attention_mask=rows_mask)
+        hidden = np.asarray(out.last_hidden_state, dtype=np.float64).reshape(b, k, rows.shape[1], -1)
+        choice = contrastive_choice(np.take_along_axis(probs, top, 1), hidden[:, 0, :-1], mask, hidden[:, :, -1],
+                                    opts.penalty_alpha)
+        tokens = top[np.arange(b), choice]
+        logits = np.asarray(out.logits, dtype=np.float64).reshape(b, k, rows.shape[1], -1)[np.arange(b), choice, -1]
+        if eos.size:
+            tokens = np.where(unfinished, tokens, opts.pad_token_id)
+        ids = np.concatenate([ids, tokens[:, None]], axis=1)
+        mask = np.concatenate([mask, np.ones_like(tokens)[:, None]], axis=1)
+        if eos.size:
+            unfinished &= ~np.isin(tokens, eos)
+            if not unfinished.any():
+                break
+    return ids
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax(logits))
+
+
 def reference_generate(
     model: Any,
     input_ids: Any,
@@ -274,6 +328,8 @@ def reference_generate(
     opts = resolve_generation_options(model.config, generation_config, prompt_length=ids.shape[1], **kwargs)
     if opts.num_beams > 1 and opts.max_new_tokens > 0:
         return reference_beam_search(model, ids, mask, opts)
+    if opts.penalty_alpha > 0 and opts.max_new_tokens > 0:
+        return reference_contrastive_search(model, ids, mask, opts)
     if opts.num_return_sequences > 1:  # samples: each prompt repeated, rows b * n + j, as Hugging Face
         ids, mask = np.repeat(ids, opts.num_return_sequences, 0), np.repeat(mask, opts.num_return_sequences, 0)
     eos = np.array(opts.eos_token_ids, dtype=np.int64)

@@ -112,7 +112,12 @@ def _torch_run(folder: str, head: str, run: dict) -> dict:
 
     dtype = getattr(torch, run.get("dtype", "float32"))
     cls = _class("torch", head)
-    model = cls.from_pretrained(folder, dtype=dtype, attn_implementation=run.get("attn_implementation", "eager")).eval()
+    # 4.55 (the contrastive-search oracle) spells the keyword torch_dtype; 4.56 renamed it dtype.
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+    model = cls.from_pretrained(folder, attn_implementation=run.get("attn_implementation", "eager"), **dtype_kw).eval()
     ids = torch.tensor(run["input_ids"])
     mask = torch.tensor(run["attention_mask"]) if run.get("attention_mask") is not None else None
     res: dict = {}
