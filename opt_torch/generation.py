@@ -37,7 +37,7 @@ from opt_core.generation_config import (
 from opt_core.inputs import validate_inputs
 from opt_core.sampling import MASK32, VOCAB_SALT, row_keys
 from opt_torch import cache as kv_cache
-from opt_torch.cache import Cache, DynamicCache
+from opt_torch.cache import Cache
 
 
 # ---------------------------------------------------------------- model steps
@@ -259,6 +259,8 @@ def generate(
         return ids
     if opts.num_beams > 1:
         return beam_search(model, ids, mask, opts)
+    if opts.penalty_alpha > 0:
+        return contrastive_search(model, ids, mask, opts)
     return greedy_or_sample(model, ids, mask, opts)
 
 
@@ -460,74 +462,67 @@ def beam_search(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: Generat
     return beam_search_result(state, prompt_len, opts.num_return_sequences)
 
 
-# ---------------------------------------------------------------- contrastive search
-@torch.inference_mode()
-def contrastive_search(
-    model: Any, input_ids: Any, attention_mask: Any = None, *, penalty_alpha: float, top_k: int = 4,
-    max_new_tokens: int | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+# ---------------------------------------------------------------- contrastive search (HF 4.55's algorithm)
+def contrastive_choice(
+    top_probs: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, candidates: torch.Tensor,
+    penalty_alpha: float,
 ) -> torch.Tensor:
-    """Contrastive search (Su et al. 2022): among the top_k most likely tokens pick the one
-    maximising `(1 - alpha) * p(token) - alpha * max cosine(h_token, h_context)`, the context being
-    the final hidden states of the real tokens so far. penalty_alpha = 0 is greedy decoding.
+    """Which of the K candidates each row takes (opt_core.generation.contrastive_choice): the first
+    argmax of (1 - alpha) * p - alpha * max cosine(candidate, an earlier real hidden state).
+    top_probs [B, K]; context [B, S, E] with context_mask [B, S]; candidates [B, K, E]. Returns [B]."""
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731  (HF divides by the norm, no epsilon)
+    cosine = torch.einsum("bse,bke->bks", unit(context), unit(candidates))  # [B, K, S]
+    cosine = cosine.masked_fill(context_mask[:, None, :] == 0, -float("inf"))
+    score = (1.0 - penalty_alpha) * top_probs - penalty_alpha * cosine.max(dim=-1).values
+    return score.argmax(dim=-1)
 
-    A torch-only extra outside the generation contract (not reachable through `generate`); the
-    other arguments mean what they mean there. Returns int64 [B, prompt + generated]."""
-    ids_np = _as_numpy(input_ids)
-    mask_np = None if attention_mask is None else _as_numpy(attention_mask)
-    validate_inputs(ids_np, mask_np, model.config)
-    opts = resolve_generation_options(
-        model.config, getattr(model, "generation_config", None), prompt_length=ids_np.shape[1],
-        max_new_tokens=max_new_tokens, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-    )
-    if not 0.0 <= penalty_alpha <= 1.0 or opts.top_k < 1:
-        raise ValueError(
-            f"contrastive search needs penalty_alpha in [0, 1] and top_k >= 1, got {penalty_alpha}, {top_k}"
-        )
-    ids = torch.as_tensor(ids_np.astype(np.int64), device=model.device)
-    mask = torch.ones_like(ids) if mask_np is None else torch.as_tensor(mask_np.astype(np.int64), device=model.device)
+
+def contrastive_search(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
+    """Contrastive search (Su et al. 2022) as Hugging Face 4.55, equal to
+    opt_core.generation.reference_contrastive_search: the prompt runs once and its cache is copied
+    to K rows per prompt; each step runs the top_k candidates one token ahead in those rows, keeps
+    the one `contrastive_choice` picks and copies its row over the other K - 1. Finished rows are
+    padded with pad_token_id. Returns int64 [B, T + generated]."""
     b, t = ids.shape
-    k, pad = opts.top_k, opts.pad_token_id
+    k, pad, total = opts.top_k, opts.pad_token_id, t + opts.max_new_tokens
     device = ids.device
-    cache = DynamicCache()
-    out_mask = mask.clone()  # [B, S]
-    sequences = ids
-    eos = torch.tensor(opts.eos_token_ids, device=device) if opts.eos_token_ids else None
+    padded = not bool(mask.all())
+    prompt_cache = _new_cache(model, b, t)
+    logits, out = prefill(model, ids, mask if padded else None, prompt_cache, output_hidden_states=True)
+    context = torch.zeros((b, total, out.last_hidden_state.shape[-1]), dtype=torch.float32, device=device)
+    context[:, :t] = out.last_hidden_state.float()  # [B, S, E]: the hidden states the candidates are held against
+    cache = _expanded_cache(model, prompt_cache, k, total)  # [B * K] rows
+    del prompt_cache, out
+    full_mask = torch.ones((b, total), dtype=torch.long, device=device)  # [B, S]
+    full_mask[:, :t] = mask
+    positions = mask.sum(-1, keepdim=True).repeat_interleave(k, dim=0)  # [B * K, 1]
+    sequences = torch.full((b, total), pad, dtype=torch.long, device=device)
+    sequences[:, :t] = ids
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
-    positions = mask.sum(-1, keepdim=True)  # [B, 1]
-
-    logits, out = prefill(model, ids, mask, cache, output_hidden_states=True)
-    context = out.last_hidden_state  # [B, S, E]
+    eos = torch.tensor(opts.eos_token_ids, device=device) if opts.eos_token_ids else None
     rows = torch.arange(b, device=device)
+    length = t
     for step in range(opts.max_new_tokens):
-        logits = process_logits(logits, sequences, step, opts)
-        probs = logits.softmax(dim=-1)
+        probs = process_logits(logits, sequences[:, :length], step, opts).softmax(dim=-1)
         top_probs, top_ids = torch.topk(probs, k=k, dim=-1)  # [B, K]
-
-        # Every candidate one step ahead, batched: [B * K, 1].
-        cache.reorder(rows.repeat_interleave(k))
-        cand_mask = torch.cat([out_mask, torch.ones_like(out_mask[:, :1])], dim=1).repeat_interleave(k, dim=0)
-        cand_logits, cand_out = decode_one_token(
-            model, top_ids.reshape(-1, 1), positions.repeat_interleave(k, dim=0), cand_mask, cache
-        )
-        cand_hidden = cand_out.last_hidden_state  # [B * K, 1, E]
-        ctx = F.normalize(context.float(), dim=-1).repeat_interleave(k, dim=0)  # [B * K, S, E]
-        cosine = torch.bmm(ctx, F.normalize(cand_hidden.float(), dim=-1).transpose(1, 2)).squeeze(-1)  # [B * K, S]
-        cosine = cosine.masked_fill(out_mask.repeat_interleave(k, dim=0) == 0, -1.0)
-        degeneration = cosine.max(dim=-1).values.view(b, k)
-        score = (1.0 - penalty_alpha) * top_probs - penalty_alpha * degeneration  # [B, K]
-        choice = score.argmax(dim=-1)  # [B]
-        picked = rows * k + choice
-        cache.reorder(picked)
+        step_mask = full_mask[:, : length + 1].repeat_interleave(k, dim=0) if padded else None
+        cand_logits, cand_out = decode_one_token(model, top_ids.reshape(-1, 1), positions, step_mask, cache,
+                                                 output_hidden_states=True)
+        cand_hidden = cand_out.last_hidden_state[:, -1].float().view(b, k, -1)  # [B, K, E]
+        choice = contrastive_choice(top_probs, context[:, :length], full_mask[:, :length], cand_hidden,
+                                    opts.penalty_alpha)
+        picked = rows * k + choice  # [B]: the chosen candidate's row
+        kv_cache.reorder(cache, picked.repeat_interleave(k))  # every row of a prompt continues from it
         tokens = top_ids[rows, choice]
+        context[:, length] = cand_hidden[rows, choice]
+        logits = cand_logits[picked]
         if eos is not None:
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
-        sequences = torch.cat([sequences, tokens[:, None]], dim=1)
-        out_mask = torch.cat([out_mask, torch.ones_like(out_mask[:, :1])], dim=1)
-        context = torch.cat([context, cand_hidden[picked]], dim=1)
-        logits = cand_logits[picked]
+        sequences[:, length] = tokens
+        length += 1
         positions = positions + 1
         if eos is not None:
             unfinished &= ~torch.isin(tokens, eos)
             if not bool(unfinished.any()):
                 break
-    return sequences
+    return sequences[:, :length]
