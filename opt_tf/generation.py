@@ -52,6 +52,7 @@ class GenerationSettings:
     no_repeat_ngram_size: int = 0
     min_new_tokens: bool = False  # whether eos can be forbidden (the count is a tensor)
     num_return_sequences: int = 1  # beam search: hypotheses returned per prompt
+    contrastive: bool = False  # contrastive search (top_k candidates per step; alpha is a tensor)
     stream: bool = False  # deliver each step's tokens to the host (graph mode, not XLA)
 
 
@@ -66,6 +67,7 @@ class Knobs(NamedTuple):
     eos_ids: tf.Tensor  # int32 [max(1, num_eos)]; -1 = none
     pad_token_id: tf.Tensor  # int32
     length_penalty: tf.Tensor  # float32
+    penalty_alpha: tf.Tensor  # float32: contrastive search's degeneration weight
 
 
 # ---------------------------------------------------------------- the random stream (opt_core.sampling)
@@ -474,6 +476,78 @@ def _beam_loop(
     return best, generated
 
 
+# ---------------------------------------------------------------- contrastive search
+def contrastive_choice(top_probs: tf.Tensor, context: tf.Tensor, context_mask: tf.Tensor, candidates: tf.Tensor,
+                       penalty_alpha: tf.Tensor) -> tf.Tensor:
+    """Which of the K candidates each row takes (opt_core.generation.contrastive_choice): the first
+    argmax of (1 - alpha) * p - alpha * max cosine(candidate, an earlier real hidden state).
+    top_probs [B, K]; context [B, S, E] with context_mask [B, S]; candidates [B, K, E] -> [B] int32."""
+    def unit(x: tf.Tensor) -> tf.Tensor:
+        return x / tf.norm(x, axis=-1, keepdims=True)  # HF divides by the norm, no epsilon
+
+    cosine = tf.einsum("bse,bke->bks", unit(context), unit(candidates))  # [B, K, S]
+    cosine = tf.where(context_mask[:, None, :] > 0, cosine, -INF)
+    score = (1.0 - penalty_alpha) * top_probs - penalty_alpha * tf.reduce_max(cosine, axis=-1)
+    return tf.argmax(score, axis=-1, output_type=tf.int32)
+
+
+def _contrastive_loop(
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Contrastive search as Hugging Face 4.55, equal to opt_core.generation.reference_contrastive_search:
+    the prompt runs once and its cache is copied to K rows per prompt; each step runs the top_k
+    candidates one token ahead in those rows, keeps the one `contrastive_choice` picks and copies
+    its row over the other K - 1. -> (tokens [B, S] padded with the pad id, new columns produced)."""
+    b, t = _dims(ids)
+    k, total = s.top_k, s.total_length
+    vocab = model.config.vocab_size
+    n = tf.minimum(limit, total - t)
+    decoder = model.get_decoder()
+    cache = init(model.config, b, total, decoder.embed_tokens.dtype)
+    key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; slots switch on as they fill
+    out = decoder(ids, tf.cumsum(mask, axis=-1) * mask - 1, key_mask, past_key_values=cache, training=False)
+    hidden = tf.cast(out.last_hidden_state, tf.float32)  # [B, T, E]
+    logits = tf.cast(model.lm_logits(out.last_hidden_state[:, -1:])[:, 0], tf.float32)  # [B, V]
+    context = tf.pad(hidden, [[0, 0], [0, total - t], [0, 0]])  # [B, S, E]: what candidates are held against
+    cache = out.past_key_values.reorder(tf.repeat(tf.range(b), k))  # [B*K] rows
+    next_pos = tf.repeat(tf.reduce_sum(mask, axis=1), k)  # [B*K]
+    tokens = tf.pad(ids, [[0, 0], [0, total - t]], constant_values=v.pad_token_id)  # [B, S]
+    seen = seen_tokens(ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
+    slots = tf.range(total)
+
+    def body(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen, context):
+        processed = process_logits(logits, s, i, seen, tokens, t + i, v.repetition_penalty, v.min_new_tokens,
+                                   v.eos_ids)
+        top_probs, top_ids = tf.math.top_k(tf.nn.softmax(processed, axis=-1), k=k)  # [B, K]
+        step_mask = _set_column(key_mask, t + i, tf.ones([b], key_mask.dtype))
+        out = decoder(tf.reshape(top_ids, [-1, 1]), next_pos[:, None], tf.repeat(step_mask, k, axis=0),
+                      past_key_values=cache, training=False)
+        cand_hidden = tf.reshape(tf.cast(out.last_hidden_state[:, -1], tf.float32), [b, k, -1])  # [B, K, E]
+        cand_logits = tf.cast(model.lm_logits(out.last_hidden_state[:, -1:])[:, 0], tf.float32)  # [B*K, V]
+        choice = contrastive_choice(top_probs, context, key_mask, cand_hidden, v.penalty_alpha)  # [B]
+        picked = tf.range(b) * k + choice
+        cache = out.past_key_values.reorder(tf.repeat(picked, k))  # every row of a prompt continues from it
+        chosen = tf.gather(cand_hidden, choice, batch_dims=1)  # [B, E]
+        context = tf.where((slots == t + i)[None, :, None], chosen[:, None, :], context)
+        nxt = tf.gather(top_ids, choice, batch_dims=1)
+        nxt = tf.where(unfinished, nxt, v.pad_token_id)
+        tokens = _set_column(tokens, t + i, nxt)
+        if s.num_eos:
+            unfinished = unfinished & ~_is_any(nxt, v.eos_ids)
+        if s.repetition_penalty:
+            seen = seen | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
+        return (i + 1, tokens, step_mask, cache, tf.gather(cand_logits, picked), next_pos + 1, unfinished, seen,
+                context)
+
+    def cond(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen, context):
+        return (i < n) & tf.reduce_any(unfinished)
+
+    i, tokens, *_ = tf.while_loop(
+        cond, body, (tf.constant(0), tokens, key_mask, cache, logits, next_pos, tf.ones([b], tf.bool), seen, context),
+    )
+    return tokens, i
+
+
 # ---------------------------------------------------------------- compiled entry points
 def compiled_generate_fn(model: Any, settings: GenerationSettings) -> tf.types.experimental.GenericFunction:
     """The compiled generation function of `model` for `settings` (built once, then reused).
@@ -489,6 +563,8 @@ def compiled_generate_fn(model: Any, settings: GenerationSettings) -> tf.types.e
             knobs = Knobs(*knobs)
             if settings.num_beams > 1:
                 return _beam_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
+            if settings.contrastive:
+                return _contrastive_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
             return _sample_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
 
         fns[settings] = tf.function(generate_fn, jit_compile=not settings.stream, reduce_retracing=False)
@@ -540,13 +616,14 @@ streamer it runs as a plain graph with a host callback per step. Returns a tf.in
 
 
 def knobs(seed: int, temperature: float, top_p: float, repetition_penalty: float, min_new_tokens: int,
-          eos_token_ids: tuple[int, ...], pad_token_id: int, length_penalty: float) -> tuple[tf.Tensor, ...]:
+          eos_token_ids: tuple[int, ...], pad_token_id: int, length_penalty: float,
+          penalty_alpha: float = 0.0) -> tuple[tf.Tensor, ...]:
     """The `Knobs` tensors of one call (a plain tuple: what the compiled function takes)."""
     return (
         tf.constant(seed_words(seed), tf.uint32), tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
         tf.constant(repetition_penalty, tf.float32), tf.constant(min_new_tokens, tf.int32),
         tf.constant(list(eos_token_ids) or [-1], tf.int32), tf.constant(pad_token_id, tf.int32),
-        tf.constant(length_penalty, tf.float32),
+        tf.constant(length_penalty, tf.float32), tf.constant(penalty_alpha, tf.float32),
     )
 
 
@@ -563,7 +640,8 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
         return tf.constant(ids, tf.int64)
     settings = GenerationSettings(
         total_length=int(ids.shape[1] + o.max_new_tokens), do_sample=o.do_sample,
-        top_k=o.top_k if o.do_sample else 0, num_beams=o.num_beams, num_eos=len(o.eos_token_ids),
+        top_k=o.top_k if o.do_sample or o.penalty_alpha > 0 else 0, num_beams=o.num_beams,
+        num_eos=len(o.eos_token_ids), contrastive=o.penalty_alpha > 0,
         early_stopping=o.early_stopping, repetition_penalty=o.repetition_penalty != 1.0,
         no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens > 0,
         num_return_sequences=o.num_return_sequences if o.num_beams > 1 else 1, stream=streamer is not None,
@@ -577,7 +655,7 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
         tokens, produced = fn(
             tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(o.max_new_tokens, tf.int32),
             knobs(o.seed or 0, o.temperature, o.top_p, o.repetition_penalty, o.min_new_tokens, o.eos_token_ids,
-                  fill, o.length_penalty),
+                  fill, o.length_penalty, o.penalty_alpha),
         )
     finally:
         slot.streamer = None
