@@ -447,6 +447,93 @@ def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax
     return end.state.finished[:, :m].reshape(b * m, n), jnp.max(jnp.sum(kept >= 0, axis=1))
 
 
+# ---------------------------------------------------------------- contrastive search
+def contrastive_choice(top_probs: jax.Array, context: jax.Array, context_mask: jax.Array, candidates: jax.Array,
+                       penalty_alpha: jax.Array) -> jax.Array:
+    """Which of the K candidates each row takes (opt_core.generation.contrastive_choice): the first
+    argmax of (1 - alpha) * p - alpha * max cosine(candidate, an earlier real hidden state).
+    top_probs [B, K]; context [B, S, E] with context_mask [B, S]; candidates [B, K, E] -> [B]."""
+    def unit(x: jax.Array) -> jax.Array:
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # HF divides by the norm, no epsilon
+
+    cosine = jnp.einsum("BSE,BKE->BKS", unit(context), unit(candidates))
+    cosine = jnp.where(context_mask[:, None, :] > 0, cosine, -jnp.inf)
+    score = (1.0 - penalty_alpha) * top_probs - penalty_alpha * jnp.max(cosine, axis=-1)
+    return jnp.argmax(score, axis=-1)
+
+
+class ContrastiveLoop(NamedTuple):
+    """What the contrastive-search while-loop carries from one step to the next."""
+
+    step: jax.Array  # int32: tokens generated so far
+    tokens: jax.Array  # [B, N] new tokens (pad after a row finished)
+    logits: jax.Array  # [B, V] of each row's last token
+    cache: KVCache  # B*K rows, the K rows of a prompt identical between steps
+    context: jax.Array  # [B, S, E] float32 hidden states the candidates are held against
+    context_mask: jax.Array  # [B, S] 1 at real tokens so far
+    finished: jax.Array  # [B] bool
+    seen: jax.Array | None  # [B, V] ids in each row (repetition penalty)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "ngram", "min_new"),
+                   compiler_options=COMPILER_OPTIONS)
+def contrastive_search_loop(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, attention_mask: jax.Array,
+                            first: jax.Array, seen: jax.Array | None, max_new_tokens: int, top_k: int,
+                            eos_ids: jax.Array, pad_token_id: jax.Array, penalty_alpha: jax.Array,
+                            repetition_penalty: jax.Array, min_new_tokens: jax.Array, ngram: int = 0,
+                            min_new: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Contrastive search as Hugging Face 4.55, equal to opt_core.generation.reference_contrastive_search.
+
+    The bucketed prompt [B, W] runs once (here: the prompt's hidden states are part of the search)
+    and its cache is copied to K rows per prompt; each step runs the top_k candidates one token
+    ahead in those rows, keeps the one `contrastive_choice` picks and copies its row over the other
+    K - 1. attention_mask [B, W + N]; first, seen, eos_ids as in `greedy_or_sample_loop`. Returns
+    the new tokens [B, N] (pad after a row finished) and the number of steps taken.
+    """
+    COMPILATIONS["contrastive_search_loop"] += 1
+    model = nnx.merge(graphdef, state)
+    b, width = prompt.shape
+    k, n = top_k, max_new_tokens
+    vocab = model.config.vocab_size
+    cache = KVCache.init(model.config, b, width + n, model.dtype)
+    out = model(prompt, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1, validate=False)
+    context = jnp.pad(out.last_hidden_state.astype(jnp.float32), ((0, 0), (0, n), (0, 0)))  # [B, S, E]
+    context_mask = attention_mask.at[:, width:].set(0)
+    rows = jnp.arange(b)
+    mask_k = jnp.repeat(attention_mask, k, axis=0)  # [B*K, S]
+
+    def cond(c: ContrastiveLoop) -> jax.Array:
+        return (c.step < n) & ~jnp.all(c.finished)
+
+    def body(c: ContrastiveLoop) -> ContrastiveLoop:
+        full = jnp.concatenate([prompt, c.tokens], axis=1) if ngram else None
+        processed = process_logits(c.logits, c.step, c.seen, full, width + c.step, first, eos_ids,
+                                   repetition_penalty, min_new_tokens, ngram, min_new)
+        top_probs, top_ids = jax.lax.top_k(jax.nn.softmax(processed, axis=-1), k)  # [B, K]
+        cand = model(top_ids.reshape(-1, 1), attention_mask=mask_k, past_key_values=c.cache, validate=False)
+        cand_hidden = cand.last_hidden_state[:, -1].astype(jnp.float32).reshape(b, k, -1)  # [B, K, E]
+        choice = contrastive_choice(top_probs, c.context, c.context_mask, cand_hidden, penalty_alpha)
+        picked = rows * k + choice
+        cache = cand.past_key_values.reorder(jnp.repeat(picked, k))  # every row of a prompt continues from it
+        context = jax.lax.dynamic_update_slice(c.context, cand_hidden[rows, choice][:, None, :],
+                                               (0, width + c.step, 0))
+        context_mask = jax.lax.dynamic_update_slice(c.context_mask, jnp.ones((b, 1), c.context_mask.dtype),
+                                                    (0, width + c.step))
+        nxt = jnp.where(c.finished, pad_token_id, top_ids[rows, choice]).astype(jnp.int32)  # [B]
+        tokens = jax.lax.dynamic_update_slice(c.tokens, nxt[:, None], (0, c.step))
+        seen = c.seen
+        if seen is not None:
+            seen = seen | (jnp.arange(vocab)[None, :] == nxt[:, None])
+        return ContrastiveLoop(c.step + 1, tokens, cand.logits[:, -1].astype(jnp.float32)[picked], cache, context,
+                               context_mask, c.finished | _is_any(nxt, eos_ids), seen)
+
+    start = ContrastiveLoop(jnp.int32(0), jnp.full((b, n), pad_token_id, jnp.int32),
+                            out.logits[:, -1].astype(jnp.float32), out.past_key_values.reorder(jnp.repeat(rows, k)),
+                            context, context_mask, jnp.zeros((b,), bool), seen)
+    end = jax.lax.while_loop(cond, body, start)
+    return end.tokens, end.step
+
+
 # ---------------------------------------------------------------- the public entry point
 def _bucket(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple if multiple > 1 else length
@@ -517,14 +604,18 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
                                 np.ones((b, max_new_tokens), np.int32)], axis=1)  # [B, S]
     graphdef, state = nnx.split(model)
     max_length = width + max_new_tokens
-    logits, cache = prefill(graphdef, state, jnp.asarray(ids_b), jnp.asarray(mask_full), max_length)
+    if o.penalty_alpha == 0:  # contrastive search runs the prompt inside its own loop (it needs the hidden states)
+        logits, cache = prefill(graphdef, state, jnp.asarray(ids_b), jnp.asarray(mask_full), max_length)
     seen = jnp.asarray(seen_tokens(ids, cfg.vocab_size)) if o.repetition_penalty != 1.0 else None
     eos_ids = jnp.asarray(eos if eos else [-1], jnp.int32)
     common = dict(prompt=jnp.asarray(ids_b), first=jnp.int32(extra), seen=seen, max_new_tokens=max_new_tokens,
                   eos_ids=eos_ids, pad_token_id=jnp.int32(pad), repetition_penalty=jnp.float32(o.repetition_penalty),
                   min_new_tokens=jnp.int32(o.min_new_tokens), ngram=o.no_repeat_ngram_size,
                   min_new=bool(o.min_new_tokens > 0 and eos))
-    if o.num_beams > 1:
+    if o.penalty_alpha > 0:
+        new, count = contrastive_search_loop(graphdef, state, attention_mask=jnp.asarray(mask_full), top_k=o.top_k,
+                                             penalty_alpha=jnp.float32(o.penalty_alpha), **common)
+    elif o.num_beams > 1:
         # Unfinished columns are filled as Hugging Face does (pad or, for pad id 0, the first eos).
         common["pad_token_id"] = jnp.int32(o.beam_fill_id)
         new, count = beam_search_loop(graphdef, state, logits, cache, jnp.asarray(mask_full), num_beams=o.num_beams,
