@@ -113,16 +113,32 @@ def test_the_same_seed_samples_the_reference_tokens(backend, tiny, reference, kw
     np.testing.assert_array_equal(got, ref, err_msg=f"{backend.name} vs NumPy reference, {kw}")
 
 
+def ended_at_eos(free: np.ndarray, eos: list[int], pad: int) -> np.ndarray:
+    """What greedy decoding with `eos` must return, derived from the same run without eos (`free`):
+    each row keeps its tokens up to and including its first eos id, then pad; the result stops
+    after the step at which the last row ended (or at the end of `free` when a row never does)."""
+    new = free[:, IDS.shape[1]:]
+    ends = [int(np.flatnonzero(np.isin(row, eos))[0]) + 1 if np.isin(row, eos).any() else new.shape[1]
+            for row in new]
+    out = free[:, : IDS.shape[1] + max(ends)].copy()
+    for r, end in enumerate(ends):
+        out[r, IDS.shape[1] + end:] = pad
+    return out
+
+
 def test_eos_none_empty_and_list(backend, tiny):
     free = run(backend, tiny, max_new_tokens=8, eos_token_id=[])
     assert free.shape[1] == IDS.shape[1] + 8
     first = int(free[0, IDS.shape[1]])  # row 0's first greedy token, made an eos id below
-    second = int(free[1, IDS.shape[1] + 2])
+    second = int(free[1, IDS.shape[1] + 2])  # row 1's third
+    assert second != first and not np.isin(free[1, IDS.shape[1]:IDS.shape[1] + 2], [first, second]).any(), (
+        "the tiny model's greedy rows no longer give row 0 and row 1 different end steps"
+    )
     one = run(backend, tiny, max_new_tokens=8, eos_token_id=first)
-    assert (one[0, IDS.shape[1] + 1:] == CONFIG.pad_token_id).all()
+    np.testing.assert_array_equal(one, ended_at_eos(free, [first], CONFIG.pad_token_id))
+    # A list: row 0 ends at its first token on the list's second id, row 1 at its third on the first.
     both = run(backend, tiny, max_new_tokens=8, eos_token_id=[second, first])
-    assert (both[0, IDS.shape[1] + 1:] == CONFIG.pad_token_id).all()
-    assert both.shape[1] <= IDS.shape[1] + 3 or second in free[1, IDS.shape[1]:IDS.shape[1] + 3]
+    np.testing.assert_array_equal(both, ended_at_eos(free, [second, first], CONFIG.pad_token_id))
     # None: the model's generation_config (from config.json here: eos 2)
     saved = tiny.generation_config
     tiny.generation_config = dataclasses.replace(saved, eos_token_id=first)
