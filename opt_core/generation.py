@@ -21,7 +21,14 @@ import numpy as np
 
 from opt_core.generation_config import GenerationConfig, GenerationOptions, resolve_generation_options
 from opt_core.inputs import validate_inputs
-from opt_core.sampling import sample_from_logits
+from opt_core.sampling import MASK32, check_seed, sample_from_logits
+
+
+def seed_words(seed: int) -> np.ndarray:
+    """The seed (0 <= seed < 2**64) as its low and high 32-bit words, uint32 [2]: how the compiled
+    backends (TF, Flax) take it as data, since their integer tensors are 32-bit."""
+    seed = check_seed(seed)
+    return np.array([seed & MASK32, seed >> 32], np.uint32)
 
 
 def apply_repetition_penalty(logits: np.ndarray, sequences: np.ndarray, penalty: float) -> np.ndarray:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 from typing import Any, NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from opt_core import sampling as stream
+from opt_core.generation import seed_words
 from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
 from opt_core.inputs import validate_inputs
 from opt_flax.cache import KVCache
@@ -61,12 +63,6 @@ def fmix32(x: jax.Array) -> jax.Array:
     x = x ^ (x >> jnp.uint32(13))
     x = x * jnp.uint32(0xC2B2AE35)
     return x ^ (x >> jnp.uint32(16))
-
-
-def seed_words(seed: int) -> np.ndarray:
-    """The seed (0 <= seed < 2**64) as its low and high 32-bit words, uint32 [2]."""
-    seed = stream.check_seed(seed)
-    return np.array([seed & stream.MASK32, seed >> 32], np.uint32)
 
 
 def random_bits(words: jax.Array, step: jax.Array, rows: int, vocab_size: int) -> jax.Array:
@@ -106,9 +102,13 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, atte
     return out.logits[:, -1].astype(jnp.float32), out.past_key_values
 
 
-def _decode_step(model: Any, tokens: jax.Array, attention_mask: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """One token per row [B] -> next logits [B, V] (float32) and the cache with it written."""
-    out = model(tokens[:, None], attention_mask=attention_mask, past_key_values=cache, validate=False)
+def decode_one_token(model: Any, tokens: jax.Array, position_ids: jax.Array | None, attention_mask: jax.Array,
+                     cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One step: `tokens` [B, 1] over the cache, attention_mask [B, S]; `position_ids` [B, 1], or
+    None to take them from the mask and the cache length (what the loops do). Returns float32
+    logits [B, V] and the cache with the token written."""
+    out = model(tokens, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+                validate=False)
     return out.logits[:, -1].astype(jnp.float32), out.past_key_values
 
 
@@ -236,21 +236,14 @@ def warp_logits(logits: jax.Array, temperature: Any, top_k: Any, top_p: Any) -> 
 
 
 # ---------------------------------------------------------------- streaming (host callback)
-_STREAMER: list[Any] = [None]  # the streamer of the call in progress
+# The streamers of the calls in progress, by call id: the compiled loop passes its call's id (data,
+# so a new call does not recompile) back to the host with each step's tokens.
+_STREAMERS: dict[int, Any] = {}
+_CALL_IDS = itertools.count()
 
 
-def emit(streamer: Any, tokens: np.ndarray) -> None:
-    """Hand tokens to a streamer (an object with `put`, or a plain callable)."""
-    if streamer is None:
-        return
-    if hasattr(streamer, "put"):
-        streamer.put(tokens)
-    else:
-        streamer(tokens)
-
-
-def _deliver(tokens: Any) -> None:
-    emit(_STREAMER[0], np.asarray(tokens).astype(np.int64))
+def _deliver(call_id: Any, tokens: Any) -> None:
+    _STREAMERS[int(call_id)].put(np.asarray(tokens).astype(np.int64))
 
 
 # ---------------------------------------------------------------- greedy and sampling
@@ -261,8 +254,10 @@ def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits
                           max_new_tokens: int, do_sample: bool, eos_ids: jax.Array, pad_token_id: jax.Array,
                           seed: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                           repetition_penalty: jax.Array, min_new_tokens: jax.Array, ngram: int = 0,
-                          min_new: bool = False, stream: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Decode up to `max_new_tokens` tokens per row inside one while_loop.
+                          min_new: bool = False, stream: bool = False, call_id: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
+    """Decode up to `max_new_tokens` tokens per row inside one while_loop (`call_id`: with `stream`,
+    the key of this call's streamer in `_STREAMERS`).
 
     prompt [B, W] is the bucketed prompt (its real columns start at `first`), seen [B, V] the ids in
     the prompt (None: no repetition penalty), eos_ids [E] (-1 = none), seed the uint32 words [2].
@@ -290,12 +285,12 @@ def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits
             nxt = jnp.argmax(logits, axis=-1)
         nxt = jnp.where(finished, pad_token_id, nxt).astype(jnp.int32)  # [B]
         if stream:
-            jax.debug.callback(_deliver, nxt, ordered=True)
+            jax.debug.callback(_deliver, call_id, nxt, ordered=True)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
         finished = finished | _is_any(nxt, eos_ids)
         if seen is not None:
             seen = seen | (jnp.arange(vocab)[None, :] == nxt[:, None])
-        logits, cache = _decode_step(model, nxt, attention_mask, _from_carry(carried, b))
+        logits, cache = decode_one_token(model, nxt[:, None], None, attention_mask, _from_carry(carried, b))
         return step + 1, tokens, logits, _to_carry(cache), finished, seen
 
     tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
@@ -431,7 +426,7 @@ def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax
         seen = c.seen
         if seen is not None:
             seen = seen[rows] | (jnp.arange(vocab)[None, :] == nxt[:, None])
-        logits, cache = _decode_step(model, nxt, mask, c.cache.reorder(rows))
+        logits, cache = decode_one_token(model, nxt[:, None], None, mask, c.cache.reorder(rows))
         return BeamLoop(c.step + 1, beam, cache, logits, seen, go_on)
 
     running = jnp.full((b, k, n), pad_token_id, jnp.int32)
@@ -590,7 +585,8 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
     streamer, max_new_tokens, eos, pad = o.streamer, o.max_new_tokens, list(o.eos_token_ids), o.pad_token_id
     if o.num_beams == 1 and o.num_return_sequences > 1:  # samples: rows b * n + j, as Hugging Face
         ids, mask = np.repeat(ids, o.num_return_sequences, 0), np.repeat(mask, o.num_return_sequences, 0)
-    emit(streamer, ids.astype(np.int64))
+    if streamer is not None:
+        streamer.put(ids.astype(np.int64))
     if max_new_tokens == 0:
         if streamer is not None:
             streamer.end()
@@ -623,18 +619,20 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
                                       num_return_sequences=o.num_return_sequences, **common)
         ids = np.repeat(ids, o.num_return_sequences, 0)
     else:
-        _STREAMER[0] = streamer
+        call_id = next(_CALL_IDS) % 2**31
+        if streamer is not None:
+            _STREAMERS[call_id] = streamer
         try:
             new, count = greedy_or_sample_loop(
                 graphdef, state, logits, cache, jnp.asarray(mask_full), do_sample=o.do_sample,
                 seed=jnp.asarray(seed_words(o.seed or 0)), temperature=jnp.float32(o.temperature),
                 top_k=jnp.int32(o.top_k if o.do_sample else 0), top_p=jnp.float32(o.top_p),
-                stream=streamer is not None, **common)
+                stream=streamer is not None, call_id=jnp.int32(call_id), **common)
             count = int(count)
             if streamer is not None:
                 jax.effects_barrier()  # every callback has run
         finally:
-            _STREAMER[0] = None
+            _STREAMERS.pop(call_id, None)
     if streamer is not None:
         streamer.end()
     return np.concatenate([ids.astype(np.int64), np.asarray(new[:, : int(count)], np.int64)], axis=1)

@@ -30,6 +30,7 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 
 from opt_core import sampling as stream
+from opt_core.generation import seed_words
 from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
 from opt_core.inputs import validate_inputs
 from opt_tf.cache import StaticCache, init
@@ -85,12 +86,6 @@ def fmix32(x: tf.Tensor) -> tf.Tensor:
     return xor(x, shr(x, _u32(16)))
 
 
-def seed_words(seed: int) -> np.ndarray:
-    """The seed (0 <= seed < 2**64) as its low and high 32-bit words, uint32 [2]."""
-    seed = stream.check_seed(seed)
-    return np.array([seed & stream.MASK32, seed >> 32], np.uint32)
-
-
 def random_bits(words: tf.Tensor, step: tf.Tensor, rows: Any, vocab_size: int) -> tf.Tensor:
     """`opt_core.sampling.random_bits` in TF: uint32 [rows, V] for seed words [2] and step `step`."""
     xor = tf.bitwise.bitwise_xor
@@ -113,13 +108,22 @@ def gumbel_noise(words: tf.Tensor, step: tf.Tensor, rows: Any, vocab_size: int) 
 
 
 # ---------------------------------------------------------------- model steps (graph code)
-def _run(
-    model: Any, ids: tf.Tensor, positions: tf.Tensor, key_mask: tf.Tensor, cache: StaticCache
+def _forward(
+    model: Any, ids: tf.Tensor, positions: tf.Tensor, attention_mask: tf.Tensor, cache: StaticCache
 ) -> tuple[tf.Tensor, StaticCache]:
-    """New tokens [B, t] -> logits of the last one [B, V] (float32) and the advanced cache."""
-    out = model.get_decoder()(ids, positions, key_mask, past_key_values=cache, training=False)
+    """New tokens [B, t] at `positions` [B, t] -> logits of the last one [B, V] (float32) and the
+    advanced cache; attention_mask [B, S] covers every cache slot."""
+    out = model.get_decoder()(ids, positions, attention_mask, past_key_values=cache, training=False)
     logits = model.lm_logits(out.last_hidden_state[:, -1:])[:, 0]  # [B, V]
     return tf.cast(logits, tf.float32), out.past_key_values
+
+
+def decode_one_token(
+    model: Any, tokens: tf.Tensor, position_ids: tf.Tensor, attention_mask: tf.Tensor, cache: StaticCache
+) -> tuple[tf.Tensor, StaticCache]:
+    """One step: `tokens` [B, 1] at `position_ids` [B, 1] over the cache, attention_mask [B, S].
+    Returns float32 logits [B, V] and the advanced cache."""
+    return _forward(model, tokens, position_ids, attention_mask, cache)
 
 
 def _set_column(x: tf.Tensor, column: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
@@ -142,7 +146,7 @@ def prefill(
     cache = init(model.config, b, total, model.get_decoder().embed_tokens.dtype)
     key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; new slots are switched on as they fill
     positions = tf.cumsum(mask, axis=-1) * mask - 1  # [B, T] (modeling's positions_from_mask; no import cycle)
-    logits, cache = _run(model, ids, positions, key_mask, cache)
+    logits, cache = _forward(model, ids, positions, key_mask, cache)
     return logits, cache, key_mask, tf.reduce_sum(mask, axis=1)
 
 
@@ -276,18 +280,9 @@ class _StreamSlot:
         self.streamer: Any = None
 
     def deliver(self, tokens: np.ndarray) -> np.int32:
-        emit(self.streamer, np.asarray(tokens, np.int64))
+        if self.streamer is not None:
+            self.streamer.put(np.asarray(tokens, np.int64))
         return np.int32(0)
-
-
-def emit(streamer: Any, tokens: np.ndarray) -> None:
-    """Hand tokens to a streamer (an object with `put`, or a plain callable)."""
-    if streamer is None:
-        return
-    if hasattr(streamer, "put"):
-        streamer.put(tokens)
-    else:
-        streamer(tokens)
 
 
 def _stream_step(model: Any, tokens: tf.Tensor) -> tf.Tensor:
@@ -322,7 +317,7 @@ def _sample_loop(
         if s.repetition_penalty:
             seen = seen | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
         key_mask = _set_column(key_mask, t + i, tf.ones([b], key_mask.dtype))
-        logits, cache = _run(model, nxt[:, None], next_pos[:, None], key_mask, cache)
+        logits, cache = decode_one_token(model, nxt[:, None], next_pos[:, None], key_mask, cache)
         return i + 1, tokens, key_mask, cache, logits, next_pos + 1, unfinished, seen
 
     def cond(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen):
@@ -460,7 +455,7 @@ def _beam_loop(
         if s.repetition_penalty:
             seen = tf.gather(seen, rows) | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
         key_mask = _set_column(c.key_mask, t + c.step, tf.ones([b * k], c.key_mask.dtype))
-        logits, cache = _run(model, nxt[:, None], c.next_pos[:, None], key_mask, c.cache.reorder(rows))
+        logits, cache = decode_one_token(model, nxt[:, None], c.next_pos[:, None], key_mask, c.cache.reorder(rows))
         return (BeamLoop(c.step + 1, state, cache, key_mask, logits, c.next_pos + 1, seen, go_on),)
 
     def cond(c: BeamLoop) -> tf.Tensor:
@@ -633,7 +628,8 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
     streamer = o.streamer
     if o.num_beams == 1 and o.num_return_sequences > 1:  # samples: rows b * n + j, as Hugging Face
         ids, mask = np.repeat(ids, o.num_return_sequences, 0), np.repeat(mask, o.num_return_sequences, 0)
-    emit(streamer, ids.astype(np.int64))
+    if streamer is not None:
+        streamer.put(ids.astype(np.int64))
     if o.max_new_tokens == 0:
         if streamer is not None:
             streamer.end()
