@@ -382,8 +382,9 @@ Args:
         - penalty_alpha * (max cosine similarity of its hidden state to the row's earlier ones).
 
 Returns:
-    [batch * num_return_sequences, prompt + generated] int64 token ids, the prompt included (torch.int64 tensor, tf.int64
-    tensor, or for Flax a NumPy int64 array, since JAX holds no int64 without x64). Fewer than
+    [batch * num_return_sequences, prompt + generated] int64 token ids, the prompt included
+    (torch.int64 tensor, tf.int64 tensor, or for Flax a NumPy int64 array, since JAX holds no int64
+    without x64). Fewer than
     max_new_tokens columns are generated when every row (or beam search) has finished. Rows that
     finished early are padded with pad_token_id; beam search pads as Hugging Face does, with
     `pad_token_id or eos_token_id[0]` (pad id 0 gives the first eos id).
