@@ -1,7 +1,9 @@
-"""Generation: greedy, sampling and beam search over a static KV cache, compiled once per shape.
+"""Generation: greedy, sampling, beam and contrastive search over a static KV cache, compiled once
+per shape.
 
 Like gpt-fast, the pieces are small functions beside the model: `prefill` runs the prompt and fills
-the cache; `greedy_or_sample_loop` and `beam_search_loop` run the whole decode loop inside one
+the cache; `greedy_or_sample_loop`, `beam_search_loop` and `contrastive_search_loop` (the torch and
+TF names) each run the whole decode loop inside one
 `jax.lax.while_loop` (no Python per token). Each is a `jax.jit` with the model's `GraphDef` and the
 switches that change the graph as static arguments and everything else (state, seed, temperature,
 penalties) as data, so a second `generate` with the same shapes reuses the compiled code. Prompts
@@ -11,7 +13,8 @@ padding changes nothing but the compile cache key.
 Semantics follow Hugging Face 4.57.6 (torch): logits processors in its order (repetition penalty
 over the prompt and the generated tokens, no-repeat n-grams, eos forbidden before min_new_tokens),
 then temperature, top-k, top-p; finished rows are padded with `pad_token_id`; the output stops
-when every row has finished; beam search is Hugging Face's vectorised beam search. Sampling draws
+when every row has finished; beam search is Hugging Face's vectorised beam search and contrastive
+search 4.55's, both equal to the NumPy reference in opt_core.generation. Sampling draws
 from the counter-based stream of `opt_core.sampling` (Gumbel-max), computed here with jnp.uint32
 arithmetic, so a seed samples the same tokens as the torch and TF backends.
 

@@ -1,4 +1,6 @@
-"""Generation for `OPTForCausalLM`: greedy, sampling and beam search, each one XLA-compiled function.
+"""Generation for `OPTForCausalLM`: greedy, sampling, beam and contrastive search, each one
+XLA-compiled function (`greedy_or_sample_loop`, `beam_search_loop`, `contrastive_search_loop`: the
+torch and Flax names).
 
 The whole decode loop is a `tf.while_loop` inside `tf.function(jit_compile=True)`: the prompt is
 run once into a static cache (`opt_tf.cache`), then each step processes the logits, picks the next
@@ -9,7 +11,9 @@ with the same shapes does not retrace.
 Semantics follow Hugging Face 4.57.6 (torch): logits processors in its order (repetition penalty
 over the prompt and the generated tokens, no-repeat n-grams, eos forbidden before min_new_tokens),
 then temperature, top-k, top-p; finished rows are padded with the pad id and the loop stops when
-every row has finished; beam search is Hugging Face's vectorised beam search. Sampling draws from
+every row has finished; beam search is Hugging Face's vectorised beam search and contrastive search
+4.55's, both equal to the NumPy reference in opt_core.generation (prompt run once, cache copied to
+the beams). Sampling draws from
 the counter-based stream of `opt_core.sampling` (Gumbel-max), computed here with tf.uint32
 arithmetic, so a seed samples the same tokens as the torch and Flax backends.
 
@@ -292,7 +296,7 @@ def _stream_step(model: Any, tokens: tf.Tensor) -> tf.Tensor:
 
 
 # ---------------------------------------------------------------- greedy and sampling
-def _sample_loop(
+def greedy_or_sample_loop(
     model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """-> (tokens [B, S] padded with the pad id, number of new columns produced (<= limit))."""
@@ -422,7 +426,7 @@ def beam_search_step(
     return new, rows, go_on
 
 
-def _beam_loop(
+def beam_search_loop(
     model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Hugging Face's beam search, equal to opt_core.generation.reference_beam_search: the prompt
@@ -486,7 +490,7 @@ def contrastive_choice(top_probs: tf.Tensor, context: tf.Tensor, context_mask: t
     return tf.argmax(score, axis=-1, output_type=tf.int32)
 
 
-def _contrastive_loop(
+def contrastive_search_loop(
     model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Contrastive search as Hugging Face 4.55, equal to opt_core.generation.reference_contrastive_search:
@@ -557,10 +561,10 @@ def compiled_generate_fn(model: Any, settings: GenerationSettings) -> tf.types.e
         def generate_fn(input_ids, attention_mask, max_new_tokens, knobs):
             knobs = Knobs(*knobs)
             if settings.num_beams > 1:
-                return _beam_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
+                return beam_search_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
             if settings.contrastive:
-                return _contrastive_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
-            return _sample_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
+                return contrastive_search_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
+            return greedy_or_sample_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
 
         fns[settings] = tf.function(generate_fn, jit_compile=not settings.stream, reduce_retracing=False)
     return fns[settings]

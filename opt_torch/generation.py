@@ -6,13 +6,17 @@
     warp_logits(logits, temperature, top_k, top_p) -> the sampling filters
     gumbel_noise(seed, step, rows, salt)           -> opt_core.sampling's stream, computed in torch
     next_tokens(logits, sequences, step, opts)     -> the next token [B] (argmax or Gumbel-max)
+    greedy_or_sample_loop / beam_search_loop / contrastive_search_loop(model, ids, mask, opts)
+                                                   -> the three decoding loops (the same names in TF / Flax)
+    beam_search_step(state, log_probs, step, prompt_length, opts) -> one step of HF's beam search on a BeamState
     generate(model, ids, ...)                      -> int64 [B, prompt + generated], prompt included
 
 The contract (signature, defaults, checks, result) is opt_core.generation_config's, shared with
 the TF and Flax backends, which mirror these functions; docs/generation.md spells it out. Greedy and
 beam search follow Hugging Face transformers 4.57 step for step (same processors in the same order,
-same stopping rules, same length penalty, finished rows padded with pad_token_id), so their tokens
-are identical on the same weights. Sampling draws from opt_core.sampling's counter-based stream, so
+same stopping rules, same length penalty, finished rows padded as Hugging Face pads them), and
+contrastive search follows 4.55, so their tokens equal the NumPy reference's (opt_core.generation)
+and Hugging Face's on the same weights. Sampling draws from opt_core.sampling's counter-based stream, so
 a seed samples the same tokens here as in TF, Flax and the NumPy reference.
 
 Letters in shape comments: B batch, K beams or candidates, T tokens, V vocab, E hidden width,
@@ -258,10 +262,10 @@ def generate(
         _end(opts)
         return ids
     if opts.num_beams > 1:
-        return beam_search(model, ids, mask, opts)
+        return beam_search_loop(model, ids, mask, opts)
     if opts.penalty_alpha > 0:
-        return contrastive_search(model, ids, mask, opts)
-    return greedy_or_sample(model, ids, mask, opts)
+        return contrastive_search_loop(model, ids, mask, opts)
+    return greedy_or_sample_loop(model, ids, mask, opts)
 
 
 generate.__doc__ = "`model.generate(input_ids, ...)` as a function of the model.\n\n" + GENERATE_DOC
@@ -272,7 +276,7 @@ def _new_cache(model: Any, batch: int, max_length: int) -> Cache:
     return kv_cache.init(model.config, batch, max_length, dtype=model.dtype, device=model.device, num_heads=heads)
 
 
-def greedy_or_sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
+def greedy_or_sample_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
     """Greedy decoding or sampling, one token per step over a static KV cache (HF's `_sample`)."""
     b, t = ids.shape
     total = t + opts.max_new_tokens
@@ -431,7 +435,7 @@ def _expanded_cache(model: Any, prompt_cache: Cache, num_beams: int, max_length:
     return cache
 
 
-def beam_search(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
+def beam_search_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
     """Beam search exactly as Hugging Face transformers 4.57 (`_beam_search`), equal to
     opt_core.generation.reference_beam_search: the prompt runs once, its cache is copied to the K
     beams, then one token per beam per step. Returns [B * num_return_sequences, T + generated]."""
@@ -477,7 +481,7 @@ def contrastive_choice(
     return score.argmax(dim=-1)
 
 
-def contrastive_search(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
+def contrastive_search_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
     """Contrastive search (Su et al. 2022) as Hugging Face 4.55, equal to
     opt_core.generation.reference_contrastive_search: the prompt runs once and its cache is copied
     to K rows per prompt; each step runs the top_k candidates one token ahead in those rows, keeps
