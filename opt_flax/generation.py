@@ -193,18 +193,19 @@ def apply_min_new_tokens(logits: jax.Array, step: Any, min_new_tokens: Any, eos_
     return jnp.where(is_eos[None, :] & (step < min_new_tokens), -jnp.inf, logits)
 
 
-def process_logits(logits: jax.Array, new_tokens: jax.Array, seen: jax.Array | None, tokens: jax.Array | None,
-                   length: jax.Array, first: jax.Array, eos_ids: jax.Array, repetition_penalty: jax.Array,
+def process_logits(logits: jax.Array, step: jax.Array, seen: jax.Array | None, sequences: jax.Array | None,
+                   length: jax.Array, first: Any, eos_ids: jax.Array, repetition_penalty: jax.Array,
                    min_new_tokens: jax.Array, ngram: int, min_new: bool) -> jax.Array:
-    """Hugging Face's processors in its order on logits [R, V]: repetition penalty over `seen`
-    [R, V] (None = off), no-repeat `ngram`-grams over `tokens` [R, C] (columns [first, length)
-    filled), then eos forbidden while fewer than `min_new_tokens` tokens are new (`min_new`)."""
+    """Hugging Face's processors in its order on logits [R, V] at generated step `step` (the same
+    signature in opt_tf): repetition penalty over `seen` [R, V] (None = off), no-repeat
+    `ngram`-grams over `sequences` [R, C] (columns [first, length) filled), then eos forbidden
+    while fewer than `min_new_tokens` tokens are new (`min_new`)."""
     if seen is not None:
         logits = penalise_seen(logits, seen, repetition_penalty)
     if ngram:
-        logits = apply_no_repeat_ngram(logits, tokens, ngram, length, first)
+        logits = apply_no_repeat_ngram(logits, sequences, ngram, length, first)
     if min_new:
-        logits = apply_min_new_tokens(logits, new_tokens, min_new_tokens, eos_ids)
+        logits = apply_min_new_tokens(logits, step, min_new_tokens, eos_ids)
     return logits
 
 

@@ -170,15 +170,16 @@ def seen_tokens(tokens: tf.Tensor, vocab_size: int) -> tf.Tensor:
     return hits > 0
 
 
-def banned_ngram_tokens(tokens: tf.Tensor, length: tf.Tensor, n: int, vocab_size: int) -> tf.Tensor:
-    """bool [R, V]: Hugging Face's no-repeat-n-gram bans for rows `tokens` [R, C] of which the first
-    `length` columns are filled: the ids that would repeat an n-gram already in the row."""
+def banned_ngram_tokens(tokens: tf.Tensor, length: tf.Tensor, n: int, vocab_size: int, first: Any = 0) -> tf.Tensor:
+    """bool [R, V]: Hugging Face's no-repeat-n-gram bans for rows `tokens` [R, C] whose columns
+    [first, length) hold the sequence: the ids that would repeat an n-gram already in the row."""
     r, c = tf.shape(tokens)[0], tokens.shape[1]
     windows = c - n + 1  # n-gram start columns
     if windows <= 0:
         return tf.zeros([r, vocab_size], tf.bool)
     last = tf.gather(tokens, tf.maximum(length - (n - 1) + tf.range(n - 1), 0), axis=1)  # [R, n-1]
-    match = tf.tile((tf.range(windows) <= length - n)[None, :], [r, 1])  # [R, W] complete n-grams only
+    starts = tf.range(windows)
+    match = tf.tile(((starts >= first) & (starts <= length - n))[None, :], [r, 1])  # [R, W] complete n-grams only
     for m in range(n - 1):
         match &= tf.equal(tokens[:, m : m + windows], last[:, m : m + 1])
     follow = tf.cast(tokens[:, n - 1 : n - 1 + windows], tf.int32)  # [R, W]: the n-gram's last token
@@ -199,11 +200,12 @@ def apply_repetition_penalty(logits: tf.Tensor, sequences: tf.Tensor, penalty: A
     return penalise_seen(logits, seen_tokens(sequences, logits.shape[-1]), tf.cast(penalty, logits.dtype))
 
 
-def apply_no_repeat_ngram(logits: tf.Tensor, sequences: tf.Tensor, ngram_size: int, length: Any = None) -> tf.Tensor:
-    """-inf on the ids that would repeat an `ngram_size`-gram of `sequences` [R, C] (its first
-    `length` columns; default all)."""
+def apply_no_repeat_ngram(logits: tf.Tensor, sequences: tf.Tensor, ngram_size: int, length: Any = None,
+                          first: Any = 0) -> tf.Tensor:
+    """-inf on the ids that would repeat an `ngram_size`-gram of `sequences` [R, C] (columns
+    [first, length); default all)."""
     length = sequences.shape[1] if length is None else length
-    return tf.where(banned_ngram_tokens(sequences, length, ngram_size, logits.shape[-1]), -INF, logits)
+    return tf.where(banned_ngram_tokens(sequences, length, ngram_size, logits.shape[-1], first), -INF, logits)
 
 
 def apply_min_new_tokens(logits: tf.Tensor, step: Any, min_new_tokens: Any, eos_ids: Any) -> tf.Tensor:
@@ -213,20 +215,28 @@ def apply_min_new_tokens(logits: tf.Tensor, step: Any, min_new_tokens: Any, eos_
     return tf.where(is_eos[None, :] & (step < min_new_tokens), -INF, logits)
 
 
-def process_logits(
-    logits: tf.Tensor, s: GenerationSettings, new_tokens: tf.Tensor, seen: tf.Tensor | None, tokens: tf.Tensor,
-    length: tf.Tensor, repetition_penalty: tf.Tensor, min_new_tokens: tf.Tensor, eos_ids: tf.Tensor,
-) -> tf.Tensor:
-    """Hugging Face's processors in its order on logits [R, V]: repetition penalty over `seen`
-    (prompt and generated ids), no-repeat n-grams over `tokens` [R, C] (first `length` filled),
-    then eos forbidden while fewer than `min_new_tokens` tokens are new."""
-    if s.repetition_penalty:
+def process_logits(logits: tf.Tensor, step: tf.Tensor, seen: tf.Tensor | None, sequences: tf.Tensor | None,
+                   length: tf.Tensor, first: Any, eos_ids: tf.Tensor, repetition_penalty: tf.Tensor,
+                   min_new_tokens: tf.Tensor, ngram: int, min_new: bool) -> tf.Tensor:
+    """Hugging Face's processors in its order on logits [R, V] at generated step `step` (the same
+    signature in opt_flax): repetition penalty over `seen` [R, V] (None = off), no-repeat
+    `ngram`-grams over `sequences` [R, C] (columns [first, length) filled), then eos forbidden
+    while fewer than `min_new_tokens` tokens are new (`min_new`)."""
+    if seen is not None:
         logits = penalise_seen(logits, seen, repetition_penalty)
-    if s.no_repeat_ngram_size:
-        logits = apply_no_repeat_ngram(logits, tokens, s.no_repeat_ngram_size, length)
-    if s.min_new_tokens and s.num_eos:
-        logits = apply_min_new_tokens(logits, new_tokens, min_new_tokens, eos_ids)
+    if ngram:
+        logits = apply_no_repeat_ngram(logits, sequences, ngram, length, first)
+    if min_new:
+        logits = apply_min_new_tokens(logits, step, min_new_tokens, eos_ids)
     return logits
+
+
+def _process(logits: tf.Tensor, step: tf.Tensor, seen: tf.Tensor, sequences: tf.Tensor, length: tf.Tensor,
+             v: Knobs, s: GenerationSettings) -> tf.Tensor:
+    """`process_logits` with a loop's knobs and settings (its rows start at column 0: no bucket)."""
+    return process_logits(logits, step, seen if s.repetition_penalty else None, sequences, length, 0, v.eos_ids,
+                          v.repetition_penalty, v.min_new_tokens, s.no_repeat_ngram_size,
+                          bool(s.min_new_tokens and s.num_eos))
 
 
 # ---------------------------------------------------------------- logits warpers (Hugging Face order)
@@ -309,7 +319,7 @@ def greedy_or_sample_loop(
     seen = seen_tokens(ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
 
     def body(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen):
-        logits = process_logits(logits, s, i, seen, tokens, t + i, v.repetition_penalty, v.min_new_tokens, v.eos_ids)
+        logits = _process(logits, i, seen, tokens, t + i, v, s)
         nxt = sample(logits, s, i, v.seed, v.temperature, v.top_p)  # [B]
         nxt = tf.where(unfinished, nxt, v.pad_token_id)
         if s.stream:
@@ -451,8 +461,7 @@ def beam_search_loop(
     def body(c: BeamLoop) -> tuple[BeamLoop]:
         log_probs = tf.nn.log_softmax(c.logits, axis=-1)  # [B*K, V]
         rows_so_far = tf.reshape(c.state.running, [b * k, s.total_length])
-        log_probs = process_logits(log_probs, s, c.step, c.seen, rows_so_far, t + c.step, v.repetition_penalty,
-                                   v.min_new_tokens, v.eos_ids)
+        log_probs = _process(log_probs, c.step, c.seen, rows_so_far, t + c.step, v, s)
         state, rows, go_on = beam_search_step(c.state, log_probs, c.step, t, max_length, v, s)
         nxt = tf.reshape(state.running[:, :, t + c.step], [b * k])  # [B*K]
         seen = c.seen
@@ -515,8 +524,7 @@ def contrastive_search_loop(
     slots = tf.range(total)
 
     def body(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen, context):
-        processed = process_logits(logits, s, i, seen, tokens, t + i, v.repetition_penalty, v.min_new_tokens,
-                                   v.eos_ids)
+        processed = _process(logits, i, seen, tokens, t + i, v, s)
         top_probs, top_ids = tf.math.top_k(tf.nn.softmax(processed, axis=-1), k=k)  # [B, K]
         step_mask = _set_column(key_mask, t + i, tf.ones([b], key_mask.dtype))
         out = decoder(tf.reshape(top_ids, [-1, 1]), next_pos[:, None], tf.repeat(step_mask, k, axis=0),
