@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 ORACLE := .venv-oracle
+ORACLE455 := .venv-oracle-455
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help venv oracle bench-env test test-all demo bench lint clean
+.PHONY: help venv oracle oracle-455 bench-env test test-all demo bench lint clean
 
 help:
 	@echo "make demo   - set up, then run the bundled model in all three backends"
@@ -17,6 +18,7 @@ BENCHENV := .venv-bench
 
 venv: $(VENV)/.installed
 oracle: $(ORACLE)/.installed
+oracle-455: $(ORACLE455)/.installed
 bench-env: $(BENCHENV)/.installed
 
 $(VENV)/.installed: requirements/main.txt pyproject.toml
@@ -32,6 +34,13 @@ $(ORACLE)/.installed: requirements/oracle.txt
 	$(ORACLE)/bin/pip install -q -r requirements/oracle.txt
 	touch $@
 
+# The second oracle: transformers 4.55.x, the last release with contrastive search in the library.
+$(ORACLE455)/.installed: requirements/oracle-455.txt
+	test -x $(ORACLE455)/bin/python || $(PYTHON) -m venv $(ORACLE455)
+	$(ORACLE455)/bin/pip install -q --upgrade pip
+	$(ORACLE455)/bin/pip install -q -r requirements/oracle-455.txt
+	touch $@
+
 # Peers for benchmarks only (transformers 5.x, CTranslate2); never the project's venv.
 $(BENCHENV)/.installed: requirements/bench.txt
 	test -x $(BENCHENV)/bin/python || $(PYTHON) -m venv $(BENCHENV)
@@ -39,10 +48,10 @@ $(BENCHENV)/.installed: requirements/bench.txt
 	$(BENCHENV)/bin/pip install -q -r requirements/bench.txt
 	touch $@
 
-test: venv oracle
+test: venv oracle oracle-455
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: venv oracle
+test-all: venv oracle oracle-455
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv
@@ -56,4 +65,4 @@ lint: venv
 	$(VENV)/bin/mypy opt_core
 
 clean:
-	rm -rf $(VENV) $(ORACLE) $(BENCHENV) .pytest_cache .cache
+	rm -rf $(VENV) $(ORACLE) $(ORACLE455) $(BENCHENV) .pytest_cache .cache

@@ -71,6 +71,8 @@ class GenerationConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
+    num_return_sequences: int = 1
+    penalty_alpha: float | None = None  # contrastive search when > 0 (with top_k > 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -121,6 +123,11 @@ class GenerationConfig:
                 _int(name, getattr(self, name), 0)
         _int("num_beams", self.num_beams, 1, MAX_NUM_BEAMS,
              " (the limit MAX_NUM_BEAMS: every beam holds a full KV cache)")
+        _int("num_return_sequences", self.num_return_sequences, 1, MAX_NUM_BEAMS,
+             " (the limit MAX_NUM_BEAMS: every returned row holds a full KV cache)")
+        if self.penalty_alpha is not None and not 0.0 <= _float("penalty_alpha", self.penalty_alpha) <= 1.0:
+            raise ValueError(f"penalty_alpha must be in [0, 1] (0 turns contrastive search off), "
+                             f"got {self.penalty_alpha}")
         _int("top_k", self.top_k, 0)
         _int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
         if not isinstance(self.do_sample, bool):
@@ -183,6 +190,13 @@ class GenerationOptions:
     pad_token_id: int
     seed: int | None
     streamer: Any = None
+    # Rows per prompt in the result: the best `num_return_sequences` beams, or as many samples.
+    num_return_sequences: int = 1
+    # Contrastive search when > 0 (Hugging Face's switch: penalty_alpha > 0 and top_k > 1, greedy).
+    penalty_alpha: float = 0.0
+    # The padding of a row that finished early, as Hugging Face writes it: greedy and sampling use
+    # pad_token_id; beam search uses `pad_token_id or eos_token_id[0]` (so pad id 0 gives eos).
+    beam_fill_id: int = 0
 
 
 def _short(value: Any) -> str:
@@ -261,6 +275,9 @@ def resolve_generation_options(
     pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Any = None,
+    early_stopping: bool | str | None = None,
+    num_return_sequences: int | None = None,
+    penalty_alpha: float | None = None,
 ) -> GenerationOptions:
     """Fill every None from `generation_config` (then Hugging Face's defaults) and check every value.
 
@@ -342,11 +359,11 @@ def resolve_generation_options(
                          "pass do_sample=False for beam search or num_beams=1 to sample")
     length_penalty = _float(label("length_penalty"), pick(length_penalty, "length_penalty"),
                             -MAX_ABS_LENGTH_PENALTY, MAX_ABS_LENGTH_PENALTY, " (so float32 beam scores stay finite)")
-    early_stopping = gen.early_stopping
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(
-            f"generation_config early_stopping must be true, false or \"never\", got {_short(early_stopping)}"
-        )
+    early_stopping = pick(early_stopping, "early_stopping")
+    if isinstance(early_stopping, np.bool_):
+        early_stopping = bool(early_stopping)
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"{label('early_stopping')} must be True, False or \"never\", got {_short(early_stopping)}")
     repetition_penalty = _float(label("repetition_penalty"), pick(repetition_penalty, "repetition_penalty"))
     if not repetition_penalty > 0:
         raise ValueError(f"{label('repetition_penalty')} must be > 0 (1 turns it off), got {repetition_penalty}")
@@ -364,6 +381,24 @@ def resolve_generation_options(
             f"{label('pad_token_id')} {pad} is outside the vocabulary [0, {config.vocab_size}); "
             "pass a token id of the model"
         )
+
+    num_return_sequences = _int(label("num_return_sequences"), pick(num_return_sequences, "num_return_sequences"), 1,
+                                MAX_NUM_BEAMS, " (the limit MAX_NUM_BEAMS: every returned row holds a full KV cache)")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}): "
+                         "beam search returns its best num_beams hypotheses at most")
+    penalty_alpha = pick(penalty_alpha, "penalty_alpha")
+    penalty_alpha = 0.0 if penalty_alpha is None else _float("penalty_alpha", penalty_alpha)
+    if not 0.0 <= penalty_alpha <= 1.0:
+        raise ValueError(f"penalty_alpha must be in [0, 1] (0 turns contrastive search off), got {penalty_alpha}")
+    contrastive = penalty_alpha > 0 and top_k > 1 and not do_sample and num_beams == 1  # Hugging Face's switch
+    if num_beams == 1 and not do_sample and num_return_sequences > 1:
+        raise ValueError(f"num_return_sequences={num_return_sequences} needs beam search (num_beams >= "
+                         "num_return_sequences) or sampling (do_sample=True): greedy decoding has one answer")
+    if not contrastive:
+        penalty_alpha = 0.0
+    if contrastive and streamer is not None:
+        raise ValueError("a streamer cannot be used with contrastive search (penalty_alpha > 0) in this project")
 
     if seed is not None:
         seed = check_seed(seed)
@@ -384,7 +419,8 @@ def resolve_generation_options(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, eos_token_ids=eos_ids,
-        pad_token_id=pad, seed=seed, streamer=streamer,
+        pad_token_id=pad, seed=seed, streamer=streamer, num_return_sequences=num_return_sequences,
+        penalty_alpha=penalty_alpha, beam_fill_id=(pad or eos_ids[0]) if eos_ids else pad,
     )
 
 
@@ -393,7 +429,7 @@ GENERATE_DOC = """Continue each row of `input_ids`; the same call, defaults, res
     generate(input_ids, attention_mask=None, *, max_new_tokens=None, min_new_tokens=None, do_sample=None,
              temperature=None, top_k=None, top_p=None, num_beams=None, length_penalty=None,
              repetition_penalty=None, no_repeat_ngram_size=None, eos_token_id=None, pad_token_id=None,
-             seed=None, streamer=None)
+             seed=None, streamer=None, early_stopping=None, num_return_sequences=None, penalty_alpha=None)
 
 Every keyword left None takes the model's `generation_config.json` value, else Hugging Face's default
 (shown in brackets). Semantics are Hugging Face transformers 4.57's; deterministic modes (greedy,
@@ -410,8 +446,8 @@ Args:
     temperature: [1.0] divides the logits when sampling, within [1e-6, 1e6] (float32 stays finite).
     top_k: [50] keep the k most likely tokens when sampling (0: off; an integer >= 0).
     top_p: [1.0] keep the smallest set of most likely tokens with probability >= top_p, in (0, 1].
-    num_beams: [1] beam search when > 1, at most 256 (not with do_sample); the file's `early_stopping`
-        (True, False [default] or "never") applies.
+    num_beams: [1] beam search when > 1, at most 256 (not with do_sample): Hugging Face 4.57's
+        algorithm, the prompt run once and its cache copied to every beam.
     length_penalty: [1.0] beam scores are sum(log p) / generated_length ** length_penalty; within [-10, 10].
     repetition_penalty: [1.0] within [1e-6, 1e6]; every id already in the row (prompt included) has its logit divided
         (if > 0) or multiplied (if < 0) by it.
@@ -423,12 +459,23 @@ Args:
         the same seed gives the same tokens in torch, TF, Flax and NumPy. None: fresh randomness.
     streamer: an object with put(ids) and end() (Hugging Face's interface; a plain callable is
         called like put): put receives the prompt [batch, prompt] first, then each step's new
-        tokens [batch], as NumPy int64 arrays; end() after the last. Not with beam search.
+        tokens [batch], as NumPy int64 arrays; end() after the last. Not with beam or contrastive search.
+    early_stopping: [False] beam search: True stops a row once it has num_beams finished hypotheses,
+        False stops when the best running beam can no longer beat them, "never" when it cannot even
+        at max length (Hugging Face's heuristics).
+    num_return_sequences: [1] results per prompt: the best beams (<= num_beams) or that many samples;
+        rows [b * n, (b + 1) * n) of the result belong to prompt b.
+    penalty_alpha: [None] contrastive search (Su et al. 2022) when > 0 with top_k > 1 and no
+        sampling: among the top_k tokens pick the one maximising (1 - penalty_alpha) * p(token)
+        - penalty_alpha * (max cosine similarity of its hidden state to the row's earlier ones).
 
 Returns:
-    [batch, prompt + generated] int64 token ids, the prompt included (torch.int64 tensor, tf.int64
-    tensor, or for Flax a NumPy int64 array, since JAX holds no int64 without x64). Fewer than
-    max_new_tokens columns are generated when every row (or beam search) has finished.
+    [batch * num_return_sequences, prompt + generated] int64 token ids, the prompt included
+    (torch.int64 tensor, tf.int64 tensor, or for Flax a NumPy int64 array, since JAX holds no int64
+    without x64). Fewer than
+    max_new_tokens columns are generated when every row (or beam search) has finished. Rows that
+    finished early are padded with pad_token_id; beam search pads as Hugging Face does, with
+    `pad_token_id or eos_token_id[0]` (pad id 0 gives the first eos id).
 
 Raises:
     ValueError: a bad input or option, named, with what would be accepted.

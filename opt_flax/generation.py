@@ -1,7 +1,9 @@
-"""Generation: greedy, sampling and beam search over a static KV cache, compiled once per shape.
+"""Generation: greedy, sampling, beam and contrastive search over a static KV cache, compiled once
+per shape.
 
 Like gpt-fast, the pieces are small functions beside the model: `prefill` runs the prompt and fills
-the cache; `greedy_or_sample_loop` and `beam_search_loop` run the whole decode loop inside one
+the cache; `greedy_or_sample_loop`, `beam_search_loop` and `contrastive_search_loop` (the torch and
+TF names) each run the whole decode loop inside one
 `jax.lax.while_loop` (no Python per token). Each is a `jax.jit` with the model's `GraphDef` and the
 switches that change the graph as static arguments and everything else (state, seed, temperature,
 penalties) as data, so a second `generate` with the same shapes reuses the compiled code. Prompts
@@ -11,7 +13,8 @@ padding changes nothing but the compile cache key.
 Semantics follow Hugging Face 4.57.6 (torch): logits processors in its order (repetition penalty
 over the prompt and the generated tokens, no-repeat n-grams, eos forbidden before min_new_tokens),
 then temperature, top-k, top-p; finished rows are padded with `pad_token_id`; the output stops
-when every row has finished; beam search is Hugging Face's vectorised beam search. Sampling draws
+when every row has finished; beam search is Hugging Face's vectorised beam search and contrastive
+search 4.55's, both equal to the NumPy reference in opt_core.generation. Sampling draws
 from the counter-based stream of `opt_core.sampling` (Gumbel-max), computed here with jnp.uint32
 arithmetic, so a seed samples the same tokens as the torch and TF backends.
 
@@ -25,7 +28,8 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any
+import itertools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from opt_core import sampling as stream
+from opt_core.generation import seed_words
 from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
 from opt_core.inputs import validate_inputs
 from opt_flax.cache import StaticCache, init_cache
@@ -61,12 +66,6 @@ def fmix32(x: jax.Array) -> jax.Array:
     x = x ^ (x >> jnp.uint32(13))
     x = x * jnp.uint32(0xC2B2AE35)
     return x ^ (x >> jnp.uint32(16))
-
-
-def seed_words(seed: int) -> np.ndarray:
-    """The seed (0 <= seed < 2**64) as its low and high 32-bit words, uint32 [2]."""
-    seed = stream.check_seed(seed)
-    return np.array([seed & stream.MASK32, seed >> 32], np.uint32)
 
 
 def random_bits(words: jax.Array, step: jax.Array, rows: int, vocab_size: int) -> jax.Array:
@@ -106,10 +105,13 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, atte
     return out.logits[:, -1].astype(jnp.float32), out.past_key_values
 
 
-def _decode_step(model: Any, tokens: jax.Array, attention_mask: jax.Array,
-                 cache: StaticCache) -> tuple[jax.Array, StaticCache]:
-    """One token per row [B] -> next logits [B, V] (float32) and the cache with it written."""
-    out = model(tokens[:, None], attention_mask=attention_mask, past_key_values=cache, validate=False)
+def decode_one_token(model: Any, tokens: jax.Array, position_ids: jax.Array | None, attention_mask: jax.Array,
+                     cache: StaticCache) -> tuple[jax.Array, StaticCache]:
+    """One step: `tokens` [B, 1] over the cache, attention_mask [B, S]; `position_ids` [B, 1], or
+    None to take them from the mask and the cache length (what the loops do). Returns float32
+    logits [B, V] and the cache with the token written."""
+    out = model(tokens, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+                validate=False)
     return out.logits[:, -1].astype(jnp.float32), out.past_key_values
 
 
@@ -191,18 +193,19 @@ def apply_min_new_tokens(logits: jax.Array, step: Any, min_new_tokens: Any, eos_
     return jnp.where(is_eos[None, :] & (step < min_new_tokens), -jnp.inf, logits)
 
 
-def process_logits(logits: jax.Array, new_tokens: jax.Array, seen: jax.Array | None, tokens: jax.Array | None,
-                   length: jax.Array, first: jax.Array, eos_ids: jax.Array, repetition_penalty: jax.Array,
+def process_logits(logits: jax.Array, step: jax.Array, seen: jax.Array | None, sequences: jax.Array | None,
+                   length: jax.Array, first: Any, eos_ids: jax.Array, repetition_penalty: jax.Array,
                    min_new_tokens: jax.Array, ngram: int, min_new: bool) -> jax.Array:
-    """Hugging Face's processors in its order on logits [R, V]: repetition penalty over `seen`
-    [R, V] (None = off), no-repeat `ngram`-grams over `tokens` [R, C] (columns [first, length)
-    filled), then eos forbidden while fewer than `min_new_tokens` tokens are new (`min_new`)."""
+    """Hugging Face's processors in its order on logits [R, V] at generated step `step` (the same
+    signature in opt_tf): repetition penalty over `seen` [R, V] (None = off), no-repeat
+    `ngram`-grams over `sequences` [R, C] (columns [first, length) filled), then eos forbidden
+    while fewer than `min_new_tokens` tokens are new (`min_new`)."""
     if seen is not None:
         logits = penalise_seen(logits, seen, repetition_penalty)
     if ngram:
-        logits = apply_no_repeat_ngram(logits, tokens, ngram, length, first)
+        logits = apply_no_repeat_ngram(logits, sequences, ngram, length, first)
     if min_new:
-        logits = apply_min_new_tokens(logits, new_tokens, min_new_tokens, eos_ids)
+        logits = apply_min_new_tokens(logits, step, min_new_tokens, eos_ids)
     return logits
 
 
@@ -237,21 +240,14 @@ def warp_logits(logits: jax.Array, temperature: Any, top_k: Any, top_p: Any) -> 
 
 
 # ---------------------------------------------------------------- streaming (host callback)
-_STREAMER: list[Any] = [None]  # the streamer of the call in progress
+# The streamers of the calls in progress, by call id: the compiled loop passes its call's id (data,
+# so a new call does not recompile) back to the host with each step's tokens.
+_STREAMERS: dict[int, Any] = {}
+_CALL_IDS = itertools.count()
 
 
-def emit(streamer: Any, tokens: np.ndarray) -> None:
-    """Hand tokens to a streamer (an object with `put`, or a plain callable)."""
-    if streamer is None:
-        return
-    if hasattr(streamer, "put"):
-        streamer.put(tokens)
-    else:
-        streamer(tokens)
-
-
-def _deliver(tokens: Any) -> None:
-    emit(_STREAMER[0], np.asarray(tokens).astype(np.int64))
+def _deliver(call_id: Any, tokens: Any) -> None:
+    _STREAMERS[int(call_id)].put(np.asarray(tokens).astype(np.int64))
 
 
 # ---------------------------------------------------------------- greedy and sampling
@@ -262,8 +258,10 @@ def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits
                           max_new_tokens: int, do_sample: bool, eos_ids: jax.Array, pad_token_id: jax.Array,
                           seed: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                           repetition_penalty: jax.Array, min_new_tokens: jax.Array, ngram: int = 0,
-                          min_new: bool = False, stream: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Decode up to `max_new_tokens` tokens per row inside one while_loop.
+                          min_new: bool = False, stream: bool = False, call_id: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
+    """Decode up to `max_new_tokens` tokens per row inside one while_loop (`call_id`: with `stream`,
+    the key of this call's streamer in `_STREAMERS`).
 
     prompt [B, W] is the bucketed prompt (its real columns start at `first`), seen [B, V] the ids in
     the prompt (None: no repetition penalty), eos_ids [E] (-1 = none), seed the uint32 words [2].
@@ -291,12 +289,12 @@ def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits
             nxt = jnp.argmax(logits, axis=-1)
         nxt = jnp.where(finished, pad_token_id, nxt).astype(jnp.int32)  # [B]
         if stream:
-            jax.debug.callback(_deliver, nxt, ordered=True)
+            jax.debug.callback(_deliver, call_id, nxt, ordered=True)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
         finished = finished | _is_any(nxt, eos_ids)
         if seen is not None:
             seen = seen | (jnp.arange(vocab)[None, :] == nxt[:, None])
-        logits, cache = _decode_step(model, nxt, attention_mask, _from_carry(carried, b))
+        logits, cache = decode_one_token(model, nxt[:, None], None, attention_mask, _from_carry(carried, b))
         return step + 1, tokens, logits, _to_carry(cache), finished, seen
 
     tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
@@ -306,106 +304,233 @@ def greedy_or_sample_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits
 
 
 # ---------------------------------------------------------------- beam search
+def _gather_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, K, ...] -> x[b, idx[b, j], ...] for idx [B, J]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+class BeamState(NamedTuple):
+    """Beam search's state between steps: opt_core.generation.BeamState's fields as arrays, except
+    that `running` and `finished` hold only the new tokens [B, K, N] (the bucketed prompt is the
+    same for every beam of a row and lives beside them)."""
+
+    running: jax.Array
+    running_scores: jax.Array
+    running_parents: jax.Array
+    finished: jax.Array
+    finished_scores: jax.Array
+    finished_parents: jax.Array
+    is_finished: jax.Array
+    improvable: jax.Array
+
+
+class BeamLoop(NamedTuple):
+    """What the beam search while-loop carries from one step to the next."""
+
+    step: jax.Array  # int32: tokens generated so far
+    state: BeamState
+    cache: StaticCache  # B*K rows
+    logits: jax.Array  # [B*K, V] of the running beams' last tokens
+    seen: jax.Array | None  # [B*K, V] ids in each running beam (repetition penalty)
+    go_on: jax.Array  # bool: Hugging Face's "beam search has unfinished sequences"
+
+
+def beam_search_step(state: BeamState, log_probs: jax.Array, step: jax.Array, num_eos: int,
+                     eos_ids: jax.Array, length_penalty: jax.Array, early_stopping: bool | str
+                     ) -> tuple[BeamState, jax.Array, jax.Array]:
+    """One step of Hugging Face 4.57's `_beam_search` (opt_core.generation.beam_search_step) on
+    processed log-probs [B*K, V]; the search may run N = running.shape[2] new tokens. Returns the
+    new state, the flat row [B*K] each running beam continues (the cache reorder) and go-on."""
+    b, k, n = state.running.shape
+    vocab = log_probs.shape[-1]
+    keep = max(2, 1 + num_eos) * k  # K stay open even if the best all end here
+    scores = (log_probs.reshape(b, k, vocab) + state.running_scores[:, :, None]).reshape(b, k * vocab)
+    top_scores, top = jax.lax.top_k(scores, keep)  # [B, keep]
+    parent, token = top // vocab, (top % vocab).astype(jnp.int32)
+    top_running = jax.lax.dynamic_update_slice(_gather_beams(state.running, parent), token[:, :, None], (0, 0, step))
+    flat_parent = (parent + jnp.arange(b)[:, None] * k).astype(jnp.int32)
+    top_parents = jax.lax.dynamic_update_slice(_gather_beams(state.running_parents, parent), flat_parent[:, :, None],
+                                               (0, 0, step))
+    hits = (step + 1 >= n) | _is_any(token, eos_ids)  # max length or eos: the candidate ends
+
+    # The best K candidates that did not end keep running.
+    open_scores = top_scores + hits * NEG
+    _, nxt = jax.lax.top_k(open_scores, k)
+    running = _gather_beams(top_running, nxt)
+    running_scores = _gather_beams(open_scores, nxt)
+    running_parents = _gather_beams(top_parents, nxt)
+
+    # Candidates that ended among the top K join the finished ones if they score higher.
+    just_finished = hits & (jnp.arange(keep) < k)[None, :]
+    done_scores = top_scores / ((step + 1).astype(jnp.float32) ** length_penalty)
+    full = jnp.all(state.is_finished, axis=-1, keepdims=True) & (early_stopping is True)
+    done_scores = done_scores + full * NEG + (~state.improvable) * NEG + (~just_finished) * NEG
+    merged_scores = jnp.concatenate([state.finished_scores, done_scores], axis=1)  # [B, K + keep]
+    _, best = jax.lax.top_k(merged_scores, k)
+    finished = _gather_beams(jnp.concatenate([state.finished, top_running], axis=1), best)
+    finished_scores = _gather_beams(merged_scores, best)
+    finished_parents = _gather_beams(jnp.concatenate([state.finished_parents, top_parents], axis=1), best)
+    is_finished = _gather_beams(jnp.concatenate([state.is_finished, just_finished], axis=1), best)
+
+    # Hugging Face's early-stop heuristic: can the best running beam still beat the worst finished?
+    best_length = (step + 1).astype(jnp.float32)
+    if early_stopping == "never":
+        best_length = jnp.where(length_penalty > 0.0, jnp.float32(n), best_length)
+    best_running = running_scores[:, :1] / best_length**length_penalty
+    worst_finished = jnp.where(is_finished, jnp.min(finished_scores, axis=1, keepdims=True), NEG)
+    improvable = state.improvable & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+    go_on = jnp.any(improvable) & ~(jnp.all(is_finished) & (early_stopping is True)) & ~jnp.all(hits)
+    rows = running_parents[:, :, step].reshape(-1)
+    new = BeamState(running, running_scores, running_parents, finished, finished_scores, finished_parents,
+                    is_finished, improvable)
+    return new, rows, go_on
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_beams", "early_stopping", "ngram",
-                                             "min_new"), compiler_options=COMPILER_OPTIONS)
+                                             "min_new", "num_return_sequences"), compiler_options=COMPILER_OPTIONS)
 def beam_search_loop(graphdef: nnx.GraphDef, state: nnx.State, first_logits: jax.Array, cache: StaticCache,
                      attention_mask: jax.Array, prompt: jax.Array, first: jax.Array, seen: jax.Array | None,
                      max_new_tokens: int, num_beams: int, early_stopping: bool | str, eos_ids: jax.Array,
                      pad_token_id: jax.Array, length_penalty: jax.Array, repetition_penalty: jax.Array,
-                     min_new_tokens: jax.Array, ngram: int = 0, min_new: bool = False
+                     min_new_tokens: jax.Array, ngram: int = 0, min_new: bool = False, num_return_sequences: int = 1
                      ) -> tuple[jax.Array, jax.Array]:
-    """Hugging Face torch's vectorised beam search (4.57), one while_loop.
+    """Hugging Face's beam search (4.57), one while_loop, equal to
+    opt_core.generation.reference_beam_search.
 
-    first_logits [B, V] and cache/attention_mask with B rows (the prompt is prefilled once per row
-    and copied to its beams here); prompt, first, seen, eos_ids as in `greedy_or_sample_loop`.
-    Returns the best sequence's new tokens [B, max_new_tokens] (pad-filled) and the number of new
-    tokens the output keeps (Hugging Face's trimmed length).
+    first_logits [B, V] and cache/attention_mask with B rows: the prompt was run once per row and
+    is copied to its K beams here. prompt, first, seen, eos_ids as in `greedy_or_sample_loop`;
+    pad_token_id is the fill of unfinished columns. Returns the best `num_return_sequences`
+    hypotheses' new tokens per prompt [B * n, max_new_tokens] and the number of new tokens kept
+    (Hugging Face's trimmed length).
     """
     COMPILATIONS["beam_search_loop"] += 1
     model = nnx.merge(graphdef, state)
     b, vocab = first_logits.shape
     k, n = num_beams, max_new_tokens
-    w = max(2, 1 + eos_ids.shape[0]) * k  # Hugging Face's beams_to_keep (a [-1] placeholder counts as one eos)
-    top_num_beam_mask = jnp.arange(w) < k  # [W]
     width = prompt.shape[1]
+    # Hugging Face keeps max(2, 1 + #eos) * K candidates; the [-1] placeholder of "no eos" counts as
+    # one eos there, which gives the same 2 * K.
+    num_eos = int(eos_ids.shape[0])
 
-    # Every beam starts from its row's prompt: repeat rows (B -> B*K, beams of a row adjacent).
-    cache = cache.reorder(jnp.repeat(jnp.arange(b), k))
-    mask = jnp.repeat(attention_mask, k, axis=0)  # [B*K, S]
-    logits = jnp.repeat(first_logits, k, axis=0)  # [B*K, V]
-    flat_prompt = jnp.repeat(prompt, k, axis=0)  # [B*K, W]
-    seen = None if seen is None else jnp.repeat(seen, k, axis=0)  # [B*K, V]
+    beams = jnp.repeat(jnp.arange(b), k)  # [B*K]: each beam's prompt row, beams of a row adjacent
+    mask = attention_mask[beams]  # [B*K, S]
+    flat_prompt = prompt[beams]  # [B*K, W]
 
-    def gather(x: jax.Array, idx: jax.Array) -> jax.Array:  # x [B, W or K, ...], idx [B, J]
-        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+    def cond(c: BeamLoop) -> jax.Array:
+        return (c.step < n) & c.go_on
 
-    def cond(c: dict) -> jax.Array:
-        return (c["step"] < n) & c["go"]
-
-    def body(c: dict) -> dict:
-        i = c["step"]
-        log_probs = jax.nn.log_softmax(c["logits"], axis=-1)  # [B*K, V]
-        full = jnp.concatenate([flat_prompt, c["run_seqs"].reshape(b * k, n)], axis=1) if ngram else None
-        log_probs = process_logits(log_probs, i, c["seen"], full, width + i, first, eos_ids, repetition_penalty,
-                                   min_new_tokens, ngram, min_new)
-        log_probs = (log_probs.reshape(b, k, vocab) + c["run_scores"][:, :, None]).reshape(b, k * vocab)
-        topk_scores, topk_idx = jax.lax.top_k(log_probs, w)  # [B, W]
-        parent = topk_idx // vocab
-        tok = (topk_idx % vocab).astype(jnp.int32)
-        topk_seqs = gather(c["run_seqs"], parent)  # [B, W, N]
-        topk_seqs = jax.lax.dynamic_update_slice(topk_seqs, tok[:, :, None], (0, 0, i))
-        hits = _is_any(tok, eos_ids) | (i + 1 >= n)  # eos or max length reached
-
-        # Running beams for the next step: the best K continuations that did not stop.
-        run_cand = topk_scores + hits.astype(jnp.float32) * NEG
-        _, nidx = jax.lax.top_k(run_cand, k)  # [B, K]
-        run_seqs = gather(topk_seqs, nidx)
-        run_scores = gather(run_cand, nidx)
-        run_parent = gather(parent, nidx)  # [B, K]
-
-        # Finished hypotheses: merge the top-K continuations that stopped, length-normalised.
-        did_finish = hits & top_num_beam_mask[None, :]
-        fin_cand = topk_scores / ((i + 1).astype(jnp.float32) ** length_penalty)
-        full_fin = jnp.all(c["is_fin"], axis=-1, keepdims=True) & (early_stopping is True)
-        fin_cand = fin_cand + full_fin * NEG + (~c["unsat"]) * NEG + (~did_finish) * NEG
-        merged_scores = jnp.concatenate([c["fin_scores"], fin_cand], axis=1)  # [B, K + W]
-        _, midx = jax.lax.top_k(merged_scores, k)
-        fin_seqs = gather(jnp.concatenate([c["fin_seqs"], topk_seqs], axis=1), midx)
-        fin_scores = gather(merged_scores, midx)
-        is_fin = gather(jnp.concatenate([c["is_fin"], did_finish], axis=1), midx)
-        fin_len = gather(jnp.concatenate([c["fin_len"], jnp.full((b, w), i + 1)], axis=1), midx)
-
-        # Early-stop heuristic (Hugging Face's `_check_early_stop_heuristic`).
-        if early_stopping == "never":
-            best_len = jnp.where(length_penalty > 0.0, n, i + 1).astype(jnp.float32)
-        else:
-            best_len = (i + 1).astype(jnp.float32)
-        best_running = run_scores[:, :1] / best_len**length_penalty
-        worst_fin = jnp.where(is_fin, jnp.min(fin_scores, axis=1, keepdims=True), NEG)
-        unsat = c["unsat"] & jnp.any(best_running > worst_fin, axis=-1, keepdims=True)
-        go = jnp.any(unsat) & ~(jnp.all(is_fin) & (early_stopping is True)) & ~jnp.all(hits)
-
-        # Each surviving beam continues from its parent's cache.
-        rows = (jnp.arange(b)[:, None] * k + run_parent).reshape(-1)  # [B*K]
-        cache = c["cache"].reorder(rows)
-        new_tok = run_seqs[:, :, i].reshape(-1)  # [B*K]
-        seen = c["seen"]
+    def body(c: BeamLoop) -> BeamLoop:
+        log_probs = jax.nn.log_softmax(c.logits, axis=-1)  # [B*K, V]
+        rows_so_far = jnp.concatenate([flat_prompt, c.state.running.reshape(b * k, n)], axis=1) if ngram else None
+        log_probs = process_logits(log_probs, c.step, c.seen, rows_so_far, width + c.step, first, eos_ids,
+                                   repetition_penalty, min_new_tokens, ngram, min_new)
+        beam, rows, go_on = beam_search_step(c.state, log_probs, c.step, num_eos, eos_ids, length_penalty,
+                                             early_stopping)
+        nxt = beam.running[:, :, c.step].reshape(-1)  # [B*K]
+        seen = c.seen
         if seen is not None:
-            seen = seen[rows] | (jnp.arange(vocab)[None, :] == new_tok[:, None])
-        logits, cache = _decode_step(model, new_tok, mask, cache)
-        return dict(step=i + 1, go=go, logits=logits, cache=cache, run_seqs=run_seqs, run_scores=run_scores,
-                    fin_seqs=fin_seqs, fin_scores=fin_scores, is_fin=is_fin, fin_len=fin_len, unsat=unsat,
-                    seen=seen)
+            seen = seen[rows] | (jnp.arange(vocab)[None, :] == nxt[:, None])
+        logits, cache = decode_one_token(model, nxt[:, None], None, mask, c.cache.reorder(rows))
+        return BeamLoop(c.step + 1, beam, cache, logits, seen, go_on)
 
-    seqs0 = jnp.full((b, k, n), pad_token_id, jnp.int32)
-    carry = dict(
-        step=jnp.int32(0), go=jnp.bool_(True), logits=logits, cache=cache, run_seqs=seqs0,
-        run_scores=jnp.where(jnp.arange(k)[None, :] == 0, 0.0, NEG) * jnp.ones((b, 1)),
-        fin_seqs=seqs0, fin_scores=jnp.full((b, k), NEG), is_fin=jnp.zeros((b, k), bool),
-        fin_len=jnp.zeros((b, k), jnp.int32), unsat=jnp.ones((b, 1), bool), seen=seen,
-    )
-    c = jax.lax.while_loop(cond, body, carry)
-    return c["fin_seqs"][:, 0], jnp.max(c["fin_len"][:, 0])
+    running = jnp.full((b, k, n), pad_token_id, jnp.int32)
+    parents = jnp.full((b, k, n), -1, jnp.int32)
+    scores = jnp.where(jnp.arange(k)[None, :] == 0, 0.0, NEG) * jnp.ones((b, 1))  # only beam 0 is live at first
+    beam = BeamState(running, scores, parents, running, jnp.full((b, k), NEG), parents, jnp.zeros((b, k), bool),
+                     jnp.ones((b, 1), bool))
+    start = BeamLoop(jnp.int32(0), beam, cache.reorder(beams), first_logits[beams], None if seen is None else
+                     seen[beams], jnp.bool_(True))
+    end = jax.lax.while_loop(cond, body, start)
+    m = num_return_sequences
+    kept = end.state.finished_parents[:, :m].reshape(b * m, n)
+    return end.state.finished[:, :m].reshape(b * m, n), jnp.max(jnp.sum(kept >= 0, axis=1))
+
+
+# ---------------------------------------------------------------- contrastive search
+def contrastive_choice(top_probs: jax.Array, context: jax.Array, context_mask: jax.Array, candidates: jax.Array,
+                       penalty_alpha: jax.Array) -> jax.Array:
+    """Which of the K candidates each row takes (opt_core.generation.contrastive_choice): the first
+    argmax of (1 - alpha) * p - alpha * max cosine(candidate, an earlier real hidden state).
+    top_probs [B, K]; context [B, S, E] with context_mask [B, S]; candidates [B, K, E] -> [B]."""
+    def unit(x: jax.Array) -> jax.Array:
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # HF divides by the norm, no epsilon
+
+    cosine = jnp.einsum("BSE,BKE->BKS", unit(context), unit(candidates))
+    cosine = jnp.where(context_mask[:, None, :] > 0, cosine, -jnp.inf)
+    score = (1.0 - penalty_alpha) * top_probs - penalty_alpha * jnp.max(cosine, axis=-1)
+    return jnp.argmax(score, axis=-1)
+
+
+class ContrastiveLoop(NamedTuple):
+    """What the contrastive-search while-loop carries from one step to the next."""
+
+    step: jax.Array  # int32: tokens generated so far
+    tokens: jax.Array  # [B, N] new tokens (pad after a row finished)
+    logits: jax.Array  # [B, V] of each row's last token
+    cache: StaticCache  # B*K rows, the K rows of a prompt identical between steps
+    context: jax.Array  # [B, S, E] float32 hidden states the candidates are held against
+    context_mask: jax.Array  # [B, S] 1 at real tokens so far
+    finished: jax.Array  # [B] bool
+    seen: jax.Array | None  # [B, V] ids in each row (repetition penalty)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "ngram", "min_new"),
+                   compiler_options=COMPILER_OPTIONS)
+def contrastive_search_loop(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, attention_mask: jax.Array,
+                            first: jax.Array, seen: jax.Array | None, max_new_tokens: int, top_k: int,
+                            eos_ids: jax.Array, pad_token_id: jax.Array, penalty_alpha: jax.Array,
+                            repetition_penalty: jax.Array, min_new_tokens: jax.Array, ngram: int = 0,
+                            min_new: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Contrastive search as Hugging Face 4.55, equal to opt_core.generation.reference_contrastive_search.
+
+    The bucketed prompt [B, W] runs once (here: the prompt's hidden states are part of the search)
+    and its cache is copied to K rows per prompt; each step runs the top_k candidates one token
+    ahead in those rows, keeps the one `contrastive_choice` picks and copies its row over the other
+    K - 1. attention_mask [B, W + N]; first, seen, eos_ids as in `greedy_or_sample_loop`. Returns
+    the new tokens [B, N] (pad after a row finished) and the number of steps taken.
+    """
+    COMPILATIONS["contrastive_search_loop"] += 1
+    model = nnx.merge(graphdef, state)
+    b, width = prompt.shape
+    k, n = top_k, max_new_tokens
+    vocab = model.config.vocab_size
+    cache = init_cache(model.config, b, width + n, model.dtype)
+    out = model(prompt, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1, validate=False)
+    context = jnp.pad(out.last_hidden_state.astype(jnp.float32), ((0, 0), (0, n), (0, 0)))  # [B, S, E]
+    context_mask = attention_mask.at[:, width:].set(0)
+    rows = jnp.arange(b)
+    mask_k = jnp.repeat(attention_mask, k, axis=0)  # [B*K, S]
+
+    def cond(c: ContrastiveLoop) -> jax.Array:
+        return (c.step < n) & ~jnp.all(c.finished)
+
+    def body(c: ContrastiveLoop) -> ContrastiveLoop:
+        full = jnp.concatenate([prompt, c.tokens], axis=1) if ngram else None
+        processed = process_logits(c.logits, c.step, c.seen, full, width + c.step, first, eos_ids,
+                                   repetition_penalty, min_new_tokens, ngram, min_new)
+        top_probs, top_ids = jax.lax.top_k(jax.nn.softmax(processed, axis=-1), k)  # [B, K]
+        cand = model(top_ids.reshape(-1, 1), attention_mask=mask_k, past_key_values=c.cache, validate=False)
+        cand_hidden = cand.last_hidden_state[:, -1].astype(jnp.float32).reshape(b, k, -1)  # [B, K, E]
+        choice = contrastive_choice(top_probs, c.context, c.context_mask, cand_hidden, penalty_alpha)
+        picked = rows * k + choice
+        cache = cand.past_key_values.reorder(jnp.repeat(picked, k))  # every row of a prompt continues from it
+        context = jax.lax.dynamic_update_slice(c.context, cand_hidden[rows, choice][:, None, :],
+                                               (0, width + c.step, 0))
+        context_mask = jax.lax.dynamic_update_slice(c.context_mask, jnp.ones((b, 1), c.context_mask.dtype),
+                                                    (0, width + c.step))
+        nxt = jnp.where(c.finished, pad_token_id, top_ids[rows, choice]).astype(jnp.int32)  # [B]
+        tokens = jax.lax.dynamic_update_slice(c.tokens, nxt[:, None], (0, c.step))
+        seen = c.seen
+        if seen is not None:
+            seen = seen | (jnp.arange(vocab)[None, :] == nxt[:, None])
+        return ContrastiveLoop(c.step + 1, tokens, cand.logits[:, -1].astype(jnp.float32)[picked], cache, context,
+                               context_mask, c.finished | _is_any(nxt, eos_ids), seen)
+
+    start = ContrastiveLoop(jnp.int32(0), jnp.full((b, n), pad_token_id, jnp.int32),
+                            out.logits[:, -1].astype(jnp.float32), out.past_key_values.reorder(jnp.repeat(rows, k)),
+                            context, context_mask, jnp.zeros((b,), bool), seen)
+    end = jax.lax.while_loop(cond, body, start)
+    return end.tokens, end.step
 
 
 # ---------------------------------------------------------------- the public entry point
@@ -432,6 +557,9 @@ def generate(
     pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Any = None,
+    early_stopping: bool | str | None = None,
+    num_return_sequences: int | None = None,
+    penalty_alpha: float | None = None,
 ) -> np.ndarray:
     cfg = model.config
     ids = np.asarray(input_ids)
@@ -442,7 +570,8 @@ def generate(
         min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-        streamer=streamer,
+        streamer=streamer, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+        penalty_alpha=penalty_alpha,
     )
     return run(model, ids, mask, o)
 
@@ -458,7 +587,10 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
     from checked inputs ids / mask [B, T]; returns NumPy int64 [B, T + generated]."""
     cfg = model.config
     streamer, max_new_tokens, eos, pad = o.streamer, o.max_new_tokens, list(o.eos_token_ids), o.pad_token_id
-    emit(streamer, ids.astype(np.int64))
+    if o.num_beams == 1 and o.num_return_sequences > 1:  # samples: rows b * n + j, as Hugging Face
+        ids, mask = np.repeat(ids, o.num_return_sequences, 0), np.repeat(mask, o.num_return_sequences, 0)
+    if streamer is not None:
+        streamer.put(ids.astype(np.int64))
     if max_new_tokens == 0:
         if streamer is not None:
             streamer.end()
@@ -472,30 +604,39 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
                                 np.ones((b, max_new_tokens), np.int32)], axis=1)  # [B, S]
     graphdef, state = nnx.split(model)
     max_length = width + max_new_tokens
-    logits, cache = prefill(graphdef, state, jnp.asarray(ids_b), jnp.asarray(mask_full), max_length)
+    if o.penalty_alpha == 0:  # contrastive search runs the prompt inside its own loop (it needs the hidden states)
+        logits, cache = prefill(graphdef, state, jnp.asarray(ids_b), jnp.asarray(mask_full), max_length)
     seen = jnp.asarray(seen_tokens(ids, cfg.vocab_size)) if o.repetition_penalty != 1.0 else None
     eos_ids = jnp.asarray(eos if eos else [-1], jnp.int32)
     common = dict(prompt=jnp.asarray(ids_b), first=jnp.int32(extra), seen=seen, max_new_tokens=max_new_tokens,
                   eos_ids=eos_ids, pad_token_id=jnp.int32(pad), repetition_penalty=jnp.float32(o.repetition_penalty),
                   min_new_tokens=jnp.int32(o.min_new_tokens), ngram=o.no_repeat_ngram_size,
                   min_new=bool(o.min_new_tokens > 0 and eos))
-    if o.num_beams > 1:
+    if o.penalty_alpha > 0:
+        new, count = contrastive_search_loop(graphdef, state, attention_mask=jnp.asarray(mask_full), top_k=o.top_k,
+                                             penalty_alpha=jnp.float32(o.penalty_alpha), **common)
+    elif o.num_beams > 1:
+        # Unfinished columns are filled as Hugging Face does (pad or, for pad id 0, the first eos).
+        common["pad_token_id"] = jnp.int32(o.beam_fill_id)
         new, count = beam_search_loop(graphdef, state, logits, cache, jnp.asarray(mask_full), num_beams=o.num_beams,
                                       early_stopping=o.early_stopping, length_penalty=jnp.float32(o.length_penalty),
-                                      **common)
+                                      num_return_sequences=o.num_return_sequences, **common)
+        ids = np.repeat(ids, o.num_return_sequences, 0)
     else:
-        _STREAMER[0] = streamer
+        call_id = next(_CALL_IDS) % 2**31
+        if streamer is not None:
+            _STREAMERS[call_id] = streamer
         try:
             new, count = greedy_or_sample_loop(
                 graphdef, state, logits, cache, jnp.asarray(mask_full), do_sample=o.do_sample,
                 seed=jnp.asarray(seed_words(o.seed or 0)), temperature=jnp.float32(o.temperature),
                 top_k=jnp.int32(o.top_k if o.do_sample else 0), top_p=jnp.float32(o.top_p),
-                stream=streamer is not None, **common)
+                stream=streamer is not None, call_id=jnp.int32(call_id), **common)
             count = int(count)
             if streamer is not None:
                 jax.effects_barrier()  # every callback has run
         finally:
-            _STREAMER[0] = None
+            _STREAMERS.pop(call_id, None)
     if streamer is not None:
         streamer.end()
     return np.concatenate([ids.astype(np.int64), np.asarray(new[:, : int(count)], np.int64)], axis=1)

@@ -557,6 +557,9 @@ class OPTForCausalLM(_WithDecoder):
         pad_token_id: int | None = None,
         seed: int | None = None,
         streamer: Any = None,
+        early_stopping: bool | str | None = None,
+        num_return_sequences: int | None = None,
+        penalty_alpha: float | None = None,
     ) -> np.ndarray:
         from opt_flax import generation
 
@@ -565,7 +568,8 @@ class OPTForCausalLM(_WithDecoder):
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
             length_penalty=length_penalty, repetition_penalty=repetition_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            seed=seed, streamer=streamer,
+            seed=seed, streamer=streamer, early_stopping=early_stopping,
+            num_return_sequences=num_return_sequences, penalty_alpha=penalty_alpha,
         )
 
     generate.__doc__ = GENERATE_DOC

@@ -1,4 +1,6 @@
-"""Generation for `OPTForCausalLM`: greedy, sampling and beam search, each one XLA-compiled function.
+"""Generation for `OPTForCausalLM`: greedy, sampling, beam and contrastive search, each one
+XLA-compiled function (`greedy_or_sample_loop`, `beam_search_loop`, `contrastive_search_loop`: the
+torch and Flax names).
 
 The whole decode loop is a `tf.while_loop` inside `tf.function(jit_compile=True)`: the prompt is
 run once into a static cache (`opt_tf.cache`), then each step processes the logits, picks the next
@@ -9,7 +11,9 @@ with the same shapes does not retrace.
 Semantics follow Hugging Face 4.57.6 (torch): logits processors in its order (repetition penalty
 over the prompt and the generated tokens, no-repeat n-grams, eos forbidden before min_new_tokens),
 then temperature, top-k, top-p; finished rows are padded with the pad id and the loop stops when
-every row has finished; beam search is Hugging Face's vectorised beam search. Sampling draws from
+every row has finished; beam search is Hugging Face's vectorised beam search and contrastive search
+4.55's, both equal to the NumPy reference in opt_core.generation (prompt run once, cache copied to
+the beams). Sampling draws from
 the counter-based stream of `opt_core.sampling` (Gumbel-max), computed here with tf.uint32
 arithmetic, so a seed samples the same tokens as the torch and Flax backends.
 
@@ -30,6 +34,7 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice
 
 from opt_core import sampling as stream
+from opt_core.generation import seed_words
 from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
 from opt_core.inputs import validate_inputs
 from opt_tf.cache import StaticCache, init_cache
@@ -52,6 +57,8 @@ class GenerationSettings:
     repetition_penalty: bool = False  # whether the penalty runs (its value is a tensor)
     no_repeat_ngram_size: int = 0
     min_new_tokens: bool = False  # whether eos can be forbidden (the count is a tensor)
+    num_return_sequences: int = 1  # beam search: hypotheses returned per prompt
+    contrastive: bool = False  # contrastive search (top_k candidates per step; alpha is a tensor)
     stream: bool = False  # deliver each step's tokens to the host (graph mode, not XLA)
 
 
@@ -66,6 +73,7 @@ class Knobs(NamedTuple):
     eos_ids: tf.Tensor  # int32 [max(1, num_eos)]; -1 = none
     pad_token_id: tf.Tensor  # int32
     length_penalty: tf.Tensor  # float32
+    penalty_alpha: tf.Tensor  # float32: contrastive search's degeneration weight
 
 
 # ---------------------------------------------------------------- the random stream (opt_core.sampling)
@@ -81,12 +89,6 @@ def fmix32(x: tf.Tensor) -> tf.Tensor:
     x = xor(x, shr(x, _u32(13)))
     x = x * _u32(0xC2B2AE35)
     return xor(x, shr(x, _u32(16)))
-
-
-def seed_words(seed: int) -> np.ndarray:
-    """The seed (0 <= seed < 2**64) as its low and high 32-bit words, uint32 [2]."""
-    seed = stream.check_seed(seed)
-    return np.array([seed & stream.MASK32, seed >> 32], np.uint32)
 
 
 def random_bits(words: tf.Tensor, step: tf.Tensor, rows: Any, vocab_size: int) -> tf.Tensor:
@@ -111,13 +113,22 @@ def gumbel_noise(words: tf.Tensor, step: tf.Tensor, rows: Any, vocab_size: int) 
 
 
 # ---------------------------------------------------------------- model steps (graph code)
-def _run(
-    model: Any, ids: tf.Tensor, positions: tf.Tensor, key_mask: tf.Tensor, cache: StaticCache
+def _forward(
+    model: Any, ids: tf.Tensor, positions: tf.Tensor, attention_mask: tf.Tensor, cache: StaticCache
 ) -> tuple[tf.Tensor, StaticCache]:
-    """New tokens [B, t] -> logits of the last one [B, V] (float32) and the advanced cache."""
-    out = model.get_decoder()(ids, positions, key_mask, past_key_values=cache, training=False)
+    """New tokens [B, t] at `positions` [B, t] -> logits of the last one [B, V] (float32) and the
+    advanced cache; attention_mask [B, S] covers every cache slot."""
+    out = model.get_decoder()(ids, positions, attention_mask, past_key_values=cache, training=False)
     logits = model.lm_logits(out.last_hidden_state[:, -1:])[:, 0]  # [B, V]
     return tf.cast(logits, tf.float32), out.past_key_values
+
+
+def decode_one_token(
+    model: Any, tokens: tf.Tensor, position_ids: tf.Tensor, attention_mask: tf.Tensor, cache: StaticCache
+) -> tuple[tf.Tensor, StaticCache]:
+    """One step: `tokens` [B, 1] at `position_ids` [B, 1] over the cache, attention_mask [B, S].
+    Returns float32 logits [B, V] and the advanced cache."""
+    return _forward(model, tokens, position_ids, attention_mask, cache)
 
 
 def _set_column(x: tf.Tensor, column: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
@@ -140,7 +151,7 @@ def prefill(
     cache = init_cache(model.config, b, total, model.get_decoder().embed_tokens.dtype)
     key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; new slots are switched on as they fill
     positions = positions_from_mask(mask, 0, t)  # [B, T]
-    logits, cache = _run(model, ids, positions, key_mask, cache)
+    logits, cache = _forward(model, ids, positions, key_mask, cache)
     return logits, cache, key_mask, tf.reduce_sum(mask, axis=1)
 
 
@@ -160,15 +171,16 @@ def seen_tokens(tokens: tf.Tensor, vocab_size: int) -> tf.Tensor:
     return hits > 0
 
 
-def banned_ngram_tokens(tokens: tf.Tensor, length: tf.Tensor, n: int, vocab_size: int) -> tf.Tensor:
-    """bool [R, V]: Hugging Face's no-repeat-n-gram bans for rows `tokens` [R, C] of which the first
-    `length` columns are filled: the ids that would repeat an n-gram already in the row."""
+def banned_ngram_tokens(tokens: tf.Tensor, length: tf.Tensor, n: int, vocab_size: int, first: Any = 0) -> tf.Tensor:
+    """bool [R, V]: Hugging Face's no-repeat-n-gram bans for rows `tokens` [R, C] whose columns
+    [first, length) hold the sequence: the ids that would repeat an n-gram already in the row."""
     r, c = tf.shape(tokens)[0], tokens.shape[1]
     windows = c - n + 1  # n-gram start columns
     if windows <= 0:
         return tf.zeros([r, vocab_size], tf.bool)
     last = tf.gather(tokens, tf.maximum(length - (n - 1) + tf.range(n - 1), 0), axis=1)  # [R, n-1]
-    match = tf.tile((tf.range(windows) <= length - n)[None, :], [r, 1])  # [R, W] complete n-grams only
+    starts = tf.range(windows)
+    match = tf.tile(((starts >= first) & (starts <= length - n))[None, :], [r, 1])  # [R, W] complete n-grams only
     for m in range(n - 1):
         match &= tf.equal(tokens[:, m : m + windows], last[:, m : m + 1])
     follow = tf.cast(tokens[:, n - 1 : n - 1 + windows], tf.int32)  # [R, W]: the n-gram's last token
@@ -189,11 +201,12 @@ def apply_repetition_penalty(logits: tf.Tensor, sequences: tf.Tensor, penalty: A
     return penalise_seen(logits, seen_tokens(sequences, logits.shape[-1]), tf.cast(penalty, logits.dtype))
 
 
-def apply_no_repeat_ngram(logits: tf.Tensor, sequences: tf.Tensor, ngram_size: int, length: Any = None) -> tf.Tensor:
-    """-inf on the ids that would repeat an `ngram_size`-gram of `sequences` [R, C] (its first
-    `length` columns; default all)."""
+def apply_no_repeat_ngram(logits: tf.Tensor, sequences: tf.Tensor, ngram_size: int, length: Any = None,
+                          first: Any = 0) -> tf.Tensor:
+    """-inf on the ids that would repeat an `ngram_size`-gram of `sequences` [R, C] (columns
+    [first, length); default all)."""
     length = sequences.shape[1] if length is None else length
-    return tf.where(banned_ngram_tokens(sequences, length, ngram_size, logits.shape[-1]), -INF, logits)
+    return tf.where(banned_ngram_tokens(sequences, length, ngram_size, logits.shape[-1], first), -INF, logits)
 
 
 def apply_min_new_tokens(logits: tf.Tensor, step: Any, min_new_tokens: Any, eos_ids: Any) -> tf.Tensor:
@@ -203,20 +216,28 @@ def apply_min_new_tokens(logits: tf.Tensor, step: Any, min_new_tokens: Any, eos_
     return tf.where(is_eos[None, :] & (step < min_new_tokens), -INF, logits)
 
 
-def process_logits(
-    logits: tf.Tensor, s: GenerationSettings, new_tokens: tf.Tensor, seen: tf.Tensor | None, tokens: tf.Tensor,
-    length: tf.Tensor, repetition_penalty: tf.Tensor, min_new_tokens: tf.Tensor, eos_ids: tf.Tensor,
-) -> tf.Tensor:
-    """Hugging Face's processors in its order on logits [R, V]: repetition penalty over `seen`
-    (prompt and generated ids), no-repeat n-grams over `tokens` [R, C] (first `length` filled),
-    then eos forbidden while fewer than `min_new_tokens` tokens are new."""
-    if s.repetition_penalty:
+def process_logits(logits: tf.Tensor, step: tf.Tensor, seen: tf.Tensor | None, sequences: tf.Tensor | None,
+                   length: tf.Tensor, first: Any, eos_ids: tf.Tensor, repetition_penalty: tf.Tensor,
+                   min_new_tokens: tf.Tensor, ngram: int, min_new: bool) -> tf.Tensor:
+    """Hugging Face's processors in its order on logits [R, V] at generated step `step` (the same
+    signature in opt_flax): repetition penalty over `seen` [R, V] (None = off), no-repeat
+    `ngram`-grams over `sequences` [R, C] (columns [first, length) filled), then eos forbidden
+    while fewer than `min_new_tokens` tokens are new (`min_new`)."""
+    if seen is not None:
         logits = penalise_seen(logits, seen, repetition_penalty)
-    if s.no_repeat_ngram_size:
-        logits = apply_no_repeat_ngram(logits, tokens, s.no_repeat_ngram_size, length)
-    if s.min_new_tokens and s.num_eos:
-        logits = apply_min_new_tokens(logits, new_tokens, min_new_tokens, eos_ids)
+    if ngram:
+        logits = apply_no_repeat_ngram(logits, sequences, ngram, length, first)
+    if min_new:
+        logits = apply_min_new_tokens(logits, step, min_new_tokens, eos_ids)
     return logits
+
+
+def _process(logits: tf.Tensor, step: tf.Tensor, seen: tf.Tensor, sequences: tf.Tensor, length: tf.Tensor,
+             v: Knobs, s: GenerationSettings) -> tf.Tensor:
+    """`process_logits` with a loop's knobs and settings (its rows start at column 0: no bucket)."""
+    return process_logits(logits, step, seen if s.repetition_penalty else None, sequences, length, 0, v.eos_ids,
+                          v.repetition_penalty, v.min_new_tokens, s.no_repeat_ngram_size,
+                          bool(s.min_new_tokens and s.num_eos))
 
 
 # ---------------------------------------------------------------- logits warpers (Hugging Face order)
@@ -274,18 +295,9 @@ class _StreamSlot:
         self.streamer: Any = None
 
     def deliver(self, tokens: np.ndarray) -> np.int32:
-        emit(self.streamer, np.asarray(tokens, np.int64))
+        if self.streamer is not None:
+            self.streamer.put(np.asarray(tokens, np.int64))
         return np.int32(0)
-
-
-def emit(streamer: Any, tokens: np.ndarray) -> None:
-    """Hand tokens to a streamer (an object with `put`, or a plain callable)."""
-    if streamer is None:
-        return
-    if hasattr(streamer, "put"):
-        streamer.put(tokens)
-    else:
-        streamer(tokens)
 
 
 def _stream_step(model: Any, tokens: tf.Tensor) -> tf.Tensor:
@@ -295,7 +307,7 @@ def _stream_step(model: Any, tokens: tf.Tensor) -> tf.Tensor:
 
 
 # ---------------------------------------------------------------- greedy and sampling
-def _sample_loop(
+def greedy_or_sample_loop(
     model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """-> (tokens [B, S] padded with the pad id, number of new columns produced (<= limit))."""
@@ -308,7 +320,7 @@ def _sample_loop(
     seen = seen_tokens(ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
 
     def body(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen):
-        logits = process_logits(logits, s, i, seen, tokens, t + i, v.repetition_penalty, v.min_new_tokens, v.eos_ids)
+        logits = _process(logits, i, seen, tokens, t + i, v, s)
         nxt = sample(logits, s, i, v.seed, v.temperature, v.top_p)  # [B]
         nxt = tf.where(unfinished, nxt, v.pad_token_id)
         if s.stream:
@@ -320,7 +332,7 @@ def _sample_loop(
         if s.repetition_penalty:
             seen = seen | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
         key_mask = _set_column(key_mask, t + i, tf.ones([b], key_mask.dtype))
-        logits, cache = _run(model, nxt[:, None], next_pos[:, None], key_mask, cache)
+        logits, cache = decode_one_token(model, nxt[:, None], next_pos[:, None], key_mask, cache)
         return i + 1, tokens, key_mask, cache, logits, next_pos + 1, unfinished, seen
 
     def cond(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen):
@@ -338,114 +350,210 @@ def _gather_beams(x: tf.Tensor, idx: tf.Tensor) -> tf.Tensor:
     return tf.gather(x, idx, axis=1, batch_dims=1)
 
 
-def _beam_loop(
+class BeamState(NamedTuple):
+    """Beam search's state between steps: opt_core.generation.BeamState's fields as tensors
+    (running [B, K, S], running_scores [B, K], running_parents [B, K, N], the same three for the
+    finished hypotheses, is_finished [B, K], improvable [B, 1])."""
+
+    running: tf.Tensor
+    running_scores: tf.Tensor
+    running_parents: tf.Tensor
+    finished: tf.Tensor
+    finished_scores: tf.Tensor
+    finished_parents: tf.Tensor
+    is_finished: tf.Tensor
+    improvable: tf.Tensor
+
+
+class BeamLoop(NamedTuple):
+    """What the beam search while-loop carries from one step to the next."""
+
+    step: tf.Tensor  # int32: tokens generated so far
+    state: BeamState
+    cache: StaticCache  # B*K rows
+    key_mask: tf.Tensor  # [B*K, S]
+    logits: tf.Tensor  # [B*K, V] of the running beams' last tokens
+    next_pos: tf.Tensor  # [B*K]
+    seen: tf.Tensor  # [B*K, V] ids in each running beam (repetition penalty), else [0]
+    go_on: tf.Tensor  # bool: Hugging Face's "beam search has unfinished sequences"
+
+
+def beam_search_step(
+    state: BeamState, log_probs: tf.Tensor, step: tf.Tensor, prompt_length: Any, max_length: Any, v: Knobs,
+    s: GenerationSettings,
+) -> tuple[BeamState, tf.Tensor, tf.Tensor]:
+    """One step of Hugging Face 4.57's `_beam_search` (opt_core.generation.beam_search_step) on
+    processed log-probs [B*K, V]; `max_length` = prompt + the new tokens allowed. Returns the new
+    state, the flat row [B*K] each running beam continues (the cache reorder) and go-on (bool)."""
+    b, k = tf.shape(state.running)[0], s.num_beams
+    vocab = log_probs.shape[-1]
+    cur_len = prompt_length + step
+    keep = max(2, 1 + s.num_eos) * k  # K stay open even if the best all end here
+    scores = tf.reshape(tf.reshape(log_probs, [b, k, vocab]) + state.running_scores[:, :, None], [b, k * vocab])
+    top_scores, top = tf.math.top_k(scores, k=keep)  # [B, keep]
+    parent, token = top // vocab, top % vocab
+    cols = tf.range(tf.shape(state.running)[2])[None, None, :]
+    top_running = tf.where(cols == cur_len, token[:, :, None], _gather_beams(state.running, parent))  # [B, keep, S]
+    steps = tf.range(tf.shape(state.running_parents)[2])[None, None, :]
+    flat_parent = parent + tf.range(b)[:, None] * k
+    top_parents = tf.where(steps == step, flat_parent[:, :, None], _gather_beams(state.running_parents, parent))
+    hits = tf.fill(tf.shape(token), cur_len + 1 >= max_length)  # max length: every candidate ends
+    if s.num_eos:
+        hits = hits | _is_any(token, v.eos_ids)
+
+    # The best K candidates that did not end keep running.
+    open_scores = top_scores + tf.cast(hits, tf.float32) * NEG
+    nxt = tf.math.top_k(open_scores, k=k).indices
+    running = _gather_beams(top_running, nxt)
+    running_scores = _gather_beams(open_scores, nxt)
+    running_parents = _gather_beams(top_parents, nxt)
+
+    # Candidates that ended among the top K join the finished ones if they score higher.
+    just_finished = hits & (tf.range(keep) < k)[None, :]
+    done_scores = top_scores / tf.cast(cur_len + 1 - prompt_length, tf.float32) ** v.length_penalty
+    full = tf.reduce_all(state.is_finished, axis=-1, keepdims=True) & (s.early_stopping is True)
+    done_scores += tf.cast(full, tf.float32) * NEG
+    done_scores += tf.cast(~state.improvable, tf.float32) * NEG
+    done_scores += tf.cast(~just_finished, tf.float32) * NEG
+    merged_scores = tf.concat([state.finished_scores, done_scores], axis=1)  # [B, K + keep]
+    best = tf.math.top_k(merged_scores, k=k).indices
+    finished = _gather_beams(tf.concat([state.finished, top_running], axis=1), best)
+    finished_scores = _gather_beams(merged_scores, best)
+    finished_parents = _gather_beams(tf.concat([state.finished_parents, top_parents], axis=1), best)
+    is_finished = _gather_beams(tf.concat([state.is_finished, just_finished], axis=1), best)
+
+    # Hugging Face's early-stop heuristic: can the best running beam still beat the worst finished?
+    best_length = tf.cast(cur_len + 1 - prompt_length, tf.float32)
+    if s.early_stopping == "never":
+        best_length = tf.where(v.length_penalty > 0.0, tf.cast(max_length - prompt_length, tf.float32), best_length)
+    best_running = running_scores[:, :1] / best_length**v.length_penalty
+    worst_finished = tf.where(is_finished, tf.reduce_min(finished_scores, axis=1, keepdims=True), NEG)
+    improvable = state.improvable & tf.reduce_any(best_running > worst_finished, axis=-1, keepdims=True)
+    go_on = (tf.reduce_any(improvable) & ~(tf.reduce_all(is_finished) & (s.early_stopping is True))
+             & ~tf.reduce_all(hits))
+    rows = tf.reshape(running_parents[:, :, step], [-1])
+    new = BeamState(running, running_scores, running_parents, finished, finished_scores, finished_parents,
+                    is_finished, improvable)
+    return new, rows, go_on
+
+
+def beam_search_loop(
     model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Hugging Face's vectorised beam search -> (best sequence per row [B, S], new columns)."""
+    """Hugging Face's beam search, equal to opt_core.generation.reference_beam_search: the prompt
+    runs once, its cache is copied to the K beams. Returns (the best `num_return_sequences`
+    sequences per prompt [B * n, S] filled with the pad knob, new columns kept)."""
     b, t = _dims(ids)
     k, cap = s.num_beams, s.total_length - t  # cap: new-token slots of the buffers
-    n = tf.minimum(limit, cap)
-    max_length = t + n
+    max_length = t + tf.minimum(limit, cap)
     vocab = model.config.vocab_size
-    keep = max(2, 1 + s.num_eos) * k  # candidates per step
-    top_num_beam_mask = tf.constant([True] * k + [False] * (keep - k))  # [keep]
-    early_true = s.early_stopping is True
+    logits, cache, key_mask, next_pos = prefill(model, ids, mask, s.total_length)
+    beams = tf.repeat(tf.range(b), k)  # [B*K]: each beam's prompt row, beams of a row adjacent
+    cache = cache.reorder(beams)
+    seen = tf.gather(seen_tokens(ids, vocab), beams) if s.repetition_penalty else tf.zeros([0], tf.bool)
 
-    flat_ids = tf.repeat(ids, k, axis=0)  # [B*K, T]
-    flat_mask = tf.repeat(mask, k, axis=0)
-    logits, cache, key_mask, next_pos = prefill(model, flat_ids, flat_mask, s.total_length)
-    seen = seen_tokens(flat_ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
+    running = tf.pad(tf.repeat(ids[:, None, :], k, axis=1), [[0, 0], [0, 0], [0, cap]],
+                     constant_values=v.pad_token_id)  # [B, K, S]
+    scores = tf.tile(tf.constant([[0.0] + [NEG] * (k - 1)]), [b, 1])  # only beam 0 is live at first
+    parents = tf.fill([b, k, cap], -1)  # [B, K, N]
+    state = BeamState(running, scores, parents, running, tf.fill([b, k], NEG), parents, tf.zeros([b, k], tf.bool),
+                      tf.ones([b, 1], tf.bool))
 
-    running_sequences = tf.pad(tf.reshape(flat_ids, [b, k, t]), [[0, 0], [0, 0], [0, cap]],
-                               constant_values=v.pad_token_id)  # [B, K, S]
-    sequences = running_sequences
-    running_scores = tf.tile(tf.constant([[0.0] + [NEG] * (k - 1)]), [b, 1])  # [B, K]
-    beam_scores = tf.fill([b, k], NEG)
-    is_sent_finished = tf.zeros([b, k], tf.bool)
-    early_unsat = tf.ones([b, 1], tf.bool)
-    running_beam_indices = tf.fill([b, k, cap], -1)  # [B, K, N]
-    beam_indices = running_beam_indices
-    batch_offset = tf.range(b)[:, None] * k  # [B, 1]
-    cols_s = tf.range(s.total_length)[None, None, :]
-    cols_n = tf.range(cap)[None, None, :]
-
-    def body(i, running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-             running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, seen, go_on):
-        cur_len = t + i
-        log_probs = tf.nn.log_softmax(logits, axis=-1)  # [B*K, V]
-        flat_running = tf.reshape(running_sequences, [b * k, s.total_length])
-        log_probs = process_logits(log_probs, s, i, seen, flat_running, cur_len, v.repetition_penalty,
-                                   v.min_new_tokens, v.eos_ids)
-        log_probs = tf.reshape(log_probs, [b, k, vocab]) + running_scores[:, :, None]
-        log_probs = tf.reshape(log_probs, [b, k * vocab])
-        topk_log_probs, topk_indices = tf.math.top_k(log_probs, k=keep)  # [B, keep]
-        topk_beam = topk_indices // vocab
-        topk_ids = topk_indices % vocab
-        topk_sequences = _gather_beams(running_sequences, topk_beam)  # [B, keep, S]
-        topk_sequences = tf.where(cols_s == cur_len, topk_ids[:, :, None], topk_sequences)
-        topk_beam_indices = _gather_beams(running_beam_indices, topk_beam)  # [B, keep, N]
-        topk_beam_indices = tf.where(cols_n == i, (topk_beam + batch_offset)[:, :, None], topk_beam_indices)
-
-        hits = tf.fill([b, keep], cur_len + 1 >= max_length)  # max-length criterion
-        if s.num_eos:
-            hits = hits | _is_any(topk_ids, v.eos_ids)
-
-        # The best K continuations that did not stop keep running.
-        topk_running = topk_log_probs + tf.cast(hits, tf.float32) * NEG
-        next_idx = tf.math.top_k(topk_running, k=k).indices  # [B, K]
-        running_sequences = _gather_beams(topk_sequences, next_idx)
-        running_scores = _gather_beams(topk_running, next_idx)
-        running_beam_indices = _gather_beams(topk_beam_indices, next_idx)
-
-        # Continuations that stopped among the top K join the finished beams if they score higher.
-        just_finished = hits & top_num_beam_mask[None, :]
-        scores = topk_log_probs / (tf.cast(cur_len + 1 - t, tf.float32) ** v.length_penalty)
-        full = tf.reduce_all(is_sent_finished, axis=-1, keepdims=True) & early_true
-        scores += tf.cast(full, tf.float32) * NEG
-        scores += tf.cast(~early_unsat, tf.float32) * NEG
-        scores += tf.cast(~just_finished, tf.float32) * NEG
-        merged_scores = tf.concat([beam_scores, scores], axis=1)  # [B, K + keep]
-        best = tf.math.top_k(merged_scores, k=k).indices
-        sequences = _gather_beams(tf.concat([sequences, topk_sequences], axis=1), best)
-        beam_scores = _gather_beams(merged_scores, best)
-        beam_indices = _gather_beams(tf.concat([beam_indices, topk_beam_indices], axis=1), best)
-        is_sent_finished = _gather_beams(tf.concat([is_sent_finished, just_finished], axis=1), best)
-
-        rows = tf.reshape(running_beam_indices[:, :, i], [b * k])  # each beam's parent row
-        cache = cache.reorder(rows)
-        cur_len = cur_len + 1
-        best_len = tf.cast(cur_len - t, tf.float32)
-        if s.early_stopping == "never":
-            best_len = tf.where(v.length_penalty > 0.0, tf.cast(max_length - t, tf.float32), best_len)
-        best_running = running_scores[:, :1] / best_len**v.length_penalty
-        worst_finished = tf.where(is_sent_finished, tf.reduce_min(beam_scores, axis=1, keepdims=True), NEG)
-        early_unsat = early_unsat & tf.reduce_any(best_running > worst_finished, axis=-1, keepdims=True)
-        go_on = (
-            tf.reduce_any(early_unsat)
-            & ~(tf.reduce_all(is_sent_finished) & early_true)
-            & ~tf.reduce_all(hits)
-        )
-
-        nxt = tf.reshape(running_sequences[:, :, t + i], [b * k])  # [B*K]
+    def body(c: BeamLoop) -> tuple[BeamLoop]:
+        log_probs = tf.nn.log_softmax(c.logits, axis=-1)  # [B*K, V]
+        rows_so_far = tf.reshape(c.state.running, [b * k, s.total_length])
+        log_probs = _process(log_probs, c.step, c.seen, rows_so_far, t + c.step, v, s)
+        state, rows, go_on = beam_search_step(c.state, log_probs, c.step, t, max_length, v, s)
+        nxt = tf.reshape(state.running[:, :, t + c.step], [b * k])  # [B*K]
+        seen = c.seen
         if s.repetition_penalty:
             seen = tf.gather(seen, rows) | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
-        key_mask = _set_column(key_mask, t + i, tf.ones([b * k], key_mask.dtype))
-        logits, cache = _run(model, nxt[:, None], next_pos[:, None], key_mask, cache)
-        return (i + 1, running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-                running_beam_indices, beam_indices, cache, key_mask, logits, next_pos + 1, seen, go_on)
+        key_mask = _set_column(c.key_mask, t + c.step, tf.ones([b * k], c.key_mask.dtype))
+        logits, cache = decode_one_token(model, nxt[:, None], c.next_pos[:, None], key_mask, c.cache.reorder(rows))
+        return (BeamLoop(c.step + 1, state, cache, key_mask, logits, c.next_pos + 1, seen, go_on),)
 
-    def cond(i, *state):
-        return (i < n) & state[-1]
+    def cond(c: BeamLoop) -> tf.Tensor:
+        return (c.step < max_length - t) & c.go_on
 
-    state = tf.while_loop(
-        cond, body,
-        (tf.constant(0), running_sequences, sequences, running_scores, beam_scores, is_sent_finished, early_unsat,
-         running_beam_indices, beam_indices, cache, key_mask, logits, next_pos, seen, tf.constant(True)),
-    )
-    sequences, beam_indices = state[2], state[8]
-    best = sequences[:, 0]  # [B, S]
-    generated = tf.reduce_max(tf.reduce_sum(tf.cast(beam_indices[:, 0] >= 0, tf.int32), axis=1))
+    start = BeamLoop(tf.constant(0), state, cache, tf.repeat(key_mask, k, axis=0), tf.repeat(logits, k, axis=0),
+                     tf.repeat(next_pos, k, axis=0), seen, tf.constant(True))
+    (end,) = tf.while_loop(cond, body, (start,))
+    n = s.num_return_sequences
+    best = tf.reshape(end.state.finished[:, :n], [b * n, s.total_length])
+    kept = tf.reshape(end.state.finished_parents[:, :n], [b * n, cap])
+    generated = tf.reduce_max(tf.reduce_sum(tf.cast(kept >= 0, tf.int32), axis=1))
     return best, generated
+
+
+# ---------------------------------------------------------------- contrastive search
+def contrastive_choice(top_probs: tf.Tensor, context: tf.Tensor, context_mask: tf.Tensor, candidates: tf.Tensor,
+                       penalty_alpha: tf.Tensor) -> tf.Tensor:
+    """Which of the K candidates each row takes (opt_core.generation.contrastive_choice): the first
+    argmax of (1 - alpha) * p - alpha * max cosine(candidate, an earlier real hidden state).
+    top_probs [B, K]; context [B, S, E] with context_mask [B, S]; candidates [B, K, E] -> [B] int32."""
+    def unit(x: tf.Tensor) -> tf.Tensor:
+        return x / tf.norm(x, axis=-1, keepdims=True)  # HF divides by the norm, no epsilon
+
+    cosine = tf.einsum("bse,bke->bks", unit(context), unit(candidates))  # [B, K, S]
+    cosine = tf.where(context_mask[:, None, :] > 0, cosine, -INF)
+    score = (1.0 - penalty_alpha) * top_probs - penalty_alpha * tf.reduce_max(cosine, axis=-1)
+    return tf.argmax(score, axis=-1, output_type=tf.int32)
+
+
+def contrastive_search_loop(
+    model: Any, ids: tf.Tensor, mask: tf.Tensor, limit: tf.Tensor, v: Knobs, s: GenerationSettings,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Contrastive search as Hugging Face 4.55, equal to opt_core.generation.reference_contrastive_search:
+    the prompt runs once and its cache is copied to K rows per prompt; each step runs the top_k
+    candidates one token ahead in those rows, keeps the one `contrastive_choice` picks and copies
+    its row over the other K - 1. -> (tokens [B, S] padded with the pad id, new columns produced)."""
+    b, t = _dims(ids)
+    k, total = s.top_k, s.total_length
+    vocab = model.config.vocab_size
+    n = tf.minimum(limit, total - t)
+    decoder = model.get_decoder()
+    cache = init(model.config, b, total, decoder.embed_tokens.dtype)
+    key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; slots switch on as they fill
+    out = decoder(ids, tf.cumsum(mask, axis=-1) * mask - 1, key_mask, past_key_values=cache, training=False)
+    hidden = tf.cast(out.last_hidden_state, tf.float32)  # [B, T, E]
+    logits = tf.cast(model.lm_logits(out.last_hidden_state[:, -1:])[:, 0], tf.float32)  # [B, V]
+    context = tf.pad(hidden, [[0, 0], [0, total - t], [0, 0]])  # [B, S, E]: what candidates are held against
+    cache = out.past_key_values.reorder(tf.repeat(tf.range(b), k))  # [B*K] rows
+    next_pos = tf.repeat(tf.reduce_sum(mask, axis=1), k)  # [B*K]
+    tokens = tf.pad(ids, [[0, 0], [0, total - t]], constant_values=v.pad_token_id)  # [B, S]
+    seen = seen_tokens(ids, vocab) if s.repetition_penalty else tf.zeros([0], tf.bool)
+    slots = tf.range(total)
+
+    def body(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen, context):
+        processed = _process(logits, i, seen, tokens, t + i, v, s)
+        top_probs, top_ids = tf.math.top_k(tf.nn.softmax(processed, axis=-1), k=k)  # [B, K]
+        step_mask = _set_column(key_mask, t + i, tf.ones([b], key_mask.dtype))
+        out = decoder(tf.reshape(top_ids, [-1, 1]), next_pos[:, None], tf.repeat(step_mask, k, axis=0),
+                      past_key_values=cache, training=False)
+        cand_hidden = tf.reshape(tf.cast(out.last_hidden_state[:, -1], tf.float32), [b, k, -1])  # [B, K, E]
+        cand_logits = tf.cast(model.lm_logits(out.last_hidden_state[:, -1:])[:, 0], tf.float32)  # [B*K, V]
+        choice = contrastive_choice(top_probs, context, key_mask, cand_hidden, v.penalty_alpha)  # [B]
+        picked = tf.range(b) * k + choice
+        cache = out.past_key_values.reorder(tf.repeat(picked, k))  # every row of a prompt continues from it
+        chosen = tf.gather(cand_hidden, choice, batch_dims=1)  # [B, E]
+        context = tf.where((slots == t + i)[None, :, None], chosen[:, None, :], context)
+        nxt = tf.gather(top_ids, choice, batch_dims=1)
+        nxt = tf.where(unfinished, nxt, v.pad_token_id)
+        tokens = _set_column(tokens, t + i, nxt)
+        if s.num_eos:
+            unfinished = unfinished & ~_is_any(nxt, v.eos_ids)
+        if s.repetition_penalty:
+            seen = seen | tf.equal(tf.range(vocab)[None, :], nxt[:, None])
+        return (i + 1, tokens, step_mask, cache, tf.gather(cand_logits, picked), next_pos + 1, unfinished, seen,
+                context)
+
+    def cond(i, tokens, key_mask, cache, logits, next_pos, unfinished, seen, context):
+        return (i < n) & tf.reduce_any(unfinished)
+
+    i, tokens, *_ = tf.while_loop(
+        cond, body, (tf.constant(0), tokens, key_mask, cache, logits, next_pos, tf.ones([b], tf.bool), seen, context),
+    )
+    return tokens, i
 
 
 # ---------------------------------------------------------------- compiled entry points
@@ -462,8 +570,10 @@ def compiled_generate_fn(model: Any, settings: GenerationSettings) -> tf.types.e
         def generate_fn(input_ids, attention_mask, max_new_tokens, knobs):
             knobs = Knobs(*knobs)
             if settings.num_beams > 1:
-                return _beam_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
-            return _sample_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
+                return beam_search_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
+            if settings.contrastive:
+                return contrastive_search_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
+            return greedy_or_sample_loop(model, input_ids, attention_mask, max_new_tokens, knobs, settings)
 
         fns[settings] = tf.function(generate_fn, jit_compile=not settings.stream, reduce_retracing=False)
     return fns[settings]
@@ -488,6 +598,9 @@ def generate(
     pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Any = None,
+    early_stopping: bool | str | None = None,
+    num_return_sequences: int | None = None,
+    penalty_alpha: float | None = None,
 ) -> tf.Tensor:
     cfg = model.config
     ids = np.asarray(input_ids)
@@ -498,7 +611,8 @@ def generate(
         min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-        streamer=streamer,
+        streamer=streamer, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+        penalty_alpha=penalty_alpha,
     )
     return run(model, ids, mask, o)
 
@@ -510,13 +624,14 @@ streamer it runs as a plain graph with a host callback per step. Returns a tf.in
 
 
 def knobs(seed: int, temperature: float, top_p: float, repetition_penalty: float, min_new_tokens: int,
-          eos_token_ids: tuple[int, ...], pad_token_id: int, length_penalty: float) -> tuple[tf.Tensor, ...]:
+          eos_token_ids: tuple[int, ...], pad_token_id: int, length_penalty: float,
+          penalty_alpha: float = 0.0) -> tuple[tf.Tensor, ...]:
     """The `Knobs` tensors of one call (a plain tuple: what the compiled function takes)."""
     return (
         tf.constant(seed_words(seed), tf.uint32), tf.constant(temperature, tf.float32), tf.constant(top_p, tf.float32),
         tf.constant(repetition_penalty, tf.float32), tf.constant(min_new_tokens, tf.int32),
         tf.constant(list(eos_token_ids) or [-1], tf.int32), tf.constant(pad_token_id, tf.int32),
-        tf.constant(length_penalty, tf.float32),
+        tf.constant(length_penalty, tf.float32), tf.constant(penalty_alpha, tf.float32),
     )
 
 
@@ -524,18 +639,24 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
     """Generate with resolved options `o` (`opt_core.generation_config.resolve_generation_options`)
     from checked inputs ids / mask [B, T]; returns tf.int64 [B, T + generated]."""
     streamer = o.streamer
-    emit(streamer, ids.astype(np.int64))
+    if o.num_beams == 1 and o.num_return_sequences > 1:  # samples: rows b * n + j, as Hugging Face
+        ids, mask = np.repeat(ids, o.num_return_sequences, 0), np.repeat(mask, o.num_return_sequences, 0)
+    if streamer is not None:
+        streamer.put(ids.astype(np.int64))
     if o.max_new_tokens == 0:
         if streamer is not None:
             streamer.end()
         return tf.constant(ids, tf.int64)
     settings = GenerationSettings(
         total_length=int(ids.shape[1] + o.max_new_tokens), do_sample=o.do_sample,
-        top_k=o.top_k if o.do_sample else 0, num_beams=o.num_beams, num_eos=len(o.eos_token_ids),
+        top_k=o.top_k if o.do_sample or o.penalty_alpha > 0 else 0, num_beams=o.num_beams,
+        num_eos=len(o.eos_token_ids), contrastive=o.penalty_alpha > 0,
         early_stopping=o.early_stopping, repetition_penalty=o.repetition_penalty != 1.0,
         no_repeat_ngram_size=o.no_repeat_ngram_size, min_new_tokens=o.min_new_tokens > 0,
-        stream=streamer is not None,
+        num_return_sequences=o.num_return_sequences if o.num_beams > 1 else 1, stream=streamer is not None,
     )
+    # Beam search fills unfinished columns as Hugging Face does (pad or, for pad id 0, the first eos).
+    fill = o.beam_fill_id if o.num_beams > 1 else o.pad_token_id
     fn = compiled_generate_fn(model, settings)
     slot = model.__dict__.setdefault("_opt_stream_slot", _StreamSlot())
     slot.streamer = streamer
@@ -543,7 +664,7 @@ def run(model: Any, ids: np.ndarray, mask: np.ndarray, o: GenerationOptions) -> 
         tokens, produced = fn(
             tf.constant(ids, tf.int32), tf.constant(mask, tf.int32), tf.constant(o.max_new_tokens, tf.int32),
             knobs(o.seed or 0, o.temperature, o.top_p, o.repetition_penalty, o.min_new_tokens, o.eos_token_ids,
-                  o.pad_token_id, o.length_penalty),
+                  fill, o.length_penalty, o.penalty_alpha),
         )
     finally:
         slot.streamer = None

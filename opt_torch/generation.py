@@ -6,13 +6,17 @@
     warp_logits(logits, temperature, top_k, top_p) -> the sampling filters
     gumbel_noise(seed, step, rows, salt)           -> opt_core.sampling's stream, computed in torch
     next_tokens(logits, sequences, step, opts)     -> the next token [B] (argmax or Gumbel-max)
+    greedy_or_sample_loop / beam_search_loop / contrastive_search_loop(model, ids, mask, opts)
+                                                   -> the three decoding loops (the same names in TF / Flax)
+    beam_search_step(state, log_probs, step, prompt_length, opts) -> one step of HF's beam search on a BeamState
     generate(model, ids, ...)                      -> int64 [B, prompt + generated], prompt included
 
 The contract (signature, defaults, checks, result) is opt_core.generation_config's, shared with
 the TF and Flax backends, which mirror these functions; docs/generation.md spells it out. Greedy and
 beam search follow Hugging Face transformers 4.57 step for step (same processors in the same order,
-same stopping rules, same length penalty, finished rows padded with pad_token_id), so their tokens
-are identical on the same weights. Sampling draws from opt_core.sampling's counter-based stream, so
+same stopping rules, same length penalty, finished rows padded as Hugging Face pads them), and
+contrastive search follows 4.55, so their tokens equal the NumPy reference's (opt_core.generation)
+and Hugging Face's on the same weights. Sampling draws from opt_core.sampling's counter-based stream, so
 a seed samples the same tokens here as in TF, Flax and the NumPy reference.
 
 Letters in shape comments: B batch, K beams or candidates, T tokens, V vocab, E hidden width,
@@ -37,7 +41,7 @@ from opt_core.generation_config import (
 from opt_core.inputs import validate_inputs
 from opt_core.sampling import MASK32, VOCAB_SALT, row_keys
 from opt_torch import cache as kv_cache
-from opt_torch.cache import Cache, DynamicCache
+from opt_torch.cache import Cache
 
 
 # ---------------------------------------------------------------- model steps
@@ -224,6 +228,9 @@ def generate(
     pad_token_id: int | None = None,
     seed: int | None = None,
     streamer: Any = None,
+    early_stopping: bool | str | None = None,
+    num_return_sequences: int | None = None,
+    penalty_alpha: float | None = None,
 ) -> torch.Tensor:
     config = model.config
     if model.training:
@@ -237,7 +244,8 @@ def generate(
         min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
         num_beams=num_beams, length_penalty=length_penalty, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        seed=seed, streamer=streamer,
+        seed=seed, streamer=streamer, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+        penalty_alpha=penalty_alpha,
     )
     if seed is None and opts.seed is not None and getattr(model, "device_mesh", None) is not None:
         from opt_torch.parallel import rank0_value  # a fresh seed differs per rank: take rank 0's
@@ -246,13 +254,18 @@ def generate(
     device = model.device
     ids = torch.as_tensor(ids_np.astype(np.int64), device=device)
     mask = torch.ones_like(ids) if mask_np is None else torch.as_tensor(mask_np.astype(np.int64), device=device)
+    if opts.num_beams == 1 and opts.num_return_sequences > 1:  # samples: rows b * n + j, as Hugging Face
+        ids = ids.repeat_interleave(opts.num_return_sequences, dim=0)
+        mask = mask.repeat_interleave(opts.num_return_sequences, dim=0)
     if opts.max_new_tokens == 0:
         _put(opts, ids)
         _end(opts)
         return ids
     if opts.num_beams > 1:
-        return beam_search(model, ids, mask, opts)
-    return greedy_or_sample(model, ids, mask, opts)
+        return beam_search_loop(model, ids, mask, opts)
+    if opts.penalty_alpha > 0:
+        return contrastive_search_loop(model, ids, mask, opts)
+    return greedy_or_sample_loop(model, ids, mask, opts)
 
 
 generate.__doc__ = "`model.generate(input_ids, ...)` as a function of the model.\n\n" + GENERATE_DOC
@@ -263,7 +276,7 @@ def _new_cache(model: Any, batch: int, max_length: int) -> Cache:
     return kv_cache.init_cache(model.config, batch, max_length, dtype=model.dtype, device=model.device, num_heads=heads)
 
 
-def greedy_or_sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
+def greedy_or_sample_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
     """Greedy decoding or sampling, one token per step over a static KV cache (HF's `_sample`)."""
     b, t = ids.shape
     total = t + opts.max_new_tokens
@@ -304,6 +317,9 @@ def greedy_or_sample(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: Ge
 
 
 # ---------------------------------------------------------------- beam search (HF 4.57's algorithm)
+NEG = -1.0e9  # Hugging Face's "impossible" beam score, added (not assigned) as HF does
+
+
 def _gather_beams(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, K, ...] -> x[b, idx[b, j], ...] for idx [B, K']."""
     while idx.dim() < x.dim():
@@ -311,186 +327,206 @@ def _gather_beams(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(x, idx, dim=1)
 
 
-def beam_search(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
-    """Beam search exactly as Hugging Face transformers 4.57 (`_beam_search`): keep the top
-    `2 * num_beams` continuations per step, finished hypotheses scored by
-    `sum log p / generated_length ** length_penalty`, the same early-stop heuristic. Returns the best
-    hypothesis per row [B, T + generated]."""
+@dataclasses.dataclass
+class BeamState:
+    """Beam search's state between steps: opt_core.generation.BeamState's fields, as torch tensors
+    (running [B, K, L], running_scores [B, K], running_parents [B, K, N], the same three for the
+    finished hypotheses, is_finished [B, K], improvable [B, 1])."""
+
+    running: torch.Tensor
+    running_scores: torch.Tensor
+    running_parents: torch.Tensor
+    finished: torch.Tensor
+    finished_scores: torch.Tensor
+    finished_parents: torch.Tensor
+    is_finished: torch.Tensor
+    improvable: torch.Tensor
+
+    @classmethod
+    def start(cls, ids: torch.Tensor, num_beams: int, max_new_tokens: int, fill: int) -> BeamState:
+        """Every beam of a row starts from its prompt; only beam 0 is live (the others score -1e9)."""
+        b, t = ids.shape
+        running = torch.full((b, num_beams, t + max_new_tokens), fill, dtype=torch.long, device=ids.device)
+        running[:, :, :t] = ids[:, None, :]
+        scores = torch.zeros((b, num_beams), dtype=torch.float32, device=ids.device)
+        scores[:, 1:] = NEG
+        parents = torch.full((b, num_beams, max_new_tokens), -1, dtype=torch.long, device=ids.device)
+        return cls(running, scores, parents, running.clone(), torch.full_like(scores, NEG), parents.clone(),
+                   torch.zeros((b, num_beams), dtype=torch.bool, device=ids.device),
+                   torch.ones((b, 1), dtype=torch.bool, device=ids.device))
+
+
+def beam_search_step(
+    state: BeamState, log_probs: torch.Tensor, step: int, prompt_length: int, opts: GenerationOptions,
+) -> tuple[BeamState, torch.Tensor, bool]:
+    """One step of Hugging Face 4.57's `_beam_search` (opt_core.generation.beam_search_step) on
+    processed log-probs [B * K, V]. Returns the new state, the flat row [B * K] each running beam
+    continues (the cache reorder) and whether the search goes on."""
+    b, k, max_length = state.running.shape
+    vocab = log_probs.shape[-1]
+    device = log_probs.device
+    cur_len = prompt_length + step
+    keep = max(2, 1 + len(opts.eos_token_ids)) * k  # K stay open even if the best all end here
+    scores = (log_probs.view(b, k, vocab) + state.running_scores[:, :, None]).reshape(b, k * vocab)
+    top_scores, top = torch.topk(scores, k=keep)  # [B, keep]
+    parent, token = top // vocab, top % vocab
+    top_running = _gather_beams(state.running, parent)  # [B, keep, L]
+    top_running[:, :, cur_len] = token
+    top_parents = _gather_beams(state.running_parents, parent)
+    top_parents[:, :, step] = parent + torch.arange(b, device=device)[:, None] * k
+    hits = torch.full_like(token, cur_len + 1 >= max_length, dtype=torch.bool)  # max length: every candidate ends
+    if opts.eos_token_ids:
+        hits |= torch.isin(token, torch.tensor(opts.eos_token_ids, device=device))
+
+    # The best K candidates that did not end keep running.
+    open_scores = top_scores + hits.to(torch.float32) * NEG
+    nxt = torch.topk(open_scores, k=k)[1]
+    running = _gather_beams(top_running, nxt)
+    running_scores = _gather_beams(open_scores, nxt)
+    running_parents = _gather_beams(top_parents, nxt)
+
+    # Candidates that ended among the top K join the finished ones if they score higher.
+    just_finished = hits & (torch.arange(keep, device=device) < k)[None, :]
+    done_scores = top_scores / float(cur_len + 1 - prompt_length) ** opts.length_penalty
+    full = state.is_finished.all(-1, keepdim=True) & (opts.early_stopping is True)
+    done_scores = done_scores + full.to(torch.float32) * NEG + (~state.improvable).to(torch.float32) * NEG
+    done_scores = done_scores + (~just_finished).to(torch.float32) * NEG
+    merged_scores = torch.cat([state.finished_scores, done_scores], dim=1)
+    best = torch.topk(merged_scores, k=k)[1]
+    finished = _gather_beams(torch.cat([state.finished, top_running], dim=1), best)
+    finished_scores = _gather_beams(merged_scores, best)
+    finished_parents = _gather_beams(torch.cat([state.finished_parents, top_parents], dim=1), best)
+    is_finished = _gather_beams(torch.cat([state.is_finished, just_finished], dim=1), best)
+
+    # Hugging Face's early-stop heuristic: can the best running beam still beat the worst finished?
+    if opts.early_stopping == "never" and opts.length_penalty > 0.0:
+        best_length = max_length - prompt_length
+    else:
+        best_length = cur_len + 1 - prompt_length
+    best_running = running_scores[:, :1] / float(best_length) ** opts.length_penalty
+    worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True)[0], NEG)
+    improvable = state.improvable & (best_running > worst_finished).any(-1, keepdim=True)
+    go_on = (bool(improvable.any()) and not (bool(is_finished.all()) and opts.early_stopping is True)
+             and not bool(hits.all()))
+    rows = running_parents[:, :, step].reshape(-1)
+    new = BeamState(running, running_scores, running_parents, finished, finished_scores, finished_parents,
+                    is_finished, improvable)
+    return new, rows, go_on
+
+
+def beam_search_result(state: BeamState, prompt_length: int, num_return_sequences: int) -> torch.Tensor:
+    """The best `num_return_sequences` hypotheses per prompt [B * n, prompt + generated], cut after
+    the longest of them (Hugging Face's trim)."""
+    seqs = state.finished[:, :num_return_sequences].flatten(0, 1)
+    parents = state.finished_parents[:, :num_return_sequences].flatten(0, 1)
+    generated = int((parents >= 0).sum(1).max())
+    return seqs[:, : prompt_length + generated]
+
+
+def _expanded_cache(model: Any, prompt_cache: Cache, num_beams: int, max_length: int) -> Cache:
+    """A cache for B * K rows holding each prompt row's entries K times (beams of a row adjacent),
+    so the prompt is run once, not once per beam."""
+    batch = prompt_cache.keys[0].shape[0]
+    length = prompt_cache.get_seq_length()
+    cache = _new_cache(model, batch * num_beams, max_length)
+    for layer, (keys, values) in enumerate(zip(prompt_cache.keys, prompt_cache.values)):
+        cache.update(layer, keys[:, :, :length].repeat_interleave(num_beams, 0),
+                     values[:, :, :length].repeat_interleave(num_beams, 0))
+    return cache
+
+
+def beam_search_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
+    """Beam search exactly as Hugging Face transformers 4.57 (`_beam_search`), equal to
+    opt_core.generation.reference_beam_search: the prompt runs once, its cache is copied to the K
+    beams, then one token per beam per step. Returns [B * num_return_sequences, T + generated]."""
     b, prompt_len = ids.shape
-    k, length_penalty, early_stopping = opts.num_beams, opts.length_penalty, opts.early_stopping
-    eos_ids, pad, max_new_tokens = list(opts.eos_token_ids), opts.pad_token_id, opts.max_new_tokens
-    max_length = prompt_len + max_new_tokens
-    device = ids.device
-    vocab = model.config.vocab_size
-    beams_to_keep = max(2, 1 + len(eos_ids)) * k
-    top_num_beam_mask = torch.cat(
-        [torch.ones(k, dtype=torch.bool), torch.zeros(beams_to_keep - k, dtype=torch.bool)]
-    ).to(device)
-    eos = torch.tensor(eos_ids, device=device) if eos_ids else None
-    fill = (pad if pad else eos_ids[0]) if eos_ids else -1
-
-    running = torch.full((b, k, max_length), fill, dtype=torch.long, device=device)  # [B, K, T_max]
-    running[:, :, :prompt_len] = ids[:, None, :]
-    sequences = running.clone()
-    running_scores = torch.zeros((b, k), dtype=torch.float, device=device)
-    running_scores[:, 1:] = -1e9
-    beam_scores = torch.full((b, k), -1e9, dtype=torch.float, device=device)
-    is_finished = torch.zeros((b, k), dtype=torch.bool, device=device)
-    improvable = torch.ones((b, 1), dtype=torch.bool, device=device)
-    hits_stop = torch.zeros((b, k), dtype=torch.bool, device=device)
-    running_beam_idx = torch.full((b, k, max_new_tokens), -1, dtype=torch.int32, device=device)
-    beam_indices = running_beam_idx.clone()
-
-    flat_mask = mask.repeat_interleave(k, dim=0)  # [B * K, T]
+    k = opts.num_beams
+    max_length = prompt_len + opts.max_new_tokens
     padded = not bool(mask.all())
-    full_mask = torch.ones((b * k, max_length), dtype=torch.long, device=device)
-    full_mask[:, :prompt_len] = flat_mask
-    positions = flat_mask.sum(-1, keepdim=True)  # [B * K, 1]
-    cache = _new_cache(model, b * k, max_length)
-
-    cur_len = prompt_len
-    logits, _ = prefill(model, ids.repeat_interleave(k, dim=0), flat_mask if padded else None, cache)
-    while True:
-        flat_running = running[:, :, :cur_len].reshape(b * k, cur_len)
-        log_probs = F.log_softmax(logits, dim=-1)  # [B * K, V]
-        log_probs = process_logits(log_probs, flat_running, cur_len - prompt_len, opts)
-        log_probs = log_probs.view(b, k, vocab) + running_scores[:, :, None]
-        log_probs = log_probs.reshape(b, k * vocab)
-
-        # The top 2K continuations (so K stay open even if some end here).
-        topk_log_probs, topk_indices = torch.topk(log_probs, k=beams_to_keep)  # [B, 2K]
-        topk_beam = topk_indices // vocab
-        topk_running_beam_idx = _gather_beams(running_beam_idx, topk_beam)
-        topk_running = _gather_beams(running, topk_beam)
-        topk_ids = topk_indices % vocab
-        topk_running[:, :, cur_len] = topk_ids
-        batch_offset = torch.arange(b, device=device).view(-1, 1) * k
-        topk_running_beam_idx[:, :, cur_len - prompt_len] = (topk_beam + batch_offset).to(torch.int32)
-
-        hits_stop = torch.full_like(topk_ids, cur_len + 1 >= max_length, dtype=torch.bool)
-        if eos is not None:
-            hits_stop |= torch.isin(topk_ids, eos)
-
-        # Continue with the best K that did not stop.
-        running_log = topk_log_probs + hits_stop.to(torch.float32) * -1.0e9
-        next_idx = torch.topk(running_log, k=k)[1]
-        running = _gather_beams(topk_running, next_idx)
-        running_scores = _gather_beams(running_log, next_idx)
-        running_beam_idx = _gather_beams(topk_running_beam_idx, next_idx)
-
-        # Merge the ones that stopped (among the top K) into the finished hypotheses.
-        just_finished = hits_stop & top_num_beam_mask[None, :]
-        scored = topk_log_probs / ((cur_len + 1 - prompt_len) ** length_penalty)
-        full = torch.all(is_finished, dim=-1, keepdim=True) & (early_stopping is True)
-        scored = scored + full.to(torch.float32) * -1.0e9
-        scored = scored + (~improvable).to(torch.float32) * -1.0e9
-        scored = scored + (~just_finished) * -1.0e9
-        merged_seq = torch.cat([sequences, topk_running], dim=1)
-        merged_scores = torch.cat([beam_scores, scored], dim=1)
-        merged_idx = torch.cat([beam_indices, topk_running_beam_idx], dim=1)
-        merged_finished = torch.cat([is_finished, just_finished], dim=1)
-        best = torch.topk(merged_scores, k=k)[1]
-        sequences = _gather_beams(merged_seq, best)
-        beam_scores = _gather_beams(merged_scores, best)
-        beam_indices = _gather_beams(merged_idx, best)
-        is_finished = _gather_beams(merged_finished, best)
-
-        beam_idx = running_beam_idx[..., cur_len - prompt_len].reshape(-1).long()  # [B * K]
-        cur_len += 1
-
-        # Hugging Face's early-stop heuristic.
-        if early_stopping == "never" and length_penalty > 0.0:
-            best_len = max_length - prompt_len
-        else:
-            best_len = cur_len - prompt_len
-        best_running = running_scores[:, :1] / (best_len**length_penalty)
-        worst_finished = torch.where(is_finished, torch.min(beam_scores, dim=1, keepdim=True)[0], -1.0e9)
-        improvable = improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
-        open_beam = ~(torch.all(is_finished) & (early_stopping is True))
-        go_on = bool(torch.any(improvable)) and bool(open_beam) and not bool(torch.all(hits_stop))
+    full_mask = torch.ones((b * k, max_length), dtype=torch.long, device=ids.device)  # [B * K, S]
+    full_mask[:, :prompt_len] = mask.repeat_interleave(k, dim=0)
+    positions = full_mask[:, :prompt_len].sum(-1, keepdim=True)  # [B * K, 1]
+    prompt_cache = _new_cache(model, b, prompt_len)
+    logits, _ = prefill(model, ids, mask if padded else None, prompt_cache)
+    logits = logits.repeat_interleave(k, dim=0)  # [B * K, V]
+    cache = _expanded_cache(model, prompt_cache, k, max_length)
+    del prompt_cache
+    state = BeamState.start(ids, k, opts.max_new_tokens, opts.beam_fill_id)
+    for step in range(opts.max_new_tokens):
+        cur_len = prompt_len + step
+        rows = state.running[:, :, :cur_len].reshape(b * k, cur_len)
+        log_probs = process_logits(F.log_softmax(logits, dim=-1), rows, step, opts)
+        state, parents, go_on = beam_search_step(state, log_probs, step, prompt_len, opts)
         if not go_on:
             break
-
-        cache.reorder(beam_idx)
-        tokens = running[:, :, cur_len - 1].reshape(b * k, 1)
-        logits, _ = decode_one_token(
-            model, tokens, positions, full_mask[:, :cur_len] if padded else None, cache
-        )
+        cache.reorder(parents)
+        tokens = state.running[:, :, cur_len].reshape(b * k, 1)
+        logits, _ = decode_one_token(model, tokens, positions, full_mask[:, : cur_len + 1] if padded else None, cache)
         positions = positions + 1
-
-    best_seq = sequences[:, 0]  # [B, T_max]
-    generated = int((beam_indices[:, 0] + 1).bool().sum(dim=1).max())
-    return best_seq[:, : prompt_len + generated]
+    return beam_search_result(state, prompt_len, opts.num_return_sequences)
 
 
-# ---------------------------------------------------------------- contrastive search
-@torch.inference_mode()
-def contrastive_search(
-    model: Any, input_ids: Any, attention_mask: Any = None, *, penalty_alpha: float, top_k: int = 4,
-    max_new_tokens: int | None = None, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+# ---------------------------------------------------------------- contrastive search (HF 4.55's algorithm)
+def contrastive_choice(
+    top_probs: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor, candidates: torch.Tensor,
+    penalty_alpha: float,
 ) -> torch.Tensor:
-    """Contrastive search (Su et al. 2022): among the top_k most likely tokens pick the one
-    maximising `(1 - alpha) * p(token) - alpha * max cosine(h_token, h_context)`, the context being
-    the final hidden states of the real tokens so far. penalty_alpha = 0 is greedy decoding.
+    """Which of the K candidates each row takes (opt_core.generation.contrastive_choice): the first
+    argmax of (1 - alpha) * p - alpha * max cosine(candidate, an earlier real hidden state).
+    top_probs [B, K]; context [B, S, E] with context_mask [B, S]; candidates [B, K, E]. Returns [B]."""
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731  (HF divides by the norm, no epsilon)
+    cosine = torch.einsum("bse,bke->bks", unit(context), unit(candidates))  # [B, K, S]
+    cosine = cosine.masked_fill(context_mask[:, None, :] == 0, -float("inf"))
+    score = (1.0 - penalty_alpha) * top_probs - penalty_alpha * cosine.max(dim=-1).values
+    return score.argmax(dim=-1)
 
-    A torch-only extra outside the generation contract (not reachable through `generate`); the
-    other arguments mean what they mean there. Returns int64 [B, prompt + generated]."""
-    ids_np = _as_numpy(input_ids)
-    mask_np = None if attention_mask is None else _as_numpy(attention_mask)
-    validate_inputs(ids_np, mask_np, model.config)
-    opts = resolve_generation_options(
-        model.config, getattr(model, "generation_config", None), prompt_length=ids_np.shape[1],
-        max_new_tokens=max_new_tokens, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-    )
-    if not 0.0 <= penalty_alpha <= 1.0 or opts.top_k < 1:
-        raise ValueError(
-            f"contrastive search needs penalty_alpha in [0, 1] and top_k >= 1, got {penalty_alpha}, {top_k}"
-        )
-    ids = torch.as_tensor(ids_np.astype(np.int64), device=model.device)
-    mask = torch.ones_like(ids) if mask_np is None else torch.as_tensor(mask_np.astype(np.int64), device=model.device)
+
+def contrastive_search_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, opts: GenerationOptions) -> torch.Tensor:
+    """Contrastive search (Su et al. 2022) as Hugging Face 4.55, equal to
+    opt_core.generation.reference_contrastive_search: the prompt runs once and its cache is copied
+    to K rows per prompt; each step runs the top_k candidates one token ahead in those rows, keeps
+    the one `contrastive_choice` picks and copies its row over the other K - 1. Finished rows are
+    padded with pad_token_id. Returns int64 [B, T + generated]."""
     b, t = ids.shape
-    k, pad = opts.top_k, opts.pad_token_id
+    k, pad, total = opts.top_k, opts.pad_token_id, t + opts.max_new_tokens
     device = ids.device
-    cache = DynamicCache()
-    out_mask = mask.clone()  # [B, S]
-    sequences = ids
-    eos = torch.tensor(opts.eos_token_ids, device=device) if opts.eos_token_ids else None
+    padded = not bool(mask.all())
+    prompt_cache = _new_cache(model, b, t)
+    logits, out = prefill(model, ids, mask if padded else None, prompt_cache, output_hidden_states=True)
+    context = torch.zeros((b, total, out.last_hidden_state.shape[-1]), dtype=torch.float32, device=device)
+    context[:, :t] = out.last_hidden_state.float()  # [B, S, E]: the hidden states the candidates are held against
+    cache = _expanded_cache(model, prompt_cache, k, total)  # [B * K] rows
+    del prompt_cache, out
+    full_mask = torch.ones((b, total), dtype=torch.long, device=device)  # [B, S]
+    full_mask[:, :t] = mask
+    positions = mask.sum(-1, keepdim=True).repeat_interleave(k, dim=0)  # [B * K, 1]
+    sequences = torch.full((b, total), pad, dtype=torch.long, device=device)
+    sequences[:, :t] = ids
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
-    positions = mask.sum(-1, keepdim=True)  # [B, 1]
-
-    logits, out = prefill(model, ids, mask, cache, output_hidden_states=True)
-    context = out.last_hidden_state  # [B, S, E]
+    eos = torch.tensor(opts.eos_token_ids, device=device) if opts.eos_token_ids else None
     rows = torch.arange(b, device=device)
+    length = t
     for step in range(opts.max_new_tokens):
-        logits = process_logits(logits, sequences, step, opts)
-        probs = logits.softmax(dim=-1)
+        probs = process_logits(logits, sequences[:, :length], step, opts).softmax(dim=-1)
         top_probs, top_ids = torch.topk(probs, k=k, dim=-1)  # [B, K]
-
-        # Every candidate one step ahead, batched: [B * K, 1].
-        cache.reorder(rows.repeat_interleave(k))
-        cand_mask = torch.cat([out_mask, torch.ones_like(out_mask[:, :1])], dim=1).repeat_interleave(k, dim=0)
-        cand_logits, cand_out = decode_one_token(
-            model, top_ids.reshape(-1, 1), positions.repeat_interleave(k, dim=0), cand_mask, cache
-        )
-        cand_hidden = cand_out.last_hidden_state  # [B * K, 1, E]
-        ctx = F.normalize(context.float(), dim=-1).repeat_interleave(k, dim=0)  # [B * K, S, E]
-        cosine = torch.bmm(ctx, F.normalize(cand_hidden.float(), dim=-1).transpose(1, 2)).squeeze(-1)  # [B * K, S]
-        cosine = cosine.masked_fill(out_mask.repeat_interleave(k, dim=0) == 0, -1.0)
-        degeneration = cosine.max(dim=-1).values.view(b, k)
-        score = (1.0 - penalty_alpha) * top_probs - penalty_alpha * degeneration  # [B, K]
-        choice = score.argmax(dim=-1)  # [B]
-        picked = rows * k + choice
-        cache.reorder(picked)
+        step_mask = full_mask[:, : length + 1].repeat_interleave(k, dim=0) if padded else None
+        cand_logits, cand_out = decode_one_token(model, top_ids.reshape(-1, 1), positions, step_mask, cache,
+                                                 output_hidden_states=True)
+        cand_hidden = cand_out.last_hidden_state[:, -1].float().view(b, k, -1)  # [B, K, E]
+        choice = contrastive_choice(top_probs, context[:, :length], full_mask[:, :length], cand_hidden,
+                                    opts.penalty_alpha)
+        picked = rows * k + choice  # [B]: the chosen candidate's row
+        cache.reorder(picked.repeat_interleave(k))  # every row of a prompt continues from it
         tokens = top_ids[rows, choice]
+        context[:, length] = cand_hidden[rows, choice]
+        logits = cand_logits[picked]
         if eos is not None:
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
-        sequences = torch.cat([sequences, tokens[:, None]], dim=1)
-        out_mask = torch.cat([out_mask, torch.ones_like(out_mask[:, :1])], dim=1)
-        context = torch.cat([context, cand_hidden[picked]], dim=1)
-        logits = cand_logits[picked]
+        sequences[:, length] = tokens
+        length += 1
         positions = positions + 1
         if eos is not None:
             unfinished &= ~torch.isin(tokens, eos)
             if not bool(unfinished.any()):
                 break
-    return sequences
+    return sequences[:, :length]

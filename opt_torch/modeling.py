@@ -565,13 +565,17 @@ class OPTForCausalLM(_WithDecoder):
         pad_token_id: int | None = None,
         seed: int | None = None,
         streamer: Any = None,
+        early_stopping: bool | str | None = None,
+        num_return_sequences: int | None = None,
+        penalty_alpha: float | None = None,
     ) -> torch.Tensor:
         return generation.generate(
             self, input_ids, attention_mask, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
             length_penalty=length_penalty, repetition_penalty=repetition_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            seed=seed, streamer=streamer,
+            seed=seed, streamer=streamer, early_stopping=early_stopping,
+            num_return_sequences=num_return_sequences, penalty_alpha=penalty_alpha,
         )
 
     generate.__doc__ = GENERATE_DOC

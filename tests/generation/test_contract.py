@@ -24,7 +24,7 @@ IDS = np.array([[1, 1, 2, 40, 41, 40], [2, 50, 51, 52, 53, 51]])
 MASK = (np.arange(6)[None, :] >= np.array([[2], [0]])).astype(np.int64)
 CONTRACT = ["max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams",
             "length_penalty", "repetition_penalty", "no_repeat_ngram_size", "eos_token_id", "pad_token_id", "seed",
-            "streamer"]
+            "streamer", "early_stopping", "num_return_sequences", "penalty_alpha"]
 
 
 @pytest.fixture(scope="session")
@@ -113,16 +113,43 @@ def test_the_same_seed_samples_the_reference_tokens(backend, tiny, reference, kw
     np.testing.assert_array_equal(got, ref, err_msg=f"{backend.name} vs NumPy reference, {kw}")
 
 
+def test_num_return_sequences_samples_the_reference_rows(backend, tiny, reference):
+    """n samples per prompt are rows b * n + j (Hugging Face's order), each drawn from the seeded
+    stream of its own row: the reference's tokens, and different from each other."""
+    kw = dict(max_new_tokens=6, do_sample=True, seed=11, top_k=0, num_return_sequences=2, eos_token_id=[])
+    got = run(backend, tiny, **kw)
+    assert got.shape == (2 * IDS.shape[0], IDS.shape[1] + 6)
+    np.testing.assert_array_equal(got[::2, : IDS.shape[1]], IDS)
+    np.testing.assert_array_equal(got, reference_generate(reference, IDS, MASK, **kw))
+    assert not np.array_equal(got[0::2], got[1::2])
+
+
+def ended_at_eos(free: np.ndarray, eos: list[int], pad: int) -> np.ndarray:
+    """What greedy decoding with `eos` must return, derived from the same run without eos (`free`):
+    each row keeps its tokens up to and including its first eos id, then pad; the result stops
+    after the step at which the last row ended (or at the end of `free` when a row never does)."""
+    new = free[:, IDS.shape[1]:]
+    ends = [int(np.flatnonzero(np.isin(row, eos))[0]) + 1 if np.isin(row, eos).any() else new.shape[1]
+            for row in new]
+    out = free[:, : IDS.shape[1] + max(ends)].copy()
+    for r, end in enumerate(ends):
+        out[r, IDS.shape[1] + end:] = pad
+    return out
+
+
 def test_eos_none_empty_and_list(backend, tiny):
     free = run(backend, tiny, max_new_tokens=8, eos_token_id=[])
     assert free.shape[1] == IDS.shape[1] + 8
     first = int(free[0, IDS.shape[1]])  # row 0's first greedy token, made an eos id below
-    second = int(free[1, IDS.shape[1] + 2])
+    second = int(free[1, IDS.shape[1] + 2])  # row 1's third
+    assert second != first and not np.isin(free[1, IDS.shape[1]:IDS.shape[1] + 2], [first, second]).any(), (
+        "the tiny model's greedy rows no longer give row 0 and row 1 different end steps"
+    )
     one = run(backend, tiny, max_new_tokens=8, eos_token_id=first)
-    assert (one[0, IDS.shape[1] + 1:] == CONFIG.pad_token_id).all()
+    np.testing.assert_array_equal(one, ended_at_eos(free, [first], CONFIG.pad_token_id))
+    # A list: row 0 ends at its first token on the list's second id, row 1 at its third on the first.
     both = run(backend, tiny, max_new_tokens=8, eos_token_id=[second, first])
-    assert (both[0, IDS.shape[1] + 1:] == CONFIG.pad_token_id).all()
-    assert both.shape[1] <= IDS.shape[1] + 3 or second in free[1, IDS.shape[1]:IDS.shape[1] + 3]
+    np.testing.assert_array_equal(both, ended_at_eos(free, [second, first], CONFIG.pad_token_id))
     # None: the model's generation_config (from config.json here: eos 2)
     saved = tiny.generation_config
     tiny.generation_config = dataclasses.replace(saved, eos_token_id=first)
@@ -137,6 +164,8 @@ def test_eos_none_empty_and_list(backend, tiny):
     dict(top_k=-5), dict(eos_token_id=-1), dict(max_new_tokens=-1), dict(top_p=0.0), dict(num_beams=0),
     dict(do_sample=True, temperature=0.0), dict(repetition_penalty=-1.0), dict(seed=-1),
     dict(num_beams=2, do_sample=True), dict(no_repeat_ngram_size=-2), dict(max_new_tokens=100),
+    dict(num_beams=2, num_return_sequences=3), dict(num_return_sequences=2), dict(num_return_sequences=0),
+    dict(num_beams=2, early_stopping="sometimes"), dict(penalty_alpha=1.5),
 ], ids=lambda kw: ",".join(kw))
 def test_one_validation_one_error_text(backend, tiny, kw):
     with pytest.raises(ValueError) as core:

@@ -1,8 +1,10 @@
-"""The main suite's side of the Hugging Face oracle (transformers 4.57.6 in `.venv-oracle`).
+"""The main suite's side of the Hugging Face oracles: transformers 4.57.6 in `.venv-oracle` (every
+check), and 4.55.4 in `.venv-oracle-455`, the last release shipping contrastive search in the
+library (`oracle_run(..., oracle="4.55")`).
 
-Each call becomes one subprocess of `.venv-oracle/bin/python tests/oracle/hf_oracle.py`; results are
+Each call becomes one subprocess of `<venv>/bin/python tests/oracle/hf_oracle.py`; results are
 cached under `.cache/oracle/` by a hash of the request, the oracle script, the oracle's pinned
-requirements, the transformers version installed in `.venv-oracle` and (for runs) the bytes of the
+requirements, the transformers version installed in its venv and (for runs) the bytes of the
 model folder, so reruns cost nothing and a different transformers never answers from a stale cache.
 
     folder = oracle_checkpoint(config, seed=0)                    # HF-written checkpoint, all formats
@@ -30,6 +32,8 @@ from opt_core import OPTConfig
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("hf_oracle.py")
 ORACLE_PYTHON = ROOT / ".venv-oracle" / "bin" / "python"
+# Each oracle: its venv (built by `make oracle` / `make oracle-455`) and its pinned requirements.
+ORACLES = {"4.57": (".venv-oracle", "oracle.txt"), "4.55": (".venv-oracle-455", "oracle-455.txt")}
 CACHE = Path(os.environ.get("OPT_ORACLE_CACHE", ROOT / ".cache" / "oracle"))
 ALL_FORMATS = ("safetensors", "bin", "tf-h5", "flax-msgpack")
 
@@ -38,28 +42,33 @@ class OracleError(RuntimeError):
     pass
 
 
-def oracle_available() -> bool:
-    return ORACLE_PYTHON.is_file()
+def _python(oracle: str) -> Path:
+    return ROOT / ORACLES[oracle][0] / "bin" / "python"
 
 
-def require_oracle() -> None:
-    """Fail (not skip) when the oracle venv is missing: `make test` always builds it."""
-    if not oracle_available():
-        pytest.fail(f"the oracle venv is missing ({ORACLE_PYTHON}); run `make oracle` (make test does)")
+def oracle_available(oracle: str = "4.57") -> bool:
+    return _python(oracle).is_file()
+
+
+def require_oracle(oracle: str = "4.57") -> None:
+    """Fail (not skip) when an oracle venv is missing: `make test` always builds both."""
+    if not oracle_available(oracle):
+        target = "oracle" if oracle == "4.57" else "oracle-455"
+        pytest.fail(f"the oracle venv is missing ({_python(oracle)}); run `make {target}` (make test does)")
 
 
 @functools.cache
-def installed_transformers_version() -> str:
-    """The transformers version in the oracle venv, from its dist-info folder (no import needed)."""
-    found = sorted((ROOT / ".venv-oracle").glob("lib/python*/site-packages/transformers-*.dist-info"))
+def installed_transformers_version(oracle: str = "4.57") -> str:
+    """The transformers version in an oracle venv, from its dist-info folder (no import needed)."""
+    found = sorted((ROOT / ORACLES[oracle][0]).glob("lib/python*/site-packages/transformers-*.dist-info"))
     return found[-1].name.removeprefix("transformers-").removesuffix(".dist-info") if found else "missing"
 
 
-def _hash(*parts: Any) -> str:
+def _hash(*parts: Any, oracle: str = "4.57") -> str:
     h = hashlib.sha256()
     h.update(SCRIPT.read_bytes())
-    h.update((ROOT / "requirements" / "oracle.txt").read_bytes())
-    h.update(installed_transformers_version().encode())
+    h.update((ROOT / "requirements" / ORACLES[oracle][1]).read_bytes())
+    h.update(installed_transformers_version(oracle).encode())
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=_jsonable).encode())
     return h.hexdigest()[:24]
@@ -84,8 +93,8 @@ def _folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _call(request: dict[str, Any], timeout: int = 900) -> None:
-    require_oracle()
+def _call(request: dict[str, Any], timeout: int = 900, oracle: str = "4.57") -> None:
+    require_oracle(oracle)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(request, f, default=_jsonable)
         path = f.name
@@ -93,7 +102,7 @@ def _call(request: dict[str, Any], timeout: int = 900) -> None:
     env.update(TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     try:
         proc = subprocess.run(
-            [str(ORACLE_PYTHON), str(SCRIPT), path], capture_output=True, text=True, timeout=timeout, env=env
+            [str(_python(oracle)), str(SCRIPT), path], capture_output=True, text=True, timeout=timeout, env=env
         )
     finally:
         os.unlink(path)
@@ -136,15 +145,17 @@ def oracle_checkpoint(
     return folder
 
 
-def oracle_run(folder: str | Path, runs: list[dict[str, Any]], head: str = "causal_lm") -> list[dict[str, np.ndarray]]:
-    """Run Hugging Face on `folder` once per entry of `runs` (see hf_oracle.py); cached."""
+def oracle_run(folder: str | Path, runs: list[dict[str, Any]], head: str = "causal_lm",
+               oracle: str = "4.57") -> list[dict[str, np.ndarray]]:
+    """Run Hugging Face (`oracle`: "4.57" or "4.55", a key of ORACLES) on `folder` once per entry of
+    `runs` (see hf_oracle.py); cached."""
     folder = Path(folder)
-    key = _hash("run", _folder_digest(folder), head, runs)
+    key = _hash("run", _folder_digest(folder), head, runs, oracle=oracle)
     out = CACHE / "run" / f"{key}.npz"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-        _call({"task": "run", "model": str(folder), "head": head, "runs": runs, "out": str(tmp)})
+        _call({"task": "run", "model": str(folder), "head": head, "runs": runs, "out": str(tmp)}, oracle=oracle)
         os.replace(tmp, out)
     data = np.load(out)
     results: list[dict[str, np.ndarray]] = [{} for _ in runs]

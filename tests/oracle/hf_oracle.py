@@ -11,7 +11,8 @@ REQUEST.json:
         up fails), and saves it in each format with Hugging Face's own writers.
     {"task": "run", "model": DIR, "head": ..., "runs": [{"framework": "torch"|"tf"|"flax",
      "input_ids": [[...]], "attention_mask": [[...]], "generate": {...} or null,
-     "hidden_states": bool, "dtype": "float32", "attn_implementation": "eager"|"sdpa"}],
+     "hidden_states": bool, "dtype": "float32", "attn_implementation": "eager"|"sdpa",
+     "generation_config": {field: value} (torch: set on model.generation_config before generate)}],
      "out": FILE.npz}
         Loads DIR with the framework's class and writes, per run i, `i/logits`, `i/hidden_states`
         (stacked), `i/start_logits`, `i/end_logits`, `i/sequences` into one .npz.
@@ -111,7 +112,12 @@ def _torch_run(folder: str, head: str, run: dict) -> dict:
 
     dtype = getattr(torch, run.get("dtype", "float32"))
     cls = _class("torch", head)
-    model = cls.from_pretrained(folder, dtype=dtype, attn_implementation=run.get("attn_implementation", "eager")).eval()
+    # 4.55 (the contrastive-search oracle) spells the keyword torch_dtype; 4.56 renamed it dtype.
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+    model = cls.from_pretrained(folder, attn_implementation=run.get("attn_implementation", "eager"), **dtype_kw).eval()
     ids = torch.tensor(run["input_ids"])
     mask = torch.tensor(run["attention_mask"]) if run.get("attention_mask") is not None else None
     res: dict = {}
@@ -123,6 +129,8 @@ def _torch_run(folder: str, head: str, run: dict) -> dict:
         if run.get("hidden_states"):
             res.update({f"hidden_states.{j}": h.float().numpy() for j, h in enumerate(out.hidden_states)})
         if run.get("generate"):
+            for key, value in (run.get("generation_config") or {}).items():
+                setattr(model.generation_config, key, value)  # e.g. pad_token_id None: HF's own fallback
             seqs = model.generate(input_ids=ids, attention_mask=mask, **run["generate"])
             res["sequences"] = seqs.numpy()
     return res

@@ -75,22 +75,6 @@ def test_functional_form_equals_the_method(small_model):
     assert torch.equal(generate(model, torch.from_numpy(ids), torch.from_numpy(mask), max_new_tokens=6), out)
 
 
-def test_contrastive_search(small_model):
-    model, ids, mask = small_model
-    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10)
-    # alpha -> 0 ranks candidates by probability alone: greedy decoding.
-    tiny = gen.contrastive_search(model, ids, mask, max_new_tokens=10, penalty_alpha=1e-9, top_k=4)
-    assert torch.equal(tiny, greedy)
-    out = gen.contrastive_search(model, ids, mask, max_new_tokens=10, penalty_alpha=0.6, top_k=4)
-    assert out.shape == greedy.shape and torch.equal(out[:, : ids.shape[1]], torch.from_numpy(ids))
-    assert torch.equal(out, gen.contrastive_search(model, ids, mask, max_new_tokens=10, penalty_alpha=0.6, top_k=4))
-    # The degeneration penalty repeats less than greedy does.
-    distinct = lambda x: sum(len(set(r[ids.shape[1]:].tolist())) for r in x)  # noqa: E731
-    assert distinct(out) >= distinct(greedy)
-    with pytest.raises(ValueError, match="penalty_alpha"):
-        gen.contrastive_search(model, ids, mask, penalty_alpha=2.0)
-
-
 def test_errors_name_the_input(small_model):
     model, ids, mask = small_model
     with pytest.raises(ValueError, match="outside the vocabulary"):
