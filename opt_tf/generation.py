@@ -512,9 +512,9 @@ def contrastive_search_loop(
     vocab = model.config.vocab_size
     n = tf.minimum(limit, total - t)
     decoder = model.get_decoder()
-    cache = init(model.config, b, total, decoder.embed_tokens.dtype)
+    cache = init_cache(model.config, b, total, decoder.embed_tokens.dtype)
     key_mask = tf.pad(mask, [[0, 0], [0, total - t]])  # [B, S]; slots switch on as they fill
-    out = decoder(ids, tf.cumsum(mask, axis=-1) * mask - 1, key_mask, past_key_values=cache, training=False)
+    out = decoder(ids, positions_from_mask(mask, 0, t), key_mask, past_key_values=cache, training=False)
     hidden = tf.cast(out.last_hidden_state, tf.float32)  # [B, T, E]
     logits = tf.cast(model.lm_logits(out.last_hidden_state[:, -1:])[:, 0], tf.float32)  # [B, V]
     context = tf.pad(hidden, [[0, 0], [0, total - t], [0, 0]])  # [B, S, E]: what candidates are held against
