@@ -54,9 +54,10 @@ class StaticCache:
         """The cache after a call that wrote `new_tokens` tokens into every layer."""
         return StaticCache(tuple(keys), tuple(values), self.length + new_tokens)
 
-    def reorder(self, rows: jax.Array) -> StaticCache:
-        """Keep batch rows `rows` [B'] (beam search: each beam continues from its parent's cache)."""
-        return StaticCache(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values), self.length)
+    def reorder(self, beam_idx: jax.Array) -> StaticCache:
+        """Keep batch rows `beam_idx` [B'] (beam search: each beam continues from its parent's cache)."""
+        return StaticCache(tuple(k[beam_idx] for k in self.keys), tuple(v[beam_idx] for v in self.values),
+                           self.length)
 
 
 def _write_slot(buffer: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:

@@ -69,6 +69,8 @@ OWN_NAMES: list[tuple[frozenset[str], str, frozenset[str]]] = [
     (frozenset({"tf"}), "each framework's dtype resolution", frozenset({"keras_dtype"})),
     (frozenset({"flax"}), "each framework's dtype resolution", frozenset({"jax_dtype"})),
     (frozenset({"torch"}), "being unified: fill a built model from a checkpoint", frozenset({"fill_parameters"})),
+    (frozenset({"torch"}), "one tensor read from a checkpoint at a time: what disk-offloaded layers "
+     "(opt_torch.offload, torch only) stream in per forward", frozenset({"read_parameter"})),
     (frozenset({"tf"}), "being unified: fill a built model from a checkpoint", frozenset({"fill_variables"})),
     (frozenset({"flax"}), "being unified: fill a built model from a checkpoint", frozenset({"fill_params"})),
     # ---- training
@@ -87,20 +89,36 @@ OWN_NAMES: list[tuple[frozenset[str], str, frozenset[str]]] = [
                 "dequantize_groupwise_int4", "dequantize_per_channel", "has_vnni", "quantize_groupwise_int4",
                 "quantize_layer", "quantize_vocabulary", "quantizing_checkpoint", "quantize_per_channel"})),
     (frozenset({"tf", "flax"}), "XLA has one int8 layer for both modes", frozenset({"QuantizedLinear"})),
-    # ---- cache and generation: being unified (another branch is rewriting both right now)
-    (frozenset({"torch"}), "being unified", frozenset({
-        "Cache", "DynamicCache", "StaticCache.crop", "StaticCache.reset",
-        "banned_ngram_mask", "beam_search", "contrastive_search", "decode_one_token", "greedy_or_sample",
-        "next_tokens", "vocab_salt"})),
-    (frozenset({"torch", "tf"}), "being unified", frozenset({"StaticCache"})),
-    (frozenset({"tf"}), "being unified", frozenset({
-        "StaticCache.advanced", "GenerationSettings", "Knobs", "compiled_generate_fn", "knobs", "sample"})),
-    (frozenset({"flax"}), "being unified", frozenset({
-        "KVCache", "beam_search_loop", "compilation_count", "greedy_or_sample_loop",
-        "OPTPreTrainedModel.init_cache"})),
-    (frozenset({"tf", "flax"}), "being unified", frozenset({
-        "banned_ngram_tokens", "emit", "penalise_seen", "random_bits", "run", "seed_words", "seen_tokens",
-        "uniforms"})),
+    # ---- cache: torch decodes eagerly and edits its cache in place; TF and Flax caches are
+    # immutable values carried through compiled loops
+    (frozenset({"torch"}), "eager caches: Hugging Face's growing DynamicCache (and the Cache base both "
+     "share) and in-place StaticCache edits (crop for assisted decoding, reset for reuse)",
+     frozenset({"Cache", "DynamicCache", "StaticCache.crop", "StaticCache.reset"})),
+    (frozenset({"tf", "flax"}), "an immutable cache: a call returns it advanced by the tokens it wrote "
+     "(torch's advances in place inside update)", frozenset({"StaticCache.advanced"})),
+    (frozenset({"torch", "tf"}), "the filled length as a Python int for eager callers; Flax code runs "
+     "under jit and reads `cache.length`", frozenset({"StaticCache.get_seq_length"})),
+    (frozenset({"flax"}), "a static shape read by the batch-1 in-place write path",
+     frozenset({"StaticCache.batch_size"})),
+    # ---- generation: torch loops in Python; TF and Flax run whole decoding loops compiled, so the
+    # loop carries are named structures and the processors work on fixed-shape tables in-graph
+    (frozenset({"tf", "flax"}), "the named carry of the compiled beam-search while-loop (torch keeps a "
+     "BeamState in a Python loop)", frozenset({"BeamLoop"})),
+    (frozenset({"flax"}), "the named carry of Flax's jitted contrastive loop (TF's passes its values as "
+     "while_loop variables)", frozenset({"ContrastiveLoop"})),
+    (frozenset({"torch"}), "a Python loop: the beam state is built and read outside any graph",
+     frozenset({"BeamState.start", "beam_search_result"})),
+    (frozenset({"torch"}), "eager processors and sampling on the ids themselves (torch draws the counter-"
+     "based bits through next_tokens and vocab_salt)",
+     frozenset({"banned_ngram_mask", "next_tokens", "vocab_salt"})),
+    (frozenset({"tf", "flax"}), "in-graph processors on fixed-shape 'seen' tables and the counter-based "
+     "random bits computed inside the compiled loop; `run` dispatches one generate call to its loop",
+     frozenset({"banned_ngram_tokens", "penalise_seen", "random_bits", "run", "seen_tokens", "uniforms"})),
+    (frozenset({"tf"}), "TF's compiled generate function and its cache: the settings that fix a graph "
+     "(GenerationSettings) and the values fed to it (Knobs), shared with the SavedModel export",
+     frozenset({"GenerationSettings", "Knobs", "compiled_generate_fn", "knobs", "sample"})),
+    (frozenset({"flax"}), "counts jit compilations, for the tests that hold prompt bucketing to one graph",
+     frozenset({"compilation_count"})),
 ]
 
 # A model call's parameters each backend alone has (tests/common/test_api.py holds the shared ones
@@ -120,12 +138,19 @@ OWN_PARAMETERS: dict[str, tuple[dict[str, set[str]], str]] = {
     **{name: ({b: set(p) for b, p in OWN_CALL_PARAMETERS.items()}, "see OWN_CALL_PARAMETERS")
        for name in _MODEL_CALLS},
     "io.from_pretrained": ({"torch": {"device", "attn_implementation", "torch_dtype", "tp_plan", "device_mesh",
-                                      "calibration"},
+                                      "calibration", "device_map", "max_memory", "offload_folder"},
                             "flax": {"param_dtype", "rngs", "remat"}},
                            "each backend's own load options (the model classes' **backend_options)"),
     "io.save_pretrained": ({"tf": {"tf_h5"}, "flax": {"flax_msgpack", "safetensors"}},
                            "the framework's own checkpoint file, written on request"),
     "training.train_causal_lm": ({"torch": {"fsdp", "resume_from"}}, "FSDP and its resumable checkpoints are torch's"),
+    "cache.StaticCache.get_seq_length": ({"torch": {"layer_idx"}}, "Hugging Face's Cache signature (torch's "
+                                         "caches are also handed to code written for HF's)"),
+    "cache.init_cache": ({"torch": {"device", "num_heads"}},
+                         "torch places the buffers on a device, and a tensor-parallel rank holds only its heads"),
+    "generation.decode_one_token": ({"torch": {"output_hidden_states"}},
+                                    "torch's contrastive search reads the step's hidden state through the same "
+                                    "call; TF and Flax call the model for it inside their compiled loop"),
     "training.evaluate_causal_lm": ({"torch": {"bf16"}}, "autocast evaluation; TF/Flax take the model's dtype"),
     "quantize.quantize_model": ({"torch": {"smoothing", "include_embeddings"}},
                                 "SmoothQuant and the int8 vocabulary table are torch's (see OWN_NAMES)"),
@@ -136,17 +161,17 @@ OWN_PARAMETERS: dict[str, tuple[dict[str, set[str]], str]] = {
 # Signatures that differ beyond a backend's own parameters: being unified (cache and generation
 # are being rewritten on another branch; the layer calls take each framework's cache form).
 DIFFERENT_SIGNATURES = {
-    "modeling.OPTAttention.__call__": "being unified: each framework's cache form (torch Cache object, TF StaticCache "
-                                      "+ layer index, Flax (keys, values, slot) tuple) and dropout switch",
-    "modeling.OPTDecoderLayer.__call__": "being unified: as OPTAttention.__call__",
-    "modeling.OPTDecoder.__call__": "being unified: TF receives positions and the key mask already built",
-    "cache.init": "being unified", "cache.reorder": "being unified",
-    "generation.apply_no_repeat_ngram": "being unified", "generation.gumbel_noise": "being unified",
-    "generation.prefill": "being unified", "generation.process_logits": "being unified",
-    "generation.warp_logits": "being unified", "generation.banned_ngram_tokens": "being unified",
-    "cache.StaticCache.get_seq_length": "being unified",
-    "io.save_pretrained": "the save path is being reworked on another branch: Flax makes max_shard_size "
-                          "keyword-only, torch and TF do not; align at merge",
+    "modeling.OPTAttention.__call__": "each framework's cache form (torch Cache object, TF StaticCache + layer "
+                                      "index, Flax StaticCache and layer index) and dropout switch",
+    "modeling.OPTDecoderLayer.__call__": "as OPTAttention.__call__",
+    "modeling.OPTDecoder.__call__": "TF receives positions and the key mask already built",
+    **{f"generation.{name}": "compiled loops: TF and Flax take the settings that fix a graph as static "
+                             "arguments and the rest as tensors, torch one GenerationOptions"
+       for name in ("greedy_or_sample_loop", "beam_search_loop", "contrastive_search_loop", "beam_search_step",
+                    "prefill", "process_logits", "warp_logits", "apply_no_repeat_ngram", "gumbel_noise",
+                    "banned_ngram_tokens")},
+    "io.save_pretrained": "Flax makes max_shard_size keyword-only, torch and TF do not (their positional "
+                          "order is Hugging Face's)",
 }
 
 

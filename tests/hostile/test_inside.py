@@ -142,7 +142,8 @@ def test_valid_revisions_reach_the_hub(monkeypatch, revision):
     from opt_core import hub
 
     asked = []
-    monkeypatch.setattr(hub, "_download", lambda repo, name, rev: asked.append(rev))
+    monkeypatch.setattr(hub, "_unreachable_hub", lambda: None)  # as if the Hub answered: no network here
+    monkeypatch.setattr(hub, "_download", lambda repo, name, rev, local_only: asked.append(rev))
     with pytest.raises(FileNotFoundError):
         hub.resolve_pretrained("org/name", revision=revision)
     assert asked == [revision]
