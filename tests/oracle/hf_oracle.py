@@ -23,6 +23,15 @@ REQUEST.json:
         Applies Hugging Face's own logits processor / warper classes, in the order given, to float32
         `scores`; writes `i/scores` per case. MinNewTokensLengthLogitsProcessor gets
         `prompt_length_to_skip` from the case's prompt_length.
+    {"task": "peft_logits", "model": DIR, "adapter": ADAPTER_DIR, "input_ids": [[...]],
+     "attention_mask": [[...]], "out": FILE.npz}
+        Loads DIR with OPTForCausalLM, applies the adapter with `peft.PeftModel.from_pretrained`
+        and writes its float32 `logits`.
+    {"task": "peft_adapter", "model": DIR, "lora": {"r", "lora_alpha", "target_modules", "use_rslora"},
+     "seed": 0, "b_std": 0.1, "out": ADAPTER_DIR}
+        Wraps DIR's OPTForCausalLM with `peft.get_peft_model` (PEFT's own init of A), sets every lora_B
+        to seeded normal noise (PEFT initialises B to zero, which would hide a wrong A or scaling) and
+        saves the adapter with PEFT's `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -213,10 +222,42 @@ def processors(req: dict) -> None:
     np.savez(req["out"], **arrays)
 
 
+def peft_logits(req: dict) -> None:
+    import torch
+    from peft import PeftModel
+
+    base = _class("torch", "causal_lm").from_pretrained(req["model"], attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, req["adapter"]).eval()
+    ids = torch.tensor(req["input_ids"])
+    mask = torch.tensor(req["attention_mask"]) if req.get("attention_mask") is not None else None
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    np.savez(req["out"], logits=logits.float().numpy())
+
+
+def peft_adapter(req: dict) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(req["seed"])
+    base = _class("torch", "causal_lm").from_pretrained(req["model"], attn_implementation="eager")
+    lora = req["lora"]
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"],
+                        use_rslora=lora.get("use_rslora", False), lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(req["seed"] + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * req.get("b_std", 0.1))
+    model.save_pretrained(req["out"])
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         req = json.load(f)
-    {"checkpoint": checkpoint, "run": run, "tokenize": tokenize, "processors": processors}[req["task"]](req)
+    {"checkpoint": checkpoint, "run": run, "tokenize": tokenize, "processors": processors,
+     "peft_logits": peft_logits, "peft_adapter": peft_adapter}[req["task"]](req)
 
 
 if __name__ == "__main__":
