@@ -43,6 +43,7 @@ __all__ = [
     "train_question_answering",
     "train_sequence_classification",
     "train_step",
+    "trainable_filter",
 ]
 
 LossFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
@@ -83,7 +84,13 @@ def make_training_optimizer(model: Any, args: TrainingArguments) -> nnx.Optimize
         weight_decay=args.weight_decay, mask=lambda params: jax.tree.map(lambda p: decays(p.shape), params),
     )
     tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), adamw) if args.max_grad_norm else adamw
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return nnx.Optimizer(model, tx, wrt=trainable_filter(model))
+
+
+def trainable_filter(model: Any) -> Any:
+    """What trains: only the LoRA adapters (`nnx.LoRAParam`) once `opt_flax.lora` gave the model one,
+    so the base stays frozen and the optimiser state holds adapter tensors only; else every Param."""
+    return nnx.LoRAParam if getattr(model, "lora_config", None) is not None else nnx.Param
 
 
 # ---------------------------------------------------------------- evaluation
@@ -178,7 +185,7 @@ def _fit(
     if args.gradient_checkpointing:
         model.get_decoder().remat = True
     optimizer = make_training_optimizer(model, args)
-    train_step_fn = _make_train_step(loss_fn)
+    train_step_fn = _make_train_step(loss_fn, trainable_filter(model))
     model.train()
     progress = TrainingProgress(model, args, evaluate, tokenizer, log)
     for step in range(args.max_steps):
@@ -190,7 +197,7 @@ def _fit(
     return progress.finish()
 
 
-def _make_train_step(loss_fn: LossFn) -> Any:
+def _make_train_step(loss_fn: LossFn, wrt: Any = nnx.Param) -> Any:
     @nnx.jit
     def step(model: Any, optimizer: nnx.Optimizer,
              micro_batches: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -199,7 +206,7 @@ def _make_train_step(loss_fn: LossFn) -> Any:
         total_loss, total_grads = 0.0, None
         for i in range(accum):
             batch = {k: v[i] for k, v in micro_batches.items()}
-            loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+            loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model, batch)
             total_loss = total_loss + loss / accum
             grads = jax.tree.map(lambda g: g / accum, grads)
             total_grads = grads if total_grads is None else jax.tree.map(jnp.add, total_grads, grads)

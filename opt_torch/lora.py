@@ -196,7 +196,8 @@ def adapter_config(model: nn.Module) -> LoraConfig:
 def adapter_weights(model: nn.Module) -> AdapterWeights:
     """{(layer, module): (A [r, in], B [out, r])} as float32 NumPy arrays."""
     adapter_config(model)
-    return {key: (m.lora_A.weight.detach().float().cpu().numpy(), m.lora_B.weight.detach().float().cpu().numpy())
+    return {key: (m.lora_A.weight.detach().float().cpu().numpy().copy(),
+                  m.lora_B.weight.detach().float().cpu().numpy().copy())
             for key, m in _lora_modules(model).items()}
 
 
