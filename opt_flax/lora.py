@@ -73,25 +73,25 @@ class LoraLinear(nnx.Module):
         if self.merged:
             return y
         h = self.lora_dropout(x) if self.lora_dropout is not None else x
-        a, b = self.lora_A.value.astype(x.dtype), self.lora_B.value.astype(x.dtype)
+        a, b = self.lora_A.get_value().astype(x.dtype), self.lora_B.get_value().astype(x.dtype)
         return y + ((h @ a) @ b) * self.scaling  # [..., in] @ [in, r] @ [r, out]
 
     def delta_weight(self) -> jnp.ndarray:
         """scaling * A @ B [in, out] in float32: what merging adds to the base kernel."""
-        return (self.lora_A.value.astype(jnp.float32) @ self.lora_B.value.astype(jnp.float32)) * self.scaling
+        return (self.lora_A.get_value().astype(jnp.float32) @ self.lora_B.get_value().astype(jnp.float32)) * self.scaling
 
     def merge(self) -> None:
         """Fold the update into the base kernel (no-op when merged)."""
         if not self.merged:
             k = self.base_layer.kernel
-            k.value = (k.value.astype(jnp.float32) + self.delta_weight()).astype(k.value.dtype)
+            k.set_value((k.get_value().astype(jnp.float32) + self.delta_weight()).astype(k.get_value().dtype))
             self.merged = True
 
     def unmerge(self) -> None:
         """Take the update back out of the base kernel (no-op when not merged)."""
         if self.merged:
             k = self.base_layer.kernel
-            k.value = (k.value.astype(jnp.float32) - self.delta_weight()).astype(k.value.dtype)
+            k.set_value((k.get_value().astype(jnp.float32) - self.delta_weight()).astype(k.get_value().dtype))
             self.merged = False
 
 
@@ -183,7 +183,7 @@ def adapter_config(model: Any) -> LoraConfig:
 def adapter_weights(model: Any) -> AdapterWeights:
     """{(layer, module): (A [r, in], B [out, r])} as float32 NumPy arrays."""
     adapter_config(model)
-    return {key: (np.asarray(m.lora_A.value, np.float32).T, np.asarray(m.lora_B.value, np.float32).T)
+    return {key: (np.asarray(m.lora_A.get_value(), np.float32).T, np.asarray(m.lora_B.get_value(), np.float32).T)
             for key, m in _lora_modules(model).items()}
 
 
