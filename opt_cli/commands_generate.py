@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,8 @@ def _generate(p: argparse.ArgumentParser):
     add_backend_argument(p)
     p.add_argument("--prompt", default="ROMEO:", help="text to continue (`</s>` is prepended)")
     p.add_argument("--stream", action="store_true", help="print the text as the tokens are produced")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply a LoRA adapter folder (PEFT's files, e.g. from opt train --lora-r) to --model")
     p.add_argument("--show-prompt", action=argparse.BooleanOptionalAction, default=True,
                    help="print the prompt before the continuation")
     add_threads_argument(p)
@@ -119,6 +122,8 @@ def _generate(p: argparse.ArgumentParser):
             require_distributed_launch("--tp-plan")
             print_on_first_rank_only()
         model = backend.load(folder, **load_options(args))
+        if args.adapter:
+            backend.module("lora").load_adapter(model, Path(args.adapter))
         kwargs = generation_kwargs(args)
         if args.show_prompt:
             print(args.prompt, end="", flush=True)

@@ -2,10 +2,13 @@
 
     opt train --corpus tinyshakespeare.txt --out my-model                 # tokenizer + model from scratch
     opt train --corpus more.txt --init bundled --out tuned --steps 100    # fine-tune an existing model
+    opt train --corpus more.txt --init bundled --out adapter --lora-r 8   # a LoRA adapter (docs/lora.md)
 
 The last `--validation-fraction` of the text is held out and reported as perplexity. The output
 folder is a Hugging Face-layout model folder (config, weights, tokenizer, generation config) plus
-`training_args.json` and `trainer_log.json`.
+`training_args.json` and `trainer_log.json`. With `--lora-r`, only a LoRA adapter on the frozen
+`--init` model trains, and `--out` receives the adapter in PEFT's files (adapter_config.json,
+adapter_model.safetensors) and training_summary.json, not a copy of the base.
 """
 
 from __future__ import annotations
@@ -75,6 +78,36 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fsdp", action="store_true", help="torch under torchrun: FSDP2 over the ranks, rank 0 saves")
 
 
+def add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA (opt_core.lora.LoraConfig; needs --init)")
+    g.add_argument("--lora-r", type=positive_int, default=None,
+                   help="train a rank-R LoRA adapter on the frozen --init model instead of all parameters")
+    g.add_argument("--lora-alpha", type=float_in(0.0, lo_open=True), default=None,
+                   help="adapter scaling numerator (default: 2 x --lora-r)")
+    g.add_argument("--lora-dropout", type=float_in(0.0, 1.0), default=0.0, help="dropout on the adapter input")
+    g.add_argument("--lora-targets", default="q_proj,v_proj", metavar="NAMES",
+                   help="comma-separated layers to adapt (q_proj,k_proj,v_proj,out_proj,fc1,fc2)")
+    g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
+
+
+def lora_config_of(args: argparse.Namespace, init: Path | None) -> Any:
+    """The `LoraConfig` of the --lora-* arguments, or None without --lora-r."""
+    if args.lora_r is None:
+        return None
+    from opt_core.lora import LoraConfig
+
+    if init is None:
+        raise UsageError("--lora-r adapts an existing model: pass --init DIR (or 'bundled')")
+    if args.fsdp or args.save_every:
+        raise UsageError("--lora-r does not combine with --fsdp or --save-every (the adapter is saved at the end)")
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    try:
+        return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r, lora_dropout=args.lora_dropout,
+                          target_modules=targets, use_rslora=args.rslora, base_model_name_or_path=str(init))
+    except ValueError as e:
+        raise UsageError(f"--lora-*: {e}") from None
+
+
 @register("train", "Train or fine-tune a causal-LM OPT on a text file (tokenizer too, when new)")
 def _train(p: argparse.ArgumentParser):
     p.add_argument("--corpus", required=True, metavar="FILE", help="UTF-8 text file to train on")
@@ -92,6 +125,7 @@ def _train(p: argparse.ArgumentParser):
     add_threads_argument(p)
     add_model_shape_arguments(p)
     add_training_arguments(p)
+    add_lora_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
         from opt_core.data import read_text
@@ -114,10 +148,11 @@ def _train(p: argparse.ArgumentParser):
         # with --init X --out X the old model stays whole until the new one is complete.
         # Rank 0 owns the folder: it settles, creates, commits or removes the temporary folder.
         first = is_first_rank()
+        lora_config = lora_config_of(args, init)  # before any work: --lora-r needs --init
         tx = output_transaction(args.out, args.overwrite, what="--out", inputs=[corpus], token=_job_token(args.out),
                                 begin=first)
         try:
-            return _train_into(args, backend, corpus, init, tx)
+            return _train_into(args, backend, corpus, init, tx, lora_config)
         finally:
             if first:
                 tx.abort()  # nothing when committed
@@ -136,7 +171,8 @@ def _job_token(out: str) -> str | None:
     return hashlib.sha256(f"{run_id}\0{os.path.abspath(out)}".encode()).hexdigest()[:32]
 
 
-def _train_into(args: argparse.Namespace, backend: Any, corpus: Path, init: Path | None, tx: Any) -> int:
+def _train_into(args: argparse.Namespace, backend: Any, corpus: Path, init: Path | None, tx: Any,
+                lora_config: Any = None) -> int:
     from opt_core import OPTConfig, OPTTokenizer
     from opt_core.data import load_text_datasets, read_text, split_text, train_tokenizer
     from opt_core.training_args import TrainingArguments
@@ -185,7 +221,9 @@ def _train_into(args: argparse.Namespace, backend: Any, corpus: Path, init: Path
         max_grad_norm=args.max_grad_norm or None, seed=args.seed,
         validation_fraction=args.validation_fraction, eval_every=args.eval_every,
         eval_batches=args.eval_batches, save_every=args.save_every, log_every=args.log_every,
-        output_dir=str(out), bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+        # a LoRA run writes only the adapter, at the end (checkpoints would save the whole model)
+        output_dir=None if lora_config else str(out), bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     train, val = load_text_datasets(corpus, tokenizer, block, args.validation_fraction)
     print(f"data: {corpus}: {train.num_tokens:,} training tokens in {len(train)} blocks of {block}, "
@@ -194,6 +232,11 @@ def _train_into(args: argparse.Namespace, backend: Any, corpus: Path, init: Path
     apply_threads(backend, args.threads)
     options = backend.bf16_training() if args.bf16 else {}  # before the model exists: some fix dtypes at build
     model = backend.load(init, **options) if init else backend.new(config, seed=args.seed, **options)
+    if lora_config is not None:
+        lora = backend.module("lora")
+        lora.add_adapter(model, lora_config, seed=args.seed)
+        print(f"LoRA: rank {lora_config.r} on {', '.join(lora_config.target_modules)}, scaling "
+              f"{lora_config.scaling:g}; the base is frozen")
     from opt_core.params import parameter_count
 
     print(f"model: {parameter_count(config):,} parameters, {config.num_hidden_layers} layers x "
@@ -207,7 +250,10 @@ def _train_into(args: argparse.Namespace, backend: Any, corpus: Path, init: Path
                                                **({"fsdp": True} if args.fsdp else {}))
     if not is_first_rank():
         return 0  # rank 0 writes the folder
-    write_generation_config(out, config)
+    if lora_config is not None:
+        lora.save_adapter(model, out)
+    else:
+        write_generation_config(out, config)
     summary: dict[str, Any] = {
         "command": "opt " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "opt" else None,
         "arguments": {k: v for k, v in vars(args).items() if k != "handler"},

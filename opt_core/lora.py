@@ -234,7 +234,7 @@ def lora_a_uniforms(seed: int, layer: int, module: str, r: int, in_features: int
     """The float32 uniforms u in (0, 1) [r, in_features] of A's initialisation (module docstring)."""
     seed = check_seed(seed)
     k0, k1 = np.uint32(seed & MASK32), np.uint32(seed >> 32)
-    s = fmix32(fmix32(k0 ^ np.uint32(LORA_SALT)) ^ k1)
+    s = fmix32(fmix32(np.asarray(k0 ^ np.uint32(LORA_SALT))) ^ k1)
     s = fmix32(fmix32(s ^ np.uint32(layer & MASK32)) ^ np.uint32(list(TARGETABLE_MODULES).index(module)))
     with np.errstate(over="ignore"):
         counters = fmix32(np.arange(r * in_features, dtype=np.uint32) + np.uint32(VOCAB_SALT))

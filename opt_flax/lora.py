@@ -78,7 +78,8 @@ class LoraLinear(nnx.Module):
 
     def delta_weight(self) -> jnp.ndarray:
         """scaling * A @ B [in, out] in float32: what merging adds to the base kernel."""
-        return (self.lora_A.get_value().astype(jnp.float32) @ self.lora_B.get_value().astype(jnp.float32)) * self.scaling
+        a, b = self.lora_A.get_value().astype(jnp.float32), self.lora_B.get_value().astype(jnp.float32)
+        return (a @ b) * self.scaling  # [in, r] @ [r, out]
 
     def merge(self) -> None:
         """Fold the update into the base kernel (no-op when merged)."""

@@ -55,8 +55,9 @@ __all__ = [
 class LoraLinear(keras.layers.Layer):
     """A frozen linear layer plus a trainable low-rank update:
     `base_layer(x) + (dropout(x) @ lora_A) @ lora_B * scaling`, lora_A [in, r], lora_B [r, out].
-    While `merged`, the update lives in `base_layer`'s kernel and is not added again. `kernel` and
-    `bias` are the base layer's, so the model's canonical names still find them."""
+    While `merged`, the update lives in `base_layer`'s kernel and is not added again. Like the other
+    backends' wrappers it exposes no `kernel`: `save_pretrained` on a model that still carries an
+    adapter fails (naming the weight) instead of silently writing the base without it."""
 
     def __init__(self, base_layer: Any, a: np.ndarray, b: np.ndarray, scaling: float, dropout: float, **kwargs: Any):
         if not isinstance(base_layer, Linear):
@@ -72,21 +73,14 @@ class LoraLinear(keras.layers.Layer):
         self.merged = False
         self.built = True
 
-    @property
-    def kernel(self) -> Any:
-        return self.base_layer.kernel
-
-    @property
-    def bias(self) -> Any:
-        return self.base_layer.bias
-
     def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         y = self.base_layer(x)
         if self.merged:
             return y
         h = self.lora_dropout(x, training=training) if self.lora_dropout is not None else x
         a, b = tf.cast(self.lora_A, x.dtype), tf.cast(self.lora_B, x.dtype)
-        return y + tf.tensordot(tf.tensordot(h, a, axes=1), b, axes=1) * self.scaling  # [..., in] -> [..., r] -> [..., out]
+        # [..., in] -> [..., r] -> [..., out]
+        return y + tf.tensordot(tf.tensordot(h, a, axes=1), b, axes=1) * self.scaling
 
     def delta_weight(self) -> tf.Tensor:
         """scaling * A @ B [in, out] in float32: what merging adds to the base kernel."""

@@ -126,9 +126,8 @@ def _lora_modules(model: nn.Module) -> dict[tuple[int, str], LoraLinear]:
 def _install(model: nn.Module, config: LoraConfig, weights: AdapterWeights) -> nn.Module:
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("the model already has a LoRA adapter; merge_and_unload() it first")
-    for i, layer in enumerate(_layers(model)):
-        attn = layer.self_attn
-        if getattr(attn, "qkv_proj", None) is not None:
+    for layer in _layers(model):
+        if getattr(layer.self_attn, "qkv_proj", None) is not None:
             raise ValueError("LoRA needs float q/k/v projections; this model's were quantized into one qkv_proj")
     for p in model.parameters():
         p.requires_grad_(False)  # the base is frozen: only the adapters reach the optimiser

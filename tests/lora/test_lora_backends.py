@@ -69,7 +69,8 @@ def base_snapshot(name: str, model: Any) -> dict[str, np.ndarray]:
     from flax import nnx
 
     state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
-    return {"/".join(str(p) for p in k if p != "base_layer"): np.array(v.get_value()) for k, v in nnx.to_flat_state(state)}
+    return {"/".join(str(p) for p in k if p != "base_layer"): np.array(v.get_value())
+            for k, v in nnx.to_flat_state(state)}
 
 
 def optimizer_tensor_shapes(name: str, model: Any) -> list[tuple[int, ...]]:
@@ -204,3 +205,12 @@ def test_adapter_written_by_peft_loads_here(name, tmp_path):
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
     shutil.rmtree(copy)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_save_pretrained_refuses_a_model_that_still_carries_an_adapter(name, tmp_path):
+    """Writing the base alone would silently drop the adapter: save_adapter or merge_and_unload first."""
+    backend, lora = get_backend(name), lora_module(name)
+    model = lora.add_adapter(backend.load(Head.CAUSAL_LM, base_folder()), LORA)
+    with pytest.raises(KeyError, match="v_proj"):
+        backend.save(model, tmp_path)
