@@ -59,10 +59,10 @@ class LoraLinear(keras.layers.Layer):
     backends' wrappers it exposes no `kernel`: `save_pretrained` on a model that still carries an
     adapter fails (naming the weight) instead of silently writing the base without it."""
 
-    def __init__(self, base_layer: Any, a: np.ndarray, b: np.ndarray, scaling: float, dropout: float, **kwargs: Any):
+    def __init__(self, base_layer: Any, a: np.ndarray, b: np.ndarray, scaling: float, dropout: float):
         if not isinstance(base_layer, Linear):
             raise ValueError(f"LoRA needs a float opt_tf Linear base layer, got {type(base_layer).__name__}")
-        super().__init__(name=f"{base_layer.name}_lora", **kwargs)
+        super().__init__(name=f"{base_layer.name}_lora")
         self.base_layer = base_layer
         a_t = np.ascontiguousarray(np.asarray(a, np.float32).T)  # [r, in] -> [in, r]
         b_t = np.ascontiguousarray(np.asarray(b, np.float32).T)  # [out, r] -> [r, out]
