@@ -46,6 +46,8 @@ def _verify(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="backends' compute dtype")
     p.add_argument("--quantize", default=None, choices=("int8", "int4", "w8a8"),
                    help="load the backends quantized and report their error against the float reference")
+    p.add_argument("--adapter", metavar="DIR", type=Path,
+                   help="a LoRA adapter folder (PEFT's files) applied in every backend (merged into the reference)")
     p.add_argument("--prompts", metavar="FILE", help="file: one prompt per line, or JSON texts / token-id lists")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (or 'bundled') when MODEL has none")
     p.add_argument("--new-tokens", type=int_in(0), default=16, metavar="N", help="greedy tokens to compare")
@@ -94,6 +96,7 @@ def _verify(p: argparse.ArgumentParser):
                 folder, backends=[b.name for b in chosen], dtype=args.dtype, prompts=prompts, input_ids=ids,
                 new_tokens=args.new_tokens, reference=args.reference, tokenizer_dir=tokenizer,
                 allow_missing=args.allow_missing, progress=progress, quantize=args.quantize,
+                adapter=args.adapter,
             )
         except VerifyError as e:
             raise UsageError(str(e)) from None

@@ -347,3 +347,26 @@ def load_adapter_files(
                                      f"expected {list(want)} (r={config.r})")
             weights[(layer, module)] = (a, b)
     return config, weights
+
+
+def merge_into_parameters(
+    params: Mapping[str, np.ndarray], config: LoraConfig, weights: AdapterWeights
+) -> dict[str, np.ndarray]:
+    """Canonical parameters (`opt_core.params` names, [out, in] weights, e.g. the float64 reference's)
+    with every adapter folded in: W + scaling * B @ A, computed in the parameters' own dtype (float64
+    for the reference). Returns a new dict; `params` is not modified.
+
+    Raises:
+        ValueError: when an adapted weight is missing from `params` or its shape does not fit.
+    """
+    merged = dict(params)
+    for (layer, module), (a, b) in weights.items():
+        name = f"decoder.layers.{layer}.{TARGETABLE_MODULES[module]}.weight"
+        if name not in merged:
+            raise ValueError(f"the adapter adapts {name}, which the model does not have")
+        w = np.asarray(merged[name])
+        if w.shape != (b.shape[0], a.shape[1]):
+            raise ValueError(f"{name} has shape {list(w.shape)}; the adapter expects {[b.shape[0], a.shape[1]]}")
+        delta = (b.astype(w.dtype) @ a.astype(w.dtype)) * w.dtype.type(config.scaling)  # [out, r] @ [r, in]
+        merged[name] = w + delta
+    return merged

@@ -84,10 +84,16 @@ REFERENCE_MAX_PARAMS = 400_000_000
 class _ReferenceAdapter:
     """The float64 reference behind the backends' calling convention."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, adapter: Path | None = None):
         from opt_core.reference import ReferenceOPTForCausalLM
 
         self.ref = ReferenceOPTForCausalLM.from_pretrained(model_dir)
+        if adapter is not None:  # the adapter folded into the float64 weights
+            from opt_core.lora import load_adapter_files, merge_into_parameters
+
+            cfg = self.ref.config
+            config, weights = load_adapter_files(adapter, cfg.num_hidden_layers)
+            self.ref.params = merge_into_parameters(self.ref.params, config, weights)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         out = self.ref(ids, mask)
@@ -100,9 +106,12 @@ class _ReferenceAdapter:
 class _BackendAdapter:
     """`opt_<name>.OPTForCausalLM` called exactly as API.md documents it."""
 
-    def __init__(self, name: str, model_dir: Path, dtype: str, quantize: str | None = None):
+    def __init__(self, name: str, model_dir: Path, dtype: str, quantize: str | None = None,
+                 adapter: Path | None = None):
         extra = {"quantize": quantize} if quantize else {}
         self.model = backend_adapter(name).load(Path(model_dir), dtype=dtype, **extra)
+        if adapter is not None:  # applied as the backend's own LoRA layers, not merged
+            backend_adapter(name).module("lora").load_adapter(self.model, adapter)
         if hasattr(self.model, "generation_config"):
             # Plain greedy decoding, as the reference runs it: a folder's generation_config.json
             # defaults (sampling, penalties) are not part of the numerical check.
@@ -152,13 +161,14 @@ def _one_line(e: BaseException, limit: int = 400) -> str:
 
 def _run_one(
     name: str, model_dir: Path, dtype: str, ids: np.ndarray, mask: np.ndarray, new_tokens: int,
-    quantize: str | None = None,
+    quantize: str | None = None, adapter: Path | None = None,
 ) -> tuple[BackendResult, _Run | None]:
     result = BackendResult(name, "ok")
     try:
         t0 = time.perf_counter()
         adapter: Any = (
-            _ReferenceAdapter(model_dir) if name == REFERENCE else _BackendAdapter(name, model_dir, dtype, quantize)
+            _ReferenceAdapter(model_dir, adapter) if name == REFERENCE
+            else _BackendAdapter(name, model_dir, dtype, quantize, adapter)
         )
         t1 = time.perf_counter()
         logits, hidden = adapter.forward(ids, mask)
@@ -204,6 +214,7 @@ def verify(
     allow_missing: bool = False,
     progress: Callable[[str], None] | None = None,
     quantize: str | None = None,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> VerifyReport:
     """Check that every requested backend computes the same model from `model_dir`.
 
@@ -225,6 +236,8 @@ def verify(
         quantize: "int8" or "w8a8" loads the backends with `quantize=` and reports their error
             against the float reference (tolerance `QUANTIZED_TOLERANCES`: only a gross error fails;
             hidden states and greedy tokens are reported, not failed).
+        adapter: a LoRA adapter folder (PEFT's files): each backend applies it with its own
+            `opt_<name>.lora.load_adapter`, the float64 reference with the adapter merged into its weights.
     Returns:
         A `VerifyReport`; `report.passed` is False when any pair fails, any backend errors, fewer
         than two implementations ran, or a requested backend is missing (unless allow_missing).
@@ -247,6 +260,15 @@ def verify(
         raise VerifyError(f"reference must be 'auto', True or False, got {reference!r}")
     if new_tokens < 0:
         raise VerifyError(f"new_tokens must be >= 0, got {new_tokens}")
+    adapter_dir = Path(adapter) if adapter is not None else None
+    if adapter_dir is not None:
+        from opt_core.lora import load_adapter_files
+
+        cfg = OPTConfig.from_pretrained(model_dir)
+        try:  # a bad adapter is the user's input: one clear error, not three backend failures
+            load_adapter_files(adapter_dir, cfg.num_hidden_layers)
+        except (ValueError, FileNotFoundError) as e:
+            raise VerifyError(str(e)) from None
 
     config = OPTConfig.from_pretrained(model_dir)
     n_params = parameter_count(config)
@@ -303,7 +325,7 @@ def verify(
     for i, name in enumerate(names, 1):
         if progress is not None:
             progress(f"[{i}/{len(names)}] {name}: loading, forward pass and {new_tokens} greedy tokens ...")
-        res, run = _run_one(name, model_dir, dtype, ids, mask, new_tokens, quantize)
+        res, run = _run_one(name, model_dir, dtype, ids, mask, new_tokens, quantize, adapter_dir)
         if progress is not None:
             progress(f"[{i}/{len(names)}] {name}: {res.status}" + (
                 f" ({res.message})" if res.status != "ok" else

@@ -238,3 +238,23 @@ def test_greedy_generation_with_an_adapter_is_the_same_in_three_backends(tmp_pat
     assert not np.array_equal(runs["torch"], base)  # the adapter changes the text
     for name in ("tf", "flax"):
         np.testing.assert_array_equal(runs[name], runs["torch"], err_msg=name)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_the_float64_reference_with_the_adapter_merged_in_agrees(name):
+    """`opt_core.lora.merge_into_parameters` (what `opt verify --adapter` gives the reference) against
+    the backend's own LoRA layers, on PEFT's adapter."""
+    from opt_core.lora import load_adapter_files, merge_into_parameters
+    from opt_core.reference import ReferenceOPTForCausalLM
+
+    backend, lora = get_backend(name), lora_module(name)
+    folder = oracle_peft_adapter(base_folder(), PEFT_LORA, seed=0)
+    ids, mask = left_padded_batch(TINY_TRAIN.vocab_size)
+    ref = ReferenceOPTForCausalLM.from_pretrained(base_folder())
+    plain = ref(ids, mask).logits
+    ref.params = merge_into_parameters(ref.params, *load_adapter_files(folder, TINY_TRAIN.num_hidden_layers))
+    merged = ref(ids, mask).logits
+    ours = backend.forward(lora.load_adapter(backend.load(Head.CAUSAL_LM, base_folder()), folder), ids,
+                           attention_mask=mask)["logits"]
+    assert relative_error(plain, merged, mask) > 100 * LOGITS_RELATIVE
+    assert relative_error(ours, merged, mask) <= LOGITS_RELATIVE

@@ -73,3 +73,34 @@ def test_generate_with_a_missing_adapter_is_one_line(capsys, base_dir, tmp_path)
     code, _, err = run_cli(capsys, "generate", "--model", base_dir, "--adapter", tmp_path / "nope", "--prompt", "hi",
                            "--max-new-tokens", "2")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "adapter_config.json" in err, err
+
+
+@pytest.mark.torch
+@pytest.mark.tf
+@pytest.mark.flax
+def test_verify_compares_the_backends_with_the_adapter_applied(capsys, base_dir, tmp_path):
+    """Each backend runs its own LoRA layers; the float64 reference has the adapter merged in
+    (`opt_core.lora.merge_into_parameters`): two independent routes that must agree."""
+    import json
+
+    import numpy as np
+
+    from opt_core.lora import LoraConfig, init_adapter, linear_shapes, save_adapter_files
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "k_proj", "fc1", "fc2"))
+    rng = np.random.default_rng(0)
+    start = init_adapter(config, 2, linear_shapes(32, 64), seed=0)
+    save_adapter_files(tmp_path / "a", config, {k: (a, rng.normal(0, 0.3, b.shape).astype(np.float32))
+                                                for k, (a, b) in start.items()})
+    (tmp_path / "prompts.txt").write_text("ROMEO:\nbut soft, what light\n")
+    reports = {}
+    for name, extra in (("with", ["--adapter", tmp_path / "a"]), ("without", [])):
+        code, out, err = run_cli(capsys, "verify", base_dir, "--new-tokens", "4", "--quiet-progress",
+                                 "--prompts", tmp_path / "prompts.txt", "--json", tmp_path / f"{name}.json", *extra)
+        assert code == 0, out + err
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    for report in reports.values():
+        assert report["passed"] and len(report["pairs"]) == 6  # reference, torch, tf, flax: every pair
+        assert [b["status"] for b in report["backends"]] == ["ok"] * 4
+    code, _, err = run_cli(capsys, "verify", base_dir, "--adapter", tmp_path / "missing")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "adapter_config.json" in err, err
