@@ -166,14 +166,16 @@ def _run_one(
     result = BackendResult(name, "ok")
     try:
         t0 = time.perf_counter()
-        adapter: Any = (
-            _ReferenceAdapter(model_dir, adapter) if name == REFERENCE
-            else _BackendAdapter(name, model_dir, dtype, quantize, adapter)
+        # the adapter keyword only when there is one: callers (and tests) may substitute the classes
+        lora = {"adapter": adapter} if adapter is not None else {}
+        runner: Any = (
+            _ReferenceAdapter(model_dir, **lora) if name == REFERENCE
+            else _BackendAdapter(name, model_dir, dtype, quantize, **lora)
         )
         t1 = time.perf_counter()
-        logits, hidden = adapter.forward(ids, mask)
+        logits, hidden = runner.forward(ids, mask)
         t2 = time.perf_counter()
-        tokens = adapter.generate(ids, mask, new_tokens) if new_tokens > 0 else ids.copy()
+        tokens = runner.generate(ids, mask, new_tokens) if new_tokens > 0 else ids.copy()
         t3 = time.perf_counter()
     except UsageError as e:  # the backend table's "framework not installed" (names the pip extra)
         return BackendResult(name, "missing", f"cannot import it: {e}"), None
@@ -196,7 +198,7 @@ def _run_one(
         problems.append("generate did not return the prompt unchanged in front of the new tokens")
     if problems:
         return BackendResult(name, "error", "; ".join(problems)), None
-    return result, _Run(adapter, logits, hidden, tokens)
+    return result, _Run(runner, logits, hidden, tokens)
 
 
 # ---------------------------------------------------------------- the entry point
