@@ -86,6 +86,7 @@ def convert(
     src_format: str | None = None,
     head: Head | str | None = None,
     allow_non_finite: bool = False,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> ConversionReport:
     """Convert the OPT checkpoint at `src` (a Hugging Face folder in any format, a single weights
     file, or a metaseq checkpoint) into a Hugging Face folder `dst` in format `to`.
@@ -105,6 +106,8 @@ def convert(
             is read as safetensors, then bin, tf-h5, flax-msgpack).
         head: the model kind (default: from the tensors and the config's architectures).
         allow_non_finite: convert NaN/infinite weights instead of refusing them.
+        adapter: a LoRA adapter folder (PEFT's files): merged into the weights it adapts
+            (W + scaling * B @ A in float32, then cast), so `dst` is the adapted model.
     Returns:
         A `ConversionReport` (`.summary()` for people).
     Raises:
@@ -131,8 +134,12 @@ def convert(
     if not overwrite:
         tx.check_destination()  # before opening anything
 
+    if adapter is not None and verify:
+        raise ValueError("verify compares the output with the source, which merging an adapter changes; "
+                         "check the merged model with `opt verify` instead")
     reader, cfg, config_source, raw = open_source(src, src_format, config)  # headers only
     try:
+        deltas = _adapter_deltas(Path(adapter), cfg) if adapter is not None else {}
         check_paths(src, dst, reader, overwrite)
         tx.check_destination()
         job = plan(src, reader, cfg, config_source, raw, to, target_dtype, head)
@@ -158,6 +165,8 @@ def convert(
                         arr = reader.read(key, out=scratch.array(p.spec.shape, reader.dtype(key)))
                         if not allow_non_finite:
                             check_finite(arr, key, reader.where(key))
+                        if name in deltas:  # canonical [out, in] layout, like the delta
+                            arr = (arr.astype(np.float32) + deltas.pop(name)).astype(arr.dtype)
                         arr = cast(arr, p.dtype)
                         done[0] += 1
                         bar.update(p.nbytes)
@@ -165,6 +174,8 @@ def convert(
                         return arr
 
                     writer.write_all(fetch)
+                if deltas:
+                    raise ValueError(f"the adapter adapts {', '.join(sorted(deltas))}, which {src} does not hold")
                 notes = []
                 for name, target in job.tied_checks:
                     a, b = reader.read(job.mapping[name]), reader.read(job.mapping[target])
@@ -190,3 +201,14 @@ def convert(
         return report
     finally:
         reader.close()
+
+
+def _adapter_deltas(folder: Path, cfg: OPTConfig) -> dict[str, np.ndarray]:
+    """Canonical weight name -> scaling * B @ A (float32 [out, in]) of every adapted layer."""
+    from opt_core.lora import TARGETABLE_MODULES, linear_shapes, load_adapter_files
+
+    config, weights = load_adapter_files(folder, cfg.num_hidden_layers, linear_shapes(cfg.hidden_size, cfg.ffn_dim))
+    return {
+        f"decoder.layers.{layer}.{TARGETABLE_MODULES[module]}.weight": (b @ a) * np.float32(config.scaling)
+        for (layer, module), (a, b) in weights.items()
+    }

@@ -35,6 +35,8 @@ def _convert(p: argparse.ArgumentParser):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the model an earlier write left in DST (listed in its .opt-manifest.json; a plain "
                         "model folder too); a DST holding anything else is refused")
+    p.add_argument("--merge-adapter", metavar="DIR", default=None,
+                   help="merge a LoRA adapter folder (PEFT's files) into the converted weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--allow-non-finite", action="store_true", help="convert NaN/inf weights instead of refusing them")
 
@@ -54,6 +56,7 @@ def _convert(p: argparse.ArgumentParser):
                 src, dst, to=args.to, dtype=args.dtype, shard_size=args.shard_size, config=args.config,
                 overwrite=args.overwrite, verify=args.verify, progress=not args.no_progress,
                 src_format=args.src_format, allow_non_finite=args.allow_non_finite,
+                adapter=args.merge_adapter,
             )
         except (FileExistsError, OutputError) as e:  # DST refused, or changed while converting
             raise UsageError(str(e)) from None

@@ -104,3 +104,35 @@ def test_verify_compares_the_backends_with_the_adapter_applied(capsys, base_dir,
         assert [b["status"] for b in report["backends"]] == ["ok"] * 4
     code, _, err = run_cli(capsys, "verify", base_dir, "--adapter", tmp_path / "missing")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "adapter_config.json" in err, err
+
+
+@pytest.mark.torch
+@pytest.mark.flax
+def test_convert_merges_an_adapter_into_the_converted_checkpoint(capsys, base_dir, tmp_path):
+    import numpy as np
+    import torch
+
+    from opt_core.lora import LoraConfig, init_adapter, linear_shapes, save_adapter_files
+    from opt_flax import OPTForCausalLM as FlaxLM
+    from opt_torch import OPTForCausalLM
+    from opt_torch.lora import load_adapter
+    from tests.variants import relative_error
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=("v_proj", "out_proj", "fc2"), use_rslora=True)
+    rng = np.random.default_rng(2)
+    start = init_adapter(config, 2, linear_shapes(32, 64), seed=5)
+    save_adapter_files(tmp_path / "a", config, {k: (a, rng.normal(0, 0.3, b.shape).astype(np.float32))
+                                                for k, (a, b) in start.items()})
+    code, out, err = run_cli(capsys, "convert", base_dir, tmp_path / "merged", "--to", "flax-msgpack",
+                             "--merge-adapter", tmp_path / "a", "--no-progress")
+    assert code == 0, err
+    ids = np.array([[2, 40, 41, 42, 43, 44, 45]])
+    merged = np.asarray(FlaxLM.from_pretrained(tmp_path / "merged")(ids).logits)
+    with torch.no_grad():
+        want = load_adapter(OPTForCausalLM.from_pretrained(base_dir), tmp_path / "a")(torch.tensor(ids)).logits.numpy()
+        base = OPTForCausalLM.from_pretrained(base_dir)(torch.tensor(ids)).logits.numpy()
+    assert relative_error(base, want) > 1e-3  # the adapter matters
+    assert relative_error(merged, want) <= 1e-5
+    code, _, err = run_cli(capsys, "convert", base_dir, tmp_path / "v", "--to", "safetensors",
+                           "--merge-adapter", tmp_path / "a", "--verify")
+    assert code == 2 and "opt verify" in err and len(err.strip().splitlines()) == 1, err
