@@ -124,12 +124,13 @@ def _lora_modules(model: Any) -> dict[tuple[int, str], LoraLinear]:
 def _install(model: Any, config: LoraConfig, weights: AdapterWeights) -> Any:
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("the model already has a LoRA adapter; merge_and_unload() it first")
-    # The base is frozen by the training loop, which updates only nnx.LoRAParam once an adapter exists.
+    wrapped = []  # every wrapper is built (and its base checked) before the model changes
     for (i, module), (a, b) in weights.items():
-        layer = _layers(model)[i]
-        parent, leaf = _parent(layer, module)
-        base = getattr(parent, leaf)
-        setattr(parent, leaf, LoraLinear(base, a, b, config.scaling, config.lora_dropout))
+        parent, leaf = _parent(_layers(model)[i], module)
+        wrapped.append((parent, leaf, LoraLinear(getattr(parent, leaf), a, b, config.scaling, config.lora_dropout)))
+    # The base is frozen by the training loop, which updates only nnx.LoRAParam once an adapter exists.
+    for parent, leaf, wrapper in wrapped:
+        setattr(parent, leaf, wrapper)
     model.lora_config = config
     return model
 

@@ -129,16 +129,18 @@ def _install(model: nn.Module, config: LoraConfig, weights: AdapterWeights) -> n
     for layer in _layers(model):
         if getattr(layer.self_attn, "qkv_proj", None) is not None:
             raise ValueError("LoRA needs float q/k/v projections; this model's were quantized into one qkv_proj")
-    for p in model.parameters():
-        p.requires_grad_(False)  # the base is frozen: only the adapters reach the optimiser
+    wrapped = []  # every wrapper is built (and its base checked) before the model changes
     for (i, module), (a, b) in weights.items():
         layer = _layers(model)[i]
         parent, leaf = _parent(layer, module)
         base = getattr(parent, leaf)
         if hasattr(base, "unpack"):
             base.unpack()  # an oneDNN-packed inference weight cannot be merged into
-            base.weight.requires_grad_(False)
-        setattr(parent, leaf, LoraLinear(base, a, b, config.scaling, config.lora_dropout))
+        wrapped.append((layer, parent, leaf, LoraLinear(base, a, b, config.scaling, config.lora_dropout)))
+    for p in model.parameters():
+        p.requires_grad_(False)  # the base is frozen: only the adapters reach the optimiser
+    for layer, parent, leaf, wrapper in wrapped:
+        setattr(parent, leaf, wrapper)
         # The fused q/k/v inference path reads the base weights directly and would skip the adapter.
         layer.self_attn._qkv = None
     model.lora_config = config

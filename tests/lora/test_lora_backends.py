@@ -258,3 +258,16 @@ def test_the_float64_reference_with_the_adapter_merged_in_agrees(name):
                            attention_mask=mask)["logits"]
     assert relative_error(plain, merged, mask) > 100 * LOGITS_RELATIVE
     assert relative_error(ours, merged, mask) <= LOGITS_RELATIVE
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_refusals_leave_the_model_as_it_was(name):
+    backend, lora = get_backend(name), lora_module(name)
+    quantized = backend.load(Head.CAUSAL_LM, base_folder(), quantize="int8")
+    with pytest.raises(ValueError, match="LoRA needs"):
+        lora.add_adapter(quantized, LORA)
+    with pytest.raises(ValueError, match="has no LoRA adapter"):
+        lora.adapter_config(quantized)
+    model = lora.add_adapter(backend.load(Head.CAUSAL_LM, base_folder()), LORA)
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        lora.add_adapter(model, LORA)
