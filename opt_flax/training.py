@@ -43,7 +43,6 @@ __all__ = [
     "train_question_answering",
     "train_sequence_classification",
     "train_step",
-    "trainable_filter",
 ]
 
 LossFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
@@ -84,10 +83,10 @@ def make_training_optimizer(model: Any, args: TrainingArguments) -> nnx.Optimize
         weight_decay=args.weight_decay, mask=lambda params: jax.tree.map(lambda p: decays(p.shape), params),
     )
     tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), adamw) if args.max_grad_norm else adamw
-    return nnx.Optimizer(model, tx, wrt=trainable_filter(model))
+    return nnx.Optimizer(model, tx, wrt=_trainable_filter(model))
 
 
-def trainable_filter(model: Any) -> Any:
+def _trainable_filter(model: Any) -> Any:
     """What trains: only the LoRA adapters (`nnx.LoRAParam`) once `opt_flax.lora` gave the model one,
     so the base stays frozen and the optimiser state holds adapter tensors only; else every Param."""
     return nnx.LoRAParam if getattr(model, "lora_config", None) is not None else nnx.Param
@@ -185,7 +184,7 @@ def _fit(
     if args.gradient_checkpointing:
         model.get_decoder().remat = True
     optimizer = make_training_optimizer(model, args)
-    train_step_fn = _make_train_step(loss_fn, trainable_filter(model))
+    train_step_fn = _make_train_step(loss_fn, _trainable_filter(model))
     model.train()
     progress = TrainingProgress(model, args, evaluate, tokenizer, log)
     for step in range(args.max_steps):

@@ -73,11 +73,12 @@ class LoraLinear(keras.layers.Layer):
         self.merged = False
         self.built = True
 
-    def call(self, x: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+    def call(self, x: tf.Tensor) -> tf.Tensor:
         y = self.base_layer(x)
         if self.merged:
             return y
-        h = self.lora_dropout(x, training=training) if self.lora_dropout is not None else x
+        # Keras hands the enclosing call's `training` flag to the nested Dropout (its call context).
+        h = self.lora_dropout(x) if self.lora_dropout is not None else x
         a, b = tf.cast(self.lora_A, x.dtype), tf.cast(self.lora_B, x.dtype)
         # [..., in] -> [..., r] -> [..., out]
         return y + tf.tensordot(tf.tensordot(h, a, axes=1), b, axes=1) * self.scaling
