@@ -271,3 +271,31 @@ def test_refusals_leave_the_model_as_it_was(name):
     model = lora.add_adapter(backend.load(Head.CAUSAL_LM, base_folder()), LORA)
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         lora.add_adapter(model, LORA)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_lora_dropout_acts_in_training_only(name):
+    backend, lora = get_backend(name), lora_module(name)
+    config = LoraConfig(r=4, lora_dropout=0.5, target_modules=("q_proj", "fc1"))
+    folder = Path(tempfile.mkdtemp(prefix="lora-dropout-"))
+    shapes = {"q_proj": (32, 32), "fc1": (64, 32)}
+    from opt_core.lora import init_adapter, save_adapter_files
+
+    start = init_adapter(config, TINY_TRAIN.num_hidden_layers, shapes, seed=0)
+    save_adapter_files(folder, config, {k: (a, np.ones_like(b)) for k, (a, b) in start.items()})
+    model = lora.load_adapter(backend.load(Head.CAUSAL_LM, base_folder()), folder)
+    ids = np.array([[2, 5, 6, 7, 8]])
+
+    def logits(training: bool) -> np.ndarray:
+        if name == "tf":
+            return np.asarray(model(input_ids=ids, training=training).logits)
+        model.train() if training else model.eval()
+        try:
+            out = model(backend.tensor(ids)).logits
+            return out.detach().numpy() if name == "torch" else np.asarray(out)
+        finally:
+            model.eval()
+
+    assert np.abs(logits(True) - logits(True)).max() > 0  # fresh masks each call
+    np.testing.assert_array_equal(logits(False), logits(False))
+    shutil.rmtree(folder)
