@@ -118,6 +118,8 @@ def next_tokens(logits: np.ndarray, sequences: np.ndarray, step: int, opts: Gene
     logits = process_logits(np.asarray(logits, dtype=np.float32), sequences, step, opts)
     if not opts.do_sample:
         return np.argmax(logits, axis=-1).astype(np.int64)
+    if opts.seed is None:  # resolve_generation_options draws one whenever do_sample is set
+        raise ValueError("sampling needs opts.seed; build the options with resolve_generation_options")
     return sample_from_logits(warp_logits(logits, opts.temperature, opts.top_k, opts.top_p), opts.seed, step)
 
 
