@@ -112,10 +112,15 @@ def test_eval_ppl_with_a_binary_text_is_one_line(tmp_path):
 def test_destination_dot_is_the_current_folder(tmp_path):
     dst = tmp_path / "here"
     dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
     # the current folder always exists: named by its path (it was "PosixPath('.') has an empty name")
     err = one_line_error(opt("convert", BUNDLED, ".", "--to", "safetensors", cwd=dst), 2, "convert")
-    assert f"{dst} already exists; pass overwrite=True (--overwrite)" in err
-    proc = opt("convert", BUNDLED, ".", "--to", "safetensors", "--overwrite", cwd=dst)
+    assert str(dst) in err and "--overwrite" in err and "PosixPath" not in err
+    (dst / "notes.txt").unlink()
+    proc = opt("convert", BUNDLED, ".", "--to", "safetensors", cwd=dst)  # an empty folder needs no --overwrite
+    assert proc.returncode == 0, proc.stderr
+    assert (dst / "model.safetensors").is_file() and (dst / "config.json").is_file()
+    proc = opt("convert", BUNDLED, ".", "--to", "safetensors", "--overwrite", cwd=dst)  # its own earlier output
     assert proc.returncode == 0, proc.stderr
     assert (dst / "model.safetensors").is_file() and (dst / "config.json").is_file()
     assert "Traceback" not in proc.stderr

@@ -199,7 +199,7 @@ def _fifo_config(folder):
     "breakage, code, message",
     [
         (_truncated, 1, "truncated or malformed safetensors header"),
-        (_malformed, 1, "malformed safetensors header (not JSON"),
+        (_malformed, 1, "malformed safetensors header: it is not valid JSON"),
         (_bad_entry, 1, "truncated safetensors file: 'w' ends at byte 400"),
         (_tiny, 1, "truncated safetensors file (2 bytes"),
         (_fifo, 1, "is a FIFO (named pipe), not a weights file"),
