@@ -1,10 +1,6 @@
-"""The generation tests' view of a backend: how to load a causal LM and read `generate`'s result.
-
-Until the shared backend-fixture harness lands (owner: `struct`), this small local table serves
-tests/generation/; the `backend` fixture in tests/generation/conftest.py runs every contract and
-golden test once per name in ENABLED. Turning on a backend = adding its name to ENABLED (genx
-does "tf" and "flax" once their generate follows the contract).
-"""
+"""The generation tests' view of a backend, built on the one backend table (`opt_cli.backends`):
+how to load or build a causal LM, and how `generate`'s result reads. The `backend` fixture in
+tests/generation/conftest.py runs every contract and golden test once per name in ENABLED."""
 
 from __future__ import annotations
 
@@ -15,70 +11,41 @@ from typing import Any
 
 import numpy as np
 
+from opt_cli.backends import BACKENDS, adapter
 from opt_core import OPTConfig
+from opt_core.arrays import to_numpy
 
-ENABLED = ("torch", "tf", "flax")
+ENABLED = BACKENDS
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     load: Callable[..., Any]  # (folder, dtype=None) -> OPTForCausalLM
-    build: Callable[[OPTConfig], Any]  # config -> randomly initialised OPTForCausalLM
+    build: Callable[[OPTConfig], Any]  # config -> randomly initialised OPTForCausalLM (seed 0)
     to_numpy: Callable[[Any], np.ndarray]  # generate's result -> NumPy, dtype unchanged
-    is_int64: Callable[[Any], bool]  # the contract's result dtype
+    is_int64: Callable[[Any], bool]  # the contract's result type: int64 in the framework's own array
 
 
-def _torch() -> Backend:
-    import torch
+def _is_int64(name: str) -> Callable[[Any], bool]:
+    """torch and TF return their own int64 tensors; Flax a NumPy int64 array (JAX without x64 mode
+    holds no int64)."""
+    if name == "torch":
+        import torch
 
-    from opt_torch import OPTForCausalLM
+        return lambda out: isinstance(out, torch.Tensor) and out.dtype == torch.int64
+    if name == "tf":
+        import tensorflow as tf
 
-    def load(folder: Path, dtype: str | None = None) -> Any:
-        return OPTForCausalLM.from_pretrained(folder, dtype=dtype)
-
-    def build(config: OPTConfig) -> Any:
-        torch.manual_seed(0)
-        return OPTForCausalLM(config).eval()
-
-    return Backend("torch", load, build, lambda out: out.detach().cpu().numpy(),
-                   lambda out: isinstance(out, torch.Tensor) and out.dtype == torch.int64)
-
-
-def _tf() -> Backend:
-    import tensorflow as tf
-
-    from opt_tf import OPTForCausalLM
-
-    def load(folder: Path, dtype: str | None = None) -> Any:
-        return OPTForCausalLM.from_pretrained(folder, dtype=dtype)
-
-    def build(config: OPTConfig) -> Any:
-        tf.keras.utils.set_random_seed(0)
-        return OPTForCausalLM(config)
-
-    return Backend("tf", load, build, lambda out: out.numpy(),
-                   lambda out: isinstance(out, tf.Tensor) and out.dtype == tf.int64)
-
-
-def _flax() -> Backend:
-    from flax import nnx
-
-    from opt_flax import OPTForCausalLM
-
-    def load(folder: Path, dtype: str | None = None) -> Any:
-        return OPTForCausalLM.from_pretrained(folder, dtype=dtype)
-
-    def build(config: OPTConfig) -> Any:
-        return OPTForCausalLM(config, rngs=nnx.Rngs(0))
-
-    # The contract's Flax result is a NumPy int64 array (JAX without x64 holds no int64).
-    return Backend("flax", load, build, np.asarray,
-                   lambda out: isinstance(out, np.ndarray) and out.dtype == np.int64)
-
-
-FACTORIES = {"torch": _torch, "tf": _tf, "flax": _flax}
+        return lambda out: isinstance(out, tf.Tensor) and out.dtype == tf.int64
+    return lambda out: isinstance(out, np.ndarray) and out.dtype == np.int64
 
 
 def get_backend(name: str) -> Backend:
-    return FACTORIES[name]()
+    table = adapter(name)
+    table.module()  # imports the framework (a clear error when it is missing)
+
+    def load(folder: Path, dtype: str | None = None) -> Any:
+        return table.load(Path(folder), dtype=dtype)
+
+    return Backend(name, load, lambda config: table.new(config, seed=0), to_numpy, _is_int64(name))
