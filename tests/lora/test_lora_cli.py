@@ -47,8 +47,8 @@ def test_train_writes_an_adapter_that_generate_applies(capsys, base_dir, tmp_pat
                              "--lora-r", "4", "--lora-targets", "q_proj,fc1", "--steps", "4", "--batch-size", "4",
                              "--warmup", "1", "--lr", "1e-2", "--block-size", "32")
     assert code == 0, err
-    assert sorted(p.name for p in out_dir.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "training_summary.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [  # the adapter, not a copy of the base
+        ".opt-manifest.json", "adapter_config.json", "adapter_model.safetensors", "training_summary.json"]
     config = LoraConfig.from_pretrained(out_dir)
     assert (config.r, config.lora_alpha, config.target_modules) == (4, 8, ("q_proj", "fc1"))
     model = load_adapter(OPTForCausalLM.from_pretrained(base_dir), out_dir)
