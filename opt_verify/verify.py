@@ -187,7 +187,7 @@ def _run_one(
     except Exception as e:  # reported, never raised: one broken backend must not hide the others
         return BackendResult(name, "error", _one_line(e)), None
     result.load_s, result.forward_s, result.generate_s = t1 - t0, t2 - t1, t3 - t2
-    result.numerics = numerics_of(getattr(adapter, "model", None))
+    result.numerics = numerics_of(getattr(runner, "model", None))
     problems = []
     if logits.shape[:2] != ids.shape:
         expected = f"[{ids.shape[0]}, {ids.shape[1]}, vocab]"
