@@ -40,11 +40,13 @@ def test_float64_is_refused_where_it_would_silently_be_float32(backend):
         cls.from_pretrained(FOLDER, dtype="float64")
 
 
-def test_tf_quantizes_float32_models_only(backend):
-    if backend.name != "tf":
-        pytest.skip("opt_tf's restriction")
+@pytest.mark.tf
+def test_tf_quantizes_float32_models_only():
+    """opt_tf's restriction alone (torch and Flax quantize half-precision models): not parametrized."""
+    from opt_tf import OPTForCausalLM
+
     for dtype in ("bfloat16", "float16"):
         with pytest.raises(ValueError, match=rf"quantize='int8' in opt_tf needs dtype float32 .*not {dtype}"):
-            backend.package.OPTForCausalLM.from_pretrained(FOLDER, dtype=dtype, quantize="int8")
-    model = backend.package.OPTForCausalLM.from_pretrained(FOLDER, quantize="int8")
+            OPTForCausalLM.from_pretrained(FOLDER, dtype=dtype, quantize="int8")
+    model = OPTForCausalLM.from_pretrained(FOLDER, quantize="int8")
     assert np.isfinite(np.asarray(model(input_ids=np.array([[2, 5, 6]])).logits)).all()
