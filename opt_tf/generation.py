@@ -37,8 +37,8 @@ from opt_core import sampling as stream
 from opt_core.generation import seed_words
 from opt_core.generation_config import GENERATE_DOC, GenerationOptions, resolve_generation_options
 from opt_core.inputs import validate_inputs
+from opt_tf.attention import positions_from_mask
 from opt_tf.cache import StaticCache, init_cache
-from opt_tf.modeling import positions_from_mask
 
 NEG = -1.0e9  # Hugging Face's "impossible" score in beam search
 INF = float("inf")

@@ -34,6 +34,7 @@ from opt_core.inputs import validate_inputs  # noqa: E402
 from opt_core.masks import POSITION_OFFSET, check_pooling_pad_token  # noqa: E402
 from opt_core.params import Head, parameter_table  # noqa: E402
 from opt_core.quantization import refuse_quantized_save  # noqa: E402
+from opt_tf.attention import causal_padding_mask, positions_from_mask  # noqa: E402, F401  (re-exported)
 from opt_tf.cache import StaticCache  # noqa: E402
 from opt_tf.losses import causal_lm_loss, question_answering_loss, sequence_classification_loss  # noqa: E402
 from opt_tf.training import KerasTrainingMixin  # noqa: E402
@@ -91,24 +92,6 @@ class OPTOutput:
 
 
 # ---------------------------------------------------------------- masks and positions (opt_core.masks in TF)
-def positions_from_mask(attention_mask: tf.Tensor, past_length: tf.Tensor | int, query_length: int) -> tf.Tensor:
-    """Position ids [B, T] of the T tokens after `past_length` in `attention_mask` [B, S] (TF twin
-    of `opt_core.masks.positions_from_mask`; `past_length` may be a tensor)."""
-    mask = tf.cast(attention_mask, tf.int32)
-    positions = tf.cumsum(mask, axis=-1) * mask - 1  # [B, S]
-    return tf.slice(positions, [0, past_length], [-1, query_length])  # [B, T]
-
-
-def causal_padding_mask(attention_mask: tf.Tensor, past_length: tf.Tensor | int, query_length: int) -> tf.Tensor:
-    """bool [B, 1, T, S]: query t (at slot past + t) may see key s (TF twin of
-    `opt_core.masks.causal_padding_mask`). Keys after the query, e.g. empty cache slots, are hidden."""
-    key_length = tf.shape(attention_mask)[1]
-    q_pos = tf.range(query_length)[:, None] + past_length  # [T, 1]
-    k_pos = tf.range(key_length)[None, :]  # [1, S]
-    causal = k_pos <= q_pos  # [T, S]
-    return causal[None, None] & tf.cast(attention_mask, tf.bool)[:, None, None, :]
-
-
 def last_non_pad_indices(input_ids: tf.Tensor, pad_token_id: int | None) -> tf.Tensor:
     """[B] index of each row's right-most non-pad id (TF twin of
     `opt_core.masks.last_non_pad_indices`); the last position for every row without a pad id."""

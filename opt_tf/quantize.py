@@ -21,7 +21,6 @@ import keras
 import tensorflow as tf
 
 from opt_core.quantization import QUANTIZE_MODES, check_quantize, quantize_per_channel
-from opt_tf.modeling import Linear
 
 MODES = QUANTIZE_MODES["tf"]
 
@@ -59,6 +58,12 @@ class QuantizedLinear(keras.layers.Layer):
         return tf.reshape(y, tf.concat([lead, [self.scale.shape[0]]], 0))
 
 
+def _is_linear(layer: Any) -> bool:
+    """An opt_tf `Linear` (kernel [in, out] and bias), by its variables: importing opt_tf.modeling
+    here would close an import cycle (modeling -> io -> quantize -> modeling)."""
+    return layer is not None and not isinstance(layer, QuantizedLinear) and hasattr(layer, "kernel")
+
+
 def quantize_model(model: Any, mode: str) -> Any:
     """Swap every `Linear` of the decoder layers, the projections and an untied lm_head for a
     `QuantizedLinear` (in place); returns the model. These are the layers of
@@ -74,7 +79,7 @@ def quantize_model(model: Any, mode: str) -> Any:
         layer.fc1 = QuantizedLinear(layer.fc1, mode)
         layer.fc2 = QuantizedLinear(layer.fc2, mode)
     for name in ("project_in", "project_out"):
-        if isinstance(getattr(decoder, name, None), Linear):
+        if _is_linear(getattr(decoder, name, None)):
             setattr(decoder, name, QuantizedLinear(getattr(decoder, name), mode))
     lm_head = getattr(model, "lm_head", None)
     if isinstance(lm_head, keras.Variable):  # an untied head is a bare [E, V] kernel: quantized like a Linear

@@ -55,7 +55,7 @@ from opt_core.placement import (
     plan_placement,
 )
 from opt_torch.arrays import tensor_to_numpy
-from opt_torch.io import fill_parameters, read_parameter
+from opt_torch.loading import fill_parameters, read_parameter
 
 OFFLOAD_FILE = "opt-offload.safetensors"
 # transformers keeps 10% of each GPU's free memory out of "auto" for activations and the CUDA context.
@@ -138,7 +138,7 @@ def _to(obj: Any, device: torch.device) -> Any:
 # ---------------------------------------------------------------- the disk layers' source
 class DiskWeights:
     """Where the disk layers' tensors are read from on every forward: a safetensors reader and
-    canonical name -> key. Offers what `opt_torch.io.read_parameter` reads through."""
+    canonical name -> key. Offers what `opt_torch.loading.read_parameter` reads through."""
 
     def __init__(self, reader: Reader, keys: dict[str, str], where: str):
         self.reader, self.keys, self.where = reader, keys, where
@@ -328,7 +328,7 @@ def _empty_plain(model_class: Any, config: OPTConfig, dtype: torch.dtype, attn_i
     kernel stays the one measured fastest for plain weights; no oneDNN packing (packed weights
     are opaque tensors with no storage to refill)."""
     from opt_torch.kernels import choose_linear
-    from opt_torch.modeling import empty_weights
+    from opt_torch.layout import empty_weights
 
     choice = choose_linear(config.hidden_size, config.ffn_dim, dtype)
     with empty_weights(dtype, "cpu"):

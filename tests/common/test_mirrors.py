@@ -68,9 +68,6 @@ OWN_NAMES: list[tuple[frozenset[str], str, frozenset[str]]] = [
     (frozenset({"torch"}), "each framework's dtype resolution", frozenset({"resolve_dtype"})),
     (frozenset({"tf"}), "each framework's dtype resolution", frozenset({"keras_dtype"})),
     (frozenset({"flax"}), "each framework's dtype resolution", frozenset({"jax_dtype"})),
-    (frozenset({"torch"}), "being unified: fill a built model from a checkpoint", frozenset({"fill_parameters"})),
-    (frozenset({"torch"}), "one tensor read from a checkpoint at a time: what disk-offloaded layers "
-     "(opt_torch.offload, torch only) stream in per forward", frozenset({"read_parameter"})),
     (frozenset({"tf"}), "being unified: fill a built model from a checkpoint", frozenset({"fill_variables"})),
     (frozenset({"flax"}), "being unified: fill a built model from a checkpoint", frozenset({"fill_params"})),
     # ---- training
