@@ -5,11 +5,25 @@ from __future__ import annotations
 import pytest
 
 from tests.generation.backends import ENABLED, get_backend
+from tests.generation.golden import golden_folder
 
 
 @pytest.fixture(scope="session", params=[pytest.param(n, marks=getattr(pytest.mark, n)) for n in ENABLED])
 def backend(request):
     return get_backend(request.param)
+
+
+@pytest.fixture(scope="module")
+def golden_model():
+    """backend -> the golden checkpoint loaded in it, once per test module."""
+    models = {}
+
+    def get(backend):
+        if backend.name not in models:
+            models[backend.name] = backend.load(golden_folder())
+        return models[backend.name]
+
+    return get
 
 
 # The XLA backends compile one decode loop per golden case (tens of seconds each on 2 shared

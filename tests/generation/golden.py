@@ -137,3 +137,15 @@ def check_cases_bite(hf: dict[str, np.ndarray]) -> None:
         ref = hf["greedy_eos_list"] if name == "min_new" else plain
         n = min(got.shape[1], ref.shape[1])
         assert not np.array_equal(got[:, :n], ref[:, :n]), f"{name} does not change the output"
+
+
+def generate_with_config(backend, model, config, **kwargs):
+    """`model.generate(golden batch, **kwargs)` as NumPy while `config` is its generation config
+    (the file's defaults, e.g. pad_token_id None, that a keyword cannot express), restored after."""
+    ids, mask = golden_batch()
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        return backend.to_numpy(model.generate(ids, attention_mask=mask, **kwargs))
+    finally:
+        model.generation_config = saved

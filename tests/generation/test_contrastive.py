@@ -16,7 +16,7 @@ import pytest
 from opt_core.generation import reference_generate
 from opt_core.generation_config import GenerationConfig
 from opt_core.reference import ReferenceOPTForCausalLM
-from tests.generation.golden import EOS, EOS_LIST, golden_batch, golden_folder
+from tests.generation.golden import EOS, EOS_LIST, generate_with_config, golden_batch, golden_folder
 from tests.oracle import oracle_run
 
 pytestmark = pytest.mark.oracle
@@ -81,28 +81,9 @@ def test_reference_equals_hugging_face_4_55(case, pad):
                                   err_msg=f"{case} pad={pad}")
 
 
-@pytest.fixture(scope="module")
-def golden_model():
-    models = {}
-
-    def get(backend):
-        if backend.name not in models:
-            models[backend.name] = backend.load(golden_folder())
-        return models[backend.name]
-
-    return get
-
-
 @pytest.mark.parametrize("case,pad", RUNS)
 def test_backend_equals_reference(backend, golden_model, case, pad):
-    model = golden_model(backend)
-    ids, mask = golden_batch()
-    saved = model.generation_config
-    model.generation_config = _config(pad)
-    try:
-        got = backend.to_numpy(model.generate(ids, attention_mask=mask, **_kwargs(case, pad)))
-    finally:
-        model.generation_config = saved
+    got = generate_with_config(backend, golden_model(backend), _config(pad), **_kwargs(case, pad))
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, reference_contrastive()[(case, pad)], err_msg=f"{backend.name} {case} pad={pad}")
 
